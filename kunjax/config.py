@@ -1,0 +1,238 @@
+"""Typed configuration: one dataclass per concern, defaults in one place.
+
+`ModelConfig` describes the decoder architecture (read from an HF `config.json` or from kunjax's own
+checkpoint); `EngineConfig` describes how it is served (instances, KV budget, batching limits, compile
+buckets). Invalid values and unsupported features fail here, at load time, with a message that names them —
+never later inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration the runtime cannot serve; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int  # E
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int  # K
+    head_dim: int  # D
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    # llama3 / linear rope scaling parameters (unused for "default").
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False  # Llama `attention_bias`
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral
+    architecture: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model config: num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"model config: rope scaling type {self.rope_type!r} is not implemented "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"kunjax model config: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Map a Hugging Face `config.json` dict; fail on anything this decoder does not implement."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        arch = None
+        for a in archs:
+            if a in SUPPORTED_ARCHITECTURES:
+                arch = SUPPORTED_ARCHITECTURES[a]
+                break
+        if arch is None:
+            if archs:
+                raise ConfigError(
+                    f"unsupported architecture {archs}: kunjax serves {sorted(SUPPORTED_ARCHITECTURES)}")
+            if model_type in SUPPORTED_ARCHITECTURES.values():
+                arch = model_type
+            else:
+                raise ConfigError(f"unsupported model_type {model_type!r}: kunjax serves "
+                                  f"{sorted(set(SUPPORTED_ARCHITECTURES.values()))}")
+        hidden_act = hf.get("hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act {hidden_act!r} is not implemented (only silu/SwiGLU)")
+        if hf.get("mlp_bias"):
+            raise ConfigError("mlp_bias=true is not implemented")
+        if arch == "qwen2" and hf.get("use_sliding_window"):
+            raise ConfigError("Qwen2 use_sliding_window=true is not implemented")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError("pretraining_tp > 1 is not implemented")
+
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        # transformers >= 5 moves rope_theta / rope_scaling into `rope_parameters`; read both spellings.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope scaling type {rope_type!r} is not implemented "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        sliding = hf.get("sliding_window") if arch == "mistral" else None
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=int(sliding) if sliding else None,
+            architecture=arch,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
+        try:
+            hf = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
+        cfg = cls.from_hf(hf)
+        gen_path = path / "generation_config.json"
+        if gen_path.is_file():
+            gen = json.loads(gen_path.read_text())
+            eos = gen.get("eos_token_id")
+            if eos is not None:
+                ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+                cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + ids)))
+        return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How a model is served. Every field is a CLI flag of the same name (dashes for underscores)."""
+
+    num_instances: int | None = None  # None: one instance per `tp` devices
+    tp: int = 1  # tensor-parallel degree inside an instance
+    dtype: str = "float32"  # CPU default fp32: bf16 is ~3x slower on CPU
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int | None = None  # per-device KV budget; required on CPU, else from memory_stats()
+    kv_memory_fraction: float = 0.85  # GPU/TPU: share of device memory for weights + KV
+    num_blocks: int | None = None  # explicit per-instance block count (overrides the byte budget)
+    max_num_seqs: int = 16  # S: sequences in one step
+    max_num_batched_tokens: int = 128  # T: token budget of one step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: min(model max positions, 2048)
+    min_token_bucket: int = 16
+    enable_prefix_caching: bool = False
+    max_logprobs: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("tp", "block_size", "max_num_seqs", "max_num_batched_tokens", "min_token_bucket"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.num_instances is not None and self.num_instances <= 0:
+            raise ConfigError(f"--num-instances must be positive, got {self.num_instances}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode in one step")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ConfigError(f"--kv-cache-bytes must be positive, got {self.kv_cache_bytes}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ConfigError(f"--num-blocks must be >= 2, got {self.num_blocks}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ConfigError(f"--kv-memory-fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if not 0 <= self.max_logprobs <= 64:
+            raise ConfigError(f"--max-logprobs must be in [0, 64], got {self.max_logprobs}")
+
+    def resolved_max_model_len(self, model: ModelConfig) -> int:
+        n = self.max_model_len or min(model.max_position_embeddings, 2048)
+        if n > model.max_position_embeddings:
+            raise ConfigError(f"--max-model-len {n} exceeds the model's max_position_embeddings "
+                              f"{model.max_position_embeddings}")
+        return n
+
+    def max_blocks_per_seq(self, model: ModelConfig) -> int:
+        return math.ceil(self.resolved_max_model_len(model) / self.block_size)
+
+    def token_buckets(self) -> tuple[int, ...]:
+        """Padded token counts compiled ahead of time: powers of two up to the step budget."""
+        out: list[int] = []
+        b = max(self.min_token_bucket, 1)
+        while b < self.max_num_batched_tokens:
+            out.append(b)
+            b *= 2
+        out.append(self.max_num_batched_tokens)
+        return tuple(out)

@@ -1,0 +1,87 @@
+"""Pure-JAX reference of ragged paged attention: the semantics every backend kernel must match.
+
+A step's tokens are a ragged batch: prefill chunks and decodes of several sequences, flattened to T rows.
+Token t belongs to sequence `seq_ids[t]` at absolute position `positions[t]`. It attends to
+
+* the sequence's cached history, positions `[0, context_lens[s])`, read from the paged pool through
+  `block_tables[s]`, and
+* the new keys of this step of the same sequence at positions `<= positions[t]` (causal within the chunk).
+
+The pool is read-only here: the new tokens' K/V are scattered into it by the caller after the layer scan
+(DESIGN.md §11: carrying the cache through the scan is ~2x slower on GPU). Masking uses -inf with guards, so a
+row with nothing to attend to yields zeros and lse = -inf instead of NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def paged_attention(
+    q: jax.Array,  # [T, H, D] query rows of this step
+    k_new: jax.Array,  # [T, K, D] keys of this step's tokens (not yet in the pool)
+    v_new: jax.Array,  # [T, K, D]
+    kv_pool: jax.Array,  # [NB, L, 2, BS, K, D] block-major pool, all layers in a block
+    layer: jax.Array,  # [] int32 layer index into the pool's L axis
+    block_tables: jax.Array,  # [S, MB] int32 block ids of each sequence
+    context_lens: jax.Array,  # [S] int32 tokens of each sequence already in the pool
+    seq_ids: jax.Array,  # [T] int32 sequence row of each token
+    positions: jax.Array,  # [T] int32 absolute position of each token
+    valid: jax.Array,  # [T] bool, False on padding rows
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Returns `(out [T, H, D] in q.dtype, lse [T, H] float32)`."""
+    t, h, d = q.shape
+    kh = k_new.shape[1]
+    g = h // kh
+    bs = kv_pool.shape[3]
+    qf = q.astype(jnp.float32).reshape(t, kh, g, d) * scale
+
+    # History from the pool: gather each token's sequence blocks at this layer.
+    tables = block_tables[seq_ids]  # [T, MB]
+    hist = kv_pool[tables, layer]  # [T, MB, 2, BS, K, D]
+    mb = tables.shape[1]
+    hist = jnp.moveaxis(hist, 2, 1).reshape(t, 2, mb * bs, kh, d).astype(jnp.float32)
+    hk, hv = hist[:, 0], hist[:, 1]  # [T, C, K, D]
+    s_hist = jnp.einsum("tkgd,tckd->tkgc", qf, hk)  # [T, K, G, C]
+    hist_pos = jnp.arange(mb * bs, dtype=jnp.int32)
+    hist_mask = hist_pos[None, :] < context_lens[seq_ids][:, None]  # [T, C]
+    if sliding_window is not None:
+        hist_mask &= hist_pos[None, :] > positions[:, None] - sliding_window
+    s_hist = jnp.where(hist_mask[:, None, None, :], s_hist, -jnp.inf)
+
+    # This step's own tokens: same sequence, causal.
+    s_new = jnp.einsum("tkgd,ukd->tkgu", qf, k_new.astype(jnp.float32))  # [T, K, G, T]
+    new_mask = (seq_ids[:, None] == seq_ids[None, :]) & (positions[None, :] <= positions[:, None])
+    new_mask &= valid[None, :] & valid[:, None]
+    if sliding_window is not None:
+        new_mask &= positions[None, :] > positions[:, None] - sliding_window
+    s_new = jnp.where(new_mask[:, None, None, :], s_new, -jnp.inf)
+
+    scores = jnp.concatenate([s_hist, s_new], axis=-1)  # [T, K, G, C + T]
+    values = jnp.concatenate([hv, jnp.broadcast_to(v_new.astype(jnp.float32)[None], (t, t, kh, d))], axis=1)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(scores - m_safe)  # exp(-inf) = 0 on masked entries
+    denom = jnp.sum(p, axis=-1)  # [T, K, G]
+    out = jnp.einsum("tkgc,tckd->tkgd", p, values) / jnp.where(denom > 0, denom, 1.0)[..., None]
+    lse = jnp.where(denom > 0, m_safe[..., 0] + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+    return out.reshape(t, h, d).astype(q.dtype), lse.reshape(t, h)
+
+
+def merge_attention_states(
+    outs: jax.Array,  # [P, T, H, D] partial outputs, each normalised over its own keys
+    lses: jax.Array,  # [P, T, H] float32 log-sum-exp of each part (-inf for an empty part)
+) -> tuple[jax.Array, jax.Array]:
+    """Combine partial attention results over disjoint key sets; returns `(out [T, H, D], lse [T, H])`."""
+    m = jnp.max(lses, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lses - m_safe)  # [P, T, H]
+    total = jnp.sum(w, axis=0)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("pth,pthd->thd", w, outs.astype(jnp.float32)) / safe_total[..., None]
+    lse = jnp.where(total > 0, m_safe + jnp.log(safe_total), -jnp.inf)
+    return out.astype(outs.dtype), lse
