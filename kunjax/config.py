@@ -177,24 +177,31 @@ class ModelConfig:
         return cfg
 
 
+def _opt(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How a model is served. Every field is a CLI flag of the same name (dashes for underscores)."""
 
-    num_instances: int | None = None  # None: one instance per `tp` devices
-    tp: int = 1  # tensor-parallel degree inside an instance
-    dtype: str = "float32"  # CPU default fp32: bf16 is ~3x slower on CPU
-    block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int | None = None  # per-device KV budget; required on CPU, else from memory_stats()
-    kv_memory_fraction: float = 0.85  # GPU/TPU: share of device memory for weights + KV
-    num_blocks: int | None = None  # explicit per-instance block count (overrides the byte budget)
-    max_num_seqs: int = 16  # S: sequences in one step
-    max_num_batched_tokens: int = 128  # T: token budget of one step (prefill chunks + decodes)
-    max_model_len: int | None = None  # None: min(model max positions, 2048)
-    min_token_bucket: int = 16
-    enable_prefix_caching: bool = False
-    max_logprobs: int = 20
-    seed: int = 0
+    num_instances: int | None = _opt(None, "data-parallel instances (model replicas); default: one per --tp devices")
+    tp: int = _opt(1, "tensor-parallel degree inside an instance (devices per replica)")
+    dtype: str = _opt("float32", "weight and KV dtype: float32, bfloat16 or float16 (CPU: float32 is ~3x faster)")
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    kv_cache_bytes: int | None = _opt(
+        None, "KV-cache bytes per device; default: from device memory stats on GPU/TPU, 64 MiB on CPU")
+    kv_memory_fraction: float = _opt(0.85, "GPU/TPU: share of device memory for weights + KV cache")
+    num_blocks: int | None = _opt(None, "KV blocks per instance, overriding the byte budget")
+    max_num_seqs: int = _opt(16, "most sequences in one engine step (rows of the batch)")
+    max_num_batched_tokens: int = _opt(
+        128, "token budget of one engine step: decodes plus prefill chunks (long prompts are chunked)")
+    max_model_len: int | None = _opt(
+        None, "longest sequence (prompt + output); default: min(model max positions, 2048)")
+    min_token_bucket: int = _opt(16, "smallest padded token count compiled; buckets double up to the budget")
+    enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
+    max_logprobs: int = _opt(20, "most top logprobs a request may ask for (computed every step)")
+    seed: int = _opt(0, "seed for requests that give none")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

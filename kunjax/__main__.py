@@ -1,0 +1,5 @@
+import sys
+
+from kunjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""`kunjax` command line. Engine flags are generated from `EngineConfig` (one source of truth for options).
+
+    kunjax generate                                   # the built-in demo model on 8 simulated CPU devices
+    kunjax generate "The lighthouse keeper" --max-tokens 40 --temperature 0
+    kunjax generate --model ~/models/Llama-3.2-1B --tp 2 "Hello"
+
+Bad flags and values exit with status 2 and a message naming the flag; nothing is half-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+
+from kunjax.config import EngineConfig
+
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'67108864', '64MiB', '1.5GB' -> bytes (binary multiples for both spellings)."""
+    m = _BYTES.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 67108864, 64MiB, 2GiB)")
+    mult = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(m.group(2) or "")[:1].lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(EngineConfig)[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (kunjax.EngineConfig)")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_)
+        else:
+            conv = parse_bytes if f.name.endswith("_bytes") else kind
+            group.add_argument(flag, dest=f.name, type=conv, default=f.default, metavar=kind.__name__.upper(),
+                               help=help_)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling (kunjax.SamplingParams)")
+    g.add_argument("--max-tokens", type=int, default=48, help="most tokens to generate per prompt (default: 48)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="softmax temperature; 0 = greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    g.add_argument("--seed", type=int, default=None, help="per-request sampling seed (reproducible outputs)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable); the output ends before it")
+    g.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
+                   help="stop token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print the top-N logprobs of each generated token")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kunjax", description="LLM serving runtime on JAX/XLA (KunServe).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate", help="generate text for prompts",
+        description="Generate continuations for prompts with continuous batching over all instances. With no "
+                    "prompt, the demo model recites the openings of its memorized passages.")
+    gen.add_argument("prompts", nargs="*", help="prompt texts (default: the demo's recitation prompts)")
+    gen.add_argument("--model", default="demo",
+                     help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
+    gen.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
+                     help="a prompt as comma-separated token ids (repeatable)")
+    gen.add_argument("--cpu-devices", type=int, default=8,
+                     help="simulated CPU devices when running on CPU (default: 8)")
+    gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
+                     help="print text as it is generated (one prompt at a time is clearest)")
+    _sampling_flags(gen)
+    add_engine_flags(gen)
+    gen.set_defaults(handler=cmd_generate, subparser=gen)
+    return parser
+
+
+def _flag_message(msg: str) -> str:
+    """Name the flag in a validation message that names a field ("top_p must ..." -> "--top-p must ...")."""
+    m = re.match(r"^([a-z_]+) (must|are|is)", msg)
+    return f"--{m.group(1).replace('_', '-')}{msg[len(m.group(1)):]}" if m else msg
+
+
+def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from kunjax.config import ConfigError
+    from kunjax.sampling_params import SamplingParams
+
+    try:
+        ecfg = engine_config_from_args(args)
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            min_p=args.min_p, seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id,
+            ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+        prompt_ids = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids or []]
+    except (ConfigError, ValueError) as e:
+        parser.error(_flag_message(str(e)))
+
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from kunjax.engine import LLMEngine
+
+    prompts: list = list(args.prompts) + prompt_ids
+    try:
+        engine = LLMEngine(args.model, ecfg)
+    except (ConfigError, ValueError) as e:
+        parser.error(_flag_message(str(e)))
+    if not prompts:
+        if args.model != "demo":
+            parser.error("give at least one prompt (positional text or --prompt-ids)")
+        from kunjax.demo import recitation_prompts
+
+        prompts = [p for p, _ in recitation_prompts()[:8]]
+    print(f"kunjax: model {engine.model_path} ({engine.model_config.architecture}, "
+          f"{engine.model_config.num_layers} layers) on {len(engine.instances)} instance(s) x tp {ecfg.tp}, "
+          f"{jax.devices()[0].platform}; loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
+    print(f"kunjax: compiled {len(engine.instances[0].buckets)} step shapes per instance in "
+          f"{engine.warmup():.1f}s", file=sys.stderr)
+    submitted: list[str] = []
+    try:
+        for p in prompts:
+            submitted.append(engine.add_request(p, params))
+    except ValueError as e:
+        parser.error(f"prompt {len(submitted)}: {e}")
+    t0 = time.perf_counter()
+    finished = {}
+    n_tokens = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            n_tokens += len(out.outputs[0].delta_token_ids)
+            if args.stream and out.outputs[0].delta_text:
+                print(out.outputs[0].delta_text, end="", flush=True)
+            if out.finished:
+                finished[out.request_id] = out
+                if args.stream:
+                    print(f"  [{out.request_id}: {out.outputs[0].finish_reason}]", flush=True)
+    dt = time.perf_counter() - t0
+    if not args.stream:
+        for rid in submitted:
+            out = finished[rid]
+            shown = out.prompt if out.prompt is not None else str(out.prompt_token_ids)
+            body = out.text if engine.tokenizer is not None else str(out.token_ids)
+            print(f"--- {rid} ({out.outputs[0].finish_reason}, {len(out.token_ids)} tokens)")
+            print(f"{shown}\033[1m{body}\033[0m" if sys.stdout.isatty() else f"{shown}|{body}")
+            if args.logprobs is not None and out.outputs[0].logprobs:
+                for tok, lp in zip(out.token_ids, out.outputs[0].logprobs, strict=True):
+                    print(f"    {tok}: {lp}")
+    print(f"kunjax: {len(submitted)} requests, {n_tokens} tokens in {dt:.2f}s "
+          f"({n_tokens / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args.subparser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

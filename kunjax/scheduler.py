@@ -1,0 +1,183 @@
+"""Per-instance continuous-batching scheduler: which tokens of which requests run in the next step.
+
+Owns the waiting and running queues of one instance and decides, each step, under a token budget
+(`max_num_batched_tokens`) and a sequence limit (`max_num_seqs`):
+
+1. running requests first, oldest first: one decode token each, or the next chunk of a prefill in progress;
+2. then waiting requests (FCFS by arrival), each admitted with as large a prefill chunk as the budget leaves.
+
+When a running request needs a block and none is allocatable, the latest-arrived running request is preempted
+by recompute (vLLM's default): its blocks are freed, its generated tokens kept, and it goes back to the front of
+the waiting queue to be re-prefilled later. A request that could never fit alone is refused at `add`, so with
+one request left it always progresses: no deadlock, no lost request. It never touches device memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from collections import deque
+
+from kunjax.block_manager import BlockAllocator, chain_hash
+from kunjax.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    request: Request
+    start: int  # first token index computed this step (== request.num_computed before the step)
+    num_tokens: int  # tokens computed this step
+    sample: bool  # True when the chunk reaches the end of the known tokens: a new token is sampled
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, *, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = False):
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_prefix_caching = enable_prefix_caching
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # ordered by arrival time
+        self.num_preemptions = 0
+
+    # ---- queue management ---------------------------------------------------------------------------
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def can_ever_fit(self, req: Request) -> bool:
+        return self.blocks_for(req.max_total_len) <= self.allocator.total
+
+    def add(self, req: Request) -> None:
+        if not self.can_ever_fit(req):
+            raise ValueError(
+                f"request {req.request_id} may need {self.blocks_for(req.max_total_len)} KV blocks "
+                f"({req.max_total_len} tokens) but the instance pool has {self.allocator.total}")
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.release(req)
+
+    def release(self, req: Request) -> None:
+        """Give back the request's blocks (full, hashed blocks stay in the prefix cache)."""
+        if req.blocks:
+            self.allocator.free(req.blocks)
+        req.blocks = []
+        req.block_hashes = []
+        req.num_computed = 0
+
+    def finish(self, req: Request) -> None:
+        self.running.remove(req)
+        self.release(req)
+        req.status = RequestStatus.FINISHED
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def demand_blocks(self) -> int:
+        """KV demand of this instance: blocks held by running requests plus those the queue will need."""
+        used = sum(len(r.blocks) for r in self.running)
+        queued = sum(self.blocks_for(len(r.token_ids) + 1) for r in self.waiting)
+        return used + queued
+
+    # ---- the step plan ------------------------------------------------------------------------------
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = self.blocks_for(req.num_computed + num_tokens) - len(req.blocks)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_allocatable:
+            return False
+        req.blocks.extend(self.allocator.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.release(req)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        # Back into the waiting queue at its arrival position (FCFS), ahead of later arrivals.
+        keys = [r.arrival_time for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, req.arrival_time), req)
+
+    def _match_prefix(self, req: Request) -> None:
+        # Reuse full cached blocks, but always leave at least one token to compute (it yields the logits).
+        n_full = (len(req.token_ids) - 1) // self.block_size
+        hashes, parent = [], None
+        for i in range(n_full):
+            parent = chain_hash(parent, req.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            hashes.append(parent)
+        matched = self.allocator.match(hashes)
+        req.blocks = matched
+        req.block_hashes = hashes[:len(matched)]
+        req.num_computed = len(matched) * self.block_size
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0 and len(seqs) < self.max_num_seqs:
+            req = self.running[i]
+            n = min(len(req.token_ids) - req.num_computed, budget)
+            while not self._grow(req, n):
+                victim = self.running[-1]  # latest arrival
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == len(req.token_ids)))
+            budget -= n
+            i += 1
+        # Admit new work only when nothing had to be preempted this step (it would be thrashing).
+        while (not preempted and self.waiting and budget > 0 and len(seqs) < self.max_num_seqs
+               and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0]
+            if self.enable_prefix_caching and not req.blocks:
+                self._match_prefix(req)
+            n = min(len(req.token_ids) - req.num_computed, budget)
+            if not self._grow(req, n):
+                self.release(req)  # matched prefix blocks go back to the cache until admission
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == len(req.token_ids)))
+            budget -= n
+        return SchedulerOutput(seqs, preempted)
+
+    def commit(self, seq: ScheduledSeq) -> None:
+        """After the device step: the chunk's KV is in the pool. Index newly full blocks for reuse."""
+        req = seq.request
+        req.num_computed = seq.start + seq.num_tokens
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        while len(req.block_hashes) < req.num_computed // bs:
+            j = len(req.block_hashes)
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            h = chain_hash(parent, req.token_ids[j * bs:(j + 1) * bs])
+            req.block_hashes.append(h)
+            self.allocator.register(req.blocks[j], h)
