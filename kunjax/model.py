@@ -221,7 +221,7 @@ class LlamaDecoder(nnx.Module):
 
     def params(self) -> Params:
         _, state = nnx.split(self, nnx.Param)
-        return state.to_pure_dict()
+        return nnx.to_pure_dict(state)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, V]
         return forward_dense(self.cfg, self.params(), tokens)

@@ -1,0 +1,55 @@
+"""Test oracles shared across test folders: a random tiny model on disk and a naive generation loop."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kunjax.checkpoint import save_checkpoint
+from kunjax.config import ModelConfig
+from kunjax.model import forward_dense, init_params
+
+TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                   num_kv_heads=2, head_dim=16, max_position_embeddings=256, eos_token_ids=())
+
+
+def write_tiny_model(path: Path, cfg: ModelConfig = TINY, seed: int = 0) -> Path:
+    params = init_params(cfg, seed)
+    # Larger random norms make the logits peaky enough that greedy argmax is far from ties.
+    params["final_norm"] = params["final_norm"] * 4.0
+    save_checkpoint(path, cfg, params)
+    return path
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_logits(cfg: ModelConfig, params, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, V]
+    return forward_dense(cfg, params, tokens)
+
+
+def naive_greedy(cfg: ModelConfig, params, prompts: list[list[int]], max_tokens: int,
+                 eos_ids: frozenset[int] = frozenset()) -> list[list[int]]:
+    """Full recompute every token, no cache: the oracle for every serving path (DESIGN.md §10)."""
+    total = max(len(p) for p in prompts) + max_tokens
+    width = 1 << (total - 1).bit_length()  # one compile for the whole loop
+    buf = np.zeros((len(prompts), width), np.int32)
+    lens = np.array([len(p) for p in prompts])
+    for i, p in enumerate(prompts):
+        buf[i, :len(p)] = p
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    for _ in range(max_tokens):
+        logits = np.asarray(_dense_logits(cfg, params, jnp.asarray(buf)))
+        nxt = logits[np.arange(len(prompts)), lens - 1].argmax(-1)
+        for i, t in enumerate(nxt):
+            if not done[i]:
+                outs[i].append(int(t))
+                done[i] = int(t) in eos_ids
+        buf[np.arange(len(prompts)), lens] = nxt
+        lens += 1
+        if done.all():
+            break
+    return outs
