@@ -100,7 +100,8 @@ def test_stop_token_ids_max_tokens_and_logprobs(tight_llm):
         assert tok in entry and len(entry) >= 3
         assert max(entry.values()) == pytest.approx(entry[tok])  # greedy picks the most likely token
         assert all(v <= 0 for v in entry.values())
-    assert out.outputs[0].cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, lps)))
+    total = sum(e[t] for t, e in zip(out.token_ids, lps, strict=True))
+    assert out.outputs[0].cumulative_logprob == pytest.approx(total)
 
 
 def test_streaming_yields_deltas_and_abort_on_close_frees_blocks(tight_llm):
