@@ -24,7 +24,7 @@ import numpy as np
 from kunjax import checkpoint
 from kunjax.config import ConfigError, EngineConfig, ModelConfig
 from kunjax.detokenizer import IncrementalDetokenizer
-from kunjax.instance import Instance
+from kunjax.instance import MAX_SUPPRESSED, Instance
 from kunjax.model import param_shapes
 from kunjax.request import Request, RequestOutput, RequestStatus, make_output
 from kunjax.sampling_params import SamplingParams
@@ -115,6 +115,8 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens; the model context (--max-model-len) is "
                              f"{self.max_model_len}, leaving no room to generate")
         params.validate_for(cfg.vocab_size, self.config.max_logprobs)
+        if params.min_tokens and len(set(params.stop_token_ids) | self.eos_token_ids) > MAX_SUPPRESSED:
+            raise ValueError(f"min_tokens with more than {MAX_SUPPRESSED} stop token ids + EOS ids is not supported")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")

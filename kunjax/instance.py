@@ -30,6 +30,9 @@ from kunjax.sampling import pack_sampling, sample
 from kunjax.scheduler import Scheduler, SchedulerOutput
 from sharding.layouts import kv_pool_sharding, param_shardings, replicated
 
+# Most token ids a request can have masked while it is below `min_tokens` (its EOS ids and stop token ids).
+MAX_SUPPRESSED = 16
+
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: jnp.dtype, tp: int = 1) -> int:
     """Bytes of one KV block (all L layers, K and V) on one device of a `tp`-way instance."""
@@ -84,6 +87,7 @@ class StepInputs:
     min_p: np.ndarray  # [S] float32
     seeds: np.ndarray  # [S] uint32
     counters: np.ndarray  # [S] int32
+    suppress_ids: np.ndarray  # [S, MAX_SUPPRESSED] int32 ids masked out (EOS/stop ids before min_tokens); -1 pad
 
     def as_tuple(self) -> tuple[np.ndarray, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
@@ -91,10 +95,14 @@ class StepInputs:
 
 def _step(cfg: ModelConfig, num_logprobs: int, params: Params, kv_pool: jax.Array, tokens, positions, seq_ids,
           valid, slot_mapping, block_tables, context_lens, logits_indices, temperature, top_k, top_p, min_p,
-          seeds, counters):
+          seeds, counters, suppress_ids):
     logits, new_kv = forward_paged(cfg, params, kv_pool, tokens, positions, seq_ids, valid, block_tables,
                                    context_lens, logits_indices)
     kv_pool = write_kv(kv_pool, new_kv, slot_mapping)
+    s, v = logits.shape
+    rows = jnp.broadcast_to(jnp.arange(s)[:, None], suppress_ids.shape)
+    banned = jnp.zeros((s, v), bool).at[rows, jnp.where(suppress_ids >= 0, suppress_ids, v)].set(True, mode="drop")
+    logits = jnp.where(banned, -jnp.inf, logits)
     sampled = sample(logits, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs)
     return kv_pool, sampled
 
@@ -138,7 +146,8 @@ class Instance:
             valid=np.zeros(t, bool), slot_mapping=np.zeros(t, i32), block_tables=np.zeros((s, mb), i32),
             context_lens=np.zeros(s, i32), logits_indices=np.zeros(s, i32), temperature=np.zeros(s, f32),
             top_k=np.zeros(s, i32), top_p=np.ones(s, f32), min_p=np.zeros(s, f32),
-            seeds=np.zeros(s, np.uint32), counters=np.zeros(s, i32))
+            seeds=np.zeros(s, np.uint32), counters=np.zeros(s, i32),
+            suppress_ids=np.full((s, MAX_SUPPRESSED), -1, i32))
 
     def warmup(self) -> float:
         """Compile the step for every token bucket; returns seconds spent."""
@@ -183,6 +192,10 @@ class Instance:
             inp.block_tables[i, :len(blocks)] = blocks
             inp.context_lens[i] = start
             inp.logits_indices[i] = row + n - 1
+            if req.num_output_tokens < req.params.min_tokens:
+                banned = sorted(set(req.params.stop_token_ids) | (set() if req.params.ignore_eos
+                                                                  else set(req.eos_token_ids)))
+                inp.suppress_ids[i, :len(banned)] = banned
             row += n
         inp.slot_mapping[row:] = NULL_BLOCK * bs
         reqs = [seq.request for seq in plan.seqs]

@@ -169,3 +169,13 @@ def test_tensor_parallel_instance_matches_reference(tiny_dir, tiny_params):
     outs = llm.generate(prompts, GREEDY)
     expected = naive_greedy(TINY, tiny_params, prompts, GREEDY.max_tokens)
     assert [o.token_ids for o in outs] == expected
+
+
+def test_min_tokens_masks_stop_ids_until_reached(tight_llm):
+    prompt = random_prompts(1, 8)[0]
+    full = tight_llm.generate([prompt], GREEDY)[0].token_ids
+    first = full[0]
+    out = tight_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[first],
+                                                      min_tokens=3))[0]
+    assert first not in out.token_ids[:3]
+    assert len(out.token_ids) >= 3
