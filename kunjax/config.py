@@ -169,7 +169,10 @@ class ModelConfig:
         cfg = cls.from_hf(hf)
         gen_path = path / "generation_config.json"
         if gen_path.is_file():
-            gen = json.loads(gen_path.read_text())
+            try:
+                gen = json.loads(gen_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{gen_path}: not valid JSON ({e})") from e
             eos = gen.get("eos_token_id")
             if eos is not None:
                 ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
