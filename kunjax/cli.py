@@ -66,7 +66,6 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
-    g.add_argument("--seed", type=int, default=None, help="per-request sampling seed (reproducible outputs)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string (repeatable); the output ends before it")
     g.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
@@ -112,7 +111,7 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         ecfg = engine_config_from_args(args)
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            min_p=args.min_p, seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id,
+            min_p=args.min_p, stop=args.stop, stop_token_ids=args.stop_token_id,
             ignore_eos=args.ignore_eos, logprobs=args.logprobs)
         prompt_ids = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids or []]
     except (ConfigError, ValueError) as e:

@@ -204,7 +204,7 @@ class EngineConfig:
     min_token_bucket: int = _opt(16, "smallest padded token count compiled; buckets double up to the budget")
     enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
     max_logprobs: int = _opt(20, "most top logprobs a request may ask for (computed every step)")
-    seed: int = _opt(0, "seed for requests that give none")
+    seed: int = _opt(0, "seed from which requests without their own seed draw one (reproducible runs)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -1,0 +1,63 @@
+"""The CLI: help for every option, bad flags named in the error, and a real generate run on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kunjax.cli import build_parser, parse_bytes
+from kunjax.config import EngineConfig
+from tests.helpers import write_tiny_model
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "kunjax", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_help_explains_every_engine_and_sampling_option():
+    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
+    text = sub.format_help()
+    for f in dataclasses.fields(EngineConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    for flag in ("--temperature", "--top-k", "--top-p", "--min-p", "--seed", "--stop", "--stop-token-id",
+                 "--max-tokens", "--logprobs", "--model", "--stream"):
+        assert flag in text
+    for action in sub._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "0"], "--tp must be positive"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be finite and >= 0"),
+    (["--max-num-batched-tokens", "4"], "--max-num-batched-tokens (4) must be >= --max-num-seqs"),
+    (["--kv-cache-bytes", "lots"], "--kv-cache-bytes"),
+    (["--model", "/nonexistent/model"], "no such directory"),
+])
+def test_bad_flags_exit_2_naming_the_flag(args, message):
+    res = run_cli("generate", "hello", *args)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_parse_bytes():
+    assert parse_bytes("64MiB") == 64 * 2**20
+    assert parse_bytes("1.5GB") == int(1.5 * 2**30)
+    assert parse_bytes("4096") == 4096
+
+
+def test_generate_on_token_ids(tmp_path):
+    model = write_tiny_model(tmp_path / "tiny")
+    res = run_cli("generate", "--model", str(model), "--prompt-ids", "5,6,7", "--prompt-ids", "9",
+                  "--max-tokens", "4", "--cpu-devices", "2", "--max-model-len", "64", "--min-token-bucket", "16",
+                  "--max-num-batched-tokens", "16")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("(length, 4 tokens)") == 2
+    assert "2 instance(s)" in res.stderr
