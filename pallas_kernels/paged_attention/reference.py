@@ -40,10 +40,12 @@ def paged_attention(
     bs = kv_pool.shape[3]
     qf = q.astype(jnp.float32).reshape(t, kh, g, d) * scale
 
-    # History from the pool: gather each token's sequence blocks at this layer.
+    # History from the pool: gather each token's sequence blocks at this layer (one row gather on the
+    # flattened [NB * L] axis, cheaper than a two-index gather).
     tables = block_tables[seq_ids]  # [T, MB]
-    hist = kv_pool[tables, layer]  # [T, MB, 2, BS, K, D]
+    nb, n_layers = kv_pool.shape[:2]
     mb = tables.shape[1]
+    hist = kv_pool.reshape(nb * n_layers, *kv_pool.shape[2:])[tables * n_layers + layer]  # [T, MB, 2, BS, K, D]
     hist = jnp.moveaxis(hist, 2, 1).reshape(t, 2, mb * bs, kh, d).astype(jnp.float32)
     hk, hv = hist[:, 0], hist[:, 1]  # [T, C, K, D]
     s_hist = jnp.einsum("tkgd,tckd->tkgc", qf, hk)  # [T, K, G, C]
@@ -61,14 +63,16 @@ def paged_attention(
         new_mask &= positions[None, :] > positions[:, None] - sliding_window
     s_new = jnp.where(new_mask[:, None, None, :], s_new, -jnp.inf)
 
-    scores = jnp.concatenate([s_hist, s_new], axis=-1)  # [T, K, G, C + T]
-    values = jnp.concatenate([hv, jnp.broadcast_to(v_new.astype(jnp.float32)[None], (t, t, kh, d))], axis=1)
-    m = jnp.max(scores, axis=-1, keepdims=True)
+    # One softmax over both key sets, without concatenating them.
+    m = jnp.maximum(jnp.max(s_hist, axis=-1), jnp.max(s_new, axis=-1))[..., None]  # [T, K, G, 1]
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(scores - m_safe)  # exp(-inf) = 0 on masked entries
-    denom = jnp.sum(p, axis=-1)  # [T, K, G]
-    out = jnp.einsum("tkgc,tckd->tkgd", p, values) / jnp.where(denom > 0, denom, 1.0)[..., None]
-    lse = jnp.where(denom > 0, m_safe[..., 0] + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+    p_hist = jnp.exp(s_hist - m_safe)  # exp(-inf) = 0 on masked entries
+    p_new = jnp.exp(s_new - m_safe)
+    denom = jnp.sum(p_hist, axis=-1) + jnp.sum(p_new, axis=-1)  # [T, K, G]
+    acc = jnp.einsum("tkgc,tckd->tkgd", p_hist, hv) + jnp.einsum("tkgu,ukd->tkgd", p_new, v_new.astype(jnp.float32))
+    safe = jnp.where(denom > 0, denom, 1.0)
+    out = acc / safe[..., None]
+    lse = jnp.where(denom > 0, m_safe[..., 0] + jnp.log(safe), -jnp.inf)
     return out.reshape(t, h, d).astype(q.dtype), lse.reshape(t, h)
 
 

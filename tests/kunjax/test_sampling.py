@@ -6,6 +6,7 @@ order (temperature, top-k, top-p, min-p, each renormalized), checked against 400
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -307,3 +308,12 @@ def test_new_values_do_not_recompile():
         jax.monitoring.unregister_event_duration_listener(listener)
     assert fn._cache_size() == warm  # jit caches are per function, so `warm` counts other tests' shapes too
     assert compiles == []
+
+
+def test_no_full_vocabulary_sort_is_compiled():
+    """Thresholds come from top-k candidates; a full [S, V] sort (0.5 s at S=64, V=32k on CPU) must not return."""
+    s, v = 8, 4096
+    args = (jnp.zeros((s, v)), jnp.ones(s), jnp.zeros(s, jnp.int32), jnp.full(s, 0.9), jnp.zeros(s),
+            jnp.zeros(s, jnp.uint32), jnp.zeros(s, jnp.int32))
+    text = jax.jit(functools.partial(sample, num_logprobs=5)).lower(*args).compile().as_text()
+    assert " sort(" not in text
