@@ -113,14 +113,41 @@ def sample(
     a threshold on the scaled logits, so tokens tied with the last kept one are kept too.
     """
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[1]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S]; first maximal id
+    # The filtered draw runs only when some row samples: all-greedy steps (the common serving case for
+    # evaluation and the tests) cost an argmax.
+    tokens = jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jnp.where(temperature > 0, _filtered_draw(logits, temperature, top_k, top_p, min_p, seeds,
+                                                          counters), greedy_ids),
+        lambda: greedy_ids)
 
+    # Raw logprobs without materializing log_softmax over [S, V]: logprob = logit - logsumexp.
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [S]
+    token_logprobs = jnp.take_along_axis(logits, tokens[:, None], axis=1)[:, 0] - lse
+    if num_logprobs:
+        top_vals, top_ids = jax.lax.top_k(logits, num_logprobs)  # [S, N]; ties: lowest id first
+        top_logprobs = top_vals - lse[:, None]
+    else:
+        s = logits.shape[0]
+        top_logprobs, top_ids = jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
+    return tokens.astype(jnp.int32), token_logprobs, top_ids, top_logprobs
+
+
+def _filtered_draw(
+    logits: jax.Array,  # [S, V] float32
+    temperature: jax.Array,  # [S]
+    top_k: jax.Array,  # [S]
+    top_p: jax.Array,  # [S]
+    min_p: jax.Array,  # [S]
+    seeds: jax.Array,  # [S] uint32
+    counters: jax.Array,  # [S] int32
+) -> jax.Array:  # [S] int32 sampled ids (meaningless on greedy rows; the caller selects)
+    vocab = logits.shape[1]
     # No full sort: a full [S, V] sort costs ~0.6 s on CPU at S=64, V=32k. The C best tokens (lax.top_k:
     # descending, ties lowest id first) decide every threshold in the common case; a bisection over the
     # whole row runs only when some row's top-k or top-p cut falls beyond them.
-    c = min(vocab, max(num_logprobs, CANDIDATES))
+    c = min(vocab, CANDIDATES)
     # Each top-k's outputs are used whole (masked reductions, no slices or gathers): XLA CPU decomposes top-k
     # into sort + slice, and any further slice of it keeps the full [S, V] sort (~0.5 s at S=64, V=32k).
     top_vals = jax.lax.top_k(logits, c)[0]  # [S, C] values only
@@ -162,15 +189,7 @@ def sample(
     keep = scaled >= jnp.maximum(jnp.maximum(t_k, t_p), t_min)[:, None]  # [S, V]; the best token always
 
     noise = _gumbel(seeds, counters, vocab)  # [S, V]
-    sampled_ids = jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1)  # [S]
-    tokens = jnp.where(temperature > 0, sampled_ids, greedy_ids).astype(jnp.int32)
-
-    token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)[:, 0]
-    if num_logprobs:
-        top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)  # [S, N]; ties: lowest id first
-    else:
-        top_logprobs, top_ids = jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0), jnp.int32)
-    return tokens, token_logprobs, top_ids, top_logprobs
+    return jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)  # [S]
 
 
 def _bisect(pred, lo: jax.Array, iters: int = 40) -> jax.Array:
