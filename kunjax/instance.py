@@ -99,6 +99,7 @@ def _step(cfg: ModelConfig, num_logprobs: int, params: Params, kv_pool: jax.Arra
     logits, new_kv = forward_paged(cfg, params, kv_pool, tokens, positions, seq_ids, valid, block_tables,
                                    context_lens, logits_indices)
     kv_pool = write_kv(kv_pool, new_kv, slot_mapping)
+    # Rows below their min_tokens cannot pick their EOS / stop ids (those ids then report logprob -inf).
     s, v = logits.shape
     rows = jnp.broadcast_to(jnp.arange(s)[:, None], suppress_ids.shape)
     banned = jnp.zeros((s, v), bool).at[rows, jnp.where(suppress_ids >= 0, suppress_ids, v)].set(True, mode="drop")
@@ -111,7 +112,6 @@ def _step(cfg: ModelConfig, num_logprobs: int, params: Params, kv_pool: jax.Arra
 class PendingStep:
     plan: SchedulerOutput
     outputs: tuple  # device arrays: (tokens [S], logprob [S], top_ids [S, N], top_logprobs [S, N])
-    dispatch_time: float
 
 
 class Instance:
@@ -122,7 +122,6 @@ class Instance:
         self.ecfg = ecfg
         self.params = params
         self.dtype = jnp.dtype(ecfg.dtype)
-        self.max_model_len = ecfg.resolved_max_model_len(cfg)
         self.max_blocks_per_seq = ecfg.max_blocks_per_seq(cfg)
         self.weight_bytes = tree_bytes_per_device(params)
         self.num_blocks = num_kv_blocks(cfg, ecfg, mesh, self.weight_bytes)
@@ -214,7 +213,7 @@ class Instance:
             raise RuntimeError(f"instance {self.index}: step bucket {len(inp.tokens)} was not warmed up")
         self.kv_pool, outputs = compiled(self.params, self.kv_pool, *inp.as_tuple())
         self.steps += 1
-        return PendingStep(plan, outputs, time.monotonic())
+        return PendingStep(plan, outputs)
 
     def complete(self, pending: PendingStep) -> list[tuple[Request, int, float, np.ndarray, np.ndarray]]:
         """Commit the step's KV and return `(request, token, logprob, top_ids, top_logprobs)` per sample."""

@@ -184,3 +184,19 @@ def test_min_tokens_masks_stop_ids_until_reached(tight_llm):
                                                       min_tokens=3))[0]
     assert first not in out.token_ids[:3]
     assert len(out.token_ids) >= 3
+
+
+def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_dir, tiny_params):
+    llm = LLM(tiny_dir, devices=jax.devices()[6:7], num_instances=1, block_size=4, num_blocks=64, max_num_seqs=4,
+              max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16, enable_prefix_caching=True)
+    shared = random_prompts(1, 12, 20, 20)[0]
+    prompts = [shared + tail for tail in random_prompts(3, 13, 1, 6)]
+    first = llm.generate(prompts[:1], GREEDY)[0]
+    rest = llm.generate(prompts[1:], GREEDY)
+    assert first.num_cached_tokens == 0
+    assert all(o.num_cached_tokens == 20 for o in rest)  # five full blocks of the shared prefix
+    expected = naive_greedy(TINY, tiny_params, prompts, GREEDY.max_tokens)
+    assert [o.token_ids for o in [first, *rest]] == expected
+    inst = llm.engine.instances[0]
+    assert inst.allocator.num_cached > 0 and inst.allocator.num_used == 0
+    llm.engine.check_books()
