@@ -17,6 +17,7 @@ import time
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from kunjax.config import EngineConfig
 
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prompt as comma-separated token ids (repeatable)")
     gen.add_argument("--cpu-devices", type=int, default=8,
                      help="simulated CPU devices when running on CPU (default: 8)")
+    gen.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
+                     help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
+                          "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
     gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
                      help="print text as it is generated (one prompt at a time is clearest)")
     _sampling_flags(gen)
@@ -120,6 +124,9 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.compile_cache_dir.lower() != "none":
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from kunjax.engine import LLMEngine
 
     prompts: list = list(args.prompts) + prompt_ids
