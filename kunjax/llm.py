@@ -71,6 +71,9 @@ class LLM:
         ids = self._submit(prompts, sampling_params)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
+            if not self.engine.has_unfinished():
+                lost = [i for i in ids if i not in final]
+                raise RuntimeError(f"requests {lost} left the engine without finishing")
             for out in self.engine.step():
                 if out.finished:
                     final[out.request_id] = out
