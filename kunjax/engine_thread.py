@@ -1,0 +1,174 @@
+"""The engine on its own thread: the `serving.runtime.Runtime` implementation over `LLMEngine`.
+
+Owns the stepping thread and the hand-off between callers (gRPC handlers, any thread) and the engine (one
+thread). Callers `submit` — validated synchronously, so a bad request is refused before it is accepted — then
+read the request's events from its own queue; the engine thread steps whenever there is work and pushes each
+request's new tokens to that queue. One lock guards the engine: it is held for a step, for an admission and for
+an abort, so an abort or a cancel takes effect at the next step boundary and frees the request's blocks there.
+
+Never loses an accepted request: every accepted request gets exactly one final event (stop, length, abort,
+or error if a step itself failed), also on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import jax
+
+from kunjax import __version__
+from kunjax.engine import LLMEngine
+from kunjax.request import RequestOutput
+from serving.runtime import GenerateRequest, InstanceLoad, InvalidRequest, Overloaded, RuntimeInfo, TokenEvent
+
+log = logging.getLogger("kunjax.engine_thread")
+
+
+def _event(out: RequestOutput, seen_logprobs: int) -> TokenEvent:
+    c = out.outputs[0]
+    new_lps = tuple(c.logprobs[seen_logprobs:]) if c.logprobs is not None else ()
+    return TokenEvent(
+        request_id=out.request_id, token_ids=tuple(c.delta_token_ids), text=c.delta_text, logprobs=new_lps,
+        finished=out.finished, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+        prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(c.token_ids),
+        cached_tokens=out.num_cached_tokens)
+
+
+class EngineThread:
+    def __init__(self, engine: LLMEngine, *, max_queued: int = 1024, warmup: bool = True):
+        self.engine = engine
+        self.max_queued = max_queued
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._admitting = True
+        self._ready = False
+        # A request's queue lives from submit until its reader has taken the final event; `_inflight` holds
+        # the requests the engine has not finished (what the admission limit counts).
+        self._queues: dict[str, queue.Queue[TokenEvent]] = {}
+        self._inflight: set[str] = set()
+        self._seen_logprobs: dict[str, int] = {}
+        self._warmup = warmup
+        self._thread = threading.Thread(target=self._run, name="kunjax-engine", daemon=True)
+        self._thread.start()
+
+    # ---- Runtime API --------------------------------------------------------------------------------
+    def submit(self, request: GenerateRequest) -> None:
+        if (request.prompt is None) == (request.prompt_ids is None):
+            raise InvalidRequest("give exactly one of a text prompt or prompt token ids")
+        prompt = request.prompt if request.prompt is not None else list(request.prompt_ids)
+        with self._lock:
+            if not self._admitting:
+                raise Overloaded("server is shutting down", retry_after_s=5.0)
+            if len(self._inflight) >= self.max_queued:
+                raise Overloaded(f"{len(self._inflight)} requests in flight (limit {self.max_queued})")
+            if request.request_id in self._queues:
+                raise InvalidRequest(f"duplicate request id {request.request_id!r}")
+            try:
+                self.engine.add_request(prompt, request.params, request_id=request.request_id)
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from e
+            self._queues[request.request_id] = queue.Queue()
+            self._inflight.add(request.request_id)
+            self._seen_logprobs[request.request_id] = 0
+        self._wake.set()
+
+    def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[TokenEvent]:
+        q = self._queues.get(request_id)
+        if q is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                ev = q.get(timeout=wait)
+            except queue.Empty:
+                return
+            if ev.finished:
+                self._queues.pop(request_id, None)
+            yield ev
+            if ev.finished:
+                return
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._deliver(out)
+
+    def info(self) -> RuntimeInfo:
+        e, cfg = self.engine, self.engine.model_config
+        layouts = tuple(f"instance {i.index}: replica, tp={e.config.tp} on "
+                        f"{', '.join(str(d) for d in i.mesh.devices.flat)}" for i in e.instances)
+        return RuntimeInfo(model=str(e.model_path), architecture=cfg.architecture, num_layers=cfg.num_layers,
+                           vocab_size=cfg.vocab_size, max_model_len=e.max_model_len, instances=layouts,
+                           policy="recompute", versions={"kunjax": __version__, "jax": jax.__version__})
+
+    def load(self) -> list[InstanceLoad]:
+        with self._lock:
+            out = []
+            for inst in self.engine.instances:
+                a, s = inst.allocator, inst.scheduler
+                queued_tokens = sum(len(r.token_ids) - r.num_computed for r in s.waiting)
+                out.append(InstanceLoad(instance=inst.index, mode="replica", kv_free=a.num_free, kv_used=a.num_used,
+                                        kv_cached=a.num_cached, kv_total=a.total, running=len(s.running),
+                                        waiting=len(s.waiting), queued_tokens=queued_tokens))
+            return out
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def shutdown(self, grace_s: float) -> None:
+        """Stop admitting; let in-flight requests finish for `grace_s`, then abort the rest and stop."""
+        with self._lock:
+            self._admitting = False
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self._inflight:
+            time.sleep(0.01)
+        for rid in list(self._inflight):
+            self.abort(rid)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=60)
+
+    # ---- the engine thread --------------------------------------------------------------------------
+    def _deliver(self, out: RequestOutput) -> None:
+        q = self._queues.get(out.request_id)
+        if q is None:
+            return
+        seen = self._seen_logprobs.get(out.request_id, 0)
+        ev = _event(out, seen)
+        self._seen_logprobs[out.request_id] = seen + len(ev.logprobs)
+        q.put(ev)
+        if out.finished:
+            self._inflight.discard(out.request_id)
+            del self._seen_logprobs[out.request_id]
+
+    def _fail_all(self, error: str) -> None:
+        for rid in list(self._inflight):
+            self.engine.abort(rid)
+            self._inflight.discard(rid)
+            self._queues[rid].put(TokenEvent(request_id=rid, token_ids=(), text="", finished=True,
+                                                 finish_reason="error", error=error))
+            self._seen_logprobs.pop(rid, None)
+
+    def _run(self) -> None:
+        if self._warmup:
+            self.engine.warmup()
+        self._ready = True
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.1)
+                self._wake.clear()
+                continue
+            with self._lock:
+                try:
+                    for out in self.engine.step():
+                        self._deliver(out)
+                except Exception as e:  # a failed step must not hang or lose the requests waiting on it
+                    log.exception("engine step failed")
+                    self._fail_all(f"engine step failed: {type(e).__name__}: {e}")

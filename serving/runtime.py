@@ -1,0 +1,101 @@
+"""The narrow interface between the gRPC layer and whatever generates tokens.
+
+`serving/` talks to the runtime only through `Runtime`: submit a validated request and iterate its events,
+abort, and read info/load. `kunjax.engine_thread.EngineThread` implements it over the real engine;
+`serving.fake_runtime.FakeRuntime` implements it with outputs computable by hand, so the server's threading,
+streaming, cancellation and error paths are tested without a model (STYLE.md: a narrow engine interface and a
+fake you can compute by hand).
+
+Contract:
+* `submit` validates synchronously and raises `InvalidRequest` (-> INVALID_ARGUMENT) or `Overloaded`
+  (-> RESOURCE_EXHAUSTED); once it returns, the request is accepted and its stream ends with exactly one
+  event whose `finished` is True (finish reason "stop", "length", "abort" or "error").
+* Events of one request arrive in order; `abort` is idempotent and frees the request's KV within a step.
+* All methods are safe to call from any thread; `events` blocks only the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Protocol
+
+from kunjax.sampling_params import SamplingParams
+
+
+class InvalidRequest(ValueError):
+    """The request can never be served as given; the message says what is wrong."""
+
+
+class Overloaded(RuntimeError):
+    """The runtime cannot accept more work now; `retry_after_s` is a hint for the client."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt: str | None  # exactly one of prompt / prompt_ids
+    prompt_ids: tuple[int, ...] | None
+    params: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """New output of one request since its previous event."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # new ids
+    text: str  # new text
+    logprobs: tuple[dict[int, float], ...] = ()  # one entry per new id when logprobs were requested
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
+    prompt_tokens: int = 0  # usage, on the final event
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceLoad:
+    instance: int
+    mode: str  # "replica" (later: "pipeline")
+    kv_free: int
+    kv_used: int
+    kv_cached: int
+    kv_total: int
+    running: int
+    waiting: int
+    queued_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeInfo:
+    model: str
+    architecture: str
+    num_layers: int
+    vocab_size: int
+    max_model_len: int
+    instances: tuple[str, ...]  # human-readable layout of each instance ("instance 0: tp=1 on cpu:0")
+    policy: str
+    versions: dict[str, str]
+
+
+class Runtime(Protocol):
+    def submit(self, request: GenerateRequest) -> None: ...
+
+    def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[TokenEvent]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def info(self) -> RuntimeInfo: ...
+
+    def load(self) -> list[InstanceLoad]: ...
+
+    def ready(self) -> bool: ...
+
+    def shutdown(self, grace_s: float) -> None: ...

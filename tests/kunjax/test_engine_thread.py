@@ -1,0 +1,127 @@
+"""The engine on its own thread, as the gRPC layer uses it: concurrent submitters, streaming, abort, limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import pytest
+
+from kunjax.checkpoint import load_params
+from kunjax.config import EngineConfig
+from kunjax.engine import LLMEngine
+from kunjax.engine_thread import EngineThread
+from kunjax.model import param_shapes
+from kunjax.sampling_params import SamplingParams
+from serving.runtime import GenerateRequest, InvalidRequest, Overloaded
+from sharding.layouts import instance_meshes, param_shardings
+from tests.helpers import TINY, naive_greedy, write_tiny_model
+from tests.kunjax.test_engine import random_prompts
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny"))
+    engine = LLMEngine(path, EngineConfig(num_instances=2, block_size=4, num_blocks=40, max_num_seqs=4,
+                                          max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16),
+                       devices=jax.devices()[4:6])
+    rt = EngineThread(engine, max_queued=8)
+    deadline = time.monotonic() + 300
+    while not rt.ready():
+        assert time.monotonic() < deadline, "warm-up did not finish"
+        time.sleep(0.05)
+    yield rt
+    rt.shutdown(grace_s=5)
+
+
+def req(rid: str, ids, params=GREEDY) -> GenerateRequest:
+    return GenerateRequest(request_id=rid, prompt=None, prompt_ids=tuple(ids), params=params)
+
+
+def collect(rt, rid):
+    events = list(rt.events(rid, timeout_s=120))
+    assert events and events[-1].finished, f"{rid}: stream ended without a final event"
+    return events
+
+
+def wait_idle(rt, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while any(x.kv_used or x.running or x.waiting for x in rt.load()):
+        assert time.monotonic() < deadline, f"blocks not freed: {rt.load()}"
+        time.sleep(0.02)
+
+
+def test_concurrent_streams_match_offline_generation(runtime):
+    prompts = random_prompts(6, 21)
+    results: dict[str, list[int]] = {}
+
+    def client(i):
+        rid = f"c{i}"
+        runtime.submit(req(rid, prompts[i]))
+        events = collect(runtime, rid)
+        results[rid] = [t for e in events for t in e.token_ids]
+        assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 10
+        assert events[-1].prompt_tokens == len(prompts[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    mesh = instance_meshes(jax.devices()[:1], 1, 1)[0]
+    params = load_params(runtime.engine.model_path, TINY, param_shardings(mesh, param_shapes(TINY)), "float32")
+    expected = naive_greedy(TINY, params, prompts, 10)
+    assert [results[f"c{i}"] for i in range(6)] == expected
+    wait_idle(runtime)
+
+
+def test_abort_mid_stream_frees_blocks(runtime):
+    runtime.submit(req("long", random_prompts(1, 22)[0], SamplingParams(max_tokens=40, temperature=0,
+                                                                        ignore_eos=True)))
+    it = runtime.events("long", timeout_s=60)
+    first = next(it)
+    assert not first.finished
+    runtime.abort("long")
+    rest = list(it)
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    runtime.abort("long")  # idempotent
+    wait_idle(runtime)
+    runtime.engine.check_books()
+
+
+def test_bad_requests_are_refused_before_acceptance(runtime):
+    with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+        runtime.submit(req("bad1", [1, 10_000]))
+    with pytest.raises(InvalidRequest, match="empty"):
+        runtime.submit(req("bad2", []))
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        runtime.submit(GenerateRequest(request_id="bad3", prompt=None, prompt_ids=None, params=GREEDY))
+    runtime.submit(req("dup", [1, 2, 3], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)))
+    with pytest.raises(InvalidRequest, match="duplicate request id"):
+        runtime.submit(req("dup", [1, 2, 3]))
+    collect(runtime, "dup")
+    wait_idle(runtime)
+
+
+def test_overload_is_refused_with_a_retry_hint_and_nothing_is_lost(runtime):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    accepted = []
+    with pytest.raises(Overloaded) as info:
+        for i in range(20):
+            runtime.submit(req(f"o{i}", [5, 6, 7], params))
+            accepted.append(f"o{i}")
+    assert len(accepted) == runtime.max_queued and info.value.retry_after_s > 0
+    for rid in accepted:
+        assert collect(runtime, rid)[-1].finish_reason == "length"
+    wait_idle(runtime)
+
+
+def test_info_and_load_describe_the_instances(runtime):
+    info = runtime.info()
+    assert info.architecture == "llama" and len(info.instances) == 2 and info.vocab_size == TINY.vocab_size
+    load = runtime.load()
+    assert [x.instance for x in load] == [0, 1]
+    assert all(x.kv_free + x.kv_used + x.kv_cached == x.kv_total for x in load)
