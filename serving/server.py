@@ -1,0 +1,278 @@
+"""The gRPC front end: `kunjax.serving.v1.KunjaxService` over a `serving.runtime.Runtime`, plus health and reflection.
+
+Owns the translation between wire and runtime: proto requests become `GenerateRequest`s (sampling options
+validated by `kunjax.SamplingParams`), runtime events become `GenerateResponse` chunks, and runtime errors
+become status codes (`InvalidRequest` -> INVALID_ARGUMENT, `Overloaded` -> RESOURCE_EXHAUSTED with a
+`retry-after-s` trailer). It also owns the bridge between the blocking runtime and the `grpc.aio` event loop:
+blocking calls (`submit`, `abort`, `load`, `info`) run on a small thread pool, and each stream's event iterator
+is drained by its own thread into an `asyncio.Queue`, so the loop never blocks on the runtime.
+
+Invariant: a stream that ends before its final event (client cancel, deadline, server stop) aborts its request,
+so the runtime frees its blocks within a step. Never generates tokens, tokenizes or decides scheduling; never
+shuts the runtime down (the caller owns it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kunjax.sampling_params import SamplingParams
+from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
+from serving.runtime import GenerateRequest, InvalidRequest, Overloaded, Runtime, TokenEvent
+
+log = logging.getLogger("kunjax.serving.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KunjaxService"].full_name  # "kunjax.serving.v1.KunjaxService"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+RETRY_AFTER_KEY = "retry-after-s"
+
+_FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                   "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
+
+
+def sampling_params_from_proto(sp: pb.SamplingParams) -> SamplingParams:
+    """The kunjax `SamplingParams` for a proto message; unset optional fields keep kunjax's defaults.
+
+    Raises `ValueError` (naming the field) for invalid values, exactly as `SamplingParams` does.
+    """
+    kwargs: dict[str, object] = {}
+    for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "logprobs",
+                 "skip_special_tokens"):
+        if sp.HasField(name):
+            kwargs[name] = getattr(sp, name)
+    if sp.max_tokens_unlimited:
+        kwargs["max_tokens"] = None
+    return SamplingParams(stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+                          include_stop_str_in_output=sp.include_stop_str_in_output, min_tokens=sp.min_tokens,
+                          **kwargs)
+
+
+def response_from_event(ev: TokenEvent, num_logprobs: int | None) -> pb.GenerateResponse:
+    """One stream chunk for a runtime event; usage and finish reason only on the final one."""
+    resp = pb.GenerateResponse(request_id=ev.request_id, token_ids=ev.token_ids, text=ev.text)
+    for tok, lps in zip(ev.token_ids, ev.logprobs, strict=False):
+        best = sorted(lps.items(), key=lambda kv: -kv[1])[: num_logprobs or 0]
+        resp.logprobs.append(pb.TokenLogprob(
+            token_id=tok, logprob=lps.get(tok, float("nan")),
+            top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in best]))
+    if ev.finished:
+        resp.finish_reason = _FINISH_REASONS.get(ev.finish_reason or "", pb.FINISH_REASON_ERROR)
+        if isinstance(ev.stop_reason, str):
+            resp.stop_str = ev.stop_reason
+        elif isinstance(ev.stop_reason, int):
+            resp.stop_token_id = ev.stop_reason
+        resp.usage.CopyFrom(pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                     cached_tokens=ev.cached_tokens))
+        if ev.error:
+            resp.error = ev.error
+    return resp
+
+
+class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
+    """`KunjaxService` over a blocking runtime (see the module docstring for the threading)."""
+
+    def __init__(self, runtime: Runtime, *, control_threads: int = 4):
+        self.runtime = runtime
+        self.readiness_task: asyncio.Task[None] | None = None  # set by `start_server`
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=control_threads, thread_name_prefix="kunjax-grpc-control")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _abort_in_background(self, request_id: str) -> None:
+        # Not awaited: it runs from `finally` of a cancelled handler, which must not wait on the runtime's lock.
+        try:
+            self._pool.submit(self.runtime.abort, request_id)
+        except RuntimeError:  # pool already shut down: abort inline rather than leak the request's blocks
+            self.runtime.abort(request_id)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        request_id = request.request_id or f"req-{uuid.uuid4().hex}"
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
+        try:
+            params = sampling_params_from_proto(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        greq = GenerateRequest(request_id=request_id, params=params,
+                               prompt=request.text if kind == "text" else None,
+                               prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None)
+        submitted = asyncio.get_running_loop().run_in_executor(self._pool, self.runtime.submit, greq)
+        try:
+            await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            # Cancelled while the runtime was admitting: abort once admission is through, or the request would
+            # run to completion unread. (Not on a failed submit: a duplicate id names someone else's request.)
+            submitted.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is not None or self._abort_in_background(request_id))
+            raise
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Overloaded as e:
+            retry = f"{e.retry_after_s:g}"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {retry} s",
+                                trailing_metadata=((RETRY_AFTER_KEY, retry),))
+
+        finished = False
+        events = _drain_in_thread(self.runtime, request_id)
+        try:
+            async for ev in events:
+                resp = response_from_event(ev, params.logprobs)
+                finished = ev.finished
+                yield resp
+                if finished:
+                    return
+            await context.abort(grpc.StatusCode.INTERNAL, f"request {request_id!r} ended without a final event")
+        finally:
+            if not finished:
+                self._abort_in_background(request_id)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        await self._call(self.runtime.abort, request.request_id)
+        return pb.AbortResponse()
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.GetServerInfoResponse:
+        info = await self._call(self.runtime.info)
+        return pb.GetServerInfoResponse(
+            model=info.model, architecture=info.architecture, num_layers=info.num_layers,
+            vocab_size=info.vocab_size, max_model_len=info.max_model_len, instances=list(info.instances),
+            policy=info.policy, versions=dict(info.versions))
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
+        loads = await self._call(self.runtime.load)
+        return pb.GetLoadResponse(instances=[pb.InstanceLoad(**dataclasses.asdict(x)) for x in loads])
+
+
+async def _drain_in_thread(runtime: Runtime, request_id: str) -> AsyncIterator[TokenEvent]:
+    """The request's events, read by a dedicated thread (one per stream, so streams never starve each other
+    of pool workers) and handed to the loop through an `asyncio.Queue`. Errors of the reader are re-raised."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+
+    def put(item: TokenEvent | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody is listening
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def pump() -> None:
+        try:
+            for ev in runtime.events(request_id):
+                put(ev)
+            put(None)
+        except BaseException as e:  # handed to the handler, which fails the stream with it
+            put(e)
+
+    threading.Thread(target=pump, name=f"kunjax-stream-{request_id}", daemon=True).start()
+    while (item := await q.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+async def _mark_serving_when_ready(runtime: Runtime, health_servicer: health.aio.HealthServicer,
+                                   poll_s: float) -> None:
+    while not runtime.ready():
+        await asyncio.sleep(poll_s)
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("runtime ready: health is SERVING")
+
+
+@dataclasses.dataclass
+class ServerHandle:
+    """A running server on its own event-loop thread; `stop` is safe to call from any other thread."""
+
+    server: grpc.aio.Server
+    port: int
+    servicer: KunjaxServicer
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting calls, give running ones `grace` seconds, cancel the rest (which aborts their
+        requests), then end the loop thread. Does not shut the runtime down."""
+        if not self.loop.is_running():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+        self.servicer.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
+                       max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05,
+                       ) -> tuple[grpc.aio.Server, int, KunjaxServicer]:
+    """Builds and starts the server on the running loop; returns it, the bound port and the servicer.
+
+    Listens on `host:port` without TLS (`port=0` picks a free port); localhost only by default.
+    """
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.aio.server(options=options)
+    servicer = KunjaxServicer(runtime)
+    pb_grpc.add_KunjaxServiceServicer_to_server(servicer, server)
+
+    health_servicer = health.aio.HealthServicer()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    # Keep a reference: the loop holds tasks only weakly.
+    servicer.readiness_task = asyncio.get_running_loop().create_task(
+        _mark_serving_when_ready(runtime, health_servicer, health_poll_s))
+    return server, bound, servicer
+
+
+def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05) -> ServerHandle:
+    """Starts the server on a new event-loop thread and returns once it listens (raises if it cannot)."""
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future[tuple[grpc.aio.Server, int, KunjaxServicer]] = concurrent.futures.Future()
+
+    async def boot() -> None:
+        try:
+            started.set_result(await start_server(runtime, host, port, max_message_bytes=max_message_bytes,
+                                                  health_poll_s=health_poll_s))
+        except BaseException as e:
+            started.set_exception(e)
+            loop.stop()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.create_task(boot())
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="kunjax-grpc-loop", daemon=True)
+    thread.start()
+    server, bound, servicer = started.result(timeout=30)
+    return ServerHandle(server=server, port=bound, servicer=servicer, loop=loop, thread=thread)
