@@ -84,21 +84,62 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate continuations for prompts with continuous batching over all instances. With no "
                     "prompt, the demo model recites the openings of its memorized passages.")
     gen.add_argument("prompts", nargs="*", help="prompt texts (default: the demo's recitation prompts)")
-    gen.add_argument("--model", default="demo",
-                     help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
     gen.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
                      help="a prompt as comma-separated token ids (repeatable)")
-    gen.add_argument("--cpu-devices", type=int, default=8,
-                     help="simulated CPU devices when running on CPU (default: 8)")
-    gen.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
-                     help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
-                          "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
     gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
                      help="print text as it is generated (one prompt at a time is clearest)")
+    _model_flags(gen)
     _sampling_flags(gen)
     add_engine_flags(gen)
     gen.set_defaults(handler=cmd_generate, subparser=gen)
+
+    srv = sub.add_parser(
+        "serve", help="serve the model over gRPC",
+        description="Serve kunjax.serving.v1.KunjaxService (plus grpc.health.v1 and reflection) until SIGINT or "
+                    "SIGTERM; then stop admitting, let in-flight requests finish for --grace-s, abort the rest.")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, local only)")
+    srv.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
+    srv.add_argument("--max-queued", type=int, default=1024,
+                     help="most requests in flight; beyond it new ones get RESOURCE_EXHAUSTED (default 1024)")
+    srv.add_argument("--grace-s", type=float, default=10.0,
+                     help="on shutdown, seconds in-flight requests get to finish before they are aborted")
+    _model_flags(srv)
+    add_engine_flags(srv)
+    srv.set_defaults(handler=cmd_serve, subparser=srv)
     return parser
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo",
+                   help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
+    p.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices when running on CPU (default: 8)")
+    p.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
+                   help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
+                        "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
+
+
+def _make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg):
+    """Configure JAX (devices, compile cache) before it initialises, then load the model; bad values exit 2."""
+    from kunjax.config import ConfigError
+
+    if args.cpu_devices < 1:
+        parser.error(f"--cpu-devices must be positive, got {args.cpu_devices}")
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.compile_cache_dir.lower() != "none":
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from kunjax.engine import LLMEngine
+
+    try:
+        engine = LLMEngine(args.model, ecfg)
+    except (ConfigError, ValueError) as e:
+        parser.error(_flag_message(str(e)))
+    print(f"kunjax: model {engine.model_path} ({engine.model_config.architecture}, "
+          f"{engine.model_config.num_layers} layers) on {len(engine.instances)} instance(s) x tp {ecfg.tp}, "
+          f"{jax.devices()[0].platform}; loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
+    return engine
 
 
 def _flag_message(msg: str) -> str:
@@ -121,28 +162,14 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     except (ConfigError, ValueError) as e:
         parser.error(_flag_message(str(e)))
 
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    if args.compile_cache_dir.lower() != "none":
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    from kunjax.engine import LLMEngine
-
     prompts: list = list(args.prompts) + prompt_ids
-    try:
-        engine = LLMEngine(args.model, ecfg)
-    except (ConfigError, ValueError) as e:
-        parser.error(_flag_message(str(e)))
+    engine = _make_engine(parser, args, ecfg)
     if not prompts:
         if args.model != "demo":
             parser.error("give at least one prompt (positional text or --prompt-ids)")
         from kunjax.demo import recitation_prompts
 
         prompts = [p for p, _ in recitation_prompts()[:8]]
-    print(f"kunjax: model {engine.model_path} ({engine.model_config.architecture}, "
-          f"{engine.model_config.num_layers} layers) on {len(engine.instances)} instance(s) x tp {ecfg.tp}, "
-          f"{jax.devices()[0].platform}; loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
     print(f"kunjax: compiled {len(engine.instances[0].buckets)} step shapes per instance in "
           f"{engine.warmup():.1f}s", file=sys.stderr)
     submitted: list[str] = []
@@ -176,6 +203,44 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
                     print(f"    {tok}: {lp}")
     print(f"kunjax: {len(submitted)} requests, {n_tokens} tokens in {dt:.2f}s "
           f"({n_tokens / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from kunjax.config import ConfigError
+
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queued < 1:
+        parser.error(f"--max-queued must be positive, got {args.max_queued}")
+    if args.grace_s < 0:
+        parser.error(f"--grace-s must be >= 0, got {args.grace_s}")
+    try:
+        ecfg = engine_config_from_args(args)
+    except (ConfigError, ValueError) as e:
+        parser.error(_flag_message(str(e)))
+    engine = _make_engine(parser, args, ecfg)
+    from kunjax.engine_thread import EngineThread
+    from serving.server import serve
+
+    runtime = EngineThread(engine, max_queued=args.max_queued)  # compiles on its thread; health flips after
+    try:
+        handle = serve(runtime, args.host, args.port)
+    except OSError as e:
+        runtime.shutdown(0)
+        parser.error(f"--host/--port: {e}")
+    print(f"kunjax: serving on {args.host}:{handle.port} (ready once warm-up compiles finish)", file=sys.stderr,
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print(f"kunjax: shutting down (grace {args.grace_s:.0f}s)", file=sys.stderr, flush=True)
+    runtime.shutdown(args.grace_s)  # stop admitting, finish or abort in-flight requests
+    handle.stop(grace=1.0)
     return 0
 
 

@@ -61,3 +61,13 @@ def test_generate_on_token_ids(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("(length, 4 tokens)") == 2
     assert "2 instance(s)" in res.stderr
+
+
+def test_serve_help_and_bad_flags():
+    sub = build_parser()._subparsers._group_actions[0].choices["serve"]
+    for action in sub._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    for args, message in ((["--port", "70000"], "--port must be in [0, 65535]"),
+                          (["--max-queued", "0"], "--max-queued must be positive")):
+        res = run_cli("serve", *args)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
