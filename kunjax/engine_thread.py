@@ -158,7 +158,14 @@ class EngineThread:
 
     def _run(self) -> None:
         if self._warmup:
-            self.engine.warmup()
+            try:
+                self.engine.warmup()
+            except Exception as e:  # never ready: health stays NOT_SERVING, and nobody waits forever
+                log.exception("warm-up failed")
+                with self._lock:
+                    self._admitting = False
+                    self._fail_all(f"warm-up failed: {type(e).__name__}: {e}")
+                return
         self._ready = True
         while not self._stop.is_set():
             if not self.engine.has_unfinished():
