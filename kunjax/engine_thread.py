@@ -46,6 +46,7 @@ class EngineThread:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._admitting = True
+        self._closed_reason = "server is shutting down"
         self._ready = False
         # A request's queue lives from submit until its reader has taken the final event; `_inflight` holds
         # the requests the engine has not finished (what the admission limit counts).
@@ -63,7 +64,7 @@ class EngineThread:
         prompt = request.prompt if request.prompt is not None else list(request.prompt_ids)
         with self._lock:
             if not self._admitting:
-                raise Overloaded("server is shutting down", retry_after_s=5.0)
+                raise Overloaded(self._closed_reason, retry_after_s=5.0)
             if len(self._inflight) >= self.max_queued:
                 raise Overloaded(f"{len(self._inflight)} requests in flight (limit {self.max_queued})")
             if request.request_id in self._queues:
@@ -164,6 +165,7 @@ class EngineThread:
                 log.exception("warm-up failed")
                 with self._lock:
                     self._admitting = False
+                    self._closed_reason = f"runtime failed to start: {type(e).__name__}: {e}"
                     self._fail_all(f"warm-up failed: {type(e).__name__}: {e}")
                 return
         self._ready = True
