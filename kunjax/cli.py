@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
     srv.add_argument("--max-queued", type=int, default=1024,
                      help="most requests in flight; beyond it new ones get RESOURCE_EXHAUSTED (default 1024)")
+    srv.add_argument("--auth-token-file", type=Path, default=None,
+                     help="require 'authorization: Bearer <token>' on every RPC except health and reflection, with "
+                          "the token read from this file (default: no auth)")
+    srv.add_argument("--tls-cert", type=Path, default=None,
+                     help="PEM certificate chain; with --tls-key, serve over TLS (default: plaintext)")
+    srv.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    srv.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics over HTTP on this port; 0 picks a free one (default: off)")
+    srv.add_argument("--metrics-host", default="127.0.0.1",
+                     help="address of the metrics endpoint (default: 127.0.0.1, local only)")
     srv.add_argument("--grace-s", type=float, default=10.0,
                      help="on shutdown, seconds in-flight requests get to finish before they are aborted")
     _model_flags(srv)
@@ -218,6 +228,14 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--max-queued must be positive, got {args.max_queued}")
     if args.grace_s < 0:
         parser.error(f"--grace-s must be >= 0, got {args.grace_s}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
+        parser.error(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
+    token = None
+    if args.auth_token_file is not None:
+        try:
+            token = args.auth_token_file.read_text().strip()
+        except OSError as e:
+            parser.error(f"--auth-token-file: {e}")
     try:
         ecfg = engine_config_from_args(args)
     except (ConfigError, ValueError) as e:
@@ -228,12 +246,19 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     runtime = EngineThread(engine, max_queued=args.max_queued)  # compiles on its thread; health flips after
     try:
-        handle = serve(runtime, args.host, args.port)
+        handle = serve(runtime, args.host, args.port, auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    except ValueError as e:
+        runtime.shutdown(0)
+        parser.error(str(e).replace("tls_", "--tls-").replace("auth_token", "--auth-token-file"))
     except OSError as e:
         runtime.shutdown(0)
-        parser.error(f"--host/--port: {e}")
-    print(f"kunjax: serving on {args.host}:{handle.port} (ready once warm-up compiles finish)", file=sys.stderr,
-          flush=True)
+        parser.error(f"--host/--port/--metrics-port: {e}")
+    print(f"kunjax: serving on {args.host}:{handle.port}{' with TLS' if args.tls_cert else ''} "
+          f"(ready once warm-up compiles finish)", file=sys.stderr, flush=True)
+    if handle.metrics_port is not None:
+        print(f"kunjax: metrics on http://{args.metrics_host}:{handle.metrics_port}/metrics", file=sys.stderr,
+              flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -3,11 +3,14 @@
 Owns building requests from Python values (a prompt string or token ids, sampling options as keyword
 arguments named like `kunjax.SamplingParams`) and reading results back. Never validates sampling options
 itself: the server does, and its INVALID_ARGUMENT surfaces as `grpc.RpcError` with the server's message.
+Also owns the channel's security: TLS verified against a given CA (or the system roots), and a bearer token
+attached to every call by a client interceptor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -42,14 +45,59 @@ def build_request(prompt: str | Sequence[int], *, request_id: str = "", **sampli
     return req
 
 
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, base: grpc.ClientCallDetails, metadata: list[tuple[str, str | bytes]]):
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = base.wait_for_ready
+        self.compression = base.compression
+
+
+class BearerTokenAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel (works on plaintext channels too, unlike
+    gRPC call credentials, so a loopback server with a token but no TLS is reachable)."""
+
+    def __init__(self, token: str):
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details, [*(details.metadata or ()), self._entry])
+
+    def _intercept(self, continuation: Callable, details: grpc.ClientCallDetails, request: object) -> object:
+        return continuation(self._details(details), request)
+
+    intercept_unary_unary = intercept_unary_stream = _intercept
+    intercept_stream_unary = intercept_stream_stream = _intercept
+
+
 class KunjaxClient:
-    """Blocking calls over one channel; `timeout_s` is the deadline of each call (None: no deadline)."""
+    """Blocking calls over one channel; `timeout_s` is the deadline of each call (None: no deadline).
+
+    `tls_ca`: PEM file of the CA (or self-signed certificate) to verify the server with; `tls=True` without it
+    uses the system roots. `tls_server_name` overrides the name checked against the certificate (e.g. when
+    `target` is an IP address). `auth_token`: sent as a bearer token on every call.
+    """
 
     def __init__(self, target: str, *, timeout_s: float | None = 30.0,
-                 options: Sequence[tuple[str, object]] = ()):
+                 options: Sequence[tuple[str, object]] = (), auth_token: str | None = None,
+                 tls: bool = False, tls_ca: str | Path | None = None, tls_server_name: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=list(options))
+        options = list(options)
+        if tls or tls_ca is not None:
+            if tls_server_name is not None:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots),
+                                          options=options)
+        else:
+            channel = grpc.insecure_channel(target, options=options)
+        if auth_token is not None:
+            channel = grpc.intercept_channel(channel, BearerTokenAuth(auth_token))
+        self.channel = channel
         self.stub = pb_grpc.KunjaxServiceStub(self.channel)
 
     def close(self) -> None:

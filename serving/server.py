@@ -1,11 +1,15 @@
-"""The gRPC front end: `kunjax.serving.v1.KunjaxService` over a `serving.runtime.Runtime`, plus health and reflection.
+"""The gRPC server: `kunjax.serving.v1.KunjaxService` and JetStream's `Orchestrator` over a `serving.runtime.Runtime`.
 
 Owns the translation between wire and runtime: proto requests become `GenerateRequest`s (sampling options
 validated by `kunjax.SamplingParams`), runtime events become `GenerateResponse` chunks, and runtime errors
 become status codes (`InvalidRequest` -> INVALID_ARGUMENT, `Overloaded` -> RESOURCE_EXHAUSTED with a
-`retry-after-s` trailer). It also owns the bridge between the blocking runtime and the `grpc.aio` event loop:
-blocking calls (`submit`, `abort`, `load`, `info`) run on a small thread pool, and each stream's event iterator
-is drained by its own thread into an `asyncio.Queue`, so the loop never blocks on the runtime.
+`retry-after-s` trailer); each stream's events also feed its `serving.metrics.StreamTimer`.
+
+It also owns the bridge between the blocking runtime and the `grpc.aio` event loop: blocking calls (`submit`,
+`abort`, `load`, `info`) run on a small thread pool, and each stream's event iterator is drained by its own
+thread into an `asyncio.Queue`, so the loop never blocks on the runtime. And it assembles the server: TLS when
+given a certificate and key, the interceptors of `serving.interceptors` (bearer-token auth when given a token;
+unparsable requests -> INVALID_ARGUMENT), health, reflection, and the metrics HTTP endpoint when given a port.
 
 Invariant: a stream that ends before its final event (client cancel, deadline, server stop) aborts its request,
 so the runtime frees its blocks within a step. Never generates tokens, tokenizes or decides scheduling; never
@@ -18,10 +22,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,6 +38,9 @@ from grpc_reflection.v1alpha import reflection
 from kunjax.sampling_params import SamplingParams
 from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
 from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
+from serving.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, check_token
+from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer
+from serving.metrics import ServingMetrics
 from serving.runtime import GenerateRequest, InvalidRequest, Overloaded, Runtime, TokenEvent
 
 log = logging.getLogger("kunjax.serving.server")
@@ -83,8 +94,9 @@ def response_from_event(ev: TokenEvent, num_logprobs: int | None) -> pb.Generate
 class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
     """`KunjaxService` over a blocking runtime (see the module docstring for the threading)."""
 
-    def __init__(self, runtime: Runtime, *, control_threads: int = 4):
+    def __init__(self, runtime: Runtime, *, metrics: ServingMetrics | None = None, control_threads: int = 4):
         self.runtime = runtime
+        self.metrics = metrics if metrics is not None else ServingMetrics(runtime)
         self.readiness_task: asyncio.Task[None] | None = None  # set by `start_server`
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=control_threads, thread_name_prefix="kunjax-grpc-control")
@@ -102,16 +114,22 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
         except RuntimeError:  # pool already shut down: abort inline rather than leak the request's blocks
             self.runtime.abort(request_id)
 
+    async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                      trailing_metadata: tuple[tuple[str, str], ...] = ()) -> NoReturn:
+        self.metrics.count_rejected(code)
+        await context.abort(code, message, trailing_metadata=trailing_metadata)
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
+        arrived = time.monotonic()
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
         kind = request.WhichOneof("prompt")
         if kind is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
         try:
             params = sampling_params_from_proto(request.sampling)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         greq = GenerateRequest(request_id=request_id, params=params,
                                prompt=request.text if kind == "text" else None,
                                prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None)
@@ -125,16 +143,18 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                 lambda f: f.cancelled() or f.exception() is not None or self._abort_in_background(request_id))
             raise
         except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Overloaded as e:
             retry = f"{e.retry_after_s:g}"
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {retry} s",
-                                trailing_metadata=((RETRY_AFTER_KEY, retry),))
+            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {retry} s",
+                               trailing_metadata=((RETRY_AFTER_KEY, retry),))
 
         finished = False
+        timer = self.metrics.stream(arrived)
         events = _drain_in_thread(self.runtime, request_id)
         try:
             async for ev in events:
+                timer.on_event(ev)
                 resp = response_from_event(ev, params.logprobs)
                 finished = ev.finished
                 yield resp
@@ -142,6 +162,7 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                     return
             await context.abort(grpc.StatusCode.INTERNAL, f"request {request_id!r} ended without a final event")
         finally:
+            timer.close()  # counts the stream as cancelled unless its final event was seen
             if not finished:
                 self._abort_in_background(request_id)
 
@@ -196,6 +217,34 @@ async def _mark_serving_when_ready(runtime: Runtime, health_servicer: health.aio
     log.info("runtime ready: health is SERVING")
 
 
+def load_server_credentials(tls_cert: str | Path | None, tls_key: str | Path | None
+                            ) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files, or None (plaintext) when neither is given; `ValueError` says what is wrong."""
+    if tls_cert is None and tls_key is None:
+        return None
+    if tls_cert is None or tls_key is None:
+        given, missing = ("tls_cert", "tls_key") if tls_key is None else ("tls_key", "tls_cert")
+        raise ValueError(f"TLS needs both a certificate and its private key: {given} is set but {missing} is not")
+    pem: dict[str, bytes] = {}
+    for name, path in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+        try:
+            pem[name] = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read {name} {str(path)!r}: {e.strerror or e}") from e
+        if b"-----BEGIN " not in pem[name]:
+            raise ValueError(f"{name} {str(path)!r} is not a PEM file")
+    return grpc.ssl_server_credentials([(pem["tls_key"], pem["tls_cert"])])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclasses.dataclass
 class ServerHandle:
     """A running server on its own event-loop thread; `stop` is safe to call from any other thread."""
@@ -205,18 +254,26 @@ class ServerHandle:
     servicer: KunjaxServicer
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
+    metrics_port: int | None = None  # the metrics HTTP endpoint's port, None when not served
+    tls: bool = False
+
+    @property
+    def metrics(self) -> ServingMetrics:
+        return self.servicer.metrics
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """A loopback address of the server; by name under TLS, since certificates name hosts."""
+        return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting calls, give running ones `grace` seconds, cancel the rest (which aborts their
-        requests), then end the loop thread. Does not shut the runtime down."""
+        requests), then end the loop thread and the metrics endpoint. Does not shut the runtime down."""
         if not self.loop.is_running():
             return
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
         self.servicer.close()
+        self.metrics.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
@@ -224,28 +281,38 @@ class ServerHandle:
 
 async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05,
-                       ) -> tuple[grpc.aio.Server, int, KunjaxServicer]:
+                       auth_token: str | None = None, credentials: grpc.ServerCredentials | None = None,
+                       metrics: ServingMetrics | None = None) -> tuple[grpc.aio.Server, int, KunjaxServicer]:
     """Builds and starts the server on the running loop; returns it, the bound port and the servicer.
 
-    Listens on `host:port` without TLS (`port=0` picks a free port); localhost only by default.
+    Serves `KunjaxService` and JetStream's `Orchestrator` (`serving.jetstream`), health and reflection.
+
+    Listens on `host:port` (`port=0` picks a free one; localhost only by default), with TLS when given
+    `credentials`; with `auth_token`, every RPC but health and reflection needs `authorization: Bearer <token>`.
     """
+    metrics = metrics if metrics is not None else ServingMetrics(runtime)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(metrics.count_rejected)]
+    if auth_token is not None:
+        interceptors.insert(0, BearerTokenInterceptor(auth_token, metrics.count_rejected))
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
-    server = grpc.aio.server(options=options)
-    servicer = KunjaxServicer(runtime)
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    servicer = KunjaxServicer(runtime, metrics=metrics)
     pb_grpc.add_KunjaxServiceServicer_to_server(servicer, server)
+    add_jetstream_servicer(server, runtime, kunjax=servicer)  # shares the servicer's pool, metrics and errors
 
     health_servicer = health.aio.HealthServicer()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        (SERVICE_NAME, JETSTREAM_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
 
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind {address}")
     await server.start()
     # Keep a reference: the loop holds tasks only weakly.
     servicer.readiness_task = asyncio.get_running_loop().create_task(
@@ -254,15 +321,31 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
 
 
 def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05) -> ServerHandle:
-    """Starts the server on a new event-loop thread and returns once it listens (raises if it cannot)."""
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05,
+          auth_token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+          metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> ServerHandle:
+    """Starts the server on a new event-loop thread and returns once it listens (raises if it cannot).
+
+    `tls_cert`/`tls_key`: PEM files, both or neither (plaintext). `auth_token`: require it as a bearer token.
+    `metrics_port`: serve Prometheus metrics over HTTP on `metrics_host:metrics_port` (0: a free port; None: no
+    endpoint). Invalid settings raise `ValueError` naming the argument; ports that cannot be bound, `OSError`.
+    """
+    if auth_token is not None:
+        check_token(auth_token)
+    credentials = load_server_credentials(tls_cert, tls_key)
+    if auth_token is not None and credentials is None and not _is_loopback(host):
+        log.warning("auth token sent in plaintext: %s is not a loopback address and TLS is off", host)
+    metrics = ServingMetrics(runtime)
+    bound_metrics = metrics.serve_http(metrics_port, metrics_host) if metrics_port is not None else None
+
     loop = asyncio.new_event_loop()
     started: concurrent.futures.Future[tuple[grpc.aio.Server, int, KunjaxServicer]] = concurrent.futures.Future()
 
     async def boot() -> None:
         try:
-            started.set_result(await start_server(runtime, host, port, max_message_bytes=max_message_bytes,
-                                                  health_poll_s=health_poll_s))
+            started.set_result(await start_server(
+                runtime, host, port, max_message_bytes=max_message_bytes, health_poll_s=health_poll_s,
+                auth_token=auth_token, credentials=credentials, metrics=metrics))
         except BaseException as e:
             started.set_exception(e)
             loop.stop()
@@ -274,5 +357,10 @@ def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
 
     thread = threading.Thread(target=run, name="kunjax-grpc-loop", daemon=True)
     thread.start()
-    server, bound, servicer = started.result(timeout=30)
-    return ServerHandle(server=server, port=bound, servicer=servicer, loop=loop, thread=thread)
+    try:
+        server, bound, servicer = started.result(timeout=30)
+    except BaseException:
+        metrics.close()
+        raise
+    return ServerHandle(server=server, port=bound, servicer=servicer, loop=loop, thread=thread,
+                        metrics_port=bound_metrics, tls=credentials is not None)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -16,27 +17,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kunjax.demo import ensure_demo_model, recitation_prompts
 from serving.client import KunjaxClient
 
+TOKEN = "s3cret-token"
+
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     model = ensure_demo_model()
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(TOKEN + "\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kunjax", "serve", "--model", str(model), "--port", "0", "--cpu-devices", "2",
          "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--min-token-bucket", "64",
-         "--max-model-len", "256", "--grace-s", "60"],
+         "--max-model-len", "256", "--grace-s", "60", "--metrics-port", "0", "--auth-token-file", str(token_file)],
         stderr=subprocess.PIPE, text=True, env=env)
-    port = None
+    port = metrics = None
     deadline = time.monotonic() + 300
     lines = []
-    while port is None and time.monotonic() < deadline:
+    while (port is None or metrics is None) and time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
         lines.append(line)
-        m = re.search(r"serving on [\d.]+:(\d+)", line)
-        port = int(m.group(1)) if m else None
-    assert port, f"server did not start: {''.join(lines)}"
+        if m := re.search(r"serving on [\d.]+:(\d+)", line):
+            port = int(m.group(1))
+        if m := re.search(r"metrics on (http://\S+)", line):
+            metrics = m.group(1)
+    assert port and metrics, f"server did not start: {''.join(lines)}"
     target = f"127.0.0.1:{port}"
     with grpc.insecure_channel(target) as ch:
         health = health_pb2_grpc.HealthStub(ch)
@@ -46,26 +53,31 @@ def server():
                 break
             assert time.monotonic() < deadline, "never became ready"
             time.sleep(0.2)
-    yield proc, target
+    yield proc, target, metrics
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=30)
 
 
 def test_generate_over_grpc_recites_the_demo(server):
-    _, target = server
-    with KunjaxClient(target, timeout_s=120) as client:
+    _, target, metrics = server
+    with KunjaxClient(target, timeout_s=120) as client, pytest.raises(grpc.RpcError) as err:
+        client.info()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with KunjaxClient(target, timeout_s=120, auth_token=TOKEN) as client:
         for prompt, expected in recitation_prompts()[:3]:
             text, reason = client.generate_text(prompt, max_tokens=160, temperature=0.0)
             assert (text, reason) == (expected, "stop")
         info = client.info()
         assert len(info.instances) == 2
         assert all(x.kv_used == 0 for x in client.load())
+    scraped = urllib.request.urlopen(metrics, timeout=10).read().decode()
+    assert re.search(r"^kunjax_time_to_first_token_seconds_count 3(\.0)?$", scraped, re.M), scraped[:2000]
 
 
 def test_sigterm_lets_in_flight_streams_finish_then_exits(server):
-    proc, target = server
-    with KunjaxClient(target, timeout_s=120) as client:
+    proc, target, _ = server
+    with KunjaxClient(target, timeout_s=120, auth_token=TOKEN) as client:
         prompt, expected = recitation_prompts()[4]
         stream = client.generate(prompt, max_tokens=160, temperature=0.0)
         first = next(stream)
