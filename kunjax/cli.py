@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prompt as comma-separated token ids (repeatable)")
     gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
                      help="print text as it is generated (one prompt at a time is clearest)")
+    gen.add_argument("--server", default=None, metavar="HOST:PORT",
+                     help="send the prompts to a running `kunjax serve` instead of loading a model here")
+    gen.add_argument("--auth-token-file", type=Path, default=None,
+                     help="with --server: file holding the server's bearer token")
+    gen.add_argument("--tls-ca", type=Path, default=None,
+                     help="with --server: PEM CA (or self-signed certificate) to verify a TLS server with")
     _model_flags(gen)
     _sampling_flags(gen)
     add_engine_flags(gen)
@@ -173,6 +179,8 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         parser.error(_flag_message(str(e)))
 
     prompts: list = list(args.prompts) + prompt_ids
+    if args.server is not None:
+        return _generate_remote(parser, args, prompts, params)
     engine = _make_engine(parser, args, ecfg)
     if not prompts:
         if args.model != "demo":
@@ -213,6 +221,45 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
                     print(f"    {tok}: {lp}")
     print(f"kunjax: {len(submitted)} requests, {n_tokens} tokens in {dt:.2f}s "
           f"({n_tokens / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _generate_remote(parser: argparse.ArgumentParser, args: argparse.Namespace, prompts: list, params) -> int:
+    """`kunjax generate --server`: the same sampling flags, sent over gRPC; one prompt after another."""
+    import grpc
+
+    from serving.client import FINISH_REASON_NAMES, KunjaxClient
+
+    if not prompts:
+        parser.error("give at least one prompt (positional text or --prompt-ids) with --server")
+    try:
+        token = args.auth_token_file.read_text().strip() if args.auth_token_file is not None else None
+    except OSError as e:
+        parser.error(f"--auth-token-file: {e}")
+    sampling = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
+                "top_p": params.top_p, "min_p": params.min_p, "stop": list(params.stop),
+                "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos,
+                "logprobs": params.logprobs}
+    with KunjaxClient(args.server, timeout_s=None, auth_token=token, tls_ca=args.tls_ca) as client:
+        for i, prompt in enumerate(prompts):
+            ids: list[int] = []
+            text, reason = "", ""
+            try:
+                for resp in client.generate(prompt, **sampling):
+                    ids.extend(resp.token_ids)
+                    text += resp.text
+                    if args.stream:
+                        print(resp.text, end="", flush=True)
+                    if resp.finish_reason:
+                        reason = FINISH_REASON_NAMES[resp.finish_reason]
+            except grpc.RpcError as e:
+                print(f"kunjax: prompt {i}: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+            if args.stream:
+                print(f"  [{reason}]")
+            else:
+                print(f"--- {i} ({reason}, {len(ids)} tokens)")
+                print(f"{prompt}|{text or ids}")
     return 0
 
 

@@ -73,6 +73,18 @@ class BearerTokenAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIn
     intercept_stream_unary = intercept_stream_stream = _intercept
 
 
+def _channel_security(options: Sequence[tuple[str, object]], tls: bool, tls_ca: str | Path | None,
+                      tls_server_name: str | None) -> tuple[grpc.ChannelCredentials | None, list]:
+    """TLS credentials (None for plaintext) and the channel options that go with them."""
+    options = list(options)
+    if not (tls or tls_ca is not None):
+        return None, options
+    if tls_server_name is not None:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
+    return grpc.ssl_channel_credentials(root_certificates=roots), options
+
+
 class KunjaxClient:
     """Blocking calls over one channel; `timeout_s` is the deadline of each call (None: no deadline).
 
@@ -86,13 +98,9 @@ class KunjaxClient:
                  tls: bool = False, tls_ca: str | Path | None = None, tls_server_name: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        options = list(options)
-        if tls or tls_ca is not None:
-            if tls_server_name is not None:
-                options.append(("grpc.ssl_target_name_override", tls_server_name))
-            roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
-            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots),
-                                          options=options)
+        creds, options = _channel_security(options, tls, tls_ca, tls_server_name)
+        if creds is not None:
+            channel = grpc.secure_channel(target, creds, options=options)
         else:
             channel = grpc.insecure_channel(target, options=options)
         if auth_token is not None:
@@ -132,3 +140,61 @@ class KunjaxClient:
 
     def info(self) -> pb.GetServerInfoResponse:
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout_s)
+
+
+class AsyncKunjaxClient:
+    """The same calls for asyncio code (`grpc.aio`); same options as `KunjaxClient`.
+
+        async with AsyncKunjaxClient("127.0.0.1:50051") as client:
+            async for resp in client.generate("Hello", max_tokens=16):
+                print(resp.text, end="")
+    """
+
+    def __init__(self, target: str, *, timeout_s: float | None = 30.0,
+                 options: Sequence[tuple[str, object]] = (), auth_token: str | None = None,
+                 tls: bool = False, tls_ca: str | Path | None = None, tls_server_name: str | None = None):
+        self.target = target
+        self.timeout_s = timeout_s
+        creds, options = _channel_security(options, tls, tls_ca, tls_server_name)
+        if creds is not None:
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token is not None else None
+        self.stub = pb_grpc.KunjaxServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncKunjaxClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def generate(self, prompt: str | Sequence[int], *, request_id: str = "", timeout_s: float | None = None,
+                 **sampling: object):
+        """The response stream (an async iterator; `.cancel()` ends it early and aborts the request)."""
+        req = build_request(prompt, request_id=request_id, **sampling)
+        return self.stub.Generate(req, timeout=timeout_s if timeout_s is not None else self.timeout_s,
+                                  metadata=self._metadata)
+
+    async def generate_text(self, prompt: str | Sequence[int], **kwargs: object) -> tuple[str, str]:
+        text, reason = [], ""
+        async for resp in self.generate(prompt, **kwargs):
+            text.append(resp.text)
+            if resp.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                reason = FINISH_REASON_NAMES[resp.finish_reason]
+        return "".join(text), reason
+
+    async def abort(self, request_id: str) -> None:
+        await self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout_s,
+                              metadata=self._metadata)
+
+    async def load(self) -> list[pb.InstanceLoad]:
+        resp = await self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s, metadata=self._metadata)
+        return list(resp.instances)
+
+    async def info(self) -> pb.GetServerInfoResponse:
+        return await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout_s,
+                                             metadata=self._metadata)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -73,6 +74,35 @@ def test_generate_over_grpc_recites_the_demo(server):
         assert all(x.kv_used == 0 for x in client.load())
     scraped = urllib.request.urlopen(metrics, timeout=10).read().decode()
     assert re.search(r"^kunjax_time_to_first_token_seconds_count 3(\.0)?$", scraped, re.M), scraped[:2000]
+
+
+def test_jetstream_decode_async_client_and_cli_match_generate(server, tmp_path):
+    _, target, _ = server
+    from serving._generated.jetstream_proto import jetstream_pb2 as js
+    from serving._generated.jetstream_proto import jetstream_pb2_grpc as js_grpc
+    from serving.client import AsyncKunjaxClient
+
+    prompt, expected = recitation_prompts()[5]
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    with KunjaxClient(target, timeout_s=120, auth_token=TOKEN) as client:
+        ids = [t for r in client.generate(prompt, max_tokens=20, temperature=0.0) for t in r.token_ids]
+    with grpc.insecure_channel(target) as ch:
+        decoded = [t for r in js_grpc.OrchestratorStub(ch).Decode(
+            js.DecodeRequest(max_tokens=20, text_content=js.DecodeRequest.TextContent(text=prompt)),
+            timeout=120, metadata=auth) for s in r.stream_content.samples for t in s.token_ids]
+    assert decoded == ids and len(ids) == 20
+
+    async def via_async():
+        async with AsyncKunjaxClient(target, timeout_s=120, auth_token=TOKEN) as client:
+            return await client.generate_text(prompt, max_tokens=160, temperature=0.0)
+
+    assert asyncio.run(via_async()) == (expected, "stop")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    res = subprocess.run([sys.executable, "-m", "kunjax", "generate", "--server", target, "--auth-token-file",
+                          str(token_file), "--max-tokens", "160", prompt], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"{prompt}|{expected}" in res.stdout and "(stop," in res.stdout
 
 
 def test_sigterm_lets_in_flight_streams_finish_then_exits(server):
