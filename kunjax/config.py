@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+POLICIES = ("recompute",)  # memory-overload policies implemented so far
 
 
 class ConfigError(ValueError):
@@ -205,6 +206,7 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
     max_logprobs: int = _opt(20, "most top logprobs a request may ask for (computed every step)")
     seed: int = _opt(0, "seed from which requests without their own seed draw one (reproducible runs)")
+    policy: str = _opt("recompute", "memory-overload policy: recompute (preempt the latest arrival, re-prefill later)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -224,6 +226,8 @@ class EngineConfig:
             raise ConfigError(f"--num-blocks must be >= 2, got {self.num_blocks}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ConfigError(f"--kv-memory-fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if not 0 <= self.max_logprobs <= 64:
             raise ConfigError(f"--max-logprobs must be in [0, 64], got {self.max_logprobs}")
 

@@ -107,7 +107,7 @@ class EngineThread:
                         f"{', '.join(str(d) for d in i.mesh.devices.flat)}" for i in e.instances)
         return RuntimeInfo(model=str(e.model_path), architecture=cfg.architecture, num_layers=cfg.num_layers,
                            vocab_size=cfg.vocab_size, max_model_len=e.max_model_len, instances=layouts,
-                           policy="recompute", versions={"kunjax": __version__, "jax": jax.__version__})
+                           policy=e.config.policy, versions={"kunjax": __version__, "jax": jax.__version__})
 
     def load(self) -> list[InstanceLoad]:
         with self._lock:
