@@ -23,7 +23,15 @@ import jax
 from kunjax import __version__
 from kunjax.engine import LLMEngine
 from kunjax.request import RequestOutput
-from serving.runtime import GenerateRequest, InstanceLoad, InvalidRequest, Overloaded, RuntimeInfo, TokenEvent
+from serving.runtime import (
+    GenerateRequest,
+    InstanceLoad,
+    InvalidRequest,
+    Overloaded,
+    RuntimeInfo,
+    TokenEvent,
+    iter_events,
+)
 
 log = logging.getLogger("kunjax.engine_thread")
 
@@ -82,18 +90,7 @@ class EngineThread:
         q = self._queues.get(request_id)
         if q is None:
             raise KeyError(f"unknown request {request_id!r}")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                ev = q.get(timeout=wait)
-            except queue.Empty:
-                return
-            if ev.finished:
-                self._queues.pop(request_id, None)
-            yield ev
-            if ev.finished:
-                return
+        return iter_events(q, timeout_s, lambda: self._queues.pop(request_id, None))
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -28,7 +28,15 @@ import time
 from collections.abc import Iterator
 
 from kunjax.sampling_params import SamplingParams
-from serving.runtime import GenerateRequest, InstanceLoad, InvalidRequest, Overloaded, RuntimeInfo, TokenEvent
+from serving.runtime import (
+    GenerateRequest,
+    InstanceLoad,
+    InvalidRequest,
+    Overloaded,
+    RuntimeInfo,
+    TokenEvent,
+    iter_events,
+)
 
 
 @dataclasses.dataclass
@@ -100,19 +108,11 @@ class FakeRuntime:
         q = self._queues.get(request_id)
         if q is None:
             raise KeyError(f"unknown request {request_id!r}")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                ev = q.get(timeout=wait)
-            except queue.Empty:
-                return
-            if ev.finished:
-                with self._lock:
-                    self._queues.pop(request_id, None)
-            yield ev
-            if ev.finished:
-                return
+        def forget() -> None:
+            with self._lock:
+                self._queues.pop(request_id, None)
+
+        return iter_events(q, timeout_s, forget)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -17,7 +17,9 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import queue
+import time
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from kunjax.sampling_params import SamplingParams
@@ -99,3 +101,21 @@ class Runtime(Protocol):
     def ready(self) -> bool: ...
 
     def shutdown(self, grace_s: float) -> None: ...
+
+
+def iter_events(q: queue.Queue[TokenEvent], timeout_s: float | None,
+                on_final: Callable[[], None]) -> Iterator[TokenEvent]:
+    """A request's events from its queue, up to the final one (calling `on_final` just before yielding it), or
+    until `timeout_s` passes without one. Shared by the runtimes so they keep one contract."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            ev = q.get(timeout=wait)
+        except queue.Empty:
+            return
+        if ev.finished:
+            on_final()
+        yield ev
+        if ev.finished:
+            return
