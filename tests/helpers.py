@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import jax
@@ -53,3 +54,13 @@ def naive_greedy(cfg: ModelConfig, params, prompts: list[list[int]], max_tokens:
         if done.all():
             break
     return outs
+
+
+def wait_until(pred, timeout_s: float = 5.0) -> bool:
+    """Poll `pred` until it holds or `timeout_s` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()

@@ -24,6 +24,7 @@ from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer
 from serving.server import KunjaxServicer
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,15 +98,6 @@ def make_served() -> Iterator[Callable[..., Served]]:
 @pytest.fixture
 def served(make_served: Callable[..., Served]) -> Served:
     return make_served()
-
-
-def wait_until(pred: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def idle(s: Served) -> bool:

@@ -8,7 +8,6 @@ with useful messages, health that turns SERVING only after warm-up, and reflecti
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -21,6 +20,7 @@ from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.server import RETRY_AFTER_KEY, SERVICE_NAME, ServerHandle, serve
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,15 +58,6 @@ def make_served() -> Iterator[Callable[..., Served]]:
 @pytest.fixture
 def served(make_served: Callable[..., Served]) -> Served:
     return make_served()
-
-
-def wait_until(pred: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def idle(s: Served) -> bool:
