@@ -79,6 +79,16 @@ class BlockAllocator:
             out.append(b)
         return out
 
+    def take(self, blocks: Iterable[int]) -> None:
+        """Reference specific free blocks (KV that was written there by a copy, e.g. moved home at a restore)."""
+        want = set(blocks)
+        bad = [b for b in want if b == NULL_BLOCK or self._ref[b] > 0 or b in self._lru]
+        if bad:
+            raise ValueError(f"blocks {sorted(bad)[:5]} are not free")
+        self._free = collections.deque(b for b in self._free if b not in want)
+        for b in want:
+            self._ref[b] = 1
+
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference from each block; unreferenced blocks go to the prefix cache or the free list.
 

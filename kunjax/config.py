@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-POLICIES = ("recompute",)  # memory-overload policies implemented so far
+POLICIES = ("recompute", "kunserve")  # memory-overload policies implemented so far
 
 
 class ConfigError(ValueError):
@@ -206,7 +206,25 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
     max_logprobs: int = _opt(20, "most top logprobs a request may ask for (computed every step)")
     seed: int = _opt(0, "seed from which requests without their own seed draw one (reproducible runs)")
-    policy: str = _opt("recompute", "memory-overload policy: recompute (preempt the latest arrival, re-prefill later)")
+    policy: str = _opt("recompute", "memory-overload policy: recompute (preempt the latest arrival, re-prefill "
+                       "later) or kunserve (drop replicated weights into pipeline groups, restore after the burst)")
+    device_memory_bytes: int | None = _opt(
+        None, "CPU: simulated per-device memory budget (weights + KV + reserve); the KV pool gets what the weights "
+              "leave. GPU/TPU read it from memory stats")
+    activation_reserve_bytes: int = _opt(8 * 2**20, "per-device bytes kept free for activations when the KV pool "
+                                                     "is sized from a device budget")
+    kunserve_max_group: int = _opt(2, "kunserve: largest pipeline group (instances fused); groups are aligned "
+                                      "power-of-two blocks of instances, compiled ahead of time")
+    drop_demand_ratio: float = _opt(0.95, "kunserve: drop when KV demand / capacity reaches this and the queued "
+                                          "blocks are at least the free blocks")
+    restore_demand_ratio: float = _opt(0.5, "kunserve: restore a group when its demand stays below this share of "
+                                            "the replicas' own capacity (and nothing is queued)")
+    restore_window_steps: int = _opt(16, "kunserve: engine steps the low demand must last before a restore")
+    min_group_steps: int = _opt(8, "kunserve: fewest engine steps a group lives before it may restore")
+    exchange_blocks_per_step: int = _opt(16, "kunserve: KV blocks moved per step by the live KV exchange")
+    remote_rows: int = _opt(16, "kunserve: query rows per stage and destination sent to remote attention per tick")
+    microbatch_tokens: int | None = _opt(None, "kunserve: padded tokens of one pipeline micro-batch; default: the "
+                                               "step budget divided by the group size")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -228,6 +246,23 @@ class EngineConfig:
             raise ConfigError(f"--kv-memory-fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.policy not in POLICIES:
             raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        for name in ("device_memory_bytes", "microbatch_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("restore_window_steps", "exchange_blocks_per_step", "remote_rows"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.min_group_steps < 0 or self.activation_reserve_bytes < 0:
+            raise ConfigError("--min-group-steps and --activation-reserve-bytes must be >= 0")
+        k = self.kunserve_max_group
+        if k < 2 or k & (k - 1):
+            raise ConfigError(f"--kunserve-max-group must be a power of two >= 2, got {k}")
+        if not 0.0 < self.restore_demand_ratio < self.drop_demand_ratio <= 1.0:
+            raise ConfigError(f"need 0 < --restore-demand-ratio ({self.restore_demand_ratio}) < --drop-demand-ratio "
+                              f"({self.drop_demand_ratio}) <= 1 (the gap is the hysteresis)")
+        if self.policy == "kunserve" and self.tp != 1:
+            raise ConfigError("--policy kunserve supports --tp 1 today (pipeline groups over tensor-parallel "
+                              "instances are not built yet)")
         if not 0 <= self.max_logprobs <= 64:
             raise ConfigError(f"--max-logprobs must be in [0, 64], got {self.max_logprobs}")
 

@@ -47,15 +47,6 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
-def route_by_kv_demand(instances: Sequence[Instance], new_blocks: int) -> Instance:
-    """Least (demand + new request) / capacity; ties go to the instance with fewer queued requests."""
-    def key(inst: Instance):
-        demand = inst.scheduler.demand_blocks() + new_blocks
-        return (demand / inst.allocator.total, len(inst.scheduler.waiting), inst.index)
-
-    return min(instances, key=key)
-
-
 class LLMEngine:
     def __init__(self, model: str | Path = "demo", config: EngineConfig | None = None,
                  devices: Sequence[jax.Device] | None = None):
@@ -81,12 +72,19 @@ class LLMEngine:
         self._rng = random.Random(ecfg.seed)
         eos = set(cfg.eos_token_ids) | (set(self.tokenizer.eos_token_ids) if self.tokenizer else set())
         self.eos_token_ids = frozenset(eos)
+        self.elastic = None
+        if ecfg.policy == "kunserve":
+            from kunjax.elastic.controller import KunServeController
+
+            self.elastic = KunServeController(self)
 
     def warmup(self) -> float:
         """Compile every instance's step for every bucket (ahead of serving); returns seconds."""
         t0 = time.perf_counter()
         for inst in self.instances:
             inst.warmup()
+        if self.elastic is not None:
+            self.elastic.warmup()
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
@@ -130,39 +128,68 @@ class LLMEngine:
             req.detokenizer = IncrementalDetokenizer.from_params(self.tokenizer, list(ids), params)
         elif params.stop:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
-        inst = route_by_kv_demand(self.instances, self.instances[0].scheduler.blocks_for(len(ids) + 1))
-        inst.scheduler.add(req)  # raises ValueError if it could never fit in the pool
-        req.instance = inst.index
+        self._route(req)  # raises ValueError if it could never fit
         self.requests[request_id] = req
         return request_id
+
+    def _route(self, req: Request) -> None:
+        """Least KV demand relative to capacity among free instances and admitting pipeline groups."""
+        free = [inst for inst in self.instances if inst.group is None]
+        groups = [g for g in self.groups if g.books.admitting] or ([] if free else self.groups)
+        new_blocks = self.instances[0].scheduler.blocks_for(len(req.token_ids) + 1)
+        units = [(inst.scheduler, inst.allocator.total, inst) for inst in free]
+        units += [(g.books, g.books.total_blocks, g) for g in groups]
+        sched, _, unit = min(units, key=lambda u: ((u[0].demand_blocks() + new_blocks) / u[1], len(u[0].waiting)))
+        sched.add(req)
+        if unit in groups:
+            req.group = unit
+        else:
+            req.instance = unit.index
+
+    @property
+    def groups(self) -> list:
+        return self.elastic.groups if self.elastic is not None else []
+
+    def _owner(self, req: Request):
+        """What schedules the request: its pipeline group's books, or its instance's scheduler."""
+        return req.group.books if req.group is not None else self.instances[req.instance].scheduler
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None or req.finished:
             return None
-        self.instances[req.instance].scheduler.abort(req)
+        self._owner(req).abort(req)
         req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, "abort", time.monotonic()
         return make_output(req)
 
     # ---- stepping -----------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return any(inst.scheduler.has_work for inst in self.instances)
+        """Work is left: a request, or a pipeline group (idle groups step towards their restore)."""
+        return any(inst.scheduler.has_work for inst in self.instances) or bool(self.groups)
 
     def step(self) -> list[RequestOutput]:
         """One step of every instance with work; returns an output for every request that advanced."""
-        pending = [(inst, inst.dispatch()) for inst in self.instances]
+        pending = [(inst, inst.dispatch()) for inst in self.instances if inst.group is None]
         outputs: list[RequestOutput] = []
-        for inst, p in pending:
-            if p is None:
-                continue
-            for req, token, logprob, top_ids, top_lps in inst.complete(p):
-                self._append_token(inst, req, token, logprob, top_ids, top_lps)
+
+        def apply(owner, sampled) -> None:
+            for req, token, logprob, top_ids, top_lps in sampled:
+                self._append_token(owner, req, token, logprob, top_ids, top_lps)
                 outputs.append(make_output(req))
                 if req.finished:
                     self.requests.pop(req.request_id, None)
+
+        # Groups run their ticks while the instances' steps are in flight on their own devices.
+        for g in list(self.groups):
+            g.step(lambda sampled, owner=g.books: apply(owner, sampled))
+        for inst, p in pending:
+            if p is not None:
+                apply(inst.scheduler, inst.complete(p))
+        if self.elastic is not None:
+            self.elastic.after_step()
         return outputs
 
-    def _append_token(self, inst: Instance, req: Request, token: int, logprob: float, top_ids: np.ndarray,
+    def _append_token(self, owner, req: Request, token: int, logprob: float, top_ids: np.ndarray,
                       top_lps: np.ndarray) -> None:
         now = time.monotonic()
         if req.first_token_time is None:
@@ -191,15 +218,25 @@ class LLMEngine:
                 detok.finish()  # flush text held back as a possible stop-string start
             req.finish_reason, req.stop_reason = reason
             req.finish_time = now
-            inst.scheduler.finish(req)
+            owner.finish(req)
 
     # ---- introspection ------------------------------------------------------------------------------
     def load(self) -> list[dict[str, int]]:
-        return [inst.load() for inst in self.instances]
+        out = []
+        for inst in self.instances:
+            d = inst.load()
+            d["group"] = -1 if inst.group is None else inst.group.gid
+            out.append(d)
+        return out
 
     def check_books(self) -> None:
-        """Every instance's books balance, and each block's refcount equals the requests holding it."""
+        """Every instance's and group's books balance; each block's refcount equals the requests holding it."""
+        for g in self.groups:
+            g.books.check()
         for inst in self.instances:
+            if inst.group is not None:
+                assert not inst.scheduler.has_work, f"instance {inst.index} is in a group but has requests"
+                continue
             inst.allocator.check()
             held = collections.Counter(
                 b for r in itertools.chain(inst.scheduler.running, inst.scheduler.waiting) for b in r.blocks)

@@ -8,10 +8,17 @@ an abort, so an abort or a cancel takes effect at the next step boundary and fre
 
 Never loses an accepted request: every accepted request gets exactly one final event (stop, length, abort,
 or error if a step itself failed), also on shutdown.
+
+Also the read side of the engine for `serving/`: `info`, `load` and `elastic` copy engine state into the frozen
+`serving.runtime` records under the same lock, so a reader never sees an instance half-way into a pipeline
+group. While an instance is a stage of a group (kunserve) its own allocator and queues are empty: its load is
+its stage's KV books and the group's requests. The controller's transitions are numbered here (`ElasticEvent.seq`)
+after every step, so each gets one number however many the controller keeps.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -22,8 +29,12 @@ import jax
 
 from kunjax import __version__
 from kunjax.engine import LLMEngine
+from kunjax.instance import Instance
 from kunjax.request import RequestOutput
 from serving.runtime import (
+    MAX_ELASTIC_EVENTS,
+    ElasticEvent,
+    ElasticStatus,
     GenerateRequest,
     InstanceLoad,
     InvalidRequest,
@@ -62,6 +73,10 @@ class EngineThread:
         self._inflight: set[str] = set()
         self._seen_logprobs: dict[str, int] = {}
         self._warmup = warmup
+        # The controller's recent events with their numbers; `_last_numbered` is the newest one numbered.
+        self._elastic_events: collections.deque[ElasticEvent] = collections.deque(maxlen=MAX_ELASTIC_EVENTS)
+        self._elastic_seq = 0
+        self._last_numbered: object | None = None
         self._thread = threading.Thread(target=self._run, name="kunjax-engine", daemon=True)
         self._thread.start()
 
@@ -100,22 +115,60 @@ class EngineThread:
 
     def info(self) -> RuntimeInfo:
         e, cfg = self.engine, self.engine.model_config
-        layouts = tuple(f"instance {i.index}: replica, tp={e.config.tp} on "
-                        f"{', '.join(str(d) for d in i.mesh.devices.flat)}" for i in e.instances)
+        with self._lock:
+            layouts = tuple(f"instance {i.index}: {self._role(i)}, tp={e.config.tp} on "
+                            f"{', '.join(str(d) for d in i.mesh.devices.flat)}" for i in e.instances)
+        settings = {}
+        if e.elastic is not None:
+            th = e.elastic.th
+            settings = {"group_sizes": tuple(e.elastic.sizes), "drop_demand_ratio": th.drop_demand_ratio,
+                       "restore_demand_ratio": th.restore_demand_ratio,
+                       "restore_window_steps": th.restore_window_steps}
         return RuntimeInfo(model=str(e.model_path), architecture=cfg.architecture, num_layers=cfg.num_layers,
                            vocab_size=cfg.vocab_size, max_model_len=e.max_model_len, instances=layouts,
-                           policy=e.config.policy, versions={"kunjax": __version__, "jax": jax.__version__})
+                           policy=e.config.policy, versions={"kunjax": __version__, "jax": jax.__version__},
+                           **settings)
+
+    @staticmethod
+    def _role(inst: Instance) -> str:
+        """"replica", or "pipeline group G stage S"; caller holds the lock."""
+        g = inst.group
+        return "replica" if g is None else f"pipeline group {g.gid} stage {g.members.index(inst.index)}"
 
     def load(self) -> list[InstanceLoad]:
         with self._lock:
             out = []
             for inst in self.engine.instances:
-                a, s = inst.allocator, inst.scheduler
-                queued_tokens = sum(len(r.token_ids) - r.num_computed for r in s.waiting)
-                out.append(InstanceLoad(instance=inst.index, mode="replica", kv_free=a.num_free, kv_used=a.num_used,
-                                        kv_cached=a.num_cached, kv_total=a.total, running=len(s.running),
-                                        waiting=len(s.waiting), queued_tokens=queued_tokens))
+                g = inst.group
+                if g is None:
+                    a, s = inst.allocator, inst.scheduler
+                    queued_tokens = sum(len(r.token_ids) - r.num_computed for r in s.waiting)
+                    out.append(InstanceLoad(
+                        instance=inst.index, mode="replica", kv_free=a.num_free, kv_used=a.num_used,
+                        kv_cached=a.num_cached, kv_total=a.total, running=len(s.running), waiting=len(s.waiting),
+                        queued_tokens=queued_tokens))
+                    continue
+                b = g.books
+                stage = g.members.index(inst.index)
+                a = b.stages[stage]
+                queued_tokens = sum(len(r.token_ids) - r.num_computed for r in b.waiting)
+                out.append(InstanceLoad(
+                    instance=inst.index, mode="pipeline", kv_free=a.num_free, kv_used=a.num_used, kv_cached=0,
+                    kv_total=a.total, running=len(b.running), waiting=len(b.waiting), queued_tokens=queued_tokens,
+                    group=g.gid, stage=stage))
             return out
+
+    def elastic(self) -> ElasticStatus:
+        with self._lock:
+            ctl = self.engine.elastic
+            if ctl is None:
+                return ElasticStatus(policy=self.engine.config.policy)
+            self._number_elastic_events()
+            stats = ctl.stats()
+            return ElasticStatus(policy=self.engine.config.policy, drops=stats["drops"],
+                                 restores=stats["restores"], active_groups=len(stats["groups"]),
+                                 remote_dependent=stats["remote_dependent"],
+                                 blocks_exchanged=stats["blocks_exchanged"], events=tuple(self._elastic_events))
 
     def ready(self) -> bool:
         return self._ready
@@ -146,6 +199,27 @@ class EngineThread:
             self._inflight.discard(out.request_id)
             del self._seen_logprobs[out.request_id]
 
+    def _number_elastic_events(self) -> None:
+        """Numbers the controller's events appended since the last call; caller holds the lock.
+
+        The controller appends in order to a bounded deque: the new events are the ones after the newest we
+        numbered (all of them when that one has been evicted, i.e. more than the deque holds happened since).
+        """
+        ctl = self.engine.elastic
+        if ctl is None or not ctl.events or ctl.events[-1] is self._last_numbered:
+            return
+        new = []
+        for ev in reversed(ctl.events):
+            if ev is self._last_numbered:
+                break
+            new.append(ev)
+        for ev in reversed(new):
+            self._elastic_seq += 1
+            self._elastic_events.append(ElasticEvent(
+                seq=self._elastic_seq, kind=ev.kind, group=ev.group, members=tuple(ev.members), step=ev.step,
+                seconds=float(ev.seconds), detail={str(k): str(v) for k, v in ev.detail.items()}))
+        self._last_numbered = ctl.events[-1]
+
     def _fail_all(self, error: str) -> None:
         for rid in list(self._inflight):
             self.engine.abort(rid)
@@ -175,6 +249,7 @@ class EngineThread:
                 try:
                     for out in self.engine.step():
                         self._deliver(out)
+                    self._number_elastic_events()
                 except Exception as e:  # a failed step must not hang or lose the requests waiting on it
                     log.exception("engine step failed")
                     self._fail_all(f"engine step failed: {type(e).__name__}: {e}")

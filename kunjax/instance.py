@@ -54,6 +54,9 @@ def num_kv_blocks(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh, weight_bytes
         return ecfg.num_blocks
     block = kv_block_bytes(cfg, ecfg.block_size, jnp.dtype(ecfg.dtype), ecfg.tp)
     budget = ecfg.kv_cache_bytes
+    if budget is None and ecfg.device_memory_bytes is not None:
+        # A simulated device (CPU): the pool gets what the weights and the activation reserve leave.
+        budget = ecfg.device_memory_bytes - weight_bytes - ecfg.activation_reserve_bytes
     if budget is None:
         stats = mesh.devices.flat[0].memory_stats()
         if stats and "bytes_limit" in stats:
@@ -99,13 +102,28 @@ def _step(cfg: ModelConfig, num_logprobs: int, params: Params, kv_pool: jax.Arra
     logits, new_kv = forward_paged(cfg, params, kv_pool, tokens, positions, seq_ids, valid, block_tables,
                                    context_lens, logits_indices)
     kv_pool = write_kv(kv_pool, new_kv, slot_mapping)
+    sampled = sample_rows(logits, suppress_ids, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs)
+    return kv_pool, sampled
+
+
+def sample_rows(logits: jax.Array,  # [S, V] float32
+                suppress_ids: jax.Array,  # [S, MAX_SUPPRESSED] int32, -1 pad
+                temperature, top_k, top_p, min_p, seeds, counters,  # [S] each
+                num_logprobs: int):
+    """Mask each row's suppressed ids, then sample: the tail of every step (instance or pipeline group)."""
     # Rows below their min_tokens cannot pick their EOS / stop ids (those ids then report logprob -inf).
     s, v = logits.shape
     rows = jnp.broadcast_to(jnp.arange(s)[:, None], suppress_ids.shape)
     banned = jnp.zeros((s, v), bool).at[rows, jnp.where(suppress_ids >= 0, suppress_ids, v)].set(True, mode="drop")
     logits = jnp.where(banned, -jnp.inf, logits)
-    sampled = sample(logits, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs)
-    return kv_pool, sampled
+    return sample(logits, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs)
+
+
+def suppressed_ids(req: Request) -> list[int]:
+    """Ids a request may not sample yet: its stop ids and EOS ids while it is below `min_tokens`."""
+    if req.num_output_tokens >= req.params.min_tokens:
+        return []
+    return sorted(set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(req.eos_token_ids)))
 
 
 @dataclasses.dataclass
@@ -135,6 +153,7 @@ class Instance:
         self.buckets = ecfg.token_buckets()
         self._compiled: dict[int, jax.stages.Compiled] = {}
         self.steps = 0
+        self.group = None  # the pipeline group this instance is fused into (kunserve), else None
 
     # ---- compilation --------------------------------------------------------------------------------
     def _abstract_inputs(self, t: int) -> StepInputs:
@@ -191,10 +210,8 @@ class Instance:
             inp.block_tables[i, :len(blocks)] = blocks
             inp.context_lens[i] = start
             inp.logits_indices[i] = row + n - 1
-            if req.num_output_tokens < req.params.min_tokens:
-                banned = sorted(set(req.params.stop_token_ids) | (set() if req.params.ignore_eos
-                                                                  else set(req.eos_token_ids)))
-                inp.suppress_ids[i, :len(banned)] = banned
+            banned = suppressed_ids(req)
+            inp.suppress_ids[i, :len(banned)] = banned
             row += n
         inp.slot_mapping[row:] = NULL_BLOCK * bs
         reqs = [seq.request for seq in plan.seqs]

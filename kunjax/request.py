@@ -44,6 +44,7 @@ class Request:
     logprobs: list[dict[int, float]] | None = None
     detokenizer: object | None = None  # kunjax.detokenizer.IncrementalDetokenizer when a tokenizer exists
     instance: int = -1
+    group: object | None = None  # kunjax.elastic.runtime.PipelineGroup while it is served by a pipeline group
     first_token_time: float | None = None
     finish_time: float | None = None
     # Streaming cursor: how much of the output has already been reported.

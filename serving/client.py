@@ -138,6 +138,10 @@ class KunjaxClient:
     def load(self) -> list[pb.InstanceLoad]:
         return list(self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s).instances)
 
+    def elastic(self) -> pb.ElasticStatus:
+        """Drops, restores, pipeline groups and recent transitions (GetLoad's `elastic`)."""
+        return self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s).elastic
+
     def info(self) -> pb.GetServerInfoResponse:
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout_s)
 
@@ -194,6 +198,10 @@ class AsyncKunjaxClient:
     async def load(self) -> list[pb.InstanceLoad]:
         resp = await self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s, metadata=self._metadata)
         return list(resp.instances)
+
+    async def elastic(self) -> pb.ElasticStatus:
+        resp = await self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s, metadata=self._metadata)
+        return resp.elastic
 
     async def info(self) -> pb.GetServerInfoResponse:
         return await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout_s,

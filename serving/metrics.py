@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gRPC front end: request latencies, outcomes, and the runtime's load.
+"""Prometheus metrics of the gRPC front end: request latencies, outcomes, the runtime's load and its elasticity.
 
 Owns one `CollectorRegistry` per server (never the process-global one, so several servers, e.g. in tests, keep
 separate books) and the HTTP endpoint that serves its text exposition. What it measures:
@@ -8,11 +8,18 @@ separate books) and the HTTP endpoint that serves its text exposition. What it m
   time per output token after the first (mean over the request), end-to-end latency (arrival -> final event);
 * requests by finish reason ("stop", "length", "abort", "error", or "cancelled" when the stream ended before its
   final event: client cancel, deadline, server stop) and rejected requests by status code;
-* gauges read from `runtime.load()` at scrape time, labelled `instance`: running and waiting requests, KV blocks
-  used / free / total.
+* gauges read from `runtime.load()` at scrape time, labelled `instance` and `mode` ("replica" or "pipeline"):
+  running and waiting requests, KV blocks used / free / total. A pipeline-group member reports its stage's KV
+  blocks and the whole group's requests, so summing the request gauges over a group's members over-counts;
+* parameter-centric elasticity, read from `runtime.elastic()` at scrape time: drops, restores and KV blocks
+  moved by the live exchange (counters), pipeline groups and requests still reading KV by remote attention
+  (gauges), and the duration of each transition by kind (`kunjax_elastic_transition_seconds`). Each runtime
+  event is observed once: the collector remembers the highest `ElasticEvent.seq` it has observed. Events are
+  only seen while among the runtime's most recent ones (`serving.runtime.MAX_ELASTIC_EVENTS`), so more
+  transitions than that between two scrapes leave the oldest unobserved (the counters stay exact).
 
-Never touches the runtime except `load()` during a scrape; a failing `load()` drops the gauges from that scrape
-instead of failing it.
+Never touches the runtime except `load()` and `elastic()` during a scrape; a failing one drops its metrics from
+that scrape instead of failing it.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from serving.runtime import Runtime, TokenEvent
@@ -37,6 +44,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    120.0, 300.0)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 CANCELLED = "cancelled"  # finish-reason label of a stream that ended before its final event
+# Seconds; a drop or restore reshards weights and moves KV (milliseconds on a toy model, seconds on a large one);
+# an exchange runs over many steps.
+TRANSITION_BUCKETS = LATENCY_BUCKETS
 
 
 class _LoadCollector(Collector):
@@ -51,22 +61,63 @@ class _LoadCollector(Collector):
         except Exception:
             log.exception("runtime.load() failed during a metrics scrape; gauges left out")
             return
+        labels = ["instance", "mode"]
         families = {
             "running": GaugeMetricFamily("kunjax_requests_running", "Requests being generated, per instance.",
-                                         labels=["instance"]),
+                                         labels=labels),
             "waiting": GaugeMetricFamily("kunjax_requests_waiting", "Requests admitted but not yet scheduled.",
-                                         labels=["instance"]),
+                                         labels=labels),
             "kv_used": GaugeMetricFamily("kunjax_kv_blocks_used", "KV cache blocks held by requests.",
-                                         labels=["instance"]),
+                                         labels=labels),
             "kv_free": GaugeMetricFamily("kunjax_kv_blocks_free", "KV cache blocks free to allocate.",
-                                         labels=["instance"]),
+                                         labels=labels),
             "kv_total": GaugeMetricFamily("kunjax_kv_blocks_total", "KV cache blocks in the pool.",
-                                          labels=["instance"]),
+                                          labels=labels),
         }
         for load in loads:
             for field, family in families.items():
-                family.add_metric([str(load.instance)], float(getattr(load, field)))
+                family.add_metric([str(load.instance), load.mode], float(getattr(load, field)))
         yield from families.values()
+
+
+class _ElasticCollector(Collector):
+    """Elasticity counters and gauges from `runtime.elastic()`, and the transition-time histogram it feeds.
+
+    The histogram is not in the registry: this collector observes the new events and then yields it, so a
+    scrape shows the events it has just read."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.transition_s = Histogram("kunjax_elastic_transition_seconds",
+                                      "Duration of elasticity transitions, by kind (drop, restore, exchange_done: "
+                                      "drop to the end of the live KV exchange, restore_deferred: 0).",
+                                      ["kind"], buckets=TRANSITION_BUCKETS, registry=None)
+        self._lock = threading.Lock()  # scrapes may run concurrently; each event is observed once
+        self._observed_seq = 0
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            status = self.runtime.elastic()
+        except Exception:
+            log.exception("runtime.elastic() failed during a metrics scrape; elasticity metrics left out")
+            return
+        with self._lock:
+            for ev in status.events:
+                if ev.seq > self._observed_seq:
+                    self.transition_s.labels(kind=ev.kind).observe(ev.seconds)
+                    self._observed_seq = ev.seq
+            transitions = list(self.transition_s.collect())
+        yield from transitions
+        yield CounterMetricFamily("kunjax_elastic_drops", "Instances fused into pipeline groups (drops).",
+                                  value=status.drops)
+        yield CounterMetricFamily("kunjax_elastic_restores", "Pipeline groups split back into replicas.",
+                                  value=status.restores)
+        yield CounterMetricFamily("kunjax_kv_blocks_exchanged", "KV blocks copied by the live exchange after drops.",
+                                  value=status.blocks_exchanged)
+        yield GaugeMetricFamily("kunjax_pipeline_groups", "Pipeline groups serving now.", value=status.active_groups)
+        yield GaugeMetricFamily("kunjax_remote_attention_requests",
+                                "Running requests still reading pre-drop KV by remote attention.",
+                                value=status.remote_dependent)
 
 
 class ServingMetrics:
@@ -90,6 +141,7 @@ class ServingMetrics:
                                 ["code"], registry=r)
         if runtime is not None:
             r.register(_LoadCollector(runtime))
+            r.register(_ElasticCollector(runtime))
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 

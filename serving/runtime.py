@@ -1,10 +1,10 @@
 """The narrow interface between the gRPC layer and whatever generates tokens.
 
 `serving/` talks to the runtime only through `Runtime`: submit a validated request and iterate its events,
-abort, and read info/load. `kunjax.engine_thread.EngineThread` implements it over the real engine;
-`serving.fake_runtime.FakeRuntime` implements it with outputs computable by hand, so the server's threading,
-streaming, cancellation and error paths are tested without a model (STYLE.md: a narrow engine interface and a
-fake you can compute by hand).
+abort, and read info, load and the elasticity status. `kunjax.engine_thread.EngineThread` implements it over
+the real engine; `serving.fake_runtime.FakeRuntime` implements it with outputs computable by hand, so the
+server's threading, streaming, cancellation and error paths are tested without a model (STYLE.md: a narrow
+engine interface and a fake you can compute by hand).
 
 Contract:
 * `submit` validates synchronously and raises `InvalidRequest` (-> INVALID_ARGUMENT) or `Overloaded`
@@ -12,6 +12,9 @@ Contract:
   event whose `finished` is True (finish reason "stop", "length", "abort" or "error").
 * Events of one request arrive in order; `abort` is idempotent and frees the request's KV within a step.
 * All methods are safe to call from any thread; `events` blocks only the caller.
+* `load` and `elastic` are each one consistent snapshot; two calls are two snapshots (a drop or restore may fall
+  between them). Elastic events are numbered (`ElasticEvent.seq`) in the order they happened, so a reader that
+  polls sees each one once however often it asks.
 """
 
 from __future__ import annotations
@@ -64,8 +67,11 @@ class TokenEvent:
 
 @dataclasses.dataclass(frozen=True)
 class InstanceLoad:
+    """One instance's load. A pipeline-group member reports its stage's KV blocks (its slice of every block of
+    the group, extension included) and the whole group's requests, so running/waiting repeat on each member."""
+
     instance: int
-    mode: str  # "replica" (later: "pipeline")
+    mode: str  # "replica" (serving alone) | "pipeline" (a stage of a pipeline group)
     kv_free: int
     kv_used: int
     kv_cached: int
@@ -73,6 +79,37 @@ class InstanceLoad:
     running: int
     waiting: int
     queued_tokens: int
+    group: int = -1  # pipeline group id; -1 for a replica
+    stage: int = -1  # position in the group's pipeline (0 runs the first layers); -1 for a replica
+
+
+MAX_ELASTIC_EVENTS = 32  # most recent events an `ElasticStatus` carries
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticEvent:
+    """One transition of parameter-centric elasticity (the kunserve policy)."""
+
+    seq: int  # 1-based position among all elastic events of this runtime: new events have higher seq
+    kind: str  # "drop" | "restore" | "exchange_done" | "restore_deferred"
+    group: int  # pipeline group id
+    members: tuple[int, ...]  # instance indices, by stage
+    step: int  # engine step after which it happened
+    seconds: float  # time it took (exchange_done: since the drop; restore_deferred: 0)
+    detail: dict[str, str]  # kind-specific facts (e.g. "reason", "moved_blocks"), values as text
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticStatus:
+    """Counters and recent transitions of parameter-centric elasticity; zeros when the policy has none."""
+
+    policy: str
+    drops: int = 0  # completed drops since start
+    restores: int = 0  # completed restores since start
+    active_groups: int = 0  # pipeline groups now
+    remote_dependent: int = 0  # running requests still reading pre-drop KV by remote attention
+    blocks_exchanged: int = 0  # KV blocks copied by the live exchange since start
+    events: tuple[ElasticEvent, ...] = ()  # the most recent `MAX_ELASTIC_EVENTS`, oldest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +119,14 @@ class RuntimeInfo:
     num_layers: int
     vocab_size: int
     max_model_len: int
-    instances: tuple[str, ...]  # human-readable layout of each instance ("instance 0: tp=1 on cpu:0")
+    instances: tuple[str, ...]  # human-readable layout of each instance ("instance 0: replica, tp=1 on cpu:0")
     policy: str
     versions: dict[str, str]
+    # Elastic settings (kunserve); empty / zero under other policies.
+    group_sizes: tuple[int, ...] = ()  # instances a pipeline group may fuse
+    drop_demand_ratio: float = 0.0  # KV demand / capacity at which instances drop into a group
+    restore_demand_ratio: float = 0.0  # a group restores once its demand stays below this share ...
+    restore_window_steps: int = 0  # ... for this many engine steps
 
 
 class Runtime(Protocol):
@@ -97,6 +139,8 @@ class Runtime(Protocol):
     def info(self) -> RuntimeInfo: ...
 
     def load(self) -> list[InstanceLoad]: ...
+
+    def elastic(self) -> ElasticStatus: ...
 
     def ready(self) -> bool: ...
 

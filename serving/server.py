@@ -6,7 +6,7 @@ become status codes (`InvalidRequest` -> INVALID_ARGUMENT, `Overloaded` -> RESOU
 `retry-after-s` trailer); each stream's events also feed its `serving.metrics.StreamTimer`.
 
 It also owns the bridge between the blocking runtime and the `grpc.aio` event loop: blocking calls (`submit`,
-`abort`, `load`, `info`) run on a small thread pool, and each stream's event iterator is drained by its own
+`abort`, `load`, `elastic`, `info`) run on a small thread pool, and each stream's event iterator is drained by its own
 thread into an `asyncio.Queue`, so the loop never blocks on the runtime. And it assembles the server: TLS when
 given a certificate and key, the interceptors of `serving.interceptors` (bearer-token auth when given a token;
 unparsable requests -> INVALID_ARGUMENT), health, reflection, and the metrics HTTP endpoint when given a port.
@@ -41,7 +41,7 @@ from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
 from serving.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, check_token
 from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer
 from serving.metrics import ServingMetrics
-from serving.runtime import GenerateRequest, InvalidRequest, Overloaded, Runtime, TokenEvent
+from serving.runtime import ElasticStatus, GenerateRequest, InvalidRequest, Overloaded, Runtime, TokenEvent
 
 log = logging.getLogger("kunjax.serving.server")
 
@@ -89,6 +89,15 @@ def response_from_event(ev: TokenEvent, num_logprobs: int | None) -> pb.Generate
         if ev.error:
             resp.error = ev.error
     return resp
+
+
+def elastic_status_to_proto(status: ElasticStatus) -> pb.ElasticStatus:
+    """The wire form of the runtime's elasticity status (GetLoad's `elastic`)."""
+    return pb.ElasticStatus(
+        policy=status.policy, drops=status.drops, restores=status.restores, active_groups=status.active_groups,
+        remote_dependent=status.remote_dependent, blocks_exchanged=status.blocks_exchanged,
+        events=[pb.ElasticEvent(seq=ev.seq, kind=ev.kind, group=ev.group, members=list(ev.members), step=ev.step,
+                                seconds=ev.seconds, detail=dict(ev.detail)) for ev in status.events])
 
 
 class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
@@ -176,11 +185,15 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
         return pb.GetServerInfoResponse(
             model=info.model, architecture=info.architecture, num_layers=info.num_layers,
             vocab_size=info.vocab_size, max_model_len=info.max_model_len, instances=list(info.instances),
-            policy=info.policy, versions=dict(info.versions))
+            policy=info.policy, versions=dict(info.versions), group_sizes=list(info.group_sizes),
+            drop_demand_ratio=info.drop_demand_ratio, restore_demand_ratio=info.restore_demand_ratio,
+            restore_window_steps=info.restore_window_steps)
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
         loads = await self._call(self.runtime.load)
-        return pb.GetLoadResponse(instances=[pb.InstanceLoad(**dataclasses.asdict(x)) for x in loads])
+        elastic = await self._call(self.runtime.elastic)
+        return pb.GetLoadResponse(instances=[pb.InstanceLoad(**dataclasses.asdict(x)) for x in loads],
+                                  elastic=elastic_status_to_proto(elastic))
 
 
 async def _drain_in_thread(runtime: Runtime, request_id: str) -> AsyncIterator[TokenEvent]:

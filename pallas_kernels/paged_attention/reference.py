@@ -14,6 +14,8 @@ row with nothing to attend to yields zeros and lse = -inf instead of NaN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -24,7 +26,7 @@ def paged_attention(
     q: jax.Array,  # [T, H, D] query rows of this step
     k_new: jax.Array,  # [T, K, D] keys of this step's tokens (not yet in the pool)
     v_new: jax.Array,  # [T, K, D]
-    kv_pool: jax.Array,  # [NB, L, 2, BS, K, D] block-major pool, all layers in a block
+    kv_pool: jax.Array | Sequence[jax.Array],  # [NB, L, 2, BS, K, D] block-major pool, or its segments
     layer: jax.Array,  # [] int32 layer index into the pool's L axis
     block_tables: jax.Array,  # [S, MB] int32 block ids of each sequence
     context_lens: jax.Array,  # [S] int32 tokens of each sequence already in the pool
@@ -34,8 +36,15 @@ def paged_attention(
     *,
     scale: float,
     sliding_window: int | None = None,
+    context_starts: jax.Array | None = None,  # [S] int32 first cached position attended (default 0)
 ) -> tuple[jax.Array, jax.Array]:
-    """Returns `(out [T, H, D] in q.dtype, lse [T, H] float32)`."""
+    """Returns `(out [T, H, D] in q.dtype, lse [T, H] float32)`.
+
+    `kv_pool` may be a sequence of segments (the base pool, then an extension segment after a drop): block ids
+    index base-then-extension. `context_starts` restricts the cached history to `[start, context_len)`; the
+    rest of a sequence's history is then attended elsewhere (remote attention) and merged by log-sum-exp.
+    """
+    segments = (kv_pool,) if isinstance(kv_pool, jax.Array) else tuple(kv_pool)
     t, h, d = q.shape
     kh = k_new.shape[1]
     # Query rows go in chunks through a sequential map: the per-row gather of the history is
@@ -56,13 +65,15 @@ def paged_attention(
         # History from the pool: gather each row's sequence blocks at this layer (one row gather on the
         # flattened [NB * L] axis, cheaper than a two-index gather).
         tables = block_tables[sid]  # [R, MB]
-        nb, n_layers, _, bs = kv_pool.shape[:4]
+        bs = segments[0].shape[3]
         mb = tables.shape[1]
-        hist = kv_pool.reshape(nb * n_layers, *kv_pool.shape[2:])[tables * n_layers + layer]  # [R, MB, 2, BS, K, D]
+        hist = gather_blocks(segments, tables, layer)  # [R, MB, 2, BS, K, D]
         hist = jnp.moveaxis(hist, 2, 1).reshape(r, 2, mb * bs, kh, d).astype(jnp.float32)
         s_hist = jnp.einsum("rkgd,rckd->rkgc", qc, hist[:, 0])  # [R, K, G, C]
         hist_pos = jnp.arange(mb * bs, dtype=jnp.int32)
         hist_mask = hist_pos[None, :] < context_lens[sid][:, None]  # [R, C]
+        if context_starts is not None:
+            hist_mask &= hist_pos[None, :] >= context_starts[sid][:, None]
         if sliding_window is not None:
             hist_mask &= hist_pos[None, :] > pos[:, None] - sliding_window
         s_hist = jnp.where(hist_mask[:, None, None, :], s_hist, -jnp.inf)
@@ -88,6 +99,27 @@ def paged_attention(
 
     out, lse = jax.lax.map(attend, rows)  # [T / R, R, K, G, D], [T / R, R, K, G]
     return out.reshape(-1, h, d)[:t].astype(q.dtype), lse.reshape(-1, h)[:t]
+
+
+def gather_blocks(
+    segments: Sequence[jax.Array],  # each [NB_i, L, 2, BS, K, D]; block ids run base-then-extension
+    ids: jax.Array,  # [..., MB] int32 block ids
+    layer: jax.Array,  # [] int32
+) -> jax.Array:  # [..., MB, 2, BS, K, D]
+    """One layer of the given blocks, read from whichever segment holds each id (one row gather per segment on
+    the flattened [NB * L] axis, cheaper than a two-index gather)."""
+    out, base = None, 0
+    for seg in segments:
+        nb, n_layers = seg.shape[:2]
+        local = ids - base
+        rows = seg.reshape(nb * n_layers, *seg.shape[2:])[jnp.clip(local, 0, nb - 1) * n_layers + layer]
+        if out is None:
+            out = rows
+        else:
+            inside = (local >= 0) & (local < nb)
+            out = jnp.where(inside.reshape(*inside.shape, 1, 1, 1, 1), rows, out)
+        base += nb
+    return out
 
 
 def merge_attention_states(

@@ -1,12 +1,14 @@
 """Prometheus metrics of the gRPC server, scraped over HTTP like Prometheus would, against `FakeRuntime`.
 
 What an operator can rely on: latency histograms count every finished request, outcomes are counted by finish
-reason and refusals by status code, and the per-instance load gauges show KV blocks in use while a request runs
-and back at zero after.
+reason and refusals by status code, the per-instance load gauges show KV blocks in use while a request runs
+and back at zero after, and elasticity metrics count drops / restores and time each transition exactly once,
+however often Prometheus scrapes. (The real engine's drops and restores: `test_elastic_visibility.py`.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
+from serving.runtime import ElasticEvent, ElasticStatus
 from serving.server import ServerHandle, serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,7 +107,7 @@ def test_load_gauges_show_blocks_per_instance_while_running_and_zero_after(serve
     runtime, handle, client = served
     total = runtime.kv_total
     m = scrape(handle)
-    inst = (("instance", "0"),)
+    inst = (("instance", "0"), ("mode", "replica"))
     assert (m[("kunjax_kv_blocks_used", inst)], m[("kunjax_kv_blocks_free", inst)],
             m[("kunjax_kv_blocks_total", inst)], m[("kunjax_requests_running", inst)]) == (0, total, total, 0)
 
@@ -133,3 +136,82 @@ def test_two_servers_keep_separate_books_and_no_endpoint_without_a_port() -> Non
         for h, r in zip((a, b), runtimes, strict=True):
             h.stop(grace=0.1)
             r.shutdown(grace_s=0.0)
+
+
+# ---- elasticity ------------------------------------------------------------------------------------------
+class ScriptedElasticRuntime(FakeRuntime):
+    """`FakeRuntime` whose `elastic()` reports what the test last set (`None`: it fails)."""
+
+    def __init__(self, **kwargs: object):
+        super().__init__(**kwargs)
+        self.status: ElasticStatus | None = ElasticStatus(policy="scripted")
+
+    def elastic(self) -> ElasticStatus:
+        if self.status is None:
+            raise RuntimeError("elastic status unavailable")
+        return self.status
+
+
+def event(seq: int, kind: str, seconds: float, group: int = 0) -> ElasticEvent:
+    return ElasticEvent(seq=seq, kind=kind, group=group, members=(0, 1), step=10 * seq, seconds=seconds,
+                        detail={})
+
+
+def test_elastic_metrics_are_zero_without_elasticity(served: Served) -> None:
+    _, handle, _ = served
+    m = scrape(handle)
+    for name in ("kunjax_elastic_drops_total", "kunjax_elastic_restores_total", "kunjax_kv_blocks_exchanged_total",
+                 "kunjax_pipeline_groups", "kunjax_remote_attention_requests"):
+        assert m[(name, ())] == 0, name
+    assert not [k for k in m if k[0].startswith("kunjax_elastic_transition_seconds")]
+
+
+def test_each_transition_is_timed_once_across_scrapes() -> None:
+    runtime = ScriptedElasticRuntime(vocab_size=100, max_model_len=64)
+    handle = serve(runtime, metrics_port=0)
+    try:
+        drop = event(1, "drop", 0.2)
+        runtime.status = ElasticStatus(policy="scripted", drops=1, active_groups=1, remote_dependent=3,
+                                       blocks_exchanged=5, events=(drop,))
+        for _ in range(3):  # the same event in every scrape's window counts once
+            m = scrape(handle)
+        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "drop"),))] == 1
+        assert m[("kunjax_elastic_transition_seconds_sum", (("kind", "drop"),))] == pytest.approx(0.2)
+        assert m[("kunjax_elastic_transition_seconds_bucket", (("kind", "drop"), ("le", "0.25")))] == 1
+        assert m[("kunjax_elastic_transition_seconds_bucket", (("kind", "drop"), ("le", "0.1")))] == 0
+        assert (m[("kunjax_elastic_drops_total", ())], m[("kunjax_pipeline_groups", ())],
+                m[("kunjax_remote_attention_requests", ())], m[("kunjax_kv_blocks_exchanged_total", ())]) == (
+            1, 1, 3, 5)
+
+        runtime.status = ElasticStatus(
+            policy="scripted", drops=2, restores=1, active_groups=1, blocks_exchanged=9,
+            events=(drop, event(2, "exchange_done", 1.5), event(3, "restore", 0.05), event(4, "drop", 0.3, 1)))
+        m = scrape(handle)
+        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "drop"),))] == 2
+        assert m[("kunjax_elastic_transition_seconds_sum", (("kind", "drop"),))] == pytest.approx(0.5)
+        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "exchange_done"),))] == 1
+        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "restore"),))] == 1
+        assert (m[("kunjax_elastic_drops_total", ())], m[("kunjax_elastic_restores_total", ())],
+                m[("kunjax_remote_attention_requests", ())]) == (2, 1, 0)
+
+        runtime.status = dataclasses.replace(runtime.status, events=runtime.status.events[2:])  # older ones aged out
+        assert scrape(handle)[("kunjax_elastic_transition_seconds_count", (("kind", "drop"),))] == 2
+    finally:
+        handle.stop(grace=0.1)
+        runtime.shutdown(grace_s=0.0)
+
+
+def test_a_failing_elastic_status_leaves_out_only_the_elasticity_metrics() -> None:
+    runtime = ScriptedElasticRuntime(vocab_size=100, max_model_len=64)
+    handle = serve(runtime, metrics_port=0)
+    try:
+        runtime.status = None
+        with KunjaxClient(handle.target) as client:
+            assert client.generate_text([1], max_tokens=2)[1] == "length"
+        m = scrape(handle)
+        assert m[("kunjax_requests_total", (("finish_reason", "length"),))] == 1
+        assert m[("kunjax_kv_blocks_total", (("instance", "0"), ("mode", "replica")))] == runtime.kv_total
+        assert not [k for k in m if "elastic" in k[0] or k[0] == "kunjax_pipeline_groups"]
+    finally:
+        handle.stop(grace=0.1)
+        runtime.shutdown(grace_s=0.0)

@@ -2,7 +2,8 @@
 
 What a client of `kunjax.serving.v1.KunjaxService` can rely on: streamed ids and text, a final message with usage
 and finish reason, aborts and cancellations that free the request's blocks, INVALID_ARGUMENT / RESOURCE_EXHAUSTED
-with useful messages, health that turns SERVING only after warm-up, and reflection.
+with useful messages, health that turns SERVING only after warm-up, reflection, and info / load that say when
+there is no elasticity (drops and restores of a real engine: `test_elastic_visibility.py`).
 """
 
 from __future__ import annotations
@@ -251,6 +252,16 @@ def test_server_info_and_load_round_trip(make_served: Callable[..., Served]) -> 
     (load,) = s.client.load()
     total = 3 * (MAX_LEN // 4)
     assert (load.instance, load.mode, load.kv_used, load.kv_free, load.kv_total) == (0, "replica", 0, total, total)
+    assert (load.group, load.stage) == (-1, -1)
+
+
+def test_a_runtime_without_elasticity_reports_its_policy_and_zeros(served: Served) -> None:
+    info = served.client.info()
+    assert (list(info.group_sizes), info.drop_demand_ratio, info.restore_demand_ratio,
+            info.restore_window_steps) == ([], 0.0, 0.0, 0)
+    served.client.generate_text([1], max_tokens=2)
+    elastic = served.client.elastic()
+    assert elastic == pb.ElasticStatus(policy="fake")  # every counter zero, no events
 
 
 def test_load_counts_one_block_per_four_tokens_of_a_running_request(make_served: Callable[..., Served]) -> None:

@@ -135,7 +135,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions")
+    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions", "group_sizes", "drop_demand_ratio", "restore_demand_ratio", "restore_window_steps")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,10 @@ class GetServerInfoResponse(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZES_FIELD_NUMBER: _ClassVar[int]
+    DROP_DEMAND_RATIO_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_DEMAND_RATIO_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_WINDOW_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -159,14 +163,18 @@ class GetServerInfoResponse(_message.Message):
     instances: _containers.RepeatedScalarFieldContainer[str]
     policy: str
     versions: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    group_sizes: _containers.RepeatedScalarFieldContainer[int]
+    drop_demand_ratio: float
+    restore_demand_ratio: float
+    restore_window_steps: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., group_sizes: _Optional[_Iterable[int]] = ..., drop_demand_ratio: _Optional[float] = ..., restore_demand_ratio: _Optional[float] = ..., restore_window_steps: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("instance", "mode", "kv_free", "kv_used", "kv_cached", "kv_total", "running", "waiting", "queued_tokens")
+    __slots__ = ("instance", "mode", "kv_free", "kv_used", "kv_cached", "kv_total", "running", "waiting", "queued_tokens", "group", "stage")
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KV_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +184,8 @@ class InstanceLoad(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     instance: int
     mode: str
     kv_free: int
@@ -185,10 +195,57 @@ class InstanceLoad(_message.Message):
     running: int
     waiting: int
     queued_tokens: int
-    def __init__(self, instance: _Optional[int] = ..., mode: _Optional[str] = ..., kv_free: _Optional[int] = ..., kv_used: _Optional[int] = ..., kv_cached: _Optional[int] = ..., kv_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+    group: int
+    stage: int
+    def __init__(self, instance: _Optional[int] = ..., mode: _Optional[str] = ..., kv_free: _Optional[int] = ..., kv_used: _Optional[int] = ..., kv_cached: _Optional[int] = ..., kv_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., group: _Optional[int] = ..., stage: _Optional[int] = ...) -> None: ...
+
+class ElasticEvent(_message.Message):
+    __slots__ = ("seq", "kind", "group", "members", "step", "seconds", "detail")
+    class DetailEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: str
+    group: int
+    members: _containers.RepeatedScalarFieldContainer[int]
+    step: int
+    seconds: float
+    detail: _containers.ScalarMap[str, str]
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., group: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., detail: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ElasticStatus(_message.Message):
+    __slots__ = ("policy", "drops", "restores", "active_groups", "remote_dependent", "blocks_exchanged", "events")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    RESTORES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_DEPENDENT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    drops: int
+    restores: int
+    active_groups: int
+    remote_dependent: int
+    blocks_exchanged: int
+    events: _containers.RepeatedCompositeFieldContainer[ElasticEvent]
+    def __init__(self, policy: _Optional[str] = ..., drops: _Optional[int] = ..., restores: _Optional[int] = ..., active_groups: _Optional[int] = ..., remote_dependent: _Optional[int] = ..., blocks_exchanged: _Optional[int] = ..., events: _Optional[_Iterable[_Union[ElasticEvent, _Mapping]]] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "elastic")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    ELASTIC_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceLoad]
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ...) -> None: ...
+    elastic: ElasticStatus
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ..., elastic: _Optional[_Union[ElasticStatus, _Mapping]] = ...) -> None: ...

@@ -84,7 +84,8 @@ class KunjaxServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLoad(self, request, context):
-        """The current load of every instance: KV blocks, running and waiting requests.
+        """The current load of every instance (KV blocks, running and waiting requests, pipeline group membership)
+        and the state of parameter-centric elasticity: drops, restores and their recent transitions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,145 @@
+"""Parameter-centric elasticity as a client and Prometheus see it: a real 2-instance kunserve engine over loopback gRPC.
+
+What an operator can rely on: after a drop, `GetLoad` reports both instances as stages of one pipeline group
+with their stage's KV books, its `elastic` status counts the drop and carries the event with its timing, and
+`GetServerInfo` names each instance's stage; after a restore both are replicas again and the restore is counted
+and timed; the metrics endpoint counts both transitions and times each exactly once; and requests in flight
+across both transitions finish with every token they asked for.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+
+import grpc
+import jax
+import pytest
+
+from kunjax.config import EngineConfig
+from kunjax.engine import LLMEngine
+from kunjax.engine_thread import EngineThread
+from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
+from serving.client import KunjaxClient
+from serving.server import ServerHandle, serve
+from tests.helpers import write_tiny_model
+
+pytestmark = pytest.mark.timeout(180)
+
+# The automatic restore watch is pushed out of reach (restore_window_steps): the test decides when the group
+# restores, so what it reads between the drop and the restore cannot race the policy.
+CONFIG = EngineConfig(num_instances=2, policy="kunserve", num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64,
+                      block_size=4, max_model_len=128, restore_window_steps=10_000)
+MAX_TOKENS = 30
+SAMPLING = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+
+Served = tuple[EngineThread, ServerHandle, KunjaxClient]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    engine = LLMEngine(write_tiny_model(tmp_path_factory.mktemp("tiny")), CONFIG, devices=jax.devices()[:2])
+    rt = EngineThread(engine)
+    deadline = time.monotonic() + 300
+    while not rt.ready():
+        assert time.monotonic() < deadline, "warm-up did not finish"
+        time.sleep(0.05)
+    handle = serve(rt, metrics_port=0)
+    client = KunjaxClient(handle.target, timeout_s=30.0)
+    yield rt, handle, client
+    client.close()
+    handle.stop(grace=1.0)
+    rt.shutdown(grace_s=5)
+
+
+def scrape_text(handle: ServerHandle) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def start(client: KunjaxClient, rid: str, first: int) -> grpc.Call:
+    return client.generate([first, first + 1, first + 2, first + 3, first + 4], request_id=rid, **SAMPLING)
+
+
+def finish(call: grpc.Call, already: Sequence[pb.GenerateResponse] = ()) -> tuple[int, pb.GenerateResponse]:
+    responses = [*already, *call]
+    return sum(len(r.token_ids) for r in responses), responses[-1]
+
+
+def wait_for(pred, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -> None:
+    rt, handle, client = served
+    engine = rt.engine
+
+    info = client.info()
+    assert info.policy == "kunserve" and list(info.group_sizes) == [2]
+    assert (info.drop_demand_ratio, info.restore_demand_ratio, info.restore_window_steps) == pytest.approx(
+        (CONFIG.drop_demand_ratio, CONFIG.restore_demand_ratio, CONFIG.restore_window_steps))
+    assert [s.split(",")[0] for s in info.instances] == ["instance 0: replica", "instance 1: replica"]
+    assert client.elastic() == pb.ElasticStatus(policy="kunserve")
+
+    # Requests generating when the instances fuse, and one that arrives at the group.
+    calls = {f"before{i}": start(client, f"before{i}", 3 + 7 * i) for i in range(4)}
+    firsts = {rid: [next(call)] for rid, call in calls.items()}  # each admitted and generating
+    with rt._lock:
+        engine.elastic.drop((0, 1))
+        stage_totals = [s.total for s in engine.groups[0].books.stages]
+    calls["during"] = start(client, "during", 50)
+
+    load = client.load()
+    assert [(x.instance, x.mode, x.group, x.stage) for x in load] == [(0, "pipeline", 0, 0), (1, "pipeline", 0, 1)]
+    assert [x.kv_total for x in load] == stage_totals
+    assert stage_totals[0] > CONFIG.num_blocks  # a stage holds half of every block of both pools, plus the extension
+    assert all(x.kv_free + x.kv_used == x.kv_total and x.kv_cached == 0 for x in load)
+    elastic = client.elastic()
+    assert (elastic.policy, elastic.drops, elastic.restores, elastic.active_groups) == ("kunserve", 1, 0, 1)
+    (drop,) = [ev for ev in elastic.events if ev.kind == "drop"]
+    assert (drop.seq, drop.group, list(drop.members)) == (1, 0, [0, 1])
+    assert drop.seconds > 0 and drop.detail["k"] == "2" and int(drop.detail["extension_blocks"]) > 0
+    assert [s.split(",")[0] for s in client.info().instances] == [
+        "instance 0: pipeline group 0 stage 0", "instance 1: pipeline group 0 stage 1"]
+
+    with rt._lock:
+        engine.elastic.begin_restore(engine.groups[0])
+    # A request arriving while the group drains; it also keeps the engine stepping until the restore completes.
+    calls["draining"] = start(client, "draining", 70)
+
+    def restored() -> bool:
+        return client.elastic().restores == 1 and all(x.mode == "replica" for x in client.load())
+    assert wait_for(restored, timeout_s=30), (client.load(), client.elastic())
+    load = client.load()
+    assert [(x.mode, x.group, x.stage) for x in load] == [("replica", -1, -1)] * 2
+    assert all(x.kv_total == CONFIG.num_blocks - 1 for x in load)
+    elastic = client.elastic()
+    assert (elastic.drops, elastic.restores, elastic.active_groups, elastic.remote_dependent) == (1, 1, 0, 0)
+    (restore,) = [ev for ev in elastic.events if ev.kind == "restore"]
+    assert restore.group == 0 and restore.seconds > 0 and restore.seq > drop.seq
+    seqs = [ev.seq for ev in elastic.events]
+    assert seqs == list(range(1, len(seqs) + 1))  # every event once, oldest first
+    assert [s.split(",")[0] for s in client.info().instances] == ["instance 0: replica", "instance 1: replica"]
+
+    for rid, call in calls.items():
+        n, last = finish(call, firsts.get(rid, []))
+        assert (n, last.finish_reason, last.usage.completion_tokens) == (
+            MAX_TOKENS, pb.FINISH_REASON_LENGTH, MAX_TOKENS), rid
+
+    for _ in range(2):  # every scrape reports each transition once
+        text = scrape_text(handle).splitlines()
+        for line in ("kunjax_elastic_drops_total 1.0", "kunjax_elastic_restores_total 1.0",
+                     "kunjax_pipeline_groups 0.0", "kunjax_remote_attention_requests 0.0",
+                     f"kunjax_kv_blocks_exchanged_total {float(elastic.blocks_exchanged)}",
+                     'kunjax_elastic_transition_seconds_count{kind="drop"} 1.0',
+                     'kunjax_elastic_transition_seconds_count{kind="restore"} 1.0'):
+            assert line in text, line
+    assert wait_for(lambda: all(x.kv_used == 0 and x.running == 0 for x in client.load()), timeout_s=10)
+    with rt._lock:
+        engine.check_books()
