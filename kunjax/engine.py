@@ -134,9 +134,13 @@ class LLMEngine:
 
     def _route(self, req: Request) -> None:
         """Least KV demand relative to capacity among free instances and admitting pipeline groups."""
+        first = self.instances[0].scheduler
+        if not first.can_ever_fit(req):  # also for groups: a restore must be able to take it home
+            raise ValueError(f"request {req.request_id} may need {first.blocks_for(req.max_total_len)} KV blocks "
+                             f"({req.max_total_len} tokens) but an instance pool has {first.allocator.total}")
         free = [inst for inst in self.instances if inst.group is None]
         groups = [g for g in self.groups if g.books.admitting] or ([] if free else self.groups)
-        new_blocks = self.instances[0].scheduler.blocks_for(len(req.token_ids) + 1)
+        new_blocks = first.blocks_for(len(req.token_ids) + 1)
         units = [(inst.scheduler, inst.allocator.total, inst) for inst in free]
         units += [(g.books, g.books.total_blocks, g) for g in groups]
         sched, _, unit = min(units, key=lambda u: ((u[0].demand_blocks() + new_blocks) / u[1], len(u[0].waiting)))

@@ -254,3 +254,84 @@ def test_twenty_drop_restore_cycles_under_load_leak_nothing(engine, oracle):
 def test_bad_kunserve_options_name_the_flag(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):
         EngineConfig(**kwargs)
+
+
+# ---- more paths through a group -------------------------------------------------------------------------------
+def test_drop_peak_is_one_leaf_slice(engine):
+    """Leaf by leaf, each replica released at once: the drop never holds more than one extra leaf slice."""
+    eng = engine
+    rt = eng.elastic.runtimes[(0, 1)]
+    devices = [inst.mesh.devices.flat[0] for inst in eng.instances]
+    largest_slice = max(int(np.prod(s)) * 4 for s, _ in rt.reshard.leaf_shapes.values()) // 2
+    seen: list[dict] = []
+    real = dict(rt.reshard._drop)
+
+    def measuring(fn):
+        def call(x):
+            y = fn(x)
+            seen.append(live_bytes_per_device())
+            return y
+        return call
+
+    before = live_bytes_per_device()
+    rt.reshard._drop.update({p: measuring(fn) for p, fn in real.items()})
+    try:
+        eng.elastic.drop((0, 1))
+    finally:
+        rt.reshard._drop.update(real)
+    assert len(seen) == len(rt.reshard.leaf_shapes)
+    for d in devices:
+        assert max(s[d] for s in seen) <= before[d] + largest_slice
+    restore_all(eng, {})
+
+
+def test_abort_in_flight_and_seeded_sampling_through_a_drop(engine):
+    eng = engine
+    prompts = prompts_for(4, 6)
+    # Seeded draws depend only on (seed, tokens generated), so they survive the drop. (Not with top-p: its cut
+    # moves with last-ulp differences of the log-sum-exp merge, like any change of batch layout.)
+    sampled = [SamplingParams(max_tokens=20, temperature=0.8, seed=100 + i, ignore_eos=True)
+               for i in range(len(prompts))]
+    # Reference: the same seeded requests with no drop.
+    ref_ids = [eng.add_request(p, sp) for p, sp in zip(prompts, sampled, strict=True)]
+    reference: dict[str, list[int]] = {}
+    run_until_done(eng, reference)
+    outputs: dict[str, list[int]] = {}
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, sampled, strict=True)]
+    victims = [eng.add_request(p, GREEDY) for p in prompts_for(5, 3)]
+    step(eng, outputs)
+    g = eng.elastic.drop((0, 1))
+    step(eng, outputs)
+    assert g.books.in_flight
+    for rid in victims:
+        eng.abort(rid)  # in the pipe or not: its blocks go back once nothing writes them
+    eng.check_books()
+    run_until_done(eng, outputs)
+    restore_all(eng, outputs)
+    assert all(outputs[a] == reference[b] for a, b in zip(ids, ref_ids, strict=True))
+    assert not set(victims) & set(outputs)
+    eng.check_books()
+
+
+def test_prefix_shared_blocks_cross_a_drop(model_dir, oracle):
+    """Requests sharing prefix-cache blocks at the drop share their history (refcounted) and stay exact."""
+    cfg = EngineConfig(num_instances=2, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
+                       max_num_batched_tokens=32, max_model_len=128, exchange_blocks_per_step=2,
+                       enable_prefix_caching=True, restore_window_steps=1000)
+    eng = LLMEngine(model_dir, cfg, devices=jax.devices()[2:4])
+    eng.warmup()
+    rng = random.Random(9)
+    shared = [rng.randrange(1, SPLIT.vocab_size) for _ in range(17)]
+    prompts = [shared + [rng.randrange(1, SPLIT.vocab_size) for _ in range(rng.randint(1, 6))] for _ in range(8)]
+    outputs: dict[str, list[int]] = {}
+    first = eng.add_request(prompts[0], GREEDY)
+    for _ in range(3):
+        step(eng, outputs)  # the shared prefix is computed and cached once
+    ids = [first] + [eng.add_request(p, GREEDY) for p in prompts[1:]]
+    for _ in range(2):
+        step(eng, outputs)
+    assert sum(eng.requests[i].num_cached_tokens for i in ids[1:]) > 0, "prefix cache was not exercised"
+    eng.elastic.drop((0, 1))
+    run_until_done(eng, outputs)
+    restore_all(eng, outputs)
+    assert [outputs[i] for i in ids] == oracle(prompts)
