@@ -223,8 +223,8 @@ class EngineConfig:
     min_group_steps: int = _opt(8, "kunserve: fewest engine steps a group lives before it may restore")
     exchange_blocks_per_step: int = _opt(16, "kunserve: KV blocks moved per step by the live KV exchange")
     remote_rows: int = _opt(16, "kunserve: query rows per stage and destination sent to remote attention per tick")
-    microbatch_tokens: int | None = _opt(None, "kunserve: padded tokens of one pipeline micro-batch; default: the "
-                                               "step budget divided by the group size")
+    microbatch_tokens: int | None = _opt(None, "kunserve: padded tokens of one pipeline micro-batch (one tick); "
+                                               "default: --max-num-batched-tokens")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -118,10 +118,30 @@ class KunServeController:
                 self.drop(gp.members, reason=f"deficit {gp.deficit_blocks} blocks, gain {gp.gain_blocks}")
 
     def begin_restore(self, g: PipelineGroup) -> None:
-        """Stop admitting into the group and drain its pipe; the restore completes at a later step boundary."""
+        """Ask for the group to restore as soon as its requests' KV fits the members' own pools (an operator's
+        or a test's request; the restore watch asks by itself when the burst is over)."""
+        g.restore_requested = True
+
+    def _drain(self, g: PipelineGroup) -> None:
         g.books.admitting = False  # nothing new enters the pipe, and the extension stops growing
         for s in g.books.stages:
             s.ext_open = False
+
+    def _defer(self, g: PipelineGroup, reason: str) -> None:
+        """Serve on; a restore is tried again later. Logged once per window, not every step."""
+        b = g.books
+        b.admitting = True
+        for s in b.stages:
+            s.ext_open = True
+        g.watch = RestoreWatch(self.th, self.step_no)
+        if g.deferred_at is None or self.step_no - g.deferred_at >= self.th.restore_window_steps:
+            g.deferred_at = self.step_no
+            self._event("restore_deferred", g, 0.0, {"reason": reason, "running": len(b.running),
+                                                     "remote_dependent": b.num_remote_dependent})
+
+    def _fits_home(self, g: PipelineGroup) -> bool:
+        inst0 = self.engine.instances[g.members[0]]
+        return g.books.plan_move_home(inst0.num_blocks, self.engine.config.max_num_seqs) is not None
 
     def _watch(self, g: PipelineGroup) -> None:
         b = g.books
@@ -131,19 +151,23 @@ class KunServeController:
                         {"blocks_exchanged": b.blocks_exchanged, "remote_ticks": g.remote_ticks})
         if b.admitting:
             base = sum(self.engine.instances[i].allocator.total for i in g.members)
-            if g.watch.observe(self.step_no, b.demand_blocks(), base, len(b.waiting)):
-                self.begin_restore(g)
+            wants = g.watch.observe(self.step_no, b.demand_blocks(), base, len(b.waiting))
+            if wants or g.restore_requested:
+                # Drain only when the move home can succeed: a drain costs every request of the group a step.
+                if self._fits_home(g):
+                    self._drain(g)
+                elif wants:
+                    self._defer(g, "KV does not fit whole free blocks yet")
             return
         if b.in_flight:
             return
-        while b.num_remote_dependent:
+        while b.num_remote_dependent:  # finish the exchange: the move home reads each stage's own blocks
             if not g.exchange_round():
                 break
-        if not self.restore(g):
-            b.admitting = True
-            for s in b.stages:
-                s.ext_open = True
-            g.watch = RestoreWatch(self.th, self.step_no)
+        if b.num_remote_dependent:
+            self._defer(g, "exchange blocked")
+        elif not self.restore(g):
+            self._defer(g, "KV does not fit whole free blocks yet")
 
     # ---- drop ---------------------------------------------------------------------------------------
     def drop(self, members: tuple[int, ...], reason: str = "") -> PipelineGroup:
@@ -204,7 +228,6 @@ class KunServeController:
         assert not b.in_flight and not b.num_remote_dependent
         plan = b.plan_move_home(insts[0].num_blocks, eng.config.max_num_seqs)
         if plan is None:
-            self._event("restore_deferred", g, 0.0, {"running": len(b.running)})
             return False
         t0 = time.perf_counter()
         k, bs = g.k, eng.config.block_size

@@ -93,7 +93,9 @@ def plan_runtime(members: tuple[int, ...], devices: Sequence[jax.Device], cfg: M
     leaf_shapes = {p: (tuple(shape), dtype) for p, shape in flat.items()}
     before = sum(_leaf_bytes(s, d) for s, d in leaf_shapes.values())
     after = sum(_local_bytes(s, d, specs[p], k) for p, (s, d) in leaf_shapes.items())
-    tokens = max(ecfg.max_num_seqs, ecfg.microbatch_tokens or ecfg.max_num_batched_tokens // k)
+    # A tick moves T tokens through all L layers (L/k per stage, k stages at once), so k ticks (one engine step)
+    # do the work of the k members' steps when T is the members' step budget.
+    tokens = max(ecfg.max_num_seqs, ecfg.microbatch_tokens or ecfg.max_num_batched_tokens)
     acts_bytes = tokens * cfg.hidden_size * dtype.itemsize
     pblock = kv_block_bytes(cfg, ecfg.block_size, dtype) // k
     num_ext = (before - after - acts_bytes) // pblock
@@ -144,6 +146,8 @@ class PipelineGroup:
         self.remote_ticks = 0
         self.created = time.perf_counter()
         self.exchange_done = False
+        self.restore_requested = False  # restore as soon as the KV fits home (KunServeController.begin_restore)
+        self.deferred_at: int | None = None  # engine step of the last logged restore deferral
 
     @property
     def members(self) -> tuple[int, ...]:

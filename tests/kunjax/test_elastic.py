@@ -76,12 +76,11 @@ def run_until_done(eng, outputs: dict[str, list[int]], max_steps: int = 500) -> 
 
 
 def restore_all(eng, outputs: dict[str, list[int]], max_steps: int = 50) -> None:
+    for g in eng.groups:
+        eng.elastic.begin_restore(g)  # it happens once the KV fits the replicas' own pools
     for _ in range(max_steps):
         if not eng.groups:
             return
-        for g in eng.groups:
-            if g.books.admitting:  # (again, if a restore was deferred because the KV did not fit yet)
-                eng.elastic.begin_restore(g)
         step(eng, outputs)
     pytest.fail("the group did not restore")
 
@@ -334,4 +333,26 @@ def test_prefix_shared_blocks_cross_a_drop(model_dir, oracle):
     eng.elastic.drop((0, 1))
     run_until_done(eng, outputs)
     restore_all(eng, outputs)
+    assert [outputs[i] for i in ids] == oracle(prompts)
+
+
+def test_restore_waits_while_the_kv_does_not_fit_the_replicas(engine, oracle):
+    eng = engine
+    prompts = prompts_for(6, 14, lo=26, hi=30)
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    outputs: dict[str, list[int]] = {}
+    step(eng, outputs)
+    g = eng.elastic.drop((0, 1))
+    for _ in range(3):
+        step(eng, outputs)
+    assert g.books.demand_blocks() > eng.instances[0].num_blocks  # over half of what the replicas hold
+    eng.elastic.begin_restore(g)
+    tokens = sum(len(r.token_ids) for r in eng.requests.values())
+    for _ in range(3):
+        step(eng, outputs)
+        assert eng.groups == [g] and g.books.admitting  # no drain while the move home cannot succeed
+    assert sum(len(r.token_ids) for r in eng.requests.values()) + sum(map(len, outputs.values())) > tokens
+    restore_all(eng, outputs, max_steps=200)  # it happens once requests finish and blocks free up
+    assert eng.elastic.events[-1].kind == "restore"
+    run_until_done(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
