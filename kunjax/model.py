@@ -231,6 +231,29 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32)
     return LlamaDecoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype).params()
 
 
+def flatten_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'layers': {'wq': x}} -> {'layers/wq': x}; leaves are whatever is not a dict."""
+    out: dict[str, Any] = {}
+    for name, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten_params(v, f"{prefix}{name}/"))
+        else:
+            out[f"{prefix}{name}"] = v
+    return out
+
+
+def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `flatten_params`."""
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     """Expected shape of every leaf, for validating checkpoints before anything is placed on devices."""
     L, E, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from kunjax.checkpoint.safetensors_io import CheckpointError
 from kunjax.config import ConfigError, ModelConfig
-from kunjax.model import param_shapes
+from kunjax.model import flatten_params, param_shapes
 
 FORMAT = "kunjax"
 CONFIG_FILE = "config.json"
@@ -33,19 +33,8 @@ PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'layers': {'wq': x}} -> {'layers/wq': x}; leaves are whatever is not a dict."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_shapes(where: str, actual: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
-    expected = _flatten(param_shapes(cfg))
+    expected = flatten_params(param_shapes(cfg))
     missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
     if missing or extra:
         raise CheckpointError(f"{where}: param tree does not match the model config (missing leaves "
@@ -77,7 +66,7 @@ def save_checkpoint(path: str | os.PathLike[str], cfg: ModelConfig, params: dict
                     tokenizer_file: str | os.PathLike[str] | None = None) -> None:
     """Write `params` (the tree of `cfg`, any sharding) and `cfg` as a kunjax checkpoint at `path`."""
     path = Path(path).absolute()  # orbax wants absolute paths
-    _check_shapes(f"save_checkpoint({path})", {k: tuple(np.shape(v)) for k, v in _flatten(params).items()},
+    _check_shapes(f"save_checkpoint({path})", {k: tuple(np.shape(v)) for k, v in flatten_params(params).items()},
                   cfg)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).unlink(missing_ok=True)  # incomplete until the config is back
@@ -105,7 +94,7 @@ def _stored_shapes(ckptr: ocp.StandardCheckpointer, params_dir: Path) -> dict[st
     # orbax >= 0.11 wraps the tree as StepMetadata.item_metadata(.tree); older versions return it bare.
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)
-    return {k: tuple(v.shape) for k, v in _flatten(dict(meta)).items()}
+    return {k: tuple(v.shape) for k, v in flatten_params(dict(meta)).items()}
 
 
 def load_native_params(path: str | os.PathLike[str], cfg: ModelConfig, shardings: dict[str, Any],

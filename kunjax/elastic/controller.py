@@ -29,8 +29,10 @@ from kunjax.block_manager import BlockAllocator
 from kunjax.elastic.group import GroupBooks
 from kunjax.elastic.monitor import RestoreWatch, Thresholds, needs_drop
 from kunjax.elastic.planner import InstanceLoad, PipelineCostModel, candidate_groups, plan_drop
-from kunjax.elastic.runtime import GroupRuntime, PipelineGroup, compile_runtime, flatten, plan_runtime, unflatten
+from kunjax.elastic.runtime import GroupRuntime, PipelineGroup, compile_runtime, plan_runtime
+from kunjax.model import flatten_params as flatten
 from kunjax.model import param_shapes
+from kunjax.model import unflatten_params as unflatten
 from kunjax.request import RequestStatus
 from sharding.layouts import param_shardings
 

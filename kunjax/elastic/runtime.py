@@ -31,28 +31,9 @@ from kunjax.elastic.pipeline import (
 )
 from kunjax.elastic.reshard import GroupReshard
 from kunjax.instance import kv_block_bytes
+from kunjax.model import flatten_params as flatten
+from kunjax.model import unflatten_params as unflatten
 from sharding.layouts import make_mesh
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{name}/"))
-        else:
-            out[f"{prefix}{name}"] = v
-    return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 def _leaf_bytes(shape: Sequence[int], dtype) -> int:

@@ -20,9 +20,9 @@ from kunjax.checkpoint import load_params
 from kunjax.config import ConfigError, EngineConfig
 from kunjax.elastic.pipeline import STAGE
 from kunjax.elastic.reshard import GroupReshard, live_bytes_per_device
-from kunjax.elastic.runtime import flatten
 from kunjax.engine import LLMEngine
 from kunjax.instance import kv_block_bytes, tree_bytes_per_device
+from kunjax.model import flatten_params as flatten
 from kunjax.model import param_shapes
 from kunjax.sampling_params import SamplingParams
 from sharding.layouts import instance_meshes, make_mesh, param_shardings
