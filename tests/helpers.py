@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -10,12 +11,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax.checkpoint import save_checkpoint
+from kunjax.checkpoint import load_params, save_checkpoint
 from kunjax.config import ModelConfig
-from kunjax.model import forward_dense, init_params
+from kunjax.model import forward_dense, init_params, param_shapes
 
 TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=256, eos_token_ids=())
+
+
+# A vocabulary every pipeline group size (2, 4, 8) divides, so the embedding and the LM head split over stages.
+SPLIT = dataclasses.replace(TINY, vocab_size=128)
+
+
+def load_single_device_params(path: Path, cfg: ModelConfig):
+    """A checkpoint's weights on one device, for the oracles."""
+    from sharding.layouts import instance_meshes, param_shardings
+
+    mesh = instance_meshes(jax.devices()[:1], 1, 1)[0]
+    return load_params(path, cfg, param_shardings(mesh, param_shapes(cfg)), "float32")
 
 
 def write_tiny_model(path: Path, cfg: ModelConfig = TINY, seed: int = 0) -> Path:

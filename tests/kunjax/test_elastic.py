@@ -7,7 +7,6 @@ every restore).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import jax
@@ -16,19 +15,16 @@ import numpy as np
 import pytest
 
 import kunjax.elastic.group as group_mod
-from kunjax.checkpoint import load_params
 from kunjax.config import ConfigError, EngineConfig
 from kunjax.elastic.pipeline import STAGE
 from kunjax.elastic.reshard import GroupReshard, live_bytes_per_device
 from kunjax.engine import LLMEngine
 from kunjax.instance import kv_block_bytes, tree_bytes_per_device
 from kunjax.model import flatten_params as flatten
-from kunjax.model import param_shapes
 from kunjax.sampling_params import SamplingParams
-from sharding.layouts import instance_meshes, make_mesh, param_shardings
-from tests.helpers import TINY, naive_greedy, write_tiny_model
+from sharding.layouts import make_mesh
+from tests.helpers import SPLIT, load_single_device_params, naive_greedy, write_tiny_model
 
-SPLIT = dataclasses.replace(TINY, vocab_size=128)  # every group size divides it: embed and head split too
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
 
 
@@ -39,8 +35,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(model_dir):
-    mesh = instance_meshes(jax.devices()[:1], 1, 1)[0]
-    params = load_params(model_dir, SPLIT, param_shardings(mesh, param_shapes(SPLIT)), "float32")
+    params = load_single_device_params(model_dir, SPLIT)
     return lambda prompts, n=GREEDY.max_tokens: naive_greedy(SPLIT, params, prompts, n)
 
 

@@ -9,24 +9,19 @@ and the per-device bytes back where they started.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import jax
 import pytest
 
-from kunjax.checkpoint import load_params
 from kunjax.config import EngineConfig
 from kunjax.elastic.reshard import live_bytes_per_device
 from kunjax.engine import LLMEngine
 from kunjax.instance import kv_block_bytes, tree_bytes_per_device
 from kunjax.model import param_shapes
 from kunjax.sampling_params import SamplingParams
-from sharding.layouts import instance_meshes, param_shardings
-from tests.helpers import TINY, naive_greedy, write_tiny_model
+from tests.helpers import SPLIT, load_single_device_params, naive_greedy, write_tiny_model
 
-# A vocabulary every group size divides, so the embedding and the head are split over stages too.
-SPLIT = dataclasses.replace(TINY, vocab_size=128)
 BS = 8
 KV_BLOCKS = 24  # per instance, from the budget below
 
@@ -44,8 +39,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle_params(model_dir):
-    mesh = instance_meshes(jax.devices()[:1], 1, 1)[0]
-    return load_params(model_dir, SPLIT, param_shardings(mesh, param_shapes(SPLIT)), "float32")
+    return load_single_device_params(model_dir, SPLIT)
 
 
 def burst_config() -> EngineConfig:
