@@ -364,10 +364,16 @@ class GroupBooks:
         return mb
 
     # ---- tick inputs --------------------------------------------------------------------------------
-    def tick_inputs(self) -> tuple[TickInputs, bool]:
+    def tick_bucket(self) -> int:
+        """Rows of the next tick: the smallest compiled bucket holding every in-flight micro-batch."""
+        need = max((sum(it.num_tokens for it in mb.items) for mb in self.at_stage if mb is not None), default=0)
+        return next(b for b in self.gs.buckets if b >= need)
+
+    def tick_inputs(self, rows: int | None = None) -> tuple[TickInputs, bool]:
         """Host arrays of the next tick from `at_stage`; also whether any row needs remote attention."""
         gs, k, bs = self.gs, self.k, self.block_size
-        t, s, mbw, r = gs.tokens, gs.seqs, gs.max_blocks, gs.remote_rows
+        t = self.tick_bucket() if rows is None else rows
+        s, mbw, r = gs.seqs, gs.max_blocks, gs.remote_rows
         inp = TickInputs(
             positions=np.zeros((k, t), np.int32), seq_ids=np.zeros((k, t), np.int32),
             valid=np.zeros((k, t), bool), slot_mapping=np.zeros((k, t), np.int32),
@@ -382,7 +388,8 @@ class GroupBooks:
         for stage, mb in enumerate(self.at_stage):
             if mb is None:
                 continue
-            inp.positions[stage], inp.seq_ids[stage], inp.valid[stage] = mb.positions, mb.seq_ids, mb.valid
+            inp.positions[stage], inp.seq_ids[stage] = mb.positions[:t], mb.seq_ids[:t]
+            inp.valid[stage] = mb.valid[:t]
             inp.context_lens[stage] = mb.context_lens
             filled = collections.Counter()
             row = 0
@@ -406,7 +413,7 @@ class GroupBooks:
                         inp.recv_pos[st.home, stage, j] = mb.positions[p_row]
                 row += n
         if self.at_stage[0] is not None:
-            inp.tokens_in = self.at_stage[0].tokens
+            inp.tokens_in = self.at_stage[0].tokens[:t]
         last = self.at_stage[k - 1]
         if last is not None:
             inp.logits_indices, inp.suppress_ids = last.logits_indices, last.suppress_ids

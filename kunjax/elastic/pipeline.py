@@ -51,7 +51,8 @@ class GroupShapes:
     k: int  # stages
     num_base: int  # pipeline blocks of the base segment per device (NB·k)
     num_ext: int  # pipeline blocks of the extension segment per device
-    tokens: int  # T: padded rows of one micro-batch
+    tokens: int  # T: most rows of one micro-batch (the activation buffer's rows per stage)
+    buckets: tuple[int, ...]  # padded row counts a tick is compiled for (ascending, the last is T)
     seqs: int  # S: sequences of one micro-batch
     max_blocks: int  # MB: block-table width
     remote_rows: int  # R: remote query rows per (stage, destination) per tick
@@ -120,7 +121,8 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
     block_tables, context_lens, context_starts = block_tables[0], context_lens[0], context_starts[0]
     stage = jax.lax.axis_index(STAGE)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    h = jnp.where(stage == 0, _embed(cfg, params["embed"], tokens_in, split).astype(acts.dtype), acts)
+    rows = positions.shape[0]  # this tick's bucket: the in-flight micro-batches' valid rows all fit in it
+    h = jnp.where(stage == 0, _embed(cfg, params["embed"], tokens_in, split).astype(acts.dtype), acts[:rows])
 
     def attn(q, k_new, v_new, layer):  # q [T, H, D]
         out, lse = paged_attention(q, k_new, v_new, (pool, ext), layer, block_tables, context_lens, seq_ids,
@@ -155,7 +157,7 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
     logits = _logits(cfg, params, exit_rows, split)
     sampled = sample_rows(logits, suppress_ids, temperature, top_k, top_p, min_p, seeds, counters,
                           gs.num_logprobs)
-    acts = jax.lax.ppermute(h, STAGE, [(i, (i + 1) % k) for i in range(k)])
+    acts = acts.at[:rows].set(jax.lax.ppermute(h, STAGE, [(i, (i + 1) % k) for i in range(k)]))
     return pool, ext, acts, sampled
 
 

@@ -14,8 +14,8 @@ BS = 4
 
 
 def shapes(k: int = 2, **kw) -> GroupShapes:
-    base = dict(k=k, num_base=8 * k, num_ext=6, tokens=16, seqs=4, max_blocks=8, remote_rows=4, copy_blocks=3,
-                num_logprobs=0)
+    base = dict(k=k, num_base=8 * k, num_ext=6, tokens=16, buckets=(8, 16), seqs=4, max_blocks=8, remote_rows=4,
+                copy_blocks=3, num_logprobs=0)
     base.update(kw)
     return GroupShapes(**base)
 
