@@ -183,9 +183,18 @@ class LLMEngine:
                 if req.finished:
                     self.requests.pop(req.request_id, None)
 
-        # Groups run their ticks while the instances' steps are in flight on their own devices.
-        for g in list(self.groups):
-            g.step(lambda sampled, owner=g.books: apply(owner, sampled))
+        # Groups run their ticks while the instances' steps are in flight on their own devices; every group's
+        # tick is launched before any is read, so groups overlap too. A tick's tokens are applied before the
+        # next tick is scheduled.
+        groups = list(self.groups)
+        for t in range(max((g.k for g in groups), default=0)):
+            launched = [(g, g.launch_tick()) for g in groups if t < g.k]
+            for g, pending_tick in launched:
+                sampled = g.finish_tick(pending_tick)
+                if sampled:
+                    apply(g.books, sampled)
+        for g in groups:
+            g.exchange_round()
         for inst, p in pending:
             if p is not None:
                 apply(inst.scheduler, inst.complete(p))

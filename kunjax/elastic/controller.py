@@ -102,7 +102,7 @@ class KunServeController:
         sch = inst.scheduler
         queued = sum(sch.blocks_for(len(r.token_ids) + 1) for r in sch.waiting)
         return InstanceLoad(inst.index, inst.allocator.total, inst.allocator.num_allocatable,
-                            sch.demand_blocks(), queued)
+                            sch.demand_blocks(), queued, sch.max_num_seqs - len(sch.running))
 
     def after_step(self) -> None:
         self.step_no += 1

@@ -40,9 +40,11 @@ def needs_drop(load: InstanceLoad, th: Thresholds) -> bool:
     """KunServe's release rule: demand near capacity and a queue that the free blocks cannot absorb.
 
     Both halves matter: high demand alone is a full but flowing pool (requests finish and free blocks), and a
-    queue alone may fit in the free blocks on the next step.
+    queue alone may fit in the free blocks on the next step. And memory must be what holds the queue back: an
+    instance whose sequence slots are all taken gains nothing from more KV blocks (a group has as many slots
+    as its members), so it does not drop.
     """
-    return (load.queued_blocks > 0 and load.queued_blocks >= load.free_blocks
+    return (load.queued_blocks > 0 and load.queued_blocks >= load.free_blocks and load.seats_free > 0
             and load.demand_blocks >= th.drop_demand_ratio * load.total_blocks)
 
 

@@ -44,6 +44,7 @@ class InstanceLoad:
     free_blocks: int  # allocatable now
     demand_blocks: int  # blocks held by running requests + blocks the queued requests need
     queued_blocks: int  # blocks the queued (waiting) requests need
+    seats_free: int = 1  # sequence slots (max_num_seqs - running): 0 means seats, not memory, hold the queue
 
     @property
     def deficit(self) -> int:

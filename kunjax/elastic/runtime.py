@@ -144,12 +144,15 @@ class PipelineGroup:
         return self.rt.k
 
     # ---- serving ------------------------------------------------------------------------------------
-    def tick(self) -> list[tuple]:
+    def launch_tick(self) -> tuple | None:
+        """Schedule the entering micro-batch and launch one tick without waiting; None when the pipe is empty.
+
+        Returns what `finish_tick` needs when a micro-batch leaves the last stage this tick."""
         books = self.books
         entering = books.schedule() if books.admitting else None
         books.at_stage = [entering] + books.at_stage[:-1]
         if not books.in_flight:
-            return []
+            return None
         inp, remote = books.tick_inputs()
         rows = len(inp.tokens_in)
         self.pool, self.ext, self.acts, sampled = self.rt.ticks[(remote, rows)](
@@ -157,17 +160,23 @@ class PipelineGroup:
         self.ticks += 1
         self.remote_ticks += int(remote)
         leaving = books.at_stage[-1]
-        if leaving is None:
+        books.at_stage[-1] = None  # (its requests stay in flight until finish_tick reads their tokens)
+        return None if leaving is None else (leaving, sampled)
+
+    def finish_tick(self, launched: tuple | None) -> list[tuple]:
+        """Read the leaving micro-batch's tokens (the one host sync of a tick) and commit it."""
+        if launched is None:
             return []
-        books.at_stage[-1] = None
+        leaving, sampled = launched
         tokens, logprob, top_ids, top_lps = (np.asarray(x) for x in sampled)
-        return books.exit(leaving, tokens, logprob, top_ids, top_lps)
+        return self.books.exit(leaving, tokens, logprob, top_ids, top_lps)
 
     def step(self, on_samples: Callable[[list[tuple]], None]) -> None:
         """k ticks, then one exchange round. Each tick's samples go to `on_samples` before the next tick is
-        scheduled: a request that just left the pipe re-enters with its new token (or not at all if finished)."""
+        scheduled: a request that just left the pipe re-enters with its new token (or not at all if finished).
+        (The engine interleaves several groups' ticks itself, so their device work overlaps.)"""
         for _ in range(self.k):
-            sampled = self.tick()
+            sampled = self.finish_tick(self.launch_tick())
             if sampled:
                 on_samples(sampled)
         self.exchange_round()

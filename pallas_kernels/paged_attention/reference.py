@@ -112,12 +112,20 @@ def gather_blocks(
     for seg in segments:
         nb, n_layers = seg.shape[:2]
         local = ids - base
-        rows = seg.reshape(nb * n_layers, *seg.shape[2:])[jnp.clip(local, 0, nb - 1) * n_layers + layer]
+
+        def read(seg=seg, local=local, nb=nb, n_layers=n_layers):
+            return seg.reshape(nb * n_layers, *seg.shape[2:])[jnp.clip(local, 0, nb - 1) * n_layers + layer]
+
         if out is None:
-            out = rows
+            out = read()
         else:
             inside = (local >= 0) & (local < nb)
-            out = jnp.where(inside.reshape(*inside.shape, 1, 1, 1, 1), rows, out)
+
+            def pick(prev, read=read, inside=inside):
+                return jnp.where(inside.reshape(*inside.shape, 1, 1, 1, 1), read(), prev)
+
+            # Most rows read one segment only: skip this segment's gather when no id falls in it.
+            out = jax.lax.cond(jnp.any(inside), pick, lambda prev: prev, out)
         base += nb
     return out
 

@@ -1,5 +1,6 @@
 """Drop and restore triggers: the release rule at its thresholds, the restore window, and no flapping."""
 
+import dataclasses
 import random
 
 import pytest
@@ -149,3 +150,12 @@ def test_random_demand_never_restores_early(seed):
     # So no drop/restore/drop/restore within a window: two restores lie at least a window apart.
     restores = [step for what, step in transitions if what == "restore"]
     assert all(b - a > th.restore_window_steps for a, b in zip(restores, restores[1:], strict=False))
+
+
+def test_a_queue_held_back_by_sequence_slots_does_not_drop():
+    th = Thresholds()
+    memory_bound = InstanceLoad(0, total_blocks=100, free_blocks=2, demand_blocks=140, queued_blocks=40,
+                                seats_free=3)
+    seat_bound = dataclasses.replace(memory_bound, seats_free=0)
+    assert needs_drop(memory_bound, th)
+    assert not needs_drop(seat_bound, th)
