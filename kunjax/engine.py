@@ -3,8 +3,9 @@
 Owns request admission (validation, tokenization, routing), the controller loop over instances, and applying
 sampled tokens (stop conditions, detokenization, finish). Each instance steps independently: `step()` first
 dispatches every instance's device step (asynchronously), then completes them, so a slow instance does not
-serialise the others. Requests never move between instances here (that is a policy's job); the router picks the
-instance with the least KV demand relative to its capacity.
+serialise the others. Requests never move between instances here (that is a policy's job: `--policy kunserve`
+fuses instances into pipeline groups and back, `kunjax/elastic/`); the router picks the instance or admitting
+group with the least KV demand relative to its capacity.
 """
 
 from __future__ import annotations
@@ -169,7 +170,11 @@ class LLMEngine:
     # ---- stepping -----------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         """Work is left: a request, or a pipeline group (idle groups step towards their restore)."""
-        return any(inst.scheduler.has_work for inst in self.instances) or bool(self.groups)
+        return self.has_requests() or bool(self.groups)
+
+    def has_requests(self) -> bool:
+        return (any(inst.scheduler.has_work for inst in self.instances)
+                or any(g.books.has_work for g in self.groups))
 
     def step(self) -> list[RequestOutput]:
         """One step of every instance with work; returns an output for every request that advanced."""

@@ -45,6 +45,7 @@ from serving.runtime import (
 )
 
 log = logging.getLogger("kunjax.engine_thread")
+IDLE_GROUP_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline groups
 
 
 def _event(out: RequestOutput, seen_logprobs: int) -> TokenEvent:
@@ -245,6 +246,11 @@ class EngineThread:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
                 continue
+            if not self.engine.has_requests():
+                # Only idle pipeline groups: pace their steps, so the restore window means some idle time and
+                # not a few microseconds of spinning between two bursts.
+                self._wake.wait(timeout=IDLE_GROUP_STEP_S)
+                self._wake.clear()
             with self._lock:
                 try:
                     for out in self.engine.step():
