@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import heapq
 import math
+import statistics
 from collections.abc import Iterable
 
 import numpy as np
@@ -163,6 +164,7 @@ class GroupBooks:
         self.admitting = True  # False while draining for a restore
         self.num_preemptions = 0
         self.blocks_exchanged = 0
+        self.recent_prompts: collections.deque[int] = collections.deque(maxlen=64)  # for `chunk_cap`
 
     # ---- counts -------------------------------------------------------------------------------------
     def blocks_for(self, n: int) -> int:
@@ -293,10 +295,24 @@ class GroupBooks:
             return True
         return False
 
+    def chunk_cap(self) -> int:
+        """Longest prefill chunk while others wait: the typical (median recent) prompt length, so one long prompt
+        does not fill whole micro-batches while short ones queue behind it (KunServe's micro-batch balance)."""
+        prefilling = sum(1 for q in self.running if len(q.req.token_ids) - q.req.num_computed > 1)
+        if len(self.waiting) + prefilling < 2 or not self.recent_prompts:
+            return self.gs.tokens
+        return max(self.gs.buckets[0], int(statistics.median(self.recent_prompts)))
+
     def schedule(self) -> MicroBatch | None:
-        """The micro-batch entering stage 0 this tick (None: nothing to run)."""
+        """The micro-batch entering stage 0 this tick (None: nothing to run).
+
+        Decodes and prefills in progress first (arrival order), then new requests (FCFS); each prefill chunk is
+        capped by `chunk_cap`. Every tick's micro-batch is filled this way up to the same budget, which is what
+        balance means for lockstep stages with one entering slot per tick.
+        """
         gs = self.gs
         budget, items = gs.tokens, []
+        cap = self.chunk_cap()
         remote_rows: collections.Counter[int] = collections.Counter()
         for seq in list(self.running):
             if budget <= 0 or len(items) >= gs.seqs:
@@ -304,7 +320,7 @@ class GroupBooks:
             if seq.in_flight or self.seqs.get(seq.req.request_id) is not seq:
                 continue  # in the pipe, or preempted earlier in this loop
             req = seq.req
-            n = min(len(req.token_ids) - req.num_computed, budget)
+            n = min(len(req.token_ids) - req.num_computed, budget, cap)
             if n <= 0:
                 continue  # its last token has not been applied yet (never happens between ticks)
             st = seq.stale
@@ -324,11 +340,12 @@ class GroupBooks:
         while (self.admitting and self.waiting and budget > 0 and len(items) < gs.seqs
                and len(self.running) < self.max_running):
             req = self.waiting[0]
-            n = min(len(req.token_ids), budget)
+            n = min(len(req.token_ids), budget, cap)
             seq = GroupSeq(req, [[] for _ in range(self.k)])
             if not self._grow(seq, n):
                 break
             self.waiting.popleft()
+            self.recent_prompts.append(len(req.token_ids))
             req.status = RequestStatus.RUNNING
             req.num_computed = 0
             self.running.append(seq)

@@ -111,3 +111,23 @@ def test_abort_while_in_flight_releases_when_the_micro_batch_leaves():
     assert [s[0].request_id for s in out] == ["b"]
     assert "a" not in b.seqs
     b.check()
+
+
+def test_long_prefills_are_chunked_to_the_typical_length_while_others_wait():
+    b = GroupBooks(shapes(tokens=64, buckets=(8, 64), seqs=8), BS, max_running=8)
+    b.open_books(num_base=64, num_ext=8)
+    b.recent_prompts.extend([10, 12, 14])  # typical prompt: 12 tokens
+    long_req = request("long", 60, blocks=[], computed=0)
+    shorts = [request(f"s{i}", 10, blocks=[], computed=0) for i in range(3)]
+    for r in [long_req, *shorts]:
+        b.add(r)
+    mb = b.schedule()
+    got = {it.seq.req.request_id: it.num_tokens for it in mb.items}
+    assert got["long"] == 12  # capped: the short prompts behind it start in the same micro-batch
+    assert all(got[f"s{i}"] == 10 for i in range(3))
+    # Alone in the queue, a prefill takes the whole budget.
+    b2 = GroupBooks(shapes(tokens=64, buckets=(8, 64), seqs=8), BS, max_running=8)
+    b2.open_books(num_base=64, num_ext=8)
+    b2.recent_prompts.extend([10, 12, 14])
+    b2.add(request("alone", 60, blocks=[], computed=0))
+    assert b2.schedule().items[0].num_tokens == 60
