@@ -1,0 +1,101 @@
+"""`kunjax serve --policy kunserve` as a real process under a burst of gRPC streams.
+
+A simulated device budget leaves each of the two instances room for about three of the demo's passages; all 36
+recitations arrive at once. The server must drop on its own (monitor + planner), serve every stream with the
+exact recitation (the memorized model is the oracle), report the transitions through `GetLoad` and Prometheus,
+and restore the replicas once the burst is over.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kunjax.checkpoint import load_config
+from kunjax.demo import ensure_demo_model, recitation_prompts
+from kunjax.instance import kv_block_bytes
+from kunjax.model import param_shapes
+from serving.client import KunjaxClient
+
+BLOCKS = 24  # KV blocks per instance under the budget below (16 tokens each)
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = ensure_demo_model()
+    cfg = load_config(model)
+    weights = sum(int(np.prod(s)) * 4 for s in _leaves(param_shapes(cfg)))
+    device = int(weights / 0.45)
+    reserve = device - weights - BLOCKS * kv_block_bytes(cfg, 16, "float32")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kunjax", "serve", "--model", str(model), "--port", "0", "--cpu-devices", "2",
+         "--policy", "kunserve", "--device-memory-bytes", str(device), "--activation-reserve-bytes", str(reserve),
+         "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--max-model-len", "256",
+         "--restore-window-steps", "4", "--min-group-steps", "4", "--metrics-port", "0"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    port = metrics = None
+    deadline = time.monotonic() + 400
+    lines = []
+    while (port is None or metrics is None) and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if m := re.search(r"serving on [\d.]+:(\d+)", line):
+            port = int(m.group(1))
+        if m := re.search(r"metrics on (http://\S+)", line):
+            metrics = m.group(1)
+    assert port and metrics, f"server did not start: {''.join(lines)}"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # SERVING once every instance and group compiled
+        health = health_pb2_grpc.HealthStub(ch)
+        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != \
+                health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "never became ready"
+            time.sleep(0.2)
+    yield proc, f"127.0.0.1:{port}", metrics
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def _leaves(tree):
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+def test_a_burst_of_streams_drops_recites_exactly_and_restores(server):
+    _, target, metrics = server
+    pairs = recitation_prompts()
+    with KunjaxClient(target, timeout_s=300) as client:
+        assert all(x.kv_total == BLOCKS - 1 for x in client.load())
+
+        def recite(i: int) -> tuple[str, str]:
+            return client.generate_text(pairs[i][0], max_tokens=200, temperature=0.0)
+
+        with ThreadPoolExecutor(len(pairs)) as pool:
+            results = list(pool.map(recite, range(len(pairs))))
+        wrong = [i for i, (text, reason) in enumerate(results) if (text, reason) != (pairs[i][1], "stop")]
+        assert not wrong, f"passages {wrong} were not recited exactly"
+        status = client.elastic()
+        assert status.drops >= 1, status
+        assert any(e.kind == "drop" and e.seconds > 0 for e in status.events)
+        deadline = time.monotonic() + 60
+        while client.elastic().restores < status.drops:  # idle groups restore after the window
+            assert time.monotonic() < deadline, client.elastic()
+            time.sleep(0.2)
+        assert all(x.mode == "replica" for x in client.load())
+    scraped = urllib.request.urlopen(metrics, timeout=10).read().decode()
+    assert re.search(r"^kunjax_elastic_drops_total [1-9]", scraped, re.M), scraped[:3000]
