@@ -351,3 +351,30 @@ def test_restore_waits_while_the_kv_does_not_fit_the_replicas(engine, oracle):
     assert eng.elastic.events[-1].kind == "restore"
     run_until_done(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
+
+
+def test_instances_outside_the_plan_are_untouched(model_dir, oracle):
+    cfg = EngineConfig(num_instances=4, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
+                       max_num_batched_tokens=32, max_model_len=128, restore_window_steps=1000)
+    eng = LLMEngine(model_dir, cfg, devices=jax.devices()[4:8])
+    for inst in eng.instances:
+        inst.warmup()  # the pair dropped below compiles at its drop
+    prompts = prompts_for(8, 12)
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    outputs: dict[str, list[int]] = {}
+    step(eng, outputs)
+    others = eng.instances[2:]
+    ptrs = [(inst.params["layers"]["wq"].unsafe_buffer_pointer(), inst.kv_pool.unsafe_buffer_pointer())
+            for inst in others]
+    served = [list(inst.scheduler.running) for inst in others]
+    eng.elastic.drop((0, 1))
+    for _ in range(3):
+        step(eng, outputs)
+    assert all(inst.group is None for inst in others)
+    assert ptrs == [(inst.params["layers"]["wq"].unsafe_buffer_pointer(), inst.kv_pool.unsafe_buffer_pointer())
+                    for inst in others]  # same weights, same (donated, in place) pool
+    assert all(r.instance == inst.index and r.group is None for inst, rs in zip(others, served, strict=True)
+               for r in rs)
+    run_until_done(eng, outputs)
+    restore_all(eng, outputs)
+    assert [outputs[i] for i in ids] == oracle(prompts)
