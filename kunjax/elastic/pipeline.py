@@ -114,6 +114,9 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
                valid, slot_mapping, block_tables, context_lens, context_starts, send_rows, recv_tables,
                recv_lens, recv_pos, tokens_in, logits_indices, suppress_ids, temperature, top_k, top_p, min_p,
                seeds, counters):
+    """One tick on one stage (inside `shard_map`). Local shapes: params hold this stage's L/k layers (and its
+    vocabulary rows when split); pool [NB·k, L/k, 2, BS, K, D]; ext [NE, L/k, 2, BS, K, D]; acts [T_max, E]; the
+    per-stage metadata is [1, ...] of the `TickInputs` shapes, the exit-row arrays are replicated."""
     k = gs.k
     split = embed_is_split(cfg, k)
     # Per-stage metadata arrives as [1, ...] local blocks of [k, ...] arrays.
@@ -130,9 +133,9 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
                                    context_starts=context_starts)
         if not remote:
             return out
-        rows = send_rows[0]  # [k(dest), R] local row ids, -1 pad
+        send = send_rows[0]  # [k(dest), R] local row ids, -1 pad
         t, nh, d = q.shape
-        q_out = q[jnp.clip(rows, 0, t - 1)]  # [k, R, H, D]
+        q_out = q[jnp.clip(send, 0, t - 1)]  # [k, R, H, D]
         q_in = jax.lax.all_to_all(q_out, STAGE, 0, 0, tiled=True)  # [k(src), R, H, D]
         n = k * gs.remote_rows
         zeros_kv = jnp.zeros((n, *k_new.shape[1:]), k_new.dtype)
@@ -142,7 +145,7 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
                                        jnp.zeros(n, bool), scale=scale, sliding_window=cfg.sliding_window)
         packed = jnp.concatenate([r_out.astype(jnp.float32), r_lse[..., None]], axis=-1)
         back = jax.lax.all_to_all(packed.reshape(k, gs.remote_rows, nh, d + 1), STAGE, 0, 0, tiled=True)
-        target = jnp.where(rows >= 0, rows, t).reshape(-1)  # padding rows fall outside and are dropped
+        target = jnp.where(send >= 0, send, t).reshape(-1)  # padding rows fall outside and are dropped
         rem_out = jnp.zeros((t, nh, d), jnp.float32).at[target].set(back[..., :d].reshape(-1, nh, d), mode="drop")
         rem_lse = jnp.full((t, nh), -jnp.inf, jnp.float32).at[target].set(back[..., d].reshape(-1, nh),
                                                                           mode="drop")
