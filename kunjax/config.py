@@ -22,6 +22,7 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("recompute", "kunserve")  # memory-overload policies implemented so far
+ATTENTION_BACKENDS = ("auto", "reference", "tpu", "tpu-interpret")  # pallas_kernels.BACKENDS
 
 
 class ConfigError(ValueError):
@@ -208,6 +209,9 @@ class EngineConfig:
     seed: int = _opt(0, "seed from which requests without their own seed draw one (reproducible runs)")
     policy: str = _opt("recompute", "memory-overload policy: recompute (preempt the latest arrival, re-prefill "
                        "later) or kunserve (drop replicated weights into pipeline groups, restore after the burst)")
+    attention_backend: str = _opt("auto", "paged-attention kernel: auto (the reference today), reference, tpu "
+                                          "(Pallas Mosaic; not yet run on TPU hardware) or tpu-interpret (that "
+                                          "kernel in TPU interpret mode, for CPU checks)")
     device_memory_bytes: int | None = _opt(
         None, "CPU: simulated per-device memory budget (weights + KV + reserve); the KV pool gets what the weights "
               "leave. GPU/TPU read it from memory stats")
@@ -244,6 +248,9 @@ class EngineConfig:
             raise ConfigError(f"--num-blocks must be >= 2, got {self.num_blocks}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ConfigError(f"--kv-memory-fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                              f"got {self.attention_backend!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("device_memory_bytes", "microbatch_tokens"):

@@ -96,11 +96,11 @@ class StepInputs:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
-def _step(cfg: ModelConfig, num_logprobs: int, params: Params, kv_pool: jax.Array, tokens, positions, seq_ids,
-          valid, slot_mapping, block_tables, context_lens, logits_indices, temperature, top_k, top_p, min_p,
-          seeds, counters, suppress_ids):
+def _step(cfg: ModelConfig, num_logprobs: int, attention_backend: str, params: Params, kv_pool: jax.Array,
+          tokens, positions, seq_ids, valid, slot_mapping, block_tables, context_lens, logits_indices, temperature,
+          top_k, top_p, min_p, seeds, counters, suppress_ids):
     logits, new_kv = forward_paged(cfg, params, kv_pool, tokens, positions, seq_ids, valid, block_tables,
-                                   context_lens, logits_indices)
+                                   context_lens, logits_indices, attention_backend)
     kv_pool = write_kv(kv_pool, new_kv, slot_mapping)
     sampled = sample_rows(logits, suppress_ids, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs)
     return kv_pool, sampled
@@ -170,7 +170,7 @@ class Instance:
     def warmup(self) -> float:
         """Compile the step for every token bucket; returns seconds spent."""
         t0 = time.perf_counter()
-        fn = functools.partial(_step, self.cfg, self.ecfg.max_logprobs)
+        fn = functools.partial(_step, self.cfg, self.ecfg.max_logprobs, self.ecfg.attention_backend)
         rep = replicated(self.mesh)
         p_shard = param_shardings(self.mesh, self.params)
         n_meta = len(dataclasses.fields(StepInputs))

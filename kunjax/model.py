@@ -152,13 +152,14 @@ def forward_paged(
     block_tables: jax.Array,  # [S, MB] int32
     context_lens: jax.Array,  # [S] int32 tokens already cached per sequence
     logits_indices: jax.Array,  # [S] int32 row of each sequence's last token in this step
+    attention_backend: str = "auto",  # pallas_kernels.BACKENDS
 ) -> tuple[jax.Array, jax.Array]:
     """One engine step; returns (logits [S, V] float32, new_kv [L, T, 2, K, D] in the pool dtype)."""
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def attn(q, k, v, layer):
         out, _ = paged_attention(q, k, v, kv_pool, layer, block_tables, context_lens, seq_ids, positions,
-                                 valid, scale=scale, sliding_window=cfg.sliding_window)
+                                 valid, scale=scale, sliding_window=cfg.sliding_window, backend=attention_backend)
         return out
 
     h = params["embed"][tokens]

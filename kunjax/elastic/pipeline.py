@@ -58,6 +58,7 @@ class GroupShapes:
     remote_rows: int  # R: remote query rows per (stage, destination) per tick
     copy_blocks: int  # X: blocks per (source, destination) per copy call
     num_logprobs: int
+    attention_backend: str = "auto"  # pallas_kernels.BACKENDS
 
 
 def embed_is_split(cfg: ModelConfig, k: int) -> bool:
@@ -130,7 +131,7 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
     def attn(q, k_new, v_new, layer):  # q [T, H, D]
         out, lse = paged_attention(q, k_new, v_new, (pool, ext), layer, block_tables, context_lens, seq_ids,
                                    positions, valid, scale=scale, sliding_window=cfg.sliding_window,
-                                   context_starts=context_starts)
+                                   context_starts=context_starts, backend=gs.attention_backend)
         if not remote:
             return out
         send = send_rows[0]  # [k(dest), R] local row ids, -1 pad
@@ -142,7 +143,8 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
         r_out, r_lse = paged_attention(q_in.reshape(n, nh, d), zeros_kv, zeros_kv, pool, layer,
                                        recv_tables[0].reshape(n, -1), recv_lens[0].reshape(n),
                                        jnp.arange(n, dtype=jnp.int32), recv_pos[0].reshape(n),
-                                       jnp.zeros(n, bool), scale=scale, sliding_window=cfg.sliding_window)
+                                       jnp.zeros(n, bool), scale=scale, sliding_window=cfg.sliding_window,
+                                       backend=gs.attention_backend)
         packed = jnp.concatenate([r_out.astype(jnp.float32), r_lse[..., None]], axis=-1)
         back = jax.lax.all_to_all(packed.reshape(k, gs.remote_rows, nh, d + 1), STAGE, 0, 0, tiled=True)
         target = jnp.where(send >= 0, send, t).reshape(-1)  # padding rows fall outside and are dropped

@@ -89,7 +89,7 @@ def plan_runtime(members: tuple[int, ...], devices: Sequence[jax.Device], cfg: M
     shapes = GroupShapes(k=k, num_base=pool_shape[0] * k, num_ext=int(num_ext), tokens=tokens, buckets=buckets,
                          seqs=ecfg.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg),
                          remote_rows=ecfg.remote_rows, copy_blocks=ecfg.exchange_blocks_per_step,
-                         num_logprobs=ecfg.max_logprobs)
+                         num_logprobs=ecfg.max_logprobs, attention_backend=ecfg.attention_backend)
     reshard = GroupReshard(mesh, leaf_shapes, specs, pool_shape, dtype, int(num_ext))
     return GroupRuntime(members, mesh, shapes, reshard, before - after)
 

@@ -1,0 +1,10 @@
+"""Ragged paged attention over the block-major KV pool `[NB, L, 2, BS, K, D]`, one module per backend, all with
+the signature and semantics of `reference.paged_attention`:
+
+* `reference`: pure JAX (gather the history, attend); the contract, and the CPU backend.
+* `tpu`: Pallas Mosaic kernel (scalar-prefetched work plan, pool blocks DMA'd from HBM, online softmax); tested
+  on CPU in TPU interpret mode (`interpret=pltpu.InterpretParams()`).
+
+Backend selection lives in `pallas_kernels/__init__.py`; this package imports nothing so that picking a backend
+never pulls in another's dependencies.
+"""

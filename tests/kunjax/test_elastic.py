@@ -244,6 +244,7 @@ def test_twenty_drop_restore_cycles_under_load_leak_nothing(engine, oracle):
     (dict(restore_demand_ratio=0.96), "--restore-demand-ratio"),
     (dict(exchange_blocks_per_step=0), "--exchange-blocks-per-step"),
     (dict(device_memory_bytes=-1), "--device-memory-bytes"),
+    (dict(attention_backend="cuda"), "--attention-backend"),
 ])
 def test_bad_kunserve_options_name_the_flag(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):
