@@ -8,24 +8,20 @@ and restore the replicas once the burst is over.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kunjax.checkpoint import load_config
 from kunjax.demo import ensure_demo_model, recitation_prompts
 from kunjax.instance import kv_block_bytes
 from kunjax.model import param_shapes
 from serving.client import KunjaxClient
+from tests.e2e.serve_process import start_serve
 
 BLOCKS = 24  # KV blocks per instance under the budget below (16 tokens each)
 
@@ -37,33 +33,11 @@ def server():
     weights = sum(int(np.prod(s)) * 4 for s in _leaves(param_shapes(cfg)))
     device = int(weights / 0.45)
     reserve = device - weights - BLOCKS * kv_block_bytes(cfg, 16, "float32")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kunjax", "serve", "--model", str(model), "--port", "0", "--cpu-devices", "2",
-         "--policy", "kunserve", "--device-memory-bytes", str(device), "--activation-reserve-bytes", str(reserve),
-         "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--max-model-len", "256",
-         "--restore-window-steps", "4", "--min-group-steps", "4", "--metrics-port", "0"],
-        stderr=subprocess.PIPE, text=True, env=env)
-    port = metrics = None
-    deadline = time.monotonic() + 400
-    lines = []
-    while (port is None or metrics is None) and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(r"serving on [\d.]+:(\d+)", line):
-            port = int(m.group(1))
-        if m := re.search(r"metrics on (http://\S+)", line):
-            metrics = m.group(1)
-    assert port and metrics, f"server did not start: {''.join(lines)}"
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # SERVING once every instance and group compiled
-        health = health_pb2_grpc.HealthStub(ch)
-        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != \
-                health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, "never became ready"
-            time.sleep(0.2)
-    yield proc, f"127.0.0.1:{port}", metrics
+    proc, target, metrics = start_serve(
+        ["--model", str(model), "--cpu-devices", "2", "--policy", "kunserve", "--device-memory-bytes", str(device),
+         "--activation-reserve-bytes", str(reserve), "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+         "--max-model-len", "256", "--restore-window-steps", "4", "--min-group-steps", "4"])
+    yield proc, target, metrics
     proc.kill()
     proc.wait(timeout=30)
 

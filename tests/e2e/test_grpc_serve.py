@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kunjax.demo import ensure_demo_model, recitation_prompts
 from serving.client import KunjaxClient
+from tests.e2e.serve_process import start_serve
 
 TOKEN = "s3cret-token"
 
@@ -26,34 +24,10 @@ def server(tmp_path_factory):
     model = ensure_demo_model()
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kunjax", "serve", "--model", str(model), "--port", "0", "--cpu-devices", "2",
-         "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--min-token-bucket", "64",
-         "--max-model-len", "256", "--grace-s", "60", "--metrics-port", "0", "--auth-token-file", str(token_file)],
-        stderr=subprocess.PIPE, text=True, env=env)
-    port = metrics = None
-    deadline = time.monotonic() + 300
-    lines = []
-    while (port is None or metrics is None) and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(r"serving on [\d.]+:(\d+)", line):
-            port = int(m.group(1))
-        if m := re.search(r"metrics on (http://\S+)", line):
-            metrics = m.group(1)
-    assert port and metrics, f"server did not start: {''.join(lines)}"
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as ch:
-        health = health_pb2_grpc.HealthStub(ch)
-        while True:
-            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                break
-            assert time.monotonic() < deadline, "never became ready"
-            time.sleep(0.2)
+    proc, target, metrics = start_serve(
+        ["--model", str(model), "--cpu-devices", "2", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+         "--min-token-bucket", "64", "--max-model-len", "256", "--grace-s", "60", "--auth-token-file",
+         str(token_file)], timeout_s=300)
     yield proc, target, metrics
     if proc.poll() is None:
         proc.kill()

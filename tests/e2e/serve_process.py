@@ -1,0 +1,45 @@
+"""`kunjax serve` as a child process for the end-to-end tests: start it, wait for SERVING, hand back its ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def start_serve(args: list[str], timeout_s: float = 400.0) -> tuple[subprocess.Popen, str, str]:
+    """Run `kunjax serve --port 0 --metrics-port 0 *args` on CPU; returns (process, gRPC target, metrics URL) once
+    health reports SERVING (after warm-up compiled everything)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "kunjax", "serve", "--port", "0", "--metrics-port", "0", *args],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    port = metrics = None
+    deadline = time.monotonic() + timeout_s
+    lines = []
+    while (port is None or metrics is None) and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if m := re.search(r"serving on [\d.]+:(\d+)", line):
+            port = int(m.group(1))
+        if m := re.search(r"metrics on (http://\S+)", line):
+            metrics = m.group(1)
+    if not (port and metrics):
+        proc.kill()
+        raise AssertionError(f"server did not start: {''.join(lines)}")
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != \
+                health_pb2.HealthCheckResponse.SERVING:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("the server never became ready")
+            time.sleep(0.2)
+    return proc, target, metrics
