@@ -444,7 +444,8 @@ class GroupBooks:
             seq = it.seq
             seq.in_flight = False
             if seq.aborted:
-                self.seqs.pop(seq.req.request_id, None)
+                if self.seqs.get(seq.req.request_id) is seq:  # (the id may already be reused by a new request)
+                    del self.seqs[seq.req.request_id]
                 if seq in self.running:
                     self.running.remove(seq)
                 self._release(seq)
