@@ -239,8 +239,9 @@ class KunServeController:
         g.ext, g.acts = None, None  # the extension is empty now: release it before the weights come back
         pools = rt.reshard.pool_to_members(g.pool)
         g.pool = None
-        per_member = rt.reshard.gather_weights(flatten(g.params))
-        g.params = None
+        flat = flatten(g.params)
+        g.params = None  # `flat` is the only reference: each stage-sharded leaf goes as soon as it is gathered
+        per_member = rt.reshard.gather_weights(flat)
         shapes = param_shapes(eng.model_config)
         for h, inst in enumerate(insts):
             shardings = flatten(param_shardings(inst.mesh, shapes))

@@ -252,14 +252,14 @@ def test_bad_kunserve_options_name_the_flag(kwargs, flag):
 
 
 # ---- more paths through a group -------------------------------------------------------------------------------
-def test_drop_peak_is_one_leaf_slice(engine):
-    """Leaf by leaf, each replica released at once: the drop never holds more than one extra leaf slice."""
+def test_drop_and_restore_peaks_are_one_leaf_slice(engine):
+    """Leaf by leaf, each old copy released at once: neither transition holds more than one extra leaf slice
+    above what the device held before the drop."""
     eng = engine
     rt = eng.elastic.runtimes[(0, 1)]
     devices = [inst.mesh.devices.flat[0] for inst in eng.instances]
     largest_slice = max(int(np.prod(s)) * 4 for s, _ in rt.reshard.leaf_shapes.values()) // 2
     seen: list[dict] = []
-    real = dict(rt.reshard._drop)
 
     def measuring(fn):
         def call(x):
@@ -269,15 +269,20 @@ def test_drop_peak_is_one_leaf_slice(engine):
         return call
 
     before = live_bytes_per_device()
-    rt.reshard._drop.update({p: measuring(fn) for p, fn in real.items()})
+    real_drop, real_gather = dict(rt.reshard._drop), dict(rt.reshard._gather)
+    rt.reshard._drop.update({p: measuring(fn) for p, fn in real_drop.items()})
+    rt.reshard._gather.update({p: measuring(fn) for p, fn in real_gather.items()})
     try:
         eng.elastic.drop((0, 1))
+        assert len(seen) == len(rt.reshard.leaf_shapes)
+        restore_all(eng, {})
+        assert len(seen) == 2 * len(rt.reshard.leaf_shapes)
     finally:
-        rt.reshard._drop.update(real)
-    assert len(seen) == len(rt.reshard.leaf_shapes)
+        rt.reshard._drop.update(real_drop)
+        rt.reshard._gather.update(real_gather)
     for d in devices:
         assert max(s[d] for s in seen) <= before[d] + largest_slice
-    restore_all(eng, {})
+    assert live_bytes_per_device() == before
 
 
 def test_abort_in_flight_and_seeded_sampling_through_a_drop(engine):
