@@ -25,7 +25,7 @@ import numpy as np
 from kunjax import checkpoint
 from kunjax.config import ConfigError, EngineConfig, ModelConfig
 from kunjax.detokenizer import IncrementalDetokenizer
-from kunjax.instance import MAX_SUPPRESSED, Instance
+from kunjax.instance import MAX_SUPPRESSED, Instance, num_kv_blocks, tree_bytes_per_device
 from kunjax.model import param_shapes
 from kunjax.request import Request, RequestOutput, RequestStatus, make_output
 from kunjax.sampling_params import SamplingParams
@@ -65,7 +65,10 @@ class LLMEngine:
         first = checkpoint.load_params(self.model_path, cfg, param_shardings(meshes[0], shapes), ecfg.dtype)
         # Other replicas are device-to-device copies of the first: the checkpoint is read once.
         params = [first] + [jax.device_put(first, param_shardings(m, shapes)) for m in meshes[1:]]
-        self.instances = [Instance(i, m, cfg, ecfg, p) for i, (m, p) in enumerate(zip(meshes, params, strict=True))]
+        # Replicas get equal pools (the smallest any device affords), so any of them can fuse into a group.
+        blocks = {num_kv_blocks(cfg, ecfg, m, tree_bytes_per_device(p)) for m, p in zip(meshes, params, strict=True)}
+        icfg = ecfg if len(blocks) == 1 else dataclasses.replace(ecfg, num_blocks=min(blocks))
+        self.instances = [Instance(i, m, cfg, icfg, p) for i, (m, p) in enumerate(zip(meshes, params, strict=True))]
         self.load_seconds = time.perf_counter() - t0
         self.warmup_seconds = 0.0
         self.requests: dict[str, Request] = {}

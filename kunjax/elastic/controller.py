@@ -69,10 +69,13 @@ class KunServeController:
         self.th = Thresholds(ecfg.drop_demand_ratio, ecfg.restore_demand_ratio, ecfg.restore_window_steps,
                              ecfg.min_group_steps)
         self.sizes = group_sizes(len(engine.instances), cfg.num_layers, ecfg.kunserve_max_group)
-        inst0 = engine.instances[0]
-        pool_shape = (inst0.num_blocks, cfg.num_layers, 2, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.runtimes: dict[tuple[int, ...], GroupRuntime] = {}
         for members in candidate_groups(len(engine.instances), self.sizes):
+            blocks = {engine.instances[i].num_blocks for i in members}
+            if len(blocks) != 1:  # (pools sized from each device's free memory can differ by a few blocks)
+                log.warning("instances %s have pools of %s blocks: they cannot fuse", list(members), sorted(blocks))
+                continue
+            pool_shape = (blocks.pop(), cfg.num_layers, 2, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim)
             devices = [engine.instances[i].mesh.devices.flat[0] for i in members]
             rt = plan_runtime(members, devices, cfg, ecfg, param_shapes(cfg), pool_shape)
             if rt is not None:
