@@ -92,11 +92,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def queued_blocks(self) -> int:
+        """Blocks the waiting requests will need to start (their known tokens plus the next one)."""
+        return sum(self.blocks_for(len(r.token_ids) + 1) for r in self.waiting)
+
     def demand_blocks(self) -> int:
         """KV demand of this instance: blocks held by running requests plus those the queue will need."""
-        used = sum(len(r.blocks) for r in self.running)
-        queued = sum(self.blocks_for(len(r.token_ids) + 1) for r in self.waiting)
-        return used + queued
+        return sum(len(r.blocks) for r in self.running) + self.queued_blocks()
 
     # ---- the step plan ------------------------------------------------------------------------------
     def _grow(self, req: Request, num_tokens: int) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 
 from kunjax.checkpoint import load_params, save_checkpoint
 from kunjax.config import ModelConfig
-from kunjax.model import forward_dense, init_params, param_shapes
+from kunjax.model import flatten_params, forward_dense, init_params, param_shapes
 
 TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=256, eos_token_ids=())
@@ -21,6 +21,11 @@ TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_lay
 
 # A vocabulary every pipeline group size (2, 4, 8) divides, so the embedding and the LM head split over stages.
 SPLIT = dataclasses.replace(TINY, vocab_size=128)
+
+
+def fp32_weight_bytes(cfg: ModelConfig) -> int:
+    """Bytes of a model's weights in float32, from its shapes (one replica)."""
+    return sum(int(np.prod(s)) * 4 for s in flatten_params(param_shapes(cfg)).values())
 
 
 def load_single_device_params(path: Path, cfg: ModelConfig):

@@ -94,6 +94,7 @@ class KunServeController:
         for rt in self.runtimes.values():
             if not rt.ticks:
                 compile_runtime(rt, self.engine.model_config, self.engine.config)
+                log.info("kunserve: group %s compiled in %.1fs", list(rt.members), rt.compile_seconds)
         return time.perf_counter() - t0
 
     def gain_blocks(self, k: int) -> int:
@@ -103,9 +104,8 @@ class KunServeController:
     # ---- the policy ---------------------------------------------------------------------------------
     def instance_load(self, inst: Instance) -> InstanceLoad:
         sch = inst.scheduler
-        queued = sum(sch.blocks_for(len(r.token_ids) + 1) for r in sch.waiting)
         return InstanceLoad(inst.index, inst.allocator.total, inst.allocator.num_allocatable,
-                            sch.demand_blocks(), queued, sch.max_num_seqs - len(sch.running))
+                            sch.demand_blocks(), sch.queued_blocks(), sch.max_num_seqs - len(sch.running))
 
     def after_step(self) -> None:
         self.step_no += 1

@@ -75,10 +75,6 @@ def stage_specs(cfg: ModelConfig, params: Params, k: int) -> Params:
     return out
 
 
-def _stage_meta_spec(x) -> P:
-    return P(STAGE)
-
-
 def write_kv_segments(
     pool: jax.Array,  # [NBp, Lk, 2, BS, K, D]
     ext: jax.Array,  # [NE, Lk, 2, BS, K, D]

@@ -13,15 +13,14 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from kunjax.checkpoint import load_config
 from kunjax.demo import ensure_demo_model, recitation_prompts
 from kunjax.instance import kv_block_bytes
-from kunjax.model import param_shapes
 from serving.client import KunjaxClient
 from tests.e2e.serve_process import start_serve
+from tests.helpers import fp32_weight_bytes
 
 BLOCKS = 24  # KV blocks per instance under the budget below (16 tokens each)
 
@@ -30,7 +29,7 @@ BLOCKS = 24  # KV blocks per instance under the budget below (16 tokens each)
 def server():
     model = ensure_demo_model()
     cfg = load_config(model)
-    weights = sum(int(np.prod(s)) * 4 for s in _leaves(param_shapes(cfg)))
+    weights = fp32_weight_bytes(cfg)
     device = int(weights / 0.45)
     reserve = device - weights - BLOCKS * kv_block_bytes(cfg, 16, "float32")
     proc, target, metrics = start_serve(
@@ -40,14 +39,6 @@ def server():
     yield proc, target, metrics
     proc.kill()
     proc.wait(timeout=30)
-
-
-def _leaves(tree):
-    for v in tree.values():
-        if isinstance(v, dict):
-            yield from _leaves(v)
-        else:
-            yield v
 
 
 def test_a_burst_of_streams_drops_recites_exactly_and_restores(server):

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import random
 
-import jax
 import pytest
 
 from kunjax.config import EngineConfig
 from kunjax.elastic.reshard import live_bytes_per_device
 from kunjax.engine import LLMEngine
 from kunjax.instance import kv_block_bytes, tree_bytes_per_device
-from kunjax.model import param_shapes
 from kunjax.sampling_params import SamplingParams
-from tests.helpers import SPLIT, load_single_device_params, naive_greedy, write_tiny_model
+from tests.helpers import SPLIT, fp32_weight_bytes, load_single_device_params, naive_greedy, write_tiny_model
 
 BS = 8
 KV_BLOCKS = 24  # per instance, from the budget below
-
-
-def weight_bytes(cfg) -> int:
-    import numpy as np
-
-    return sum(int(np.prod(s)) * 4 for s in jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def oracle_params(model_dir):
 
 
 def burst_config() -> EngineConfig:
-    weights = weight_bytes(SPLIT)
+    weights = fp32_weight_bytes(SPLIT)
     device = int(weights / 0.45)  # weights are 45% of each device
     kv = KV_BLOCKS * kv_block_bytes(SPLIT, BS, "float32")
     return EngineConfig(num_instances=8, policy="kunserve", device_memory_bytes=device,
