@@ -105,6 +105,16 @@ class BlockAllocator:
                 else:
                     self._free.append(b)
 
+    def evict(self, n: int) -> int:
+        """Return up to `n` least recently used prefix-cached blocks to the free list; returns how many."""
+        done = 0
+        while done < n and self._lru:
+            b, _ = self._lru.popitem(last=False)
+            del self._block_of[self._hash_of.pop(b)]
+            self._free.append(b)
+            done += 1
+        return done
+
     # ---- prefix cache -------------------------------------------------------------------------------
     def register(self, block: int, content_hash: bytes) -> None:
         """Record that a referenced, fully computed block holds the prefix identified by `content_hash`."""

@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-POLICIES = ("recompute", "kunserve")  # memory-overload policies implemented so far
+POLICIES = ("recompute", "swap", "kunserve")  # memory-overload policies (kunjax/policies, kunjax/elastic)
 ATTENTION_BACKENDS = ("auto", "reference", "tpu", "tpu-interpret")  # pallas_kernels.BACKENDS
 
 
@@ -208,7 +208,12 @@ class EngineConfig:
     max_logprobs: int = _opt(20, "most top logprobs a request may ask for (computed every step)")
     seed: int = _opt(0, "seed from which requests without their own seed draw one (reproducible runs)")
     policy: str = _opt("recompute", "memory-overload policy: recompute (preempt the latest arrival, re-prefill "
-                       "later) or kunserve (drop replicated weights into pipeline groups, restore after the burst)")
+                       "later), swap (move the victim's KV to host memory, bring it back before new admissions) "
+                       "or kunserve (drop replicated weights into pipeline groups, restore after the burst)")
+    host_kv_bytes: int | None = _opt(None, "swap: host-memory KV bytes per instance; default: 4x the instance's "
+                                           "device KV pool")
+    swap_blocks_per_step: int = _opt(64, "swap: most KV blocks moved between device and host in one step "
+                                         "(InferCept's cap; a victim beyond it is recomputed)")
     attention_backend: str = _opt("auto", "paged-attention kernel: auto (the reference today), reference, tpu "
                                           "(Pallas Mosaic; not yet run on TPU hardware) or tpu-interpret (that "
                                           "kernel in TPU interpret mode, for CPU checks)")
@@ -256,7 +261,9 @@ class EngineConfig:
         for name in ("device_memory_bytes", "microbatch_tokens"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("restore_window_steps", "exchange_blocks_per_step", "remote_rows"):
+        if self.host_kv_bytes is not None and self.host_kv_bytes <= 0:
+            raise ConfigError(f"--host-kv-bytes must be positive, got {self.host_kv_bytes}")
+        for name in ("restore_window_steps", "exchange_blocks_per_step", "remote_rows", "swap_blocks_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.min_group_steps < 0 or self.activation_reserve_bytes < 0:

@@ -18,6 +18,7 @@ from kunjax.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # KV on the host tier (swap policy); comes back before new admissions
     FINISHED = "finished"
 
 
@@ -45,6 +46,7 @@ class Request:
     detokenizer: object | None = None  # kunjax.detokenizer.IncrementalDetokenizer when a tokenizer exists
     instance: int = -1
     group: object | None = None  # kunjax.elastic.runtime.PipelineGroup while it is served by a pipeline group
+    first_scheduled_time: float | None = None  # first admitted to a step (queue time = this - arrival_time)
     first_token_time: float | None = None
     finish_time: float | None = None
     # Streaming cursor: how much of the output has already been reported.
@@ -108,6 +110,8 @@ def make_output(req: Request) -> RequestOutput:
     delta_text = text[req._reported_text:]
     req._reported_tokens, req._reported_text = len(out_ids), len(text)
     metrics = {"arrival_time": req.arrival_time}
+    if req.first_scheduled_time is not None:
+        metrics["first_scheduled_time"] = req.first_scheduled_time
     if req.first_token_time is not None:
         metrics["first_token_time"] = req.first_token_time
     if req.finish_time is not None:

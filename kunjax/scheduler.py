@@ -6,20 +6,24 @@ Owns the waiting and running queues of one instance and decides, each step, unde
 1. running requests first, oldest first: one decode token each, or the next chunk of a prefill in progress;
 2. then waiting requests (FCFS by arrival), each admitted with as large a prefill chunk as the budget leaves.
 
-When a running request needs a block and none is allocatable, the latest-arrived running request is preempted
-by recompute (vLLM's default): its blocks are freed, its generated tokens kept, and it goes back to the front of
-the waiting queue to be re-prefilled later. A request that could never fit alone is refused at `add`, so with
-one request left it always progresses: no deadlock, no lost request. It never touches device memory.
+When a running request needs a block and none is allocatable, the latest-arrived running request is preempted.
+What preemption does is the memory policy's (`kunjax.policies`): recompute (vLLM's default: its blocks are freed,
+its generated tokens kept, and it re-enters the waiting queue at its arrival position to be re-prefilled later),
+or a move to the host tier (`swap`), from which the policy brings it back before new admissions (`resume`). A
+request that could never fit alone is refused at `add`, so with one request left it always progresses: no
+deadlock, no lost request. The scheduler itself never touches device memory; a policy's moves go through the
+memory pool (`kunjax.mempool`), dispatched before the step that uses the freed blocks.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
+import time
 from collections import deque
 
 from kunjax.block_manager import BlockAllocator, chain_hash
+from kunjax.policies.recompute import Recompute
 from kunjax.request import Request, RequestStatus
 
 
@@ -43,7 +47,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, *, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_prefix_caching: bool = False):
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = False, policy=None):
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -51,6 +55,8 @@ class Scheduler:
         self.enable_prefix_caching = enable_prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # ordered by arrival time
+        self.swapped: list[Request] = []  # KV on the host tier (swap policy), ordered by arrival time
+        self.policy = policy or Recompute()  # kunjax.policies: what preemption does, and what comes back when
         self.num_preemptions = 0
 
     # ---- queue management ---------------------------------------------------------------------------
@@ -73,7 +79,10 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.swapped:
+            self.swapped.remove(req)
         self.release(req)
+        self.policy.forget(self, req)
 
     def release(self, req: Request) -> None:
         """Give back the request's blocks (full, hashed blocks stay in the prefix cache)."""
@@ -86,22 +95,26 @@ class Scheduler:
     def finish(self, req: Request) -> None:
         self.running.remove(req)
         self.release(req)
+        self.policy.forget(self, req)
         req.status = RequestStatus.FINISHED
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def queued_blocks(self) -> int:
         """Blocks the waiting requests will need to start (their known tokens plus the next one)."""
         return sum(self.blocks_for(len(r.token_ids) + 1) for r in self.waiting)
 
     def demand_blocks(self) -> int:
-        """KV demand of this instance: blocks held by running requests plus those the queue will need."""
-        return sum(len(r.blocks) for r in self.running) + self.queued_blocks()
+        """KV demand of this instance: blocks held by running requests plus those the queue (and the swapped
+        requests, coming back) will need."""
+        swapped = sum(self.blocks_for(r.num_computed + 1) for r in self.swapped)
+        return sum(len(r.blocks) for r in self.running) + self.queued_blocks() + swapped
 
     # ---- the step plan ------------------------------------------------------------------------------
-    def _grow(self, req: Request, num_tokens: int) -> bool:
+    def grow(self, req: Request, num_tokens: int) -> bool:
+        """Give `req` the blocks for `num_tokens` more tokens; False (and nothing taken) when they don't fit."""
         need = self.blocks_for(req.num_computed + num_tokens) - len(req.blocks)
         if need <= 0:
             return True
@@ -109,16 +122,6 @@ class Scheduler:
             return False
         req.blocks.extend(self.allocator.allocate(need))
         return True
-
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        self.release(req)
-        req.status = RequestStatus.WAITING
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        # Back into the waiting queue at its arrival position (FCFS), ahead of later arrivals.
-        keys = [r.arrival_time for r in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, req.arrival_time), req)
 
     def _match_prefix(self, req: Request) -> None:
         # Reuse full cached blocks, but always leave at least one token to compute (it yields the logits).
@@ -138,13 +141,14 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[Request] = []
+        self.policy.begin_step(self)
         i = 0
         while i < len(self.running) and budget > 0 and len(seqs) < self.max_num_seqs:
             req = self.running[i]
             n = min(len(req.token_ids) - req.num_computed, budget)
-            while not self._grow(req, n):
-                victim = self.running[-1]  # latest arrival
-                self._preempt(victim)
+            while not self.grow(req, n):
+                victim = self.running.pop()  # latest arrival
+                self.policy.preempt(self, victim)
                 preempted.append(victim)
                 if victim is req:
                     break
@@ -153,17 +157,22 @@ class Scheduler:
             seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == len(req.token_ids)))
             budget -= n
             i += 1
-        # Admit new work only when nothing had to be preempted this step (it would be thrashing).
-        while (not preempted and self.waiting and budget > 0 and len(seqs) < self.max_num_seqs
-               and len(self.running) < self.max_num_seqs):
+        if not preempted:
+            budget = self.policy.resume(self, seqs, budget)  # e.g. swapped requests come back first
+        # Admit new work only when nothing had to be preempted this step (it would be thrashing) and the policy
+        # has nothing of its own waiting to come back.
+        while (not preempted and self.policy.may_admit(self) and self.waiting and budget > 0
+               and len(seqs) < self.max_num_seqs and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
             if self.enable_prefix_caching and not req.blocks:
                 self._match_prefix(req)
             n = min(len(req.token_ids) - req.num_computed, budget)
-            if not self._grow(req, n):
+            if not self.grow(req, n):
                 self.release(req)  # matched prefix blocks go back to the cache until admission
                 break
             self.waiting.popleft()
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == len(req.token_ids)))

@@ -22,6 +22,7 @@ import dataclasses
 import heapq
 import math
 import statistics
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -347,6 +348,8 @@ class GroupBooks:
             self.waiting.popleft()
             self.recent_prompts.append(len(req.token_ids))
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             req.num_computed = 0
             self.running.append(seq)
             self.seqs[req.request_id] = seq

@@ -1,0 +1,96 @@
+"""`swap` (vLLM swap preemption, InferCept's bounded swapping): a preempted request's KV goes to host memory.
+
+Owns the swapped requests' trip through the host tier of the memory pool (`kunjax.mempool`):
+
+* **Out.** The scheduler's victim (the latest-arrived running request) has its blocks copied to the instance's
+  host tier and freed on the device; it waits in the scheduler's `swapped` queue with all its progress. When the
+  host tier is full, or the step's swap volume (`--swap-blocks-per-step`, InferCept's cap on what one step may
+  move over the host link) is spent, the victim is recomputed instead: the cap bounds the stall a step can take.
+* **In.** Before any new request is admitted, swapped requests come back FCFS into newly allocated device blocks
+  (within the same per-step volume) and decode on in the same step; new admissions wait while any request is
+  swapped out, so a swapped request is never starved by later arrivals.
+
+The copies are dispatched when the scheduler decides them, before the step is launched (see `kunjax.mempool`),
+so a block freed by a swap-out can hold this step's new tokens. A request's history is never lost or recomputed
+on this path: its greedy output equals an unpreempted run.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+from kunjax.policies.recompute import requeue
+from kunjax.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from kunjax.mempool import MemPool
+    from kunjax.scheduler import ScheduledSeq, Scheduler
+
+
+def insert_by_arrival(queue: list[Request], req: Request) -> None:
+    keys = [r.arrival_time for r in queue]
+    queue.insert(bisect.bisect_right(keys, req.arrival_time), req)
+
+
+class Swap:
+    name = "swap"
+
+    def __init__(self, mempool: MemPool, instance: int, blocks_per_step: int):
+        self.mempool = mempool
+        self.instance = instance
+        self.blocks_per_step = blocks_per_step
+        self.volume = 0  # blocks moved over the host link in this step
+        self.swap_outs = 0
+        self.swap_ins = 0
+
+    def begin_step(self, sched: Scheduler) -> None:
+        self.volume = 0
+
+    def _within_cap(self, n: int) -> bool:
+        # One move larger than the cap is still allowed in an otherwise idle step, or it could never happen.
+        return self.volume + n <= self.blocks_per_step or self.volume == 0
+
+    def preempt(self, sched: Scheduler, victim: Request) -> None:
+        n = len(victim.blocks)
+        if n == 0 or n > self.mempool.host_free(self.instance) or not self._within_cap(n):
+            requeue(sched, victim)
+            return
+        self.mempool.swap_out(self.instance, victim.request_id, victim.blocks)
+        self.volume += n
+        self.swap_outs += 1
+        victim.blocks = []
+        victim.block_hashes = []  # the blocks it comes back to are new; they are indexed again as they commit
+        victim.status = RequestStatus.SWAPPED
+        victim.num_preemptions += 1
+        sched.num_preemptions += 1
+        insert_by_arrival(sched.swapped, victim)
+
+    def resume(self, sched: Scheduler, seqs: list[ScheduledSeq], budget: int) -> int:
+        from kunjax.scheduler import ScheduledSeq
+
+        while (sched.swapped and budget > 0 and len(seqs) < sched.max_num_seqs
+               and len(sched.running) < sched.max_num_seqs):
+            req = sched.swapped[0]
+            n = self.mempool.host_blocks_of(self.instance, req.request_id)
+            tokens = min(len(req.token_ids) - req.num_computed, budget)
+            need = max(n, sched.blocks_for(req.num_computed + tokens))
+            if need > sched.allocator.num_allocatable or not self._within_cap(n):
+                break
+            req.blocks = self.mempool.swap_in(self.instance, req.request_id)
+            self.volume += n
+            self.swap_ins += 1
+            sched.swapped.pop(0)
+            req.status = RequestStatus.RUNNING
+            insert_by_arrival(sched.running, req)
+            grown = sched.grow(req, tokens)
+            assert grown, "swap-in checked the blocks it needs"
+            seqs.append(ScheduledSeq(req, req.num_computed, tokens, req.num_computed + tokens == len(req.token_ids)))
+            budget -= tokens
+        return budget
+
+    def may_admit(self, sched: Scheduler) -> bool:
+        return not sched.swapped
+
+    def forget(self, sched: Scheduler, req: Request) -> None:
+        self.mempool.drop_host(self.instance, req.request_id)
