@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from kunjax import checkpoint
+from kunjax import checkpoint, policies
 from kunjax.config import ConfigError, EngineConfig, ModelConfig
 from kunjax.detokenizer import IncrementalDetokenizer
 from kunjax.instance import MAX_SUPPRESSED, Instance, num_kv_blocks, tree_bytes_per_device
@@ -81,15 +81,15 @@ class LLMEngine:
             from kunjax.elastic.controller import KunServeController
 
             self.elastic = KunServeController(self)
-        self.mempool = build_policies(self)
+        self.policy = policies.install(self)  # swap, migrate, layerkv: hooks and memory beyond the device pools
 
     def warmup(self) -> float:
         """Compile every instance's step for every bucket (ahead of serving); returns seconds."""
         t0 = time.perf_counter()
         for inst in self.instances:
             inst.warmup()
-        if self.mempool is not None:
-            self.mempool.warmup()
+        if self.policy is not None:
+            self.policy.warmup()
         if self.elastic is not None:
             self.elastic.warmup()
         self.warmup_seconds = time.perf_counter() - t0
@@ -211,6 +211,8 @@ class LLMEngine:
                 apply(inst.scheduler, inst.complete(p))
         if self.elastic is not None:
             self.elastic.after_step()
+        if self.policy is not None:
+            self.policy.after_step()
         return outputs
 
     def _append_token(self, owner, req: Request, token: int, logprob: float, top_ids: np.ndarray,
@@ -257,45 +259,19 @@ class LLMEngine:
         """Every instance's and group's books balance; each block's refcount equals the requests holding it."""
         for g in self.groups:
             g.books.check()
-        if self.mempool is not None:
-            self.mempool.check()
+        if self.policy is not None:
+            self.policy.check()
         for inst in self.instances:
             if inst.group is not None:
                 assert not inst.scheduler.has_work, f"instance {inst.index} is in a group but has requests"
                 continue
             inst.allocator.check()
-            for r in inst.scheduler.swapped:
-                assert not r.blocks and self.mempool.host_blocks_of(inst.index, r.request_id) > 0, (
-                    f"swapped request {r.request_id} holds device blocks or has no host copy")
             held = collections.Counter(
                 b for r in itertools.chain(inst.scheduler.running, inst.scheduler.waiting) for b in r.blocks)
             for b in range(inst.allocator.num_blocks):
                 assert inst.allocator.refcount(b) == held.get(b, 0), (
                     f"instance {inst.index} block {b}: refcount {inst.allocator.refcount(b)} but "
                     f"{held.get(b, 0)} requests hold it")
-
-
-def build_policies(engine: LLMEngine):
-    """The memory pool and each instance's preemption policy for `--policy`; returns the pool (None if unused)."""
-    ecfg = engine.config
-    if ecfg.policy != "swap":
-        return None
-    from kunjax.instance import kv_block_bytes
-    from kunjax.mempool import MemPool
-    from kunjax.policies.swap import Swap
-
-    first = engine.instances[0]
-    host_bytes = ecfg.host_kv_bytes
-    if host_bytes is None:
-        host_blocks = 4 * first.num_blocks
-    else:
-        host_blocks = host_bytes // kv_block_bytes(engine.model_config, ecfg.block_size, first.dtype, ecfg.tp)
-        if host_blocks < 1:
-            raise ConfigError(f"--host-kv-bytes {host_bytes} holds no KV block")
-    mempool = MemPool(engine.instances, host_blocks)
-    for inst in engine.instances:
-        inst.scheduler.policy = Swap(mempool, inst.index, ecfg.swap_blocks_per_step)
-    return mempool
 
 
 def config_from_kwargs(**kwargs) -> EngineConfig:

@@ -24,6 +24,7 @@ from kunjax.policies.recompute import requeue
 from kunjax.request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from kunjax.engine import LLMEngine
     from kunjax.mempool import MemPool
     from kunjax.scheduler import ScheduledSeq, Scheduler
 
@@ -94,3 +95,48 @@ class Swap:
 
     def forget(self, sched: Scheduler, req: Request) -> None:
         self.mempool.drop_host(self.instance, req.request_id)
+
+
+class SwapRuntime:
+    """The engine-level side of `swap`: the memory pool with a host tier per instance, and its books."""
+
+    def __init__(self, engine: LLMEngine):
+        from kunjax.config import ConfigError
+        from kunjax.instance import kv_block_bytes
+        from kunjax.mempool import MemPool
+
+        ecfg = engine.config
+        first = engine.instances[0]
+        if ecfg.host_kv_bytes is None:
+            host_blocks = 4 * first.num_blocks
+        else:
+            block = kv_block_bytes(engine.model_config, ecfg.block_size, first.dtype, ecfg.tp)
+            host_blocks = ecfg.host_kv_bytes // block
+            if host_blocks < 1:
+                raise ConfigError(f"--host-kv-bytes {ecfg.host_kv_bytes} holds no KV block of {block} bytes")
+        self.engine = engine
+        self.mempool = MemPool(engine.instances, host_blocks)
+        for inst in engine.instances:
+            inst.scheduler.policy = Swap(self.mempool, inst.index, ecfg.swap_blocks_per_step)
+
+    def warmup(self) -> None:
+        self.mempool.warmup()
+
+    def after_step(self) -> None:
+        pass
+
+    def check(self) -> None:
+        self.mempool.check()
+        for inst in self.engine.instances:
+            for r in inst.scheduler.swapped:
+                assert not r.blocks and self.mempool.host_blocks_of(inst.index, r.request_id) > 0, (
+                    f"swapped request {r.request_id} holds device blocks or has no host copy")
+
+    def stats(self) -> dict:
+        policies = [inst.scheduler.policy for inst in self.engine.instances]
+        return {**self.mempool.stats(), "swap_outs": sum(p.swap_outs for p in policies),
+                "swap_ins": sum(p.swap_ins for p in policies)}
+
+
+def install(engine: LLMEngine) -> SwapRuntime:
+    return SwapRuntime(engine)

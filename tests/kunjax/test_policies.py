@@ -64,7 +64,7 @@ def test_every_policy_matches_the_oracle_with_balanced_books(tiny_dir, prompts_a
     for inst in engine.instances:
         assert inst.allocator.num_used == 0
     if policy == "swap":
-        stats = engine.mempool.stats()
+        stats = engine.policy.mempool.stats()
         swaps = [inst.scheduler.policy for inst in engine.instances]
         assert sum(p.swap_outs for p in swaps) > 0 and stats["blocks_swapped_in"] == stats["blocks_swapped_out"] > 0
         assert stats["host_used"] == 0
@@ -75,7 +75,7 @@ def test_swap_falls_back_to_recompute_when_the_host_tier_is_full(tiny_dir, promp
     block_bytes = TINY.num_layers * 2 * 4 * TINY.num_kv_heads * TINY.head_dim * 4
     engine = make_engine(tiny_dir, "swap", jax.devices()[2:4], host_kv_bytes=3 * block_bytes,
                          swap_blocks_per_step=4)
-    assert engine.mempool.host[0].total == 3
+    assert engine.policy.mempool.host[0].total == 3
     assert run_checked(engine, prompts) == expected
     swaps = [inst.scheduler.policy for inst in engine.instances]
     preemptions = sum(inst.scheduler.num_preemptions for inst in engine.instances)
@@ -93,14 +93,14 @@ def test_aborting_a_swapped_request_frees_its_host_blocks(tiny_dir, prompts_and_
         if swapped is not None:
             break
     assert swapped is not None and swapped.status is RequestStatus.SWAPPED
-    used = engine.mempool.stats()["host_used"]
+    used = engine.policy.mempool.stats()["host_used"]
     engine.abort(swapped.request_id)
-    assert engine.mempool.stats()["host_used"] < used
+    assert engine.policy.mempool.stats()["host_used"] < used
     engine.check_books()
     for i in ids:
         engine.abort(i)
     engine.check_books()
-    assert engine.mempool.stats()["host_used"] == 0
+    assert engine.policy.mempool.stats()["host_used"] == 0
     assert all(inst.allocator.num_used == 0 for inst in engine.instances)
 
 
