@@ -13,9 +13,10 @@ One call of the tick is one pipeline beat, all stages in lockstep under `shard_m
 * every stage runs its local layer `scan` over its own micro-batch with its own metadata (positions, block
   tables into its own pool); new K/V are scattered into the donated pool/extension after the scan;
 * remote attention (the `remote` variant): rows of requests whose pre-drop history still lives on another device
-  (their home) send their query rows there with one `all_to_all` per layer; the home attends over its local
-  pool at pipeline blocks `old_block·k + sender_stage` and returns `(out, lse)` packed in one buffer; the sender
-  merges them with its local part by log-sum-exp;
+  (their home) go there and back each layer through `pallas_kernels.remote_attention` (one `all_to_all` each
+  way by default, `GroupShapes.remote_transport`); the home attends over its local pool at pipeline blocks
+  `old_block·k + sender_stage` (the host's `recv_tables`) at the same local layer; the sender merges the result
+  with its local part by log-sum-exp;
 * the last stage's exit rows go through the final norm and the (vocab-split) head; logits are gathered over
   `stage` and sampled identically on every stage, so the sampled ids are replicated;
 * the activations move one stage on with a ring `ppermute` and stay on device for the next tick.
@@ -40,6 +41,7 @@ from kunjax.config import ModelConfig
 from kunjax.instance import sample_rows
 from kunjax.model import Params, _run_layers, rms_norm
 from pallas_kernels import gather_blocks, merge_attention_states, paged_attention
+from pallas_kernels.remote_attention import remote_paged_attention
 
 STAGE = "stage"
 
@@ -59,6 +61,7 @@ class GroupShapes:
     copy_blocks: int  # X: blocks per (source, destination) per copy call
     num_logprobs: int
     attention_backend: str = "auto"  # pallas_kernels.BACKENDS
+    remote_transport: str = "all_to_all"  # pallas_kernels.remote_attention.TRANSPORTS
 
 
 def embed_is_split(cfg: ModelConfig, k: int) -> bool:
@@ -130,23 +133,9 @@ def _tick_body(cfg: ModelConfig, gs: GroupShapes, remote: bool, params, pool, ex
                                    context_starts=context_starts, backend=gs.attention_backend)
         if not remote:
             return out
-        send = send_rows[0]  # [k(dest), R] local row ids, -1 pad
-        t, nh, d = q.shape
-        q_out = q[jnp.clip(send, 0, t - 1)]  # [k, R, H, D]
-        q_in = jax.lax.all_to_all(q_out, STAGE, 0, 0, tiled=True)  # [k(src), R, H, D]
-        n = k * gs.remote_rows
-        zeros_kv = jnp.zeros((n, *k_new.shape[1:]), k_new.dtype)
-        r_out, r_lse = paged_attention(q_in.reshape(n, nh, d), zeros_kv, zeros_kv, pool, layer,
-                                       recv_tables[0].reshape(n, -1), recv_lens[0].reshape(n),
-                                       jnp.arange(n, dtype=jnp.int32), recv_pos[0].reshape(n),
-                                       jnp.zeros(n, bool), scale=scale, sliding_window=cfg.sliding_window,
-                                       backend=gs.attention_backend)
-        packed = jnp.concatenate([r_out.astype(jnp.float32), r_lse[..., None]], axis=-1)
-        back = jax.lax.all_to_all(packed.reshape(k, gs.remote_rows, nh, d + 1), STAGE, 0, 0, tiled=True)
-        target = jnp.where(send >= 0, send, t).reshape(-1)  # padding rows fall outside and are dropped
-        rem_out = jnp.zeros((t, nh, d), jnp.float32).at[target].set(back[..., :d].reshape(-1, nh, d), mode="drop")
-        rem_lse = jnp.full((t, nh), -jnp.inf, jnp.float32).at[target].set(back[..., d].reshape(-1, nh),
-                                                                          mode="drop")
+        rem_out, rem_lse = remote_paged_attention(
+            q, send_rows[0], recv_tables[0], recv_lens[0], recv_pos[0], pool, layer, scale=scale, axis_name=STAGE,
+            sliding_window=cfg.sliding_window, transport=gs.remote_transport, backend=gs.attention_backend)
         merged, _ = merge_attention_states(jnp.stack([out.astype(jnp.float32), rem_out]),
                                            jnp.stack([lse, rem_lse]))
         return merged.astype(q.dtype)

@@ -33,6 +33,7 @@ from kunjax.elastic.reshard import GroupReshard
 from kunjax.instance import kv_block_bytes
 from kunjax.model import flatten_params as flatten
 from kunjax.model import unflatten_params as unflatten
+from pallas_kernels import resolve_backend
 from sharding.layouts import make_mesh
 
 
@@ -88,8 +89,10 @@ def plan_runtime(members: tuple[int, ...], devices: Sequence[jax.Device], cfg: M
         return None
     shapes = GroupShapes(k=k, num_base=pool_shape[0] * k, num_ext=int(num_ext), tokens=tokens, buckets=buckets,
                          seqs=ecfg.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg),
-                         remote_rows=ecfg.remote_rows, copy_blocks=ecfg.exchange_blocks_per_step,
-                         num_logprobs=ecfg.max_logprobs, attention_backend=ecfg.attention_backend)
+                         remote_rows=ecfg.remote_rows, remote_transport=ecfg.remote_transport,
+                         copy_blocks=ecfg.exchange_blocks_per_step,
+                         num_logprobs=ecfg.max_logprobs,
+                         attention_backend=resolve_backend(ecfg.attention_backend, devices))
     reshard = GroupReshard(mesh, leaf_shapes, specs, pool_shape, dtype, int(num_ext))
     return GroupRuntime(members, mesh, shapes, reshard, before - after)
 

@@ -4,6 +4,8 @@ the signature and semantics of `reference.paged_attention`:
 * `reference`: pure JAX (gather the history, attend); the contract, and the CPU backend.
 * `tpu`: Pallas Mosaic kernel (scalar-prefetched work plan, pool blocks DMA'd from HBM, online softmax); tested
   on CPU in TPU interpret mode (`interpret=pltpu.InterpretParams()`).
+* `gpu`: Pallas Mosaic GPU kernel for Hopper (TMA-pipelined pool blocks, wgmma, flash-decoding splits); tested
+  on CPU in GPU interpret mode (`interpret=gpu.interpret_params()`) and by lowering for CUDA.
 
 Backend selection lives in `pallas_kernels/__init__.py`; this package imports nothing so that picking a backend
 never pulls in another's dependencies.

@@ -37,12 +37,15 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     context_starts: jax.Array | None = None,  # [S] int32 first cached position attended (default 0)
+    soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns `(out [T, H, D] in q.dtype, lse [T, H] float32)`.
 
     `kv_pool` may be a sequence of segments (the base pool, then an extension segment after a drop): block ids
     index base-then-extension. `context_starts` restricts the cached history to `[start, context_len)`; the
     rest of a sequence's history is then attended elsewhere (remote attention) and merged by log-sum-exp.
+    `soft_cap` bounds the logits Gemma-2 style: scores (already scaled) become `soft_cap * tanh(s / soft_cap)`
+    before masking.
     """
     segments = (kv_pool,) if isinstance(kv_pool, jax.Array) else tuple(kv_pool)
     t, h, d = q.shape
@@ -59,6 +62,9 @@ def paged_attention(
             jnp.pad(valid, (0, pad)).reshape(-1, chunk))
     kf, vf = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
 
+    def cap(s):
+        return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
+
     def attend(args):
         qc, sid, pos, ok = args  # [R, K, G, D], [R], [R], [R]
         r = qc.shape[0]
@@ -69,7 +75,7 @@ def paged_attention(
         mb = tables.shape[1]
         hist = gather_blocks(segments, tables, layer)  # [R, MB, 2, BS, K, D]
         hist = jnp.moveaxis(hist, 2, 1).reshape(r, 2, mb * bs, kh, d).astype(jnp.float32)
-        s_hist = jnp.einsum("rkgd,rckd->rkgc", qc, hist[:, 0])  # [R, K, G, C]
+        s_hist = cap(jnp.einsum("rkgd,rckd->rkgc", qc, hist[:, 0]))  # [R, K, G, C]
         hist_pos = jnp.arange(mb * bs, dtype=jnp.int32)
         hist_mask = hist_pos[None, :] < context_lens[sid][:, None]  # [R, C]
         if context_starts is not None:
@@ -79,7 +85,7 @@ def paged_attention(
         s_hist = jnp.where(hist_mask[:, None, None, :], s_hist, -jnp.inf)
 
         # This step's own tokens: same sequence, causal.
-        s_new = jnp.einsum("rkgd,ukd->rkgu", qc, kf)  # [R, K, G, T]
+        s_new = cap(jnp.einsum("rkgd,ukd->rkgu", qc, kf))  # [R, K, G, T]
         new_mask = (sid[:, None] == seq_ids[None, :]) & (positions[None, :] <= pos[:, None])
         new_mask &= valid[None, :] & ok[:, None]
         if sliding_window is not None:

@@ -24,6 +24,8 @@ Structure
 * New tokens: handled in the same kernel and the same softmax state (no lse merge). An item is a chunk of
   `new_tile` rows of `k_new`/`v_new` (DMA'd from `pl.ANY`, double-buffered), masked by sequence, causality,
   validity and window from a small `[3, T]` key-metadata block held in VMEM.
+* An optional logit soft-cap (`soft_cap * tanh(s / soft_cap)`, Gemma-2 style) is applied to the scaled scores
+  before masking, as in the reference.
 * Masking uses -inf with guards exactly as the reference: a row with nothing to attend gets out 0, lse -inf.
   As in the reference, `valid` gates only the new keys: a padding row still sees the cached history of the
   sequence its `seq_ids` entry names (callers point padding at an empty sequence, or ignore those rows).
@@ -85,6 +87,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     context_starts: jax.Array | None = None,  # [S] int32 first cached position attended (default 0)
+    soft_cap: float | None = None,  # scores become soft_cap * tanh(s / soft_cap) before masking
     q_tile: int = DEFAULT_Q_TILE,
     blocks_per_item: int | None = None,  # default: DEFAULT_KEYS_PER_ITEM // BS (at least 1)
     new_tile: int = DEFAULT_NEW_TILE,
@@ -140,6 +143,7 @@ def paged_attention(
         tk=tk,
         scale=scale,
         sliding_window=sliding_window,
+        soft_cap=soft_cap,
     )
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     row_map = lambda i, *_: (0, i, 0)
@@ -269,6 +273,7 @@ def _kernel(
     tk,
     scale,
     sliding_window,
+    soft_cap,
 ):
     segs = rest[:n_segments]  # each [NB_i, L, 2, BS * K, D] in HBM
     out_ref, lse_ref = rest[n_segments : n_segments + 2]  # [K, TQ * G, D], [K, TQ * G, 1]
@@ -298,9 +303,10 @@ def _kernel(
         m_ref[hd] = m_new
 
     def scores(hd, k):
-        return jax.lax.dot_general(
+        s = jax.lax.dot_general(
             qs_ref[hd], k.astype(qs_ref.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
+        return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)  # q is already scaled
 
     def run_phase(total, off_ref, slot_of, start, wait_and_compute):
         """Walk the tile's `total` items of one phase, item n+1's DMAs in flight while item n computes.

@@ -245,6 +245,7 @@ def test_twenty_drop_restore_cycles_under_load_leak_nothing(engine, oracle):
     (dict(exchange_blocks_per_step=0), "--exchange-blocks-per-step"),
     (dict(device_memory_bytes=-1), "--device-memory-bytes"),
     (dict(attention_backend="cuda"), "--attention-backend"),
+    (dict(remote_transport="tcp"), "--remote-transport"),
 ])
 def test_bad_kunserve_options_name_the_flag(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):

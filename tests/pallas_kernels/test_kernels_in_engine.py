@@ -1,5 +1,6 @@
-"""The engine on the Pallas TPU kernel (TPU interpret mode on CPU): greedy outputs equal the naive oracle, for
-replica instances and through a kunserve drop (two pool segments and remote attention go through the kernel)."""
+"""The engine on the Pallas kernels (interpret mode on CPU): greedy outputs equal the naive oracle, for replica
+instances on the TPU and the GPU kernel, and through a kunserve drop on the TPU kernel (two pool segments and
+remote attention go through the kernel)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def test_replicas_on_the_tpu_kernel_match_the_oracle(tmp_path):
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == naive_greedy(TINY, load_single_device_params(path, TINY),
                                                                   PROMPTS, GREEDY.max_tokens)
+
+
+@pytest.mark.timeout(300)
+def test_replicas_on_the_gpu_kernel_match_the_oracle(tmp_path):
+    """Smaller than the TPU case: the GPU interpreter costs ~0.3 s per program and layer on CPU."""
+    path = write_tiny_model(tmp_path / "tiny", TINY)
+    prompts, greedy = PROMPTS[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm = LLM(path, num_instances=1, num_blocks=32, **{**SMALL, "attention_backend": "gpu-interpret",
+                                                       "max_num_seqs": 2, "max_num_batched_tokens": 16,
+                                                       "min_token_bucket": 16})
+    outs = llm.generate(prompts, greedy)
+    assert [o.outputs[0].token_ids for o in outs] == naive_greedy(TINY, load_single_device_params(path, TINY),
+                                                                  prompts, greedy.max_tokens)
 
 
 @pytest.mark.timeout(600)
