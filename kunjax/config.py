@@ -14,6 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pallas_kernels import BACKENDS as ATTENTION_BACKENDS
+from pallas_kernels.remote_attention import TRANSPORTS as REMOTE_TRANSPORTS
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -21,8 +24,8 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-POLICIES = ("recompute", "swap", "kunserve")  # memory-overload policies (kunjax/policies, kunjax/elastic)
-ATTENTION_BACKENDS = ("auto", "reference", "tpu", "tpu-interpret")  # pallas_kernels.BACKENDS
+# Memory-overload policies (kunjax/policies, kunjax/elastic).
+POLICIES = ("recompute", "swap", "migrate", "layerkv", "kunserve")
 
 
 class ConfigError(ValueError):
@@ -208,15 +211,36 @@ class EngineConfig:
     max_logprobs: int = _opt(20, "most top logprobs a request may ask for (computed every step)")
     seed: int = _opt(0, "seed from which requests without their own seed draw one (reproducible runs)")
     policy: str = _opt("recompute", "memory-overload policy: recompute (preempt the latest arrival, re-prefill "
-                       "later), swap (move the victim's KV to host memory, bring it back before new admissions) "
+                       "later), swap (move the victim's KV to host memory, bring it back before new admissions), "
+                       "migrate (Llumnix: move running requests' KV to the least loaded instance while they decode), "
+                       "layerkv (admit a prefill with only some layer groups on device, the rest on host) "
                        "or kunserve (drop replicated weights into pipeline groups, restore after the burst)")
-    host_kv_bytes: int | None = _opt(None, "swap: host-memory KV bytes per instance; default: 4x the instance's "
-                                           "device KV pool")
+    host_kv_bytes: int | None = _opt(None, "swap, layerkv: host-memory KV bytes per instance; default: 4x the "
+                                           "instance's device KV pool")
     swap_blocks_per_step: int = _opt(64, "swap: most KV blocks moved between device and host in one step "
                                          "(InferCept's cap; a victim beyond it is recomputed)")
-    attention_backend: str = _opt("auto", "paged-attention kernel: auto (the reference today), reference, tpu "
-                                          "(Pallas Mosaic; not yet run on TPU hardware) or tpu-interpret (that "
-                                          "kernel in TPU interpret mode, for CPU checks)")
+    migrate_freeness_gap: float = _opt(2.0, "migrate: start a live migration when the most loaded instance's "
+                                            "freeness (Llumnix: free KV blocks, queued demand counted as used, per "
+                                            "running request) is below the least loaded one's by at least this")
+    migrate_final_blocks: int = _opt(1, "migrate: KV blocks left to copy at which the migrating request stops for "
+                                        "the final round (earlier rounds copy while it keeps decoding)")
+    migrate_max_concurrent: int = _opt(2, "migrate: most live migrations in flight at once")
+    layerkv_layer_groups: int = _opt(2, "layerkv: layer groups G (G divides the model's layers); a request may "
+                                        "hold some groups of its KV on device and the others on the host tier")
+    layerkv_min_resident_groups: int = _opt(1, "layerkv: fewest layer groups of a request on device for a partial "
+                                               "admission (G: never admit partially)")
+    layerkv_staging_blocks: int | None = _opt(
+        None, "layerkv: KV blocks reserved from each instance's pool at start-up as the staging region into which "
+              "offloaded groups are reloaded for one step; default: one longest sequence, at most a quarter of "
+              "the pool")
+    layerkv_tpot_slo_s: float = _opt(1.0, "layerkv: refuse a partial admission when the projected seconds per "
+                                          "step of the running decodes (with its reload traffic) exceed this")
+    attention_backend: str = _opt("auto", "paged-attention kernel: auto (the platform's kernel, gpu or tpu, if it "
+                                          "passes a self-test on the device at start-up, else the reference; the "
+                                          "reference on CPU), reference, gpu (Pallas Mosaic GPU, Hopper), tpu "
+                                          "(Pallas Mosaic), or gpu-interpret / tpu-interpret (those kernels in "
+                                          "interpret mode, for CPU checks). The kernels have not yet run on "
+                                          "hardware; naming one skips the self-test")
     device_memory_bytes: int | None = _opt(
         None, "CPU: simulated per-device memory budget (weights + KV + reserve); the KV pool gets what the weights "
               "leave. GPU/TPU read it from memory stats")
@@ -232,6 +256,10 @@ class EngineConfig:
     min_group_steps: int = _opt(8, "kunserve: fewest engine steps a group lives before it may restore")
     exchange_blocks_per_step: int = _opt(16, "kunserve: KV blocks moved per step by the live KV exchange")
     remote_rows: int = _opt(16, "kunserve: query rows per stage and destination sent to remote attention per tick")
+    remote_transport: str = _opt("all_to_all", "kunserve: how query rows reach their KV's home device and results "
+                                               "come back: all_to_all (one collective each way), ppermute (k-1 "
+                                               "shifts each way), tpu-fused (one Pallas kernel with remote DMA; TPU "
+                                               "only, not yet measured on hardware) or tpu-fused-interpret")
     microbatch_tokens: int | None = _opt(None, "kunserve: padded tokens of one pipeline micro-batch (one tick); "
                                                "default: --max-num-batched-tokens")
 
@@ -256,16 +284,32 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")
+        if self.remote_transport not in REMOTE_TRANSPORTS:
+            raise ConfigError(f"--remote-transport must be one of {', '.join(REMOTE_TRANSPORTS)}, "
+                              f"got {self.remote_transport!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("device_memory_bytes", "microbatch_tokens"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("layerkv_layer_groups", "layerkv_min_resident_groups", "layerkv_staging_blocks"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.layerkv_min_resident_groups > self.layerkv_layer_groups:
+            raise ConfigError(f"--layerkv-min-resident-groups ({self.layerkv_min_resident_groups}) must be at most "
+                              f"--layerkv-layer-groups ({self.layerkv_layer_groups})")
+        if not self.layerkv_tpot_slo_s > 0:
+            raise ConfigError(f"--layerkv-tpot-slo-s must be positive, got {self.layerkv_tpot_slo_s}")
         if self.host_kv_bytes is not None and self.host_kv_bytes <= 0:
             raise ConfigError(f"--host-kv-bytes must be positive, got {self.host_kv_bytes}")
         for name in ("restore_window_steps", "exchange_blocks_per_step", "remote_rows", "swap_blocks_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.migrate_freeness_gap > 0:
+            raise ConfigError(f"--migrate-freeness-gap must be positive, got {self.migrate_freeness_gap}")
+        for name in ("migrate_final_blocks", "migrate_max_concurrent"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.min_group_steps < 0 or self.activation_reserve_bytes < 0:
             raise ConfigError("--min-group-steps and --activation-reserve-bytes must be >= 0")
         k = self.kunserve_max_group

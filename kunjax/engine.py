@@ -256,7 +256,8 @@ class LLMEngine:
         return out
 
     def check_books(self) -> None:
-        """Every instance's and group's books balance; each block's refcount equals the requests holding it."""
+        """Every instance's and group's books balance; each block's refcount equals the requests holding it plus
+        the policy's own references (`reserved_blocks`, e.g. an in-flight migration's destination copies)."""
         for g in self.groups:
             g.books.check()
         if self.policy is not None:
@@ -268,10 +269,13 @@ class LLMEngine:
             inst.allocator.check()
             held = collections.Counter(
                 b for r in itertools.chain(inst.scheduler.running, inst.scheduler.waiting) for b in r.blocks)
+            reserved = getattr(self.policy, "reserved_blocks", None)
+            if reserved is not None:
+                held.update(reserved(inst.index))
             for b in range(inst.allocator.num_blocks):
                 assert inst.allocator.refcount(b) == held.get(b, 0), (
                     f"instance {inst.index} block {b}: refcount {inst.allocator.refcount(b)} but "
-                    f"{held.get(b, 0)} requests hold it")
+                    f"{held.get(b, 0)} requests and policy reservations hold it")
 
 
 def config_from_kwargs(**kwargs) -> EngineConfig:

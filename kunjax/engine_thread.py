@@ -12,8 +12,9 @@ or error if a step itself failed), also on shutdown.
 Also the read side of the engine for `serving/`: `info`, `load` and `elastic` copy engine state into the frozen
 `serving.runtime` records under the same lock, so a reader never sees an instance half-way into a pipeline
 group. While an instance is a stage of a group (kunserve) its own allocator and queues are empty: its load is
-its stage's KV books and the group's requests. The controller's transitions are numbered here (`ElasticEvent.seq`)
-after every step, so each gets one number however many the controller keeps.
+its stage's KV books and the group's requests. The controller's transitions — or, under a policy runtime that keeps
+an `events` deque of the same records (`migrate`), the policy's — are numbered here (`ElasticEvent.seq`) after
+every step, so each gets one number however many the source keeps.
 """
 
 from __future__ import annotations
@@ -161,10 +162,10 @@ class EngineThread:
 
     def elastic(self) -> ElasticStatus:
         with self._lock:
-            ctl = self.engine.elastic
-            if ctl is None:
-                return ElasticStatus(policy=self.engine.config.policy)
             self._number_elastic_events()
+            ctl = self.engine.elastic
+            if ctl is None:  # a policy's events (migrate), or none
+                return ElasticStatus(policy=self.engine.config.policy, events=tuple(self._elastic_events))
             stats = ctl.stats()
             return ElasticStatus(policy=self.engine.config.policy, drops=stats["drops"],
                                  restores=stats["restores"], active_groups=len(stats["groups"]),
@@ -201,16 +202,18 @@ class EngineThread:
             del self._seen_logprobs[out.request_id]
 
     def _number_elastic_events(self) -> None:
-        """Numbers the controller's events appended since the last call; caller holds the lock.
+        """Numbers the events appended since the last call; caller holds the lock.
 
-        The controller appends in order to a bounded deque: the new events are the ones after the newest we
-        numbered (all of them when that one has been evicted, i.e. more than the deque holds happened since).
+        The source is kunserve's controller, else the policy runtime when it keeps `events` (migrate). It appends
+        in order to a bounded deque: the new events are the ones after the newest we numbered (all of them when
+        that one has been evicted, i.e. more than the deque holds happened since).
         """
-        ctl = self.engine.elastic
-        if ctl is None or not ctl.events or ctl.events[-1] is self._last_numbered:
+        source = self.engine.elastic if self.engine.elastic is not None else self.engine.policy
+        events = getattr(source, "events", None)
+        if not events or events[-1] is self._last_numbered:
             return
         new = []
-        for ev in reversed(ctl.events):
+        for ev in reversed(events):
             if ev is self._last_numbered:
                 break
             new.append(ev)
@@ -219,7 +222,7 @@ class EngineThread:
             self._elastic_events.append(ElasticEvent(
                 seq=self._elastic_seq, kind=ev.kind, group=ev.group, members=tuple(ev.members), step=ev.step,
                 seconds=float(ev.seconds), detail={str(k): str(v) for k, v in ev.detail.items()}))
-        self._last_numbered = ctl.events[-1]
+        self._last_numbered = events[-1]
 
     def _fail_all(self, error: str) -> None:
         for rid in list(self._inflight):

@@ -9,6 +9,10 @@ only small int32/float32 metadata, donates the pool, and returns the sampled ids
 A step is split in two so that instances run concurrently from one controller thread: `dispatch()` schedules
 and launches the device work without waiting (JAX dispatch is asynchronous), `complete()` reads the sampled ids
 back to the host once and applies them.
+
+With a policy that keeps layer groups of a request in different places (`layerkv`), the step's tables are per
+layer group (`[G, S, MB]` slot ids of the pool's slot view, `kunjax.model.slot_view`) and the policy's
+`StepHooks` supply them and run after the dispatch; every other policy compiles the plain `[S, MB]` step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +33,7 @@ from kunjax.model import Params, forward_paged, write_kv
 from kunjax.request import Request
 from kunjax.sampling import pack_sampling, sample
 from kunjax.scheduler import Scheduler, SchedulerOutput
+from pallas_kernels import resolve_backend
 from sharding.layouts import kv_pool_sharding, param_shardings, replicated
 
 # Most token ids a request can have masked while it is below `min_tokens` (its EOS ids and stop token ids).
@@ -80,8 +86,9 @@ class StepInputs:
     positions: np.ndarray  # [T] int32
     seq_ids: np.ndarray  # [T] int32
     valid: np.ndarray  # [T] bool
-    slot_mapping: np.ndarray  # [T] int32 flat KV slot; padding -> null block
-    block_tables: np.ndarray  # [S, MB] int32
+    slot_mapping: np.ndarray  # [T] int32 flat KV slot, or [G, T] per layer group in the slot view (layerkv);
+    # padding -> null block
+    block_tables: np.ndarray  # [S, MB] int32 blocks, or [G, S, MB] slots per layer group (layerkv)
     context_lens: np.ndarray  # [S] int32
     logits_indices: np.ndarray  # [S] int32
     temperature: np.ndarray  # [S] float32
@@ -130,9 +137,27 @@ def suppressed_ids(req: Request) -> list[int]:
 class PendingStep:
     plan: SchedulerOutput
     outputs: tuple  # device arrays: (tokens [S], logprob [S], top_ids [S, N], top_logprobs [S, N])
+    started: float = 0.0  # time.perf_counter() when the step was scheduled
+
+
+class StepHooks(Protocol):
+    """What a policy with layer-wise residency (`kunjax.policies.layerkv`) adds to an instance's step."""
+
+    def group_tables(self, req: Request) -> list[list[int]] | None:
+        """Per layer group, the slot (`kunjax.model.slot_view`) of each of `req`'s logical blocks this step;
+        None when every group is in `req.blocks`."""
+
+    def after_dispatch(self, plan: SchedulerOutput) -> None:
+        """Called right after the step is dispatched (copies dispatched here run after it on the device)."""
 
 
 class Instance:
+    # Layer groups of the step's block tables: 1 (every layer of a request in the same blocks) unless a policy
+    # with layer-wise residency sets it, with `step_hooks`, before warm-up (kunjax.policies.layerkv).
+    num_layer_groups: int = 1
+    step_hooks: StepHooks | None = None
+    last_step: tuple[int, float] | None = None  # (tokens, seconds from schedule to sampled ids) of the last step
+
     def __init__(self, index: int, mesh: Mesh, cfg: ModelConfig, ecfg: EngineConfig, params: Params):
         self.index = index
         self.mesh = mesh
@@ -157,11 +182,13 @@ class Instance:
 
     # ---- compilation --------------------------------------------------------------------------------
     def _abstract_inputs(self, t: int) -> StepInputs:
-        s, mb = self.ecfg.max_num_seqs, self.max_blocks_per_seq
+        s, mb, g = self.ecfg.max_num_seqs, self.max_blocks_per_seq, self.num_layer_groups
         i32, f32 = np.int32, np.float32
+        lead = (g,) if g > 1 else ()
         return StepInputs(
             tokens=np.zeros(t, i32), positions=np.zeros(t, i32), seq_ids=np.zeros(t, i32),
-            valid=np.zeros(t, bool), slot_mapping=np.zeros(t, i32), block_tables=np.zeros((s, mb), i32),
+            valid=np.zeros(t, bool), slot_mapping=np.zeros((*lead, t), i32),
+            block_tables=np.zeros((*lead, s, mb), i32),
             context_lens=np.zeros(s, i32), logits_indices=np.zeros(s, i32), temperature=np.zeros(s, f32),
             top_k=np.zeros(s, i32), top_p=np.ones(s, f32), min_p=np.zeros(s, f32),
             seeds=np.zeros(s, np.uint32), counters=np.zeros(s, i32),
@@ -170,7 +197,8 @@ class Instance:
     def warmup(self) -> float:
         """Compile the step for every token bucket; returns seconds spent."""
         t0 = time.perf_counter()
-        fn = functools.partial(_step, self.cfg, self.ecfg.max_logprobs, self.ecfg.attention_backend)
+        backend = resolve_backend(self.ecfg.attention_backend, self.mesh.devices)  # auto -> a validated kernel
+        fn = functools.partial(_step, self.cfg, self.ecfg.max_logprobs, backend)
         rep = replicated(self.mesh)
         p_shard = param_shardings(self.mesh, self.params)
         n_meta = len(dataclasses.fields(StepInputs))
@@ -206,14 +234,24 @@ class Instance:
             inp.positions[row:row + n] = pos
             inp.seq_ids[row:row + n] = i
             inp.valid[row:row + n] = True
-            inp.slot_mapping[row:row + n] = blocks[pos // bs] * bs + pos % bs
-            inp.block_tables[i, :len(blocks)] = blocks
+            g_count = self.num_layer_groups
+            if g_count == 1:
+                inp.slot_mapping[row:row + n] = blocks[pos // bs] * bs + pos % bs
+                inp.block_tables[i, :len(blocks)] = blocks
+                tables = []
+            elif (tables := self.step_hooks.group_tables(req)) is None:
+                # Whole blocks: group g of block p is slot p * G + g of the slot view (`kunjax.model.slot_view`).
+                tables = [blocks * g_count + g for g in range(g_count)]
+            for g, table in enumerate(tables):  # [G] slot tables, one per layer group
+                slots = np.asarray(table, np.int32)
+                inp.slot_mapping[g, row:row + n] = slots[pos // bs] * bs + pos % bs
+                inp.block_tables[g, i, :len(slots)] = slots
             inp.context_lens[i] = start
             inp.logits_indices[i] = row + n - 1
             banned = suppressed_ids(req)
             inp.suppress_ids[i, :len(banned)] = banned
             row += n
-        inp.slot_mapping[row:] = NULL_BLOCK * bs
+        inp.slot_mapping[..., row:] = NULL_BLOCK * bs
         reqs = [seq.request for seq in plan.seqs]
         sampling = pack_sampling([r.params for r in reqs], [r.seed for r in reqs],
                                  [r.num_output_tokens for r in reqs], self.ecfg.max_num_seqs)
@@ -221,6 +259,7 @@ class Instance:
 
     def dispatch(self) -> PendingStep | None:
         """Schedule and launch one step without waiting for the device; None when idle."""
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.seqs:
             return None
@@ -229,12 +268,15 @@ class Instance:
         if compiled is None:
             raise RuntimeError(f"instance {self.index}: step bucket {len(inp.tokens)} was not warmed up")
         self.kv_pool, outputs = compiled(self.params, self.kv_pool, *inp.as_tuple())
+        if self.step_hooks is not None:
+            self.step_hooks.after_dispatch(plan)
         self.steps += 1
-        return PendingStep(plan, outputs)
+        return PendingStep(plan, outputs, started)
 
     def complete(self, pending: PendingStep) -> list[tuple[Request, int, float, np.ndarray, np.ndarray]]:
         """Commit the step's KV and return `(request, token, logprob, top_ids, top_logprobs)` per sample."""
         tokens, logprob, top_ids, top_lps = (np.asarray(x) for x in pending.outputs)
+        self.last_step = (pending.plan.num_tokens, time.perf_counter() - pending.started)
         sampled = []
         for i, seq in enumerate(pending.plan.seqs):
             self.scheduler.commit(seq)

@@ -10,7 +10,9 @@ Owns
   power of two up to `MAX_COPY`; any count is moved as its binary decomposition, so nothing is padded and the set
   of compiled shapes is small and warmed up ahead of serving.
 
-API (`MemPool`): `alloc / free / swap_out / swap_in / transfer / evict`, and `check()`.
+API (`MemPool`): `alloc / free / swap_out / swap_in / transfer / evict`, and `check()`; for layer-wise
+residency (layerkv) `slots_out / slots_in / slots_copy` move layer-group slots (`SlotCopier`), the books of
+those slots being the policy's.
 
 Ordering: a copy is dispatched to the device when it is called, before the step that reuses the blocks is
 dispatched; JAX runs work on a device in dispatch order and a donation waits for earlier reads, so a block freed
@@ -31,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from kunjax.block_manager import BlockAllocator, OutOfBlocks
+from kunjax.model import slot_view
 
 MAX_COPY = 64  # largest block count moved by one compiled copy (powers of two up to it are compiled)
 
@@ -101,6 +104,59 @@ class BlockCopier:
             pool = self.scatter(pool, ids[at:at + n], part)
             at += n
         assert at == len(ids), f"wrote {at} blocks into {len(ids)} ids"
+        return pool
+
+
+class SlotCopier:
+    """Compiled gathers and donated scatters of layer-group slots of one pool (layerkv).
+
+    Slots are the rows of the pool's slot view `[NB * G, L/G, 2, BS, K, D]` (`kunjax.model.slot_view`, a reshape):
+    slot `p * G + s` is layers `s*L/G ..` of block `p`. Sizes as `BlockCopier` (`copy_sizes`).
+    """
+
+    def __init__(self, pool: jax.Array, num_groups: int):  # [NB, L, 2, BS, K, D] the instance's pool
+        self.sharding: NamedSharding = pool.sharding
+        rep = NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+        self._rep = rep
+
+        def gather(pool, ids):  # [NB, L, ...], [n] -> [n, L/G, 2, BS, K, D]
+            return slot_view(pool, num_groups)[ids]
+
+        def scatter(pool, ids, data):  # data [n, L/G, 2, BS, K, D]
+            return slot_view(pool, num_groups).at[ids].set(data.astype(pool.dtype)).reshape(pool.shape)
+
+        self._gather = jax.jit(gather, in_shardings=(self.sharding, rep), out_shardings=self.sharding)
+        self._scatter = jax.jit(scatter, donate_argnums=(0,), in_shardings=(self.sharding, rep, self.sharding),
+                                out_shardings=self.sharding)
+
+    def warmup(self, pool: jax.Array) -> jax.Array:
+        """Compile every copy size (slot 0 of the null block is read and written back unchanged)."""
+        n = 1
+        while n <= MAX_COPY:
+            ids = [0] * n
+            pool = self.write(pool, ids, self.read(pool, ids))
+            n *= 2
+        return pool
+
+    def _ids(self, ids: Sequence[int]) -> jax.Array:
+        return jax.device_put(np.asarray(ids, np.int32), self._rep)
+
+    def read(self, pool: jax.Array, ids: Sequence[int]) -> list[jax.Array]:
+        """Slots `ids`, one device array [n_i, L/G, 2, BS, K, D] per compiled copy size."""
+        out, at = [], 0
+        for n in copy_sizes(len(ids)):
+            out.append(self._gather(pool, self._ids(ids[at:at + n])))
+            at += n
+        return out
+
+    def write(self, pool: jax.Array, ids: Sequence[int], parts: Sequence[jax.Array]) -> jax.Array:
+        """Scatter `parts` (as returned by `read`, possibly from the host tier) into slots `ids`."""
+        at = 0
+        for part in parts:
+            n = part.shape[0]
+            pool = self._scatter(pool, self._ids(ids[at:at + n]), jax.device_put(part, self.sharding))
+            at += n
+        assert at == len(ids), f"wrote {at} slots into {len(ids)} ids"
         return pool
 
 
@@ -241,6 +297,35 @@ class MemPool:
         parts = self.copiers[src].read(a.kv_pool, list(src_blocks))
         b.kv_pool = self.copiers[dst].write(b.kv_pool, list(dst_blocks), parts)
         self.blocks_transferred += len(src_blocks)
+
+    # ---- layer-group slots (layerkv) ----------------------------------------------------------------
+    def enable_slots(self, num_groups: int) -> None:
+        """Compile slot copies for every instance: `slots_out / slots_in / slots_copy` then work."""
+        self.slot_copiers = [SlotCopier(inst.kv_pool, num_groups) for inst in self.instances]
+        self.slots_offloaded = 0
+        self.slots_reloaded = 0
+
+    def warmup_slots(self) -> None:
+        for inst, copier in zip(self.instances, self.slot_copiers, strict=True):
+            inst.kv_pool = copier.warmup(inst.kv_pool)
+
+    def slots_out(self, i: int, key: str, slots: Sequence[int]) -> None:
+        """Copy device slots of instance `i` to its host tier under `key` (one host block per slot); the device
+        books are the caller's. Asynchronous: dispatched now, after whatever was dispatched before."""
+        self.host[i].store(key, self.slot_copiers[i].read(self.instances[i].kv_pool, list(slots)))
+        self.slots_offloaded += len(slots)
+
+    def slots_in(self, i: int, key: str, slots: Sequence[int]) -> None:
+        """Copy the host entry `key` (kept) into device slots `slots` of instance `i`."""
+        inst = self.instances[i]
+        inst.kv_pool = self.slot_copiers[i].write(inst.kv_pool, list(slots), self.host[i].entries[key].parts)
+        self.slots_reloaded += len(slots)
+
+    def slots_copy(self, i: int, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy device slots `src` into slots `dst` of instance `i`."""
+        if src:
+            inst, copier = self.instances[i], self.slot_copiers[i]
+            inst.kv_pool = copier.write(inst.kv_pool, list(dst), copier.read(inst.kv_pool, list(src)))
 
     # ---- books --------------------------------------------------------------------------------------
     def check(self) -> None:

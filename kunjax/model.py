@@ -141,6 +141,16 @@ def forward_dense(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Ar
     return logits_from_hidden(cfg, params, h)
 
 
+def slot_view(kv_pool: jax.Array, num_groups: int) -> jax.Array:
+    """The pool as layer-group slots: `[NB, L, 2, BS, K, D]` -> `[NB * G, L/G, 2, BS, K, D]`, a reshape (no copy).
+
+    Slot `v = p * G + s` is layers `s*L/G .. (s+1)*L/G - 1` of block `p`; any slot may hold any layer group of
+    any logical block, so a request can keep some groups of its KV on device in free slots (layerkv).
+    """
+    nb, n_layers = kv_pool.shape[:2]
+    return kv_pool.reshape(nb * num_groups, n_layers // num_groups, *kv_pool.shape[2:])
+
+
 def forward_paged(
     cfg: ModelConfig,
     params: Params,
@@ -149,17 +159,27 @@ def forward_paged(
     positions: jax.Array,  # [T] int32
     seq_ids: jax.Array,  # [T] int32
     valid: jax.Array,  # [T] bool
-    block_tables: jax.Array,  # [S, MB] int32
+    block_tables: jax.Array,  # [S, MB] int32 block ids, or [G, S, MB] slot ids per layer group (`slot_view`)
     context_lens: jax.Array,  # [S] int32 tokens already cached per sequence
     logits_indices: jax.Array,  # [S] int32 row of each sequence's last token in this step
     attention_backend: str = "auto",  # pallas_kernels.BACKENDS
 ) -> tuple[jax.Array, jax.Array]:
-    """One engine step; returns (logits [S, V] float32, new_kv [L, T, 2, K, D] in the pool dtype)."""
+    """One engine step; returns (logits [S, V] float32, new_kv [L, T, 2, K, D] in the pool dtype).
+
+    With per-group tables (`[G, S, MB]`, G | L), layer `l` reads its history from the slot view of the pool
+    through `block_tables[l // (L/G)]` at layer `l % (L/G)` of each slot: a request may hold its layer groups in
+    different places (`kunjax.policies.layerkv`). The `[S, MB]` form is the fast path every other policy compiles.
+    """
     scale = 1.0 / math.sqrt(cfg.head_dim)
+    per_group = block_tables.ndim == 3
+    lg = cfg.num_layers // block_tables.shape[0] if per_group else cfg.num_layers
+    pool = slot_view(kv_pool, block_tables.shape[0]) if per_group else kv_pool
 
     def attn(q, k, v, layer):
-        out, _ = paged_attention(q, k, v, kv_pool, layer, block_tables, context_lens, seq_ids, positions,
-                                 valid, scale=scale, sliding_window=cfg.sliding_window, backend=attention_backend)
+        tables = block_tables[layer // lg] if per_group else block_tables  # [S, MB]
+        out, _ = paged_attention(q, k, v, pool, layer % lg if per_group else layer, tables, context_lens, seq_ids,
+                                 positions, valid, scale=scale, sliding_window=cfg.sliding_window,
+                                 backend=attention_backend)
         return out
 
     h = params["embed"][tokens]
@@ -172,12 +192,22 @@ def forward_paged(
 def write_kv(
     kv_pool: jax.Array,  # [NB, L, 2, BS, K, D] donated by the caller's jit
     new_kv: jax.Array,  # [L, T, 2, K, D]
-    slot_mapping: jax.Array,  # [T] int32 flat slot (block * BS + offset); padding points at null block 0
+    slot_mapping: jax.Array,  # [T] int32 flat slot (block * BS + offset), or [G, T] per layer group in the slot
+    # view (slot * BS + offset); padding points at null block 0 (slot 0)
 ) -> jax.Array:
     bs = kv_pool.shape[3]
-    blocks, offsets = slot_mapping // bs, slot_mapping % bs
-    # Advanced indices separated by slices put the T axis first: values are [T, L, 2, K, D].
-    return kv_pool.at[blocks, :, :, offsets].set(jnp.moveaxis(new_kv, 1, 0))
+    if slot_mapping.ndim == 1:
+        blocks, offsets = slot_mapping // bs, slot_mapping % bs
+        # Advanced indices separated by slices put the T axis first: values are [T, L, 2, K, D].
+        return kv_pool.at[blocks, :, :, offsets].set(jnp.moveaxis(new_kv, 1, 0))
+    n_layers, n_groups = kv_pool.shape[1], slot_mapping.shape[0]
+    lg = n_layers // n_groups
+    layers = jnp.arange(n_layers, dtype=jnp.int32)  # [L]
+    flat = slot_mapping[layers // lg].T  # [T, L] flat slot of each token at each layer
+    # One scatter into the slot view: (slot, layer in slot, offset) per (token, layer); values [T, L, 2, K, D].
+    view = slot_view(kv_pool, n_groups).at[flat // bs, (layers % lg)[None, :], :, flat % bs].set(
+        jnp.moveaxis(new_kv, 1, 0))
+    return view.reshape(kv_pool.shape)
 
 
 class _Stacked(nnx.Module):

@@ -53,7 +53,7 @@ def run_checked(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, list[i
     return [outputs[i] for i in ids]
 
 
-@pytest.mark.parametrize("policy", ["recompute", "swap"])
+@pytest.mark.parametrize("policy", ["recompute", "swap", "migrate", "layerkv"])
 def test_every_policy_matches_the_oracle_with_balanced_books(tiny_dir, prompts_and_expected, policy):
     prompts, expected = prompts_and_expected
     engine = make_engine(tiny_dir, policy, jax.devices()[:2])
@@ -68,6 +68,10 @@ def test_every_policy_matches_the_oracle_with_balanced_books(tiny_dir, prompts_a
         swaps = [inst.scheduler.policy for inst in engine.instances]
         assert sum(p.swap_outs for p in swaps) > 0 and stats["blocks_swapped_in"] == stats["blocks_swapped_out"] > 0
         assert stats["host_used"] == 0
+    if policy == "layerkv":
+        stats = engine.policy.stats()
+        assert stats["partial_admissions"] > 0 and stats["slots_offloaded"] > 0, "no request was admitted layered"
+        assert stats["host_used"] == 0 and stats["layered"] == 0
 
 
 def test_swap_falls_back_to_recompute_when_the_host_tier_is_full(tiny_dir, prompts_and_expected):
