@@ -122,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(srv)
     add_engine_flags(srv)
     srv.set_defaults(handler=cmd_serve, subparser=srv)
+
+    from kunjax.bench.command import add_bench_arguments, cmd_bench
+
+    bench = sub.add_parser(
+        "bench", help="replay a workload against several policies and compare them",
+        description="Replay a trace (or a synthetic workload) open loop against each of --policies on identical "
+                    "inputs, in this process or against a `kunjax serve` (--server); write OUT/summary.json, "
+                    "per-request and timeline CSVs and plots, and print the table. By default the workload is "
+                    "fitted to the machine: its burstiest window, time-scaled so the peak KV demand is twice the "
+                    "instances' KV capacity.")
+    add_bench_arguments(bench)
+    _model_flags(bench)
+    add_engine_flags(bench)
+    bench.set_defaults(handler=cmd_bench, subparser=bench)
     return parser
 
 

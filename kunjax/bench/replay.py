@@ -1,0 +1,177 @@
+"""Open-loop replay of one workload against one target, with a progress line and a per-second timeline.
+
+Owns the clock of a replay. A scheduler thread starts each request at its arrival time (replay start + its
+offset), never waiting for earlier requests to finish; the target records its events. A sampler thread reads
+the target's load and new elastic events once a second into timeline rows. The calling thread prints progress
+to stderr and, once every request has been sent, waits for them to finish for at most `drain_timeout_s`;
+then it aborts the rest, which count as failed with reason "timeout".
+
+Timeline row (one per second): `t_s`, requests in flight (sent, not finished), `queue_len` (waiting requests;
+a pipeline group's queue counted once), `kv_demand_tokens` (KV in use + prompt tokens still queued, summed over
+instances, a group's stages counted once), `kv_capacity_tokens`, `kv_free_tokens`, `groups`, the events seen
+since the previous row, and per instance `i{n}_mode` / `_kv_free` / `_kv_used` / `_kv_total` (blocks; a stage's
+blocks hold 1/k of the layers) / `_running` / `_waiting`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from kunjax.bench.metrics import RequestRecord
+from kunjax.bench.targets import LoadRow, Target
+from kunjax.workloads import Workload
+
+SAMPLE_PERIOD_S = 1.0
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    records: list[RequestRecord]
+    timeline: list[dict[str, object]]
+    events: list[dict[str, object]]  # elastic events with the replay time they were first seen
+    replay_s: float  # from the first arrival to the last request's end (or the abort)
+    timed_out: int  # requests aborted at the drain deadline
+
+
+def _event_dict(ev, t_s: float) -> dict[str, object]:
+    return {"t_s": round(t_s, 3), "seq": int(ev.seq), "kind": ev.kind, "group": int(ev.group),
+            "members": [int(m) for m in ev.members], "step": int(ev.step), "seconds": round(float(ev.seconds), 4),
+            "detail": dict(ev.detail)}
+
+
+def timeline_row(t_s: float, loads: Sequence[LoadRow], block_size: int, inflight: int,
+                 events: Sequence[dict[str, object]]) -> dict[str, object]:
+    """One timeline sample (module docstring); a group's stages report its queue and tokens once between them."""
+    row: dict[str, object] = {"t_s": round(t_s, 2), "inflight": inflight}
+    groups: dict[int, list[LoadRow]] = {}
+    queue = demand = capacity = free = 0
+    for x in loads:
+        if x.group >= 0:
+            groups.setdefault(x.group, []).append(x)
+            continue
+        queue += x.waiting
+        demand += x.kv_used * block_size + x.queued_tokens
+        capacity += x.kv_total * block_size
+        free += x.kv_free * block_size
+    for members in groups.values():  # each stage holds every token's slice: tokens = a stage's blocks
+        k = len(members)
+        queue += members[0].waiting
+        demand += round(sum(m.kv_used for m in members) / k) * block_size + members[0].queued_tokens
+        capacity += round(sum(m.kv_total for m in members) / k) * block_size
+        free += round(sum(m.kv_free for m in members) / k) * block_size
+    row.update(queue_len=queue, kv_demand_tokens=demand, kv_capacity_tokens=capacity, kv_free_tokens=free,
+               groups=len(groups),
+               events="; ".join(f"{e['kind']} group {e['group']} {e['members']}" for e in events))
+    for x in loads:
+        p = f"i{x.instance}_"
+        mode = x.mode if x.group < 0 else f"{x.mode}:g{x.group}s{x.stage}"
+        row.update({p + "mode": mode, p + "kv_free": x.kv_free, p + "kv_used": x.kv_used, p + "kv_total": x.kv_total,
+                    p + "running": x.running, p + "waiting": x.waiting})
+    return row
+
+
+class _Progress:
+    """A one-line progress bar on stderr (rewritten in place on a terminal, a line every 10 s otherwise)."""
+
+    def __init__(self, label: str, total: int, duration_s: float, enabled: bool):
+        self.label, self.total, self.duration_s, self.enabled = label, total, duration_s, enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def show(self, t_s: float, sent: int, done: int, final: bool = False) -> None:
+        if not self.enabled or (not self.tty and not final and t_s - self._last < 10.0):
+            return
+        self._last = t_s
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        line = (f"[{self.label}] [{bar}] {done}/{self.total} done, {sent - done} in flight, "
+                f"{t_s:6.1f}s / {self.duration_s:.0f}s of arrivals")
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, label: str, block_size: int,
+           drain_timeout_s: float, progress: bool = True, id_prefix: str = "bench") -> ReplayResult:
+    """Replay `workload` (prompt i = `prompts[i]`) against `target` in real time; see the module docstring."""
+    records = [RequestRecord(index=i, request_id=f"{id_prefix}-{i}", arrival_s=r.arrival_s,
+                             prompt_tokens=len(prompts[i]), max_tokens=r.output_tokens)
+               for i, r in enumerate(workload.requests)]
+    done_lock = threading.Lock()
+    counts = {"sent": 0, "done": 0}
+    all_done = threading.Event()
+    stop = threading.Event()
+
+    def on_done() -> None:
+        with done_lock:
+            counts["done"] += 1
+            if counts["done"] == len(records):
+                all_done.set()
+
+    t0 = time.monotonic()
+
+    def schedule() -> None:
+        for rec, prompt in zip(records, prompts, strict=True):
+            delay = t0 + rec.arrival_s - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                return
+            counts["sent"] += 1
+            target.start(rec, list(prompt), t0, on_done)
+
+    timeline: list[dict[str, object]] = []
+    events: list[dict[str, object]] = []
+    seen = {"seq": 0}
+
+    def sample() -> None:
+        while True:
+            t = time.monotonic() - t0
+            try:
+                loads = target.load()
+                new = [_event_dict(ev, t) for ev in target.elastic_events() if ev.seq > seen["seq"]]
+            except Exception as e:  # a failed read leaves a gap in the timeline, not a failed replay
+                print(f"\n[{label}] timeline sample failed: {type(e).__name__}: {e}", file=sys.stderr)
+                loads, new = [], []
+            if new:
+                seen["seq"] = max(int(ev["seq"]) for ev in new)
+                events.extend(new)
+            if loads:
+                timeline.append(timeline_row(t, loads, block_size, counts["sent"] - counts["done"], new))
+            if stop.wait(max(0.0, SAMPLE_PERIOD_S - (time.monotonic() - t0 - t))):
+                return
+
+    bar = _Progress(label, len(records), workload.duration_s, progress)
+    scheduler = threading.Thread(target=schedule, name="bench-schedule", daemon=True)
+    sampler = threading.Thread(target=sample, name="bench-sample", daemon=True)
+    scheduler.start()
+    sampler.start()
+    if not records:
+        all_done.set()
+    deadline = t0 + workload.duration_s + drain_timeout_s
+    while not all_done.wait(0.5):
+        bar.show(time.monotonic() - t0, counts["sent"], counts["done"])
+        if time.monotonic() > deadline:
+            break
+    timed_out = 0
+    if not all_done.is_set():
+        scheduler.join()
+        late = [r for r in records if not r.done]
+        for r in late:
+            target.abort(r.request_id)
+        all_done.wait(30.0)
+        for r in late:
+            if r.finish_reason in (None, "abort"):
+                r.end_s = r.end_s if r.end_s is not None else time.monotonic() - t0
+                r.error = f"unfinished {drain_timeout_s:g}s after the last arrival (--drain-timeout-s): aborted"
+                r.finish_reason = "timeout"
+        timed_out = len(late)
+    ends = [r.end_s for r in records if r.end_s is not None]
+    replay_s = max(ends) if ends else time.monotonic() - t0
+    stop.set()
+    scheduler.join()
+    sampler.join(timeout=10)
+    bar.show(time.monotonic() - t0, counts["sent"], counts["done"], final=True)
+    return ReplayResult(records=records, timeline=timeline, events=events, replay_s=replay_s, timed_out=timed_out)

@@ -1,0 +1,154 @@
+"""What a bench run leaves behind: per-request and timeline CSVs, the plots, the table and the comparison.
+
+Owns the file formats under `--out` and the one figure of merit printed at the end: the ratio of the best
+baseline's P99 TTFT (the non-kunserve policy with the lowest one) to kunserve's, with kunserve's P99 TPOT
+relative to that baseline's (its cost). matplotlib is imported only here and only when plotting (Agg backend),
+so nothing else needs it; without it the PNGs are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from kunjax.bench.metrics import RequestRecord
+
+REQUEST_COLUMNS = ("index", "request_id", "arrival_s", "submit_s", "scheduled_s", "first_token_s", "end_s",
+                   "prompt_tokens", "max_tokens", "output_tokens", "queue_s", "ttft_s", "tpot_s", "e2e_s",
+                   "finish_reason", "error")
+
+
+def _cell(v: object) -> object:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6f}"
+    return v
+
+
+def write_requests_csv(path: Path, records: Sequence[RequestRecord]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(REQUEST_COLUMNS)
+        for r in records:
+            w.writerow([_cell(getattr(r, c)) for c in REQUEST_COLUMNS])
+
+
+def write_timeline_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns) or ["t_s"])
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _cell(v) for k, v in row.items()})
+
+
+# ---- the table and the comparison --------------------------------------------------------------------------
+def _s(x: object) -> str:
+    return "n/a" if not isinstance(x, int | float) or math.isnan(x) else f"{x:.2f}s"
+
+
+def format_table(summaries: Mapping[str, Mapping[str, object]]) -> str:
+    head = (f"{'policy':<10} {'done':>9} {'failed':>6} {'P50 TTFT':>9} {'P99 TTFT':>9} {'P99 TPOT':>9} "
+            f"{'P99 e2e':>9} {'SLO met':>8} {'goodput':>9} {'out tok/s':>9} {'wall':>7}")
+    lines = [head, "-" * len(head)]
+    for name, s in summaries.items():
+        lines.append(
+            f"{name:<10} {s['completed']:>4}/{s['requests']:<4} {s['failed']:>6} {_s(s['ttft_p50_s']):>9} "
+            f"{_s(s['ttft_p99_s']):>9} {_s(s['tpot_p99_s']):>9} {_s(s['e2e_p99_s']):>9} "
+            f"{s['slo_attainment']:>8.1%} {s['goodput_req_s']:>7.2f}/s {s['throughput_tok_s']:>9.1f} "
+            f"{s.get('wall_s', math.nan):>6.0f}s")
+    return "\n".join(lines)
+
+
+def comparison(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, object] | None:
+    """kunserve against the best baseline (lowest P99 TTFT among the others); None without both."""
+    if "kunserve" not in summaries:
+        return None
+    baselines = {k: v for k, v in summaries.items() if k != "kunserve" and not math.isnan(v["ttft_p99_s"])}
+    if not baselines:
+        return None
+    best = min(baselines, key=lambda k: baselines[k]["ttft_p99_s"])
+    ks, b = summaries["kunserve"], baselines[best]
+    ratio = b["ttft_p99_s"] / ks["ttft_p99_s"] if ks["ttft_p99_s"] > 0 else math.nan
+    cost = ks["tpot_p99_s"] / b["tpot_p99_s"] if b["tpot_p99_s"] > 0 else math.nan
+    return {"best_baseline": best, "ttft_p99_ratio_best_baseline_over_kunserve": ratio,
+            "tpot_p99_ratio_kunserve_over_best_baseline": cost}
+
+
+def format_comparison(c: Mapping[str, object]) -> str:
+    return (f"P99 TTFT, best baseline ({c['best_baseline']}) / kunserve: "
+            f"{c['ttft_p99_ratio_best_baseline_over_kunserve']:.2f}x; P99 TPOT cost, kunserve / "
+            f"{c['best_baseline']}: {c['tpot_p99_ratio_kunserve_over_best_baseline']:.2f}x")
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------
+def write_plots(out: Path, runs: Mapping[str, tuple[Sequence[RequestRecord], Sequence[Mapping[str, object]],
+                                                    Sequence[Mapping[str, object]]]],
+                summaries: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """`ttft_cdf.png`, `ttft_p99.png`, `timeline.png` from {policy: (records, timeline rows, events)}; returns the
+    files written, or raises ImportError when matplotlib is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (records, _, _) in runs.items():
+        xs = sorted(r.ttft_s for r in records if r.completed and r.ttft_s is not None)
+        if xs:
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name, drawstyle="steps-post")
+    ax.set(xlabel="TTFT (s)", ylabel="fraction of completed requests", title="TTFT CDF")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ttft_cdf.png", dpi=110)
+    plt.close(fig)
+    written.append("ttft_cdf.png")
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(summaries) + 2), 4))
+    names = list(summaries)
+    vals = [float(summaries[n]["ttft_p99_s"]) for n in names]
+    bars = ax.bar(names, [0.0 if math.isnan(v) else v for v in vals],
+                  color=["tab:red" if n == "kunserve" else "tab:blue" for n in names])
+    for b, v in zip(bars, vals, strict=True):
+        ax.annotate("n/a" if math.isnan(v) else f"{v:.2f}s", (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=9)
+    ax.set(ylabel="P99 TTFT (s)", title="P99 TTFT by policy")
+    fig.tight_layout()
+    fig.savefig(out / "ttft_p99.png", dpi=110)
+    plt.close(fig)
+    written.append("ttft_p99.png")
+
+    n = len(runs)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 3.2 * n), squeeze=False, sharex=True)
+    for ax, (name, (_, rows, events)) in zip(axes[:, 0], runs.items(), strict=True):
+        t = [float(r["t_s"]) for r in rows]
+        ax.plot(t, [float(r["kv_demand_tokens"]) for r in rows], label="KV demand (tokens)", color="tab:red")
+        ax.plot(t, [float(r["kv_capacity_tokens"]) for r in rows], label="KV capacity", color="black", lw=1)
+        ax.plot(t, [float(r["kv_free_tokens"]) for r in rows], label="KV free", color="tab:green", lw=1)
+        ax.set_ylabel("tokens")
+        q = ax.twinx()
+        q.plot(t, [float(r["queue_len"]) for r in rows], label="queue (requests)", color="tab:blue", ls="--")
+        q.set_ylabel("queued requests")
+        for ev in events:
+            color = {"drop": "tab:purple", "restore": "tab:orange"}.get(str(ev["kind"]), "grey")
+            ax.axvline(float(ev["t_s"]), color=color, ls=":", lw=1.2)
+            ax.annotate(str(ev["kind"]), (float(ev["t_s"]), 1.0), xycoords=("data", "axes fraction"),
+                        rotation=90, va="top", ha="right", fontsize=7, color=color)
+        ax.set_title(name)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = q.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("time since replay start (s)")
+    fig.tight_layout()
+    fig.savefig(out / "timeline.png", dpi=100)
+    plt.close(fig)
+    written.append("timeline.png")
+    return written

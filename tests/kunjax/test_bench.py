@@ -1,0 +1,176 @@
+"""`kunjax bench`: the metrics' arithmetic by hand, the timeline's accounting, bad flags named, and a short
+in-process run of two policies through the CLI writing every file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kunjax.bench.metrics import RequestRecord, Slo, percentile, summarize
+from kunjax.bench.replay import timeline_row
+from kunjax.bench.report import comparison
+from kunjax.cli import main
+from serving.runtime import InstanceLoad
+
+
+def _rec(i: int, arrival: float, first: float | None, end: float | None, out: int, reason: str,
+         scheduled: float | None = None) -> RequestRecord:
+    return RequestRecord(index=i, request_id=f"r{i}", arrival_s=arrival, prompt_tokens=10, max_tokens=out,
+                         scheduled_s=scheduled, first_token_s=first, end_s=end, output_tokens=out,
+                         finish_reason=reason)
+
+
+RECORDS = [
+    _rec(0, 0.0, 1.0, 3.0, 5, "length", scheduled=0.5),  # TTFT 1, TPOT (3-1)/4 = 0.5, e2e 3, queue 0.5
+    _rec(1, 1.0, 1.5, 2.0, 1, "length", scheduled=1.2),  # TTFT 0.5, one token: no TPOT, e2e 1
+    _rec(2, 2.0, 6.0, 10.0, 3, "stop", scheduled=5.0),  # TTFT 4, TPOT 2, e2e 8
+    _rec(3, 3.0, None, 12.0, 0, "timeout"),  # failed
+]
+
+
+def test_percentiles_interpolate_like_numpy():
+    xs = [3.0, 0.5, 1.0, 7.0, 2.0]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+    assert math.isnan(percentile([], 50))
+
+
+def test_request_times_follow_their_definitions():
+    r0, r1, r2, r3 = RECORDS
+    assert (r0.queue_s, r0.ttft_s, r0.tpot_s, r0.e2e_s) == (0.5, 1.0, 0.5, 3.0)
+    assert r1.tpot_s is None
+    assert r2.tpot_s == 2.0
+    assert not r3.completed and r3.ttft_s is None
+
+
+def test_summary_by_hand():
+    s = summarize(RECORDS, Slo(ttft_s=2.0, tpot_s=1.0))
+    assert (s["completed"], s["failed"], s["requests"]) == (3, 1, 4)
+    assert s["ttft_p50_s"] == pytest.approx(1.0)  # TTFTs of completed requests: 0.5, 1, 4
+    assert s["ttft_p99_s"] == pytest.approx(1.0 + 3.0 * 0.98)
+    assert s["tpot_p99_s"] == pytest.approx(0.5 + 1.5 * 0.99)  # TPOTs: 0.5, 2
+    assert s["e2e_p99_s"] == pytest.approx(3.0 + 5.0 * 0.98)  # e2e: 1, 3, 8
+    assert s["percentiles"]["queue_s"]["p50"] == pytest.approx(0.5)  # queues: 0.2, 0.5, 3
+    # r0 and r1 meet both objectives (r1 has no TPOT); r2 misses TTFT; r3 failed. Makespan: 12 s.
+    assert s["slo_attainment"] == pytest.approx(2 / 4)
+    assert s["goodput_req_s"] == pytest.approx(2 / 12)
+    assert s["throughput_tok_s"] == pytest.approx((5 + 1 + 3) / 12)
+    assert s["finish_reasons"] == {"length": 2, "stop": 1, "timeout": 1}
+
+
+def test_comparison_uses_the_baseline_with_the_lowest_p99_ttft():
+    base = {"ttft_p99_s": 8.0, "tpot_p99_s": 0.2}
+    c = comparison({"recompute": base, "swap": {"ttft_p99_s": 6.0, "tpot_p99_s": 0.25},
+                    "kunserve": {"ttft_p99_s": 3.0, "tpot_p99_s": 0.3}})
+    assert c == {"best_baseline": "swap", "ttft_p99_ratio_best_baseline_over_kunserve": pytest.approx(2.0),
+                 "tpot_p99_ratio_kunserve_over_best_baseline": pytest.approx(1.2)}
+    assert comparison({"recompute": base}) is None
+
+
+def test_timeline_counts_a_pipeline_group_once():
+    def load(i, mode="replica", used=10, free=90, waiting=0, queued=0, group=-1, stage=-1, total=100):
+        return InstanceLoad(instance=i, mode=mode, kv_free=free, kv_used=used, kv_cached=0, kv_total=total,
+                            running=1, waiting=waiting, queued_tokens=queued, group=group, stage=stage)
+
+    loads = [load(0, waiting=2, queued=40),
+             load(1, "pipeline", used=150, free=100, waiting=5, queued=300, group=0, stage=0, total=250),
+             load(2, "pipeline", used=150, free=100, waiting=5, queued=300, group=0, stage=1, total=250)]
+    row = timeline_row(3.0, loads, block_size=16, inflight=9, events=[{"kind": "drop", "group": 0,
+                                                                        "members": [1, 2]}])
+    assert row["queue_len"] == 2 + 5
+    assert row["kv_demand_tokens"] == 10 * 16 + 40 + 150 * 16 + 300
+    assert row["kv_capacity_tokens"] == 100 * 16 + 250 * 16
+    assert row["groups"] == 1 and row["events"] == "drop group 0 [1, 2]"
+    assert row["i1_mode"] == "pipeline:g0s0"
+
+
+def test_help_explains_every_bench_option():
+    from kunjax.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["bench"]
+    text = sub.format_help()
+    for flag in ("--trace", "--policies", "--out", "--server", "--slo-ttft-s", "--slo-tpot-s", "--duration-s",
+                 "--target-peak-ratio", "--device-memory-bytes", "--policy"):
+        assert flag in text
+    for action in sub._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "recompute,bogus"], "--policies: unknown policy 'bogus'"),
+    (["--trace", "/nonexistent/trace.csv"], "--trace: /nonexistent/trace.csv: no such file"),
+    (["--slo-ttft-s", "0"], "--slo-ttft-s must be > 0"),
+    (["--prompt-len", "gauss:3"], "--prompt-len: unknown length distribution"),
+    (["--server", "localhost"], "--server must be HOST:PORT"),
+    (["--server", "localhost:1", "--policies", "kunserve"], "--policies cannot be used with --server"),
+    (["--length-scale", "big"], "--length-scale must be 'auto' or a number"),
+    (["--weight-fraction", "1.5"], "--weight-fraction must be in (0, 1)"),
+    (["--max-num-batched-tokens", "4"], "--max-num-batched-tokens (4) must be >= --max-num-seqs"),
+])
+def test_bad_flags_exit_2_naming_the_flag(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--out", str(tmp_path), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_an_unreadable_trace_is_named_with_its_header(capsys, tmp_path):
+    bad = tmp_path / "t.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--out", str(tmp_path), "--trace", str(bad)])
+    assert e.value.code == 2
+    assert f"--trace: {bad}: unrecognised trace header ['a', 'b']" in capsys.readouterr().err
+
+
+SMALL_RUN = ["--cpu-devices", "2", "--num-instances", "2", "--num-requests", "16", "--rate", "8",
+             "--prompt-len", "uniform:16:64", "--output-len", "uniform:4:12", "--time-scale", "1",
+             "--duration-s", "10", "--drain-timeout-s", "60", "--no-progress"]
+
+
+def run_bench(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "kunjax", "bench", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def check_outputs(out, policies: list[str]) -> dict:
+    """The files of a run exist and summary.json has the promised schema; returns the summary."""
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"policies", "workload", "devices", "model"}
+    assert list(summary["policies"]) == policies
+    for name, s in summary["policies"].items():
+        assert set(s) >= {"ttft_p50_s", "ttft_p99_s", "tpot_p99_s", "e2e_p99_s", "completed", "failed",
+                          "slo_attainment", "throughput_tok_s"}
+        assert s["completed"] == s["requests"] == summary["workload"]["requests"] and s["failed"] == 0
+        with open(out / f"requests_{name}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == s["requests"]
+        assert all(int(r["output_tokens"]) == int(r["max_tokens"]) for r in rows)  # lengths as the trace says
+        with open(out / f"timeline_{name}.csv") as f:
+            timeline = list(csv.DictReader(f))
+        assert timeline and {"t_s", "kv_demand_tokens", "queue_len", "i0_kv_free"} <= set(timeline[0])
+    return summary
+
+
+def test_in_process_run_of_two_policies_writes_every_file(tmp_path):
+    res = run_bench("--policies", "recompute,kunserve", "--out", str(tmp_path), *SMALL_RUN)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = check_outputs(tmp_path, ["recompute", "kunserve"])
+    assert summary["workload"]["time_scale"] == 1.0 and summary["workload"]["requests"] == 16
+    assert summary["devices"]["memory"]["device_memory_bytes"] > 0
+    with open(tmp_path / "requests_recompute.csv") as f:
+        queue = [float(r["queue_s"]) for r in csv.DictReader(f)]
+    assert all(0 <= q < 60 for q in queue)  # in-process: the engine's first-scheduled time is read
+    for png in ("ttft_cdf.png", "ttft_p99.png", "timeline.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "P99 TTFT, best baseline (recompute) / kunserve" in res.stdout
+    assert "time scale 1 (given" in res.stderr and "device memory budget" in res.stderr
