@@ -56,7 +56,13 @@ def _event(out: RequestOutput, seen_logprobs: int) -> TokenEvent:
         request_id=out.request_id, token_ids=tuple(c.delta_token_ids), text=c.delta_text, logprobs=new_lps,
         finished=out.finished, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
         prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(c.token_ids),
-        cached_tokens=out.num_cached_tokens)
+        cached_tokens=out.num_cached_tokens, queue_s=_queue_s(out))
+
+
+def _queue_s(out: RequestOutput) -> float:
+    """Seconds from arrival to the first scheduled step (0 until it has been scheduled)."""
+    m = out.metrics
+    return max(0.0, m["first_scheduled_time"] - m["arrival_time"]) if "first_scheduled_time" in m else 0.0
 
 
 class EngineThread:
@@ -129,7 +135,7 @@ class EngineThread:
         return RuntimeInfo(model=str(e.model_path), architecture=cfg.architecture, num_layers=cfg.num_layers,
                            vocab_size=cfg.vocab_size, max_model_len=e.max_model_len, instances=layouts,
                            policy=e.config.policy, versions={"kunjax": __version__, "jax": jax.__version__},
-                           **settings)
+                           block_size=e.config.block_size, eos_token_ids=tuple(sorted(e.eos_token_ids)), **settings)
 
     @staticmethod
     def _role(inst: Instance) -> str:
@@ -148,7 +154,7 @@ class EngineThread:
                     out.append(InstanceLoad(
                         instance=inst.index, mode="replica", kv_free=a.num_free, kv_used=a.num_used,
                         kv_cached=a.num_cached, kv_total=a.total, running=len(s.running), waiting=len(s.waiting),
-                        queued_tokens=queued_tokens))
+                        queued_tokens=queued_tokens, demand_blocks=s.demand_blocks(), swapped=len(s.swapped)))
                     continue
                 b = g.books
                 stage = g.members.index(inst.index)
@@ -157,7 +163,7 @@ class EngineThread:
                 out.append(InstanceLoad(
                     instance=inst.index, mode="pipeline", kv_free=a.num_free, kv_used=a.num_used, kv_cached=0,
                     kv_total=a.total, running=len(b.running), waiting=len(b.waiting), queued_tokens=queued_tokens,
-                    group=g.gid, stage=stage))
+                    group=g.gid, stage=stage, demand_blocks=b.demand_blocks()))
             return out
 
     def elastic(self) -> ElasticStatus:
@@ -221,7 +227,8 @@ class EngineThread:
             self._elastic_seq += 1
             self._elastic_events.append(ElasticEvent(
                 seq=self._elastic_seq, kind=ev.kind, group=ev.group, members=tuple(ev.members), step=ev.step,
-                seconds=float(ev.seconds), detail={str(k): str(v) for k, v in ev.detail.items()}))
+                seconds=float(ev.seconds), detail={str(k): str(v) for k, v in ev.detail.items()},
+                time_unix_s=float(ev.time_unix_s)))
         self._last_numbered = events[-1]
 
     def _fail_all(self, error: str) -> None:

@@ -62,6 +62,7 @@ class TokenEvent:
     prompt_tokens: int = 0  # usage, on the final event
     completion_tokens: int = 0
     cached_tokens: int = 0
+    queue_s: float = 0.0  # on the final event: seconds from arrival to the first scheduled step
     error: str | None = None
 
 
@@ -81,6 +82,8 @@ class InstanceLoad:
     queued_tokens: int
     group: int = -1  # pipeline group id; -1 for a replica
     stage: int = -1  # position in the group's pipeline (0 runs the first layers); -1 for a replica
+    demand_blocks: int = 0  # running requests' blocks + what the queued and swapped-out requests need to start
+    swapped: int = 0  # requests whose KV is on the host tier (swap policy)
 
 
 MAX_ELASTIC_EVENTS = 32  # most recent events an `ElasticStatus` carries
@@ -97,6 +100,7 @@ class ElasticEvent:
     step: int  # engine step after which it happened
     seconds: float  # time it took (exchange_done: since the drop; restore_deferred: 0)
     detail: dict[str, str]  # kind-specific facts (e.g. "reason", "moved_blocks"), values as text
+    time_unix_s: float = 0.0  # when it happened (wall clock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +131,8 @@ class RuntimeInfo:
     drop_demand_ratio: float = 0.0  # KV demand / capacity at which instances drop into a group
     restore_demand_ratio: float = 0.0  # a group restores once its demand stays below this share ...
     restore_window_steps: int = 0  # ... for this many engine steps
+    block_size: int = 0  # tokens per KV block
+    eos_token_ids: tuple[int, ...] = ()  # ids that end a generation unless ignore_eos
 
 
 class Runtime(Protocol):

@@ -85,7 +85,7 @@ def response_from_event(ev: TokenEvent, num_logprobs: int | None) -> pb.Generate
         elif isinstance(ev.stop_reason, int):
             resp.stop_token_id = ev.stop_reason
         resp.usage.CopyFrom(pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                                     cached_tokens=ev.cached_tokens))
+                                     cached_tokens=ev.cached_tokens, queue_time_s=ev.queue_s))
         if ev.error:
             resp.error = ev.error
     return resp
@@ -97,7 +97,8 @@ def elastic_status_to_proto(status: ElasticStatus) -> pb.ElasticStatus:
         policy=status.policy, drops=status.drops, restores=status.restores, active_groups=status.active_groups,
         remote_dependent=status.remote_dependent, blocks_exchanged=status.blocks_exchanged,
         events=[pb.ElasticEvent(seq=ev.seq, kind=ev.kind, group=ev.group, members=list(ev.members), step=ev.step,
-                                seconds=ev.seconds, detail=dict(ev.detail)) for ev in status.events])
+                                seconds=ev.seconds, detail=dict(ev.detail), time_unix_s=ev.time_unix_s)
+                for ev in status.events])
 
 
 class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
@@ -187,7 +188,8 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
             vocab_size=info.vocab_size, max_model_len=info.max_model_len, instances=list(info.instances),
             policy=info.policy, versions=dict(info.versions), group_sizes=list(info.group_sizes),
             drop_demand_ratio=info.drop_demand_ratio, restore_demand_ratio=info.restore_demand_ratio,
-            restore_window_steps=info.restore_window_steps)
+            restore_window_steps=info.restore_window_steps, block_size=info.block_size,
+            eos_token_ids=list(info.eos_token_ids))
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
         loads = await self._call(self.runtime.load)

@@ -4,7 +4,8 @@ Owns the definitions, so the CSVs, `summary.json` and the printed table agree:
 
 * every time is seconds since the replay started; a request's *arrival* is its scheduled arrival (replay start
   + the workload's offset), so a late submission counts against the runtime, as it would for a real client;
-* queue = first scheduled by the engine - arrival (only where the runtime exposes it, else empty);
+* queue = first scheduled by the engine - arrival (submit + the engine's reported queue time; empty for a request
+  never scheduled);
 * TTFT = first output token received - arrival; e2e = last event received - arrival;
 * TPOT = (e2e - TTFT) / (output tokens - 1), defined for requests with at least 2 output tokens;
 * completed = finished with reason "stop" or "length"; every other outcome (abort, error, timeout, rejected)
@@ -38,7 +39,7 @@ class RequestRecord:
     prompt_tokens: int
     max_tokens: int
     submit_s: float | None = None  # when the runtime accepted it
-    scheduled_s: float | None = None  # when the engine first scheduled it (in-process only)
+    scheduled_s: float | None = None  # when the engine first scheduled it (submit + the engine's queue time)
     first_token_s: float | None = None
     end_s: float | None = None
     output_tokens: int = 0

@@ -7,8 +7,9 @@ to stderr and, once every request has been sent, waits for them to finish for at
 then it aborts the rest, which count as failed with reason "timeout".
 
 Timeline row (one per second): `t_s`, requests in flight (sent, not finished), `queue_len` (waiting requests;
-a pipeline group's queue counted once), `kv_demand_tokens` (KV in use + prompt tokens still queued, summed over
-instances, a group's stages counted once), `kv_capacity_tokens`, `kv_free_tokens`, `groups`, the events seen
+a pipeline group's queue counted once), `kv_demand_tokens` (the runtime's KV demand in blocks — held by running
+requests plus what queued and swapped-out requests need to start — times the block size, summed over instances,
+a group counted once), `kv_capacity_tokens`, `kv_free_tokens`, `groups`, the events seen
 since the previous row, and per instance `i{n}_mode` / `_kv_free` / `_kv_used` / `_kv_total` (blocks; a stage's
 blocks hold 1/k of the layers) / `_running` / `_waiting`.
 """
@@ -37,7 +38,11 @@ class ReplayResult:
     timed_out: int  # requests aborted at the drain deadline
 
 
-def _event_dict(ev, t_s: float) -> dict[str, object]:
+def _event_dict(ev, t_s: float, wall0: float) -> dict[str, object]:
+    """An elastic event on the replay clock: when it happened if the runtime stamps it, else when first seen."""
+    stamp = float(getattr(ev, "time_unix_s", 0.0))
+    if stamp > 0:
+        t_s = stamp - wall0
     return {"t_s": round(t_s, 3), "seq": int(ev.seq), "kind": ev.kind, "group": int(ev.group),
             "members": [int(m) for m in ev.members], "step": int(ev.step), "seconds": round(float(ev.seconds), 4),
             "detail": dict(ev.detail)}
@@ -54,13 +59,13 @@ def timeline_row(t_s: float, loads: Sequence[LoadRow], block_size: int, inflight
             groups.setdefault(x.group, []).append(x)
             continue
         queue += x.waiting
-        demand += x.kv_used * block_size + x.queued_tokens
+        demand += x.demand_blocks * block_size
         capacity += x.kv_total * block_size
         free += x.kv_free * block_size
     for members in groups.values():  # each stage holds every token's slice: tokens = a stage's blocks
         k = len(members)
         queue += members[0].waiting
-        demand += round(sum(m.kv_used for m in members) / k) * block_size + members[0].queued_tokens
+        demand += members[0].demand_blocks * block_size  # the group's demand, repeated on every member
         capacity += round(sum(m.kv_total for m in members) / k) * block_size
         free += round(sum(m.kv_free for m in members) / k) * block_size
     row.update(queue_len=queue, kv_demand_tokens=demand, kv_capacity_tokens=capacity, kv_free_tokens=free,
@@ -113,6 +118,7 @@ def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, 
                 all_done.set()
 
     t0 = time.monotonic()
+    wall0 = time.time()  # the replay clock's origin on the wall clock (elastic events carry wall times)
 
     def schedule() -> None:
         for rec, prompt in zip(records, prompts, strict=True):
@@ -131,7 +137,7 @@ def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, 
             t = time.monotonic() - t0
             try:
                 loads = target.load()
-                new = [_event_dict(ev, t) for ev in target.elastic_events() if ev.seq > seen["seq"]]
+                new = [_event_dict(ev, t, wall0) for ev in target.elastic_events() if ev.seq > seen["seq"]]
             except Exception as e:  # a failed read leaves a gap in the timeline, not a failed replay
                 print(f"\n[{label}] timeline sample failed: {type(e).__name__}: {e}", file=sys.stderr)
                 loads, new = [], []

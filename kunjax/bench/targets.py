@@ -8,11 +8,12 @@ elastic events for the timeline. Both targets give every request the same sampli
 * `InProcessTarget`: `kunjax.engine_thread.EngineThread` (the runtime the gRPC server uses) over an engine
   built and warmed up here. Each request gets a thread that submits it (the submit waits for the engine's
   current step to end, which is why it is not done on the scheduler's thread) and then blocks on the request's
-  event queue. A watcher
-  thread copies the engine's `Request.first_scheduled_time` into the record every 20 ms (the runtime's events
-  do not carry it yet): the queue time.
+  event queue.
 * `GrpcTarget`: one `grpc.aio` channel on its own event-loop thread, one streaming `Generate` call per request;
-  unary calls (`GetServerInfo`, `GetLoad`) on a synchronous channel. Queue time is not available over gRPC.
+  unary calls (`GetServerInfo`, `GetLoad`) on a synchronous channel.
+
+Queue time: the runtime's final event (`TokenEvent.queue_s`, `Usage.queue_time_s` over gRPC) says how long the
+request waited in the engine before its first step; the record's `scheduled_s` is its submit time plus that.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Protocol
 
 from kunjax.bench.metrics import RequestRecord
-
-WATCH_PERIOD_S = 0.02  # how often the in-process watcher looks for newly scheduled requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +83,12 @@ def _since(t0: float) -> float:
     return time.monotonic() - t0
 
 
+def _scheduled(record: RequestRecord, queue_s: float) -> None:
+    """The engine's queue time of a finished request -> when it was first scheduled (None if it never was)."""
+    if record.submit_s is not None and (queue_s > 0 or record.first_token_s is not None):
+        record.scheduled_s = record.submit_s + queue_s
+
+
 def _finish(record: RequestRecord, end_s: float, reason: str, error: str = "") -> None:
     record.end_s, record.error = end_s, error
     record.finish_reason = reason  # last: other threads read it as "done"
@@ -96,11 +101,6 @@ class InProcessTarget:
 
         self.engine = engine
         self.runtime = EngineThread(engine, max_queued=1 << 30, warmup=False)
-        self._watch: dict[str, tuple[RequestRecord, float]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch_scheduling, name="bench-watch", daemon=True)
-        self._watcher.start()
 
     def info(self) -> TargetInfo:
         ri = self.runtime.info()
@@ -132,8 +132,6 @@ class InProcessTarget:
             on_done()
             return
         record.submit_s = _since(t0)
-        with self._lock:
-            self._watch[rid] = (record, t0)
         try:
             for ev in self.runtime.events(rid):
                 now = _since(t0)
@@ -142,27 +140,12 @@ class InProcessTarget:
                         record.first_token_s = now
                     record.output_tokens += len(ev.token_ids)
                 if ev.finished:
+                    _scheduled(record, ev.queue_s)
                     _finish(record, now, ev.finish_reason or "error", ev.error or "")
         finally:
             if record.finish_reason is None:
                 _finish(record, _since(t0), "error", "the event stream ended without a final event")
             on_done()
-
-    def _watch_scheduling(self) -> None:
-        """Copies each request's `first_scheduled_time` (the engine's clock, `time.monotonic()`) to its record."""
-        while not self._stop.wait(WATCH_PERIOD_S):
-            with self._lock:
-                pending = list(self._watch.items())
-            for rid, (record, t0) in pending:
-                req = self.engine.requests.get(rid)  # one dict read: safe beside the engine thread
-                if req is not None and req.first_scheduled_time is None:
-                    continue
-                if req is not None:
-                    record.scheduled_s = req.first_scheduled_time - t0
-                elif record.first_token_s is not None:  # finished between two looks: bounded by its first token
-                    record.scheduled_s = record.first_token_s
-                with self._lock:
-                    self._watch.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
         self.runtime.abort(request_id)
@@ -174,8 +157,6 @@ class InProcessTarget:
         return list(self.runtime.elastic().events)
 
     def close(self) -> None:
-        self._stop.set()
-        self._watcher.join(timeout=5)
         self.runtime.shutdown(0.0)
 
 
@@ -200,14 +181,17 @@ class GrpcTarget:
 
     def info(self) -> TargetInfo:
         ri = self.client.info()
+        notes = ["over gRPC the server's special tokens are not reported: prompts avoid its EOS ids and ids 0-2"]
+        block_size = ri.block_size
+        if not block_size:  # a server older than the field
+            block_size = self.block_size
+            notes.append(f"the server does not report its block size: --block-size {block_size} is assumed")
+        excluded = set(range(min(3, ri.vocab_size))) | set(ri.eos_token_ids)
         return TargetInfo(
             policy=ri.policy, model=ri.model, vocab_size=ri.vocab_size, max_model_len=ri.max_model_len,
-            block_size=self.block_size, kv_capacity_blocks=sum(x.kv_total for x in self.client.load()),
-            excluded_ids=tuple(range(min(3, ri.vocab_size))), instances=tuple(ri.instances),
-            versions=dict(ri.versions),
-            notes=(f"over gRPC the server's block size is not reported: --block-size {self.block_size} is assumed",
-                   "over gRPC the server's special token ids are not reported: prompts avoid ids 0-2",
-                   "over gRPC the queue time is not reported: the queue column is empty"))
+            block_size=block_size, kv_capacity_blocks=sum(x.kv_total for x in self.client.load()),
+            excluded_ids=tuple(sorted(excluded)), instances=tuple(ri.instances), versions=dict(ri.versions),
+            notes=tuple(notes))
 
     def start(self, record: RequestRecord, prompt_ids: list[int], t0: float, on_done: Callable[[], None]) -> None:
         asyncio.run_coroutine_threadsafe(self._serve(record, prompt_ids, t0, on_done), self._loop)
@@ -231,6 +215,7 @@ class GrpcTarget:
                         record.first_token_s = now
                     record.output_tokens += len(resp.token_ids)
                 if resp.finish_reason:
+                    _scheduled(record, resp.usage.queue_time_s)
                     _finish(record, now, FINISH_REASON_NAMES.get(resp.finish_reason, "error"), resp.error)
         except grpc.aio.AioRpcError as e:
             code = e.code()

@@ -51,6 +51,7 @@ class ElasticEvent:
     step: int
     seconds: float
     detail: dict[str, Any]
+    time_unix_s: float = dataclasses.field(default_factory=time.time)  # when it was recorded (wall clock)
 
 
 def group_sizes(num_instances: int, num_layers: int, max_group: int) -> list[int]:

@@ -31,6 +31,7 @@ def test_bench_replays_over_grpc_and_labels_the_run_with_the_servers_policy(tmp_
     with open(tmp_path / "requests_recompute.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(int(r["prompt_tokens"]) + int(r["output_tokens"]) <= 256 for r in rows)
-    assert all(r["queue_s"] == "" and float(r["ttft_s"]) > 0 for r in rows)  # no queue time over gRPC
+    # The queue time comes over gRPC (Usage.queue_time_s) and never exceeds the TTFT.
+    assert all(0 <= float(r["queue_s"]) <= float(r["ttft_s"]) for r in rows)
     assert (tmp_path / "timeline_recompute.csv").stat().st_size > 0
-    assert "block size is not reported" in out.err
+    assert "block size is not reported" not in out.err  # GetServerInfo carries it

@@ -75,17 +75,18 @@ def test_comparison_uses_the_baseline_with_the_lowest_p99_ttft():
 
 
 def test_timeline_counts_a_pipeline_group_once():
-    def load(i, mode="replica", used=10, free=90, waiting=0, queued=0, group=-1, stage=-1, total=100):
+    def load(i, mode="replica", used=10, free=90, waiting=0, demand=0, group=-1, stage=-1, total=100):
         return InstanceLoad(instance=i, mode=mode, kv_free=free, kv_used=used, kv_cached=0, kv_total=total,
-                            running=1, waiting=waiting, queued_tokens=queued, group=group, stage=stage)
+                            running=1, waiting=waiting, queued_tokens=0, group=group, stage=stage,
+                            demand_blocks=demand)
 
-    loads = [load(0, waiting=2, queued=40),
-             load(1, "pipeline", used=150, free=100, waiting=5, queued=300, group=0, stage=0, total=250),
-             load(2, "pipeline", used=150, free=100, waiting=5, queued=300, group=0, stage=1, total=250)]
+    loads = [load(0, waiting=2, demand=13),
+             load(1, "pipeline", used=150, free=100, waiting=5, demand=170, group=0, stage=0, total=250),
+             load(2, "pipeline", used=150, free=100, waiting=5, demand=170, group=0, stage=1, total=250)]
     row = timeline_row(3.0, loads, block_size=16, inflight=9, events=[{"kind": "drop", "group": 0,
                                                                         "members": [1, 2]}])
     assert row["queue_len"] == 2 + 5
-    assert row["kv_demand_tokens"] == 10 * 16 + 40 + 150 * 16 + 300
+    assert row["kv_demand_tokens"] == (13 + 170) * 16  # the runtime's demand in blocks; a group's counted once
     assert row["kv_capacity_tokens"] == 100 * 16 + 250 * 16
     assert row["groups"] == 1 and row["events"] == "drop group 0 [1, 2]"
     assert row["i1_mode"] == "pipeline:g0s0"
@@ -169,7 +170,7 @@ def test_in_process_run_of_two_policies_writes_every_file(tmp_path):
     assert summary["devices"]["memory"]["device_memory_bytes"] > 0
     with open(tmp_path / "requests_recompute.csv") as f:
         queue = [float(r["queue_s"]) for r in csv.DictReader(f)]
-    assert all(0 <= q < 60 for q in queue)  # in-process: the engine's first-scheduled time is read
+    assert all(0 <= q < 60 for q in queue)  # the engine's queue time, from the final event
     for png in ("ttft_cdf.png", "ttft_p99.png", "timeline.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "P99 TTFT, best baseline (recompute) / kunserve" in res.stdout

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n kunjax/serving/v1/generate.proto\x12\x11kunjax.serving.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc6\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\x05\x12\x1c\n\x14max_tokens_unlimited\x18\x0e \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xa6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.kunjax.serving.v1.TokenIdsH\x00\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.kunjax.serving.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"]\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12*\n\x03top\x18\x03 \x03(\x0b\x32\x1d.kunjax.serving.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.kunjax.serving.v1.TokenLogprob\x12\x36\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1f.kunjax.serving.v1.FinishReason\x12\x12\n\x08stop_str\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\'\n\x05usage\x18\x08 \x01(\x0b\x32\x18.kunjax.serving.v1.Usage\x12\r\n\x05\x65rror\x18\t \x01(\tB\r\n\x0bstop_reason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x16\n\x14GetServerInfoRequest\"\x85\x03\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x11\n\tinstances\x18\x06 \x03(\t\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12H\n\x08versions\x18\x08 \x03(\x0b\x32\x36.kunjax.serving.v1.GetServerInfoResponse.VersionsEntry\x12\x13\n\x0bgroup_sizes\x18\t \x03(\x05\x12\x19\n\x11\x64rop_demand_ratio\x18\n \x01(\x01\x12\x1c\n\x14restore_demand_ratio\x18\x0b \x01(\x01\x12\x1c\n\x14restore_window_steps\x18\x0c \x01(\x05\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x10\n\x0eGetLoadRequest\"\xcc\x01\n\x0cInstanceLoad\x12\x10\n\x08instance\x18\x01 \x01(\x05\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07kv_free\x18\x03 \x01(\x03\x12\x0f\n\x07kv_used\x18\x04 \x01(\x03\x12\x11\n\tkv_cached\x18\x05 \x01(\x03\x12\x10\n\x08kv_total\x18\x06 \x01(\x03\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x0f\n\x07waiting\x18\x08 \x01(\x05\x12\x15\n\rqueued_tokens\x18\t \x01(\x03\x12\r\n\x05group\x18\n \x01(\x05\x12\r\n\x05stage\x18\x0b \x01(\x05\"\xd4\x01\n\x0c\x45lasticEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x05\x12\x0f\n\x07members\x18\x04 \x03(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12;\n\x06\x64\x65tail\x18\x07 \x03(\x0b\x32+.kunjax.serving.v1.ElasticEvent.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbc\x01\n\rElasticStatus\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\r\n\x05\x64rops\x18\x02 \x01(\x03\x12\x10\n\x08restores\x18\x03 \x01(\x03\x12\x15\n\ractive_groups\x18\x04 \x01(\x05\x12\x18\n\x10remote_dependent\x18\x05 \x01(\x05\x12\x18\n\x10\x62locks_exchanged\x18\x06 \x01(\x03\x12/\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x1f.kunjax.serving.v1.ElasticEvent\"x\n\x0fGetLoadResponse\x12\x32\n\tinstances\x18\x01 \x03(\x0b\x32\x1f.kunjax.serving.v1.InstanceLoad\x12\x31\n\x07\x65lastic\x18\x02 \x01(\x0b\x32 .kunjax.serving.v1.ElasticStatus*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xe8\x02\n\rKunjaxService\x12U\n\x08Generate\x12\".kunjax.serving.v1.GenerateRequest\x1a#.kunjax.serving.v1.GenerateResponse0\x01\x12J\n\x05\x41\x62ort\x12\x1f.kunjax.serving.v1.AbortRequest\x1a .kunjax.serving.v1.AbortResponse\x12\x62\n\rGetServerInfo\x12\'.kunjax.serving.v1.GetServerInfoRequest\x1a(.kunjax.serving.v1.GetServerInfoResponse\x12P\n\x07GetLoad\x12!.kunjax.serving.v1.GetLoadRequest\x1a\".kunjax.serving.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n kunjax/serving/v1/generate.proto\x12\x11kunjax.serving.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc6\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\x05\x12\x1c\n\x14max_tokens_unlimited\x18\x0e \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xa6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.kunjax.serving.v1.TokenIdsH\x00\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.kunjax.serving.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"]\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12*\n\x03top\x18\x03 \x03(\x0b\x32\x1d.kunjax.serving.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x14\n\x0cqueue_time_s\x18\x04 \x01(\x01\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.kunjax.serving.v1.TokenLogprob\x12\x36\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1f.kunjax.serving.v1.FinishReason\x12\x12\n\x08stop_str\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\'\n\x05usage\x18\x08 \x01(\x0b\x32\x18.kunjax.serving.v1.Usage\x12\r\n\x05\x65rror\x18\t \x01(\tB\r\n\x0bstop_reason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x16\n\x14GetServerInfoRequest\"\xb0\x03\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x11\n\tinstances\x18\x06 \x03(\t\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12H\n\x08versions\x18\x08 \x03(\x0b\x32\x36.kunjax.serving.v1.GetServerInfoResponse.VersionsEntry\x12\x13\n\x0bgroup_sizes\x18\t \x03(\x05\x12\x19\n\x11\x64rop_demand_ratio\x18\n \x01(\x01\x12\x1c\n\x14restore_demand_ratio\x18\x0b \x01(\x01\x12\x1c\n\x14restore_window_steps\x18\x0c \x01(\x05\x12\x12\n\nblock_size\x18\r \x01(\x05\x12\x15\n\reos_token_ids\x18\x0e \x03(\x05\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x10\n\x0eGetLoadRequest\"\xf4\x01\n\x0cInstanceLoad\x12\x10\n\x08instance\x18\x01 \x01(\x05\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07kv_free\x18\x03 \x01(\x03\x12\x0f\n\x07kv_used\x18\x04 \x01(\x03\x12\x11\n\tkv_cached\x18\x05 \x01(\x03\x12\x10\n\x08kv_total\x18\x06 \x01(\x03\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x0f\n\x07waiting\x18\x08 \x01(\x05\x12\x15\n\rqueued_tokens\x18\t \x01(\x03\x12\r\n\x05group\x18\n \x01(\x05\x12\r\n\x05stage\x18\x0b \x01(\x05\x12\x15\n\rdemand_blocks\x18\x0c \x01(\x03\x12\x0f\n\x07swapped\x18\r \x01(\x05\"\xe9\x01\n\x0c\x45lasticEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x05\x12\x0f\n\x07members\x18\x04 \x03(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12;\n\x06\x64\x65tail\x18\x07 \x03(\x0b\x32+.kunjax.serving.v1.ElasticEvent.DetailEntry\x12\x13\n\x0btime_unix_s\x18\x08 \x01(\x01\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbc\x01\n\rElasticStatus\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\r\n\x05\x64rops\x18\x02 \x01(\x03\x12\x10\n\x08restores\x18\x03 \x01(\x03\x12\x15\n\ractive_groups\x18\x04 \x01(\x05\x12\x18\n\x10remote_dependent\x18\x05 \x01(\x05\x12\x18\n\x10\x62locks_exchanged\x18\x06 \x01(\x03\x12/\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x1f.kunjax.serving.v1.ElasticEvent\"x\n\x0fGetLoadResponse\x12\x32\n\tinstances\x18\x01 \x03(\x0b\x32\x1f.kunjax.serving.v1.InstanceLoad\x12\x31\n\x07\x65lastic\x18\x02 \x01(\x0b\x32 .kunjax.serving.v1.ElasticStatus*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xe8\x02\n\rKunjaxService\x12U\n\x08Generate\x12\".kunjax.serving.v1.GenerateRequest\x1a#.kunjax.serving.v1.GenerateResponse0\x01\x12J\n\x05\x41\x62ort\x12\x1f.kunjax.serving.v1.AbortRequest\x1a .kunjax.serving.v1.AbortResponse\x12\x62\n\rGetServerInfo\x12\'.kunjax.serving.v1.GetServerInfoRequest\x1a(.kunjax.serving.v1.GetServerInfoResponse\x12P\n\x07GetLoad\x12!.kunjax.serving.v1.GetLoadRequest\x1a\".kunjax.serving.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFORESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_ELASTICEVENT_DETAILENTRY']._loaded_options = None
   _globals['_ELASTICEVENT_DETAILENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2452
-  _globals['_FINISHREASON']._serialized_end=2597
+  _globals['_FINISHREASON']._serialized_start=2578
+  _globals['_FINISHREASON']._serialized_end=2723
   _globals['_TOKENIDS']._serialized_start=55
   _globals['_TOKENIDS']._serialized_end=78
   _globals['_SAMPLINGPARAMS']._serialized_start=81
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=755
   _globals['_TOKENLOGPROB']._serialized_end=848
   _globals['_USAGE']._serialized_start=850
-  _globals['_USAGE']._serialized_end=930
-  _globals['_GENERATERESPONSE']._serialized_start=933
-  _globals['_GENERATERESPONSE']._serialized_end=1227
-  _globals['_ABORTREQUEST']._serialized_start=1229
-  _globals['_ABORTREQUEST']._serialized_end=1263
-  _globals['_ABORTRESPONSE']._serialized_start=1265
-  _globals['_ABORTRESPONSE']._serialized_end=1280
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1282
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1304
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1307
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1696
-  _globals['_GETSERVERINFORESPONSE_VERSIONSENTRY']._serialized_start=1649
-  _globals['_GETSERVERINFORESPONSE_VERSIONSENTRY']._serialized_end=1696
-  _globals['_GETLOADREQUEST']._serialized_start=1698
-  _globals['_GETLOADREQUEST']._serialized_end=1714
-  _globals['_INSTANCELOAD']._serialized_start=1717
-  _globals['_INSTANCELOAD']._serialized_end=1921
-  _globals['_ELASTICEVENT']._serialized_start=1924
-  _globals['_ELASTICEVENT']._serialized_end=2136
-  _globals['_ELASTICEVENT_DETAILENTRY']._serialized_start=2091
-  _globals['_ELASTICEVENT_DETAILENTRY']._serialized_end=2136
-  _globals['_ELASTICSTATUS']._serialized_start=2139
-  _globals['_ELASTICSTATUS']._serialized_end=2327
-  _globals['_GETLOADRESPONSE']._serialized_start=2329
-  _globals['_GETLOADRESPONSE']._serialized_end=2449
-  _globals['_KUNJAXSERVICE']._serialized_start=2600
-  _globals['_KUNJAXSERVICE']._serialized_end=2960
+  _globals['_USAGE']._serialized_end=952
+  _globals['_GENERATERESPONSE']._serialized_start=955
+  _globals['_GENERATERESPONSE']._serialized_end=1249
+  _globals['_ABORTREQUEST']._serialized_start=1251
+  _globals['_ABORTREQUEST']._serialized_end=1285
+  _globals['_ABORTRESPONSE']._serialized_start=1287
+  _globals['_ABORTRESPONSE']._serialized_end=1302
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1304
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1326
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1329
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1761
+  _globals['_GETSERVERINFORESPONSE_VERSIONSENTRY']._serialized_start=1714
+  _globals['_GETSERVERINFORESPONSE_VERSIONSENTRY']._serialized_end=1761
+  _globals['_GETLOADREQUEST']._serialized_start=1763
+  _globals['_GETLOADREQUEST']._serialized_end=1779
+  _globals['_INSTANCELOAD']._serialized_start=1782
+  _globals['_INSTANCELOAD']._serialized_end=2026
+  _globals['_ELASTICEVENT']._serialized_start=2029
+  _globals['_ELASTICEVENT']._serialized_end=2262
+  _globals['_ELASTICEVENT_DETAILENTRY']._serialized_start=2217
+  _globals['_ELASTICEVENT_DETAILENTRY']._serialized_end=2262
+  _globals['_ELASTICSTATUS']._serialized_start=2265
+  _globals['_ELASTICSTATUS']._serialized_end=2453
+  _globals['_GETLOADRESPONSE']._serialized_start=2455
+  _globals['_GETLOADRESPONSE']._serialized_end=2575
+  _globals['_KUNJAXSERVICE']._serialized_start=2726
+  _globals['_KUNJAXSERVICE']._serialized_end=3086
 # @@protoc_insertion_point(module_scope)

@@ -89,14 +89,16 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "queue_time_s")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    queue_time_s: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "stop_str", "stop_token_id", "usage", "error")
@@ -135,7 +137,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions", "group_sizes", "drop_demand_ratio", "restore_demand_ratio", "restore_window_steps")
+    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions", "group_sizes", "drop_demand_ratio", "restore_demand_ratio", "restore_window_steps", "block_size", "eos_token_ids")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,8 @@ class GetServerInfoResponse(_message.Message):
     DROP_DEMAND_RATIO_FIELD_NUMBER: _ClassVar[int]
     RESTORE_DEMAND_RATIO_FIELD_NUMBER: _ClassVar[int]
     RESTORE_WINDOW_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -167,14 +171,16 @@ class GetServerInfoResponse(_message.Message):
     drop_demand_ratio: float
     restore_demand_ratio: float
     restore_window_steps: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., group_sizes: _Optional[_Iterable[int]] = ..., drop_demand_ratio: _Optional[float] = ..., restore_demand_ratio: _Optional[float] = ..., restore_window_steps: _Optional[int] = ...) -> None: ...
+    block_size: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., group_sizes: _Optional[_Iterable[int]] = ..., drop_demand_ratio: _Optional[float] = ..., restore_demand_ratio: _Optional[float] = ..., restore_window_steps: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("instance", "mode", "kv_free", "kv_used", "kv_cached", "kv_total", "running", "waiting", "queued_tokens", "group", "stage")
+    __slots__ = ("instance", "mode", "kv_free", "kv_used", "kv_cached", "kv_total", "running", "waiting", "queued_tokens", "group", "stage", "demand_blocks", "swapped")
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KV_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +192,8 @@ class InstanceLoad(_message.Message):
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_FIELD_NUMBER: _ClassVar[int]
     instance: int
     mode: str
     kv_free: int
@@ -197,10 +205,12 @@ class InstanceLoad(_message.Message):
     queued_tokens: int
     group: int
     stage: int
-    def __init__(self, instance: _Optional[int] = ..., mode: _Optional[str] = ..., kv_free: _Optional[int] = ..., kv_used: _Optional[int] = ..., kv_cached: _Optional[int] = ..., kv_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., group: _Optional[int] = ..., stage: _Optional[int] = ...) -> None: ...
+    demand_blocks: int
+    swapped: int
+    def __init__(self, instance: _Optional[int] = ..., mode: _Optional[str] = ..., kv_free: _Optional[int] = ..., kv_used: _Optional[int] = ..., kv_cached: _Optional[int] = ..., kv_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., group: _Optional[int] = ..., stage: _Optional[int] = ..., demand_blocks: _Optional[int] = ..., swapped: _Optional[int] = ...) -> None: ...
 
 class ElasticEvent(_message.Message):
-    __slots__ = ("seq", "kind", "group", "members", "step", "seconds", "detail")
+    __slots__ = ("seq", "kind", "group", "members", "step", "seconds", "detail", "time_unix_s")
     class DetailEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +225,7 @@ class ElasticEvent(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: str
     group: int
@@ -222,7 +233,8 @@ class ElasticEvent(_message.Message):
     step: int
     seconds: float
     detail: _containers.ScalarMap[str, str]
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., group: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., detail: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    time_unix_s: float
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., group: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., detail: _Optional[_Mapping[str, str]] = ..., time_unix_s: _Optional[float] = ...) -> None: ...
 
 class ElasticStatus(_message.Message):
     __slots__ = ("policy", "drops", "restores", "active_groups", "remote_dependent", "blocks_exchanged", "events")
