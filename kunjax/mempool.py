@@ -11,8 +11,8 @@ Owns
   of compiled shapes is small and warmed up ahead of serving.
 
 API (`MemPool`): `alloc / free / swap_out / swap_in / transfer / evict`, and `check()`; for layer-wise
-residency (layerkv) `slots_out / slots_in / slots_copy` move layer-group slots (`SlotCopier`), the books of
-those slots being the policy's.
+residency (layerkv) `slots_out / slots_in / slots_copy` move layer-group slots (a `BlockCopier` over the slot
+view), the books of those slots being the policy's.
 
 Ordering: a copy is dispatched to the device when it is called, before the step that reuses the blocks is
 dispatched; JAX runs work on a device in dispatch order and a donation waits for earlier reads, so a block freed
@@ -51,73 +51,17 @@ def copy_sizes(n: int) -> list[int]:
     return out
 
 
-def _gather(pool: jax.Array, ids: jax.Array) -> jax.Array:  # [NB, L, 2, BS, K, D], [n] -> [n, L, 2, BS, K, D]
-    return pool[ids]
-
-
-def _scatter(pool: jax.Array, ids: jax.Array, data: jax.Array) -> jax.Array:  # data [n, L, 2, BS, K, D]
-    return pool.at[ids].set(data.astype(pool.dtype))
-
-
 class BlockCopier:
-    """Compiled gathers and donated scatters of whole blocks of one pool (one sharding, one shape)."""
+    """Compiled gathers and donated scatters of one pool's blocks (one sharding, one shape).
 
-    def __init__(self, pool: jax.Array):  # [NB, L, 2, BS, K, D] the instance's pool
-        self.sharding: NamedSharding = pool.sharding
-        self.block_shape = pool.shape[1:]
-        self.dtype = pool.dtype
-        ids = NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
-        self._ids_sharding = ids
-        self._gather = jax.jit(_gather, in_shardings=(self.sharding, ids), out_shardings=self.sharding)
-        self._scatter = jax.jit(_scatter, donate_argnums=(0,), in_shardings=(self.sharding, ids, self.sharding),
-                                out_shardings=self.sharding)
-
-    def warmup(self, pool: jax.Array) -> jax.Array:
-        """Compile every copy size ahead of serving (gathers read block 0, scatters write it back unchanged)."""
-        n = 1
-        while n <= MAX_COPY:
-            ids = np.zeros(n, np.int32)
-            pool = self.scatter(pool, ids, self.gather(pool, ids))
-            n *= 2
-        return pool
-
-    def gather(self, pool: jax.Array, ids: Sequence[int]) -> jax.Array:  # -> [len(ids), L, 2, BS, K, D]
-        return self._gather(pool, jax.device_put(np.asarray(ids, np.int32), self._ids_sharding))
-
-    def scatter(self, pool: jax.Array, ids: Sequence[int], data: jax.Array) -> jax.Array:  # data [n, ...]
-        return self._scatter(pool, jax.device_put(np.asarray(ids, np.int32), self._ids_sharding),
-                             jax.device_put(data, self.sharding))
-
-    def read(self, pool: jax.Array, ids: Sequence[int]) -> list[jax.Array]:
-        """The blocks `ids` as device arrays, one per compiled copy size."""
-        out, at = [], 0
-        for n in copy_sizes(len(ids)):
-            out.append(self.gather(pool, ids[at:at + n]))
-            at += n
-        return out
-
-    def write(self, pool: jax.Array, ids: Sequence[int], parts: Sequence[jax.Array]) -> jax.Array:
-        """Scatter `parts` (as returned by `read`, possibly from another pool or tier) into blocks `ids`."""
-        at = 0
-        for part in parts:
-            n = part.shape[0]
-            pool = self.scatter(pool, ids[at:at + n], part)
-            at += n
-        assert at == len(ids), f"wrote {at} blocks into {len(ids)} ids"
-        return pool
-
-
-class SlotCopier:
-    """Compiled gathers and donated scatters of layer-group slots of one pool (layerkv).
-
-    Slots are the rows of the pool's slot view `[NB * G, L/G, 2, BS, K, D]` (`kunjax.model.slot_view`, a reshape):
-    slot `p * G + s` is layers `s*L/G ..` of block `p`. Sizes as `BlockCopier` (`copy_sizes`).
+    With `num_groups` G > 1 the units are layer-group slots instead of whole blocks: the rows of the pool's slot
+    view `[NB * G, L/G, 2, BS, K, D]` (`kunjax.model.slot_view`, a reshape), slot `p * G + s` being layers
+    `s*L/G ..` of block `p` (layerkv). Counts are moved as their binary decomposition (`copy_sizes`).
     """
 
-    def __init__(self, pool: jax.Array, num_groups: int):  # [NB, L, 2, BS, K, D] the instance's pool
+    def __init__(self, pool: jax.Array, num_groups: int = 1):  # [NB, L, 2, BS, K, D] the instance's pool
         self.sharding: NamedSharding = pool.sharding
-        rep = NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
-        self._rep = rep
+        self._ids_sharding = NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
 
         def gather(pool, ids):  # [NB, L, ...], [n] -> [n, L/G, 2, BS, K, D]
             return slot_view(pool, num_groups)[ids]
@@ -125,12 +69,13 @@ class SlotCopier:
         def scatter(pool, ids, data):  # data [n, L/G, 2, BS, K, D]
             return slot_view(pool, num_groups).at[ids].set(data.astype(pool.dtype)).reshape(pool.shape)
 
-        self._gather = jax.jit(gather, in_shardings=(self.sharding, rep), out_shardings=self.sharding)
-        self._scatter = jax.jit(scatter, donate_argnums=(0,), in_shardings=(self.sharding, rep, self.sharding),
+        ids = self._ids_sharding
+        self._gather = jax.jit(gather, in_shardings=(self.sharding, ids), out_shardings=self.sharding)
+        self._scatter = jax.jit(scatter, donate_argnums=(0,), in_shardings=(self.sharding, ids, self.sharding),
                                 out_shardings=self.sharding)
 
     def warmup(self, pool: jax.Array) -> jax.Array:
-        """Compile every copy size (slot 0 of the null block is read and written back unchanged)."""
+        """Compile every copy size ahead of serving (unit 0, in the null block, is read and written back)."""
         n = 1
         while n <= MAX_COPY:
             ids = [0] * n
@@ -138,11 +83,11 @@ class SlotCopier:
             n *= 2
         return pool
 
-    def _ids(self, ids: Sequence[int]) -> jax.Array:
-        return jax.device_put(np.asarray(ids, np.int32), self._rep)
+    def _ids(self, ids: Sequence[int]) -> jax.Array:  # [n] int32, replicated
+        return jax.device_put(np.asarray(ids, np.int32), self._ids_sharding)
 
     def read(self, pool: jax.Array, ids: Sequence[int]) -> list[jax.Array]:
-        """Slots `ids`, one device array [n_i, L/G, 2, BS, K, D] per compiled copy size."""
+        """Units `ids` as device arrays [n_i, L/G, 2, BS, K, D], one per compiled copy size."""
         out, at = [], 0
         for n in copy_sizes(len(ids)):
             out.append(self._gather(pool, self._ids(ids[at:at + n])))
@@ -150,13 +95,13 @@ class SlotCopier:
         return out
 
     def write(self, pool: jax.Array, ids: Sequence[int], parts: Sequence[jax.Array]) -> jax.Array:
-        """Scatter `parts` (as returned by `read`, possibly from the host tier) into slots `ids`."""
+        """Scatter `parts` (as returned by `read`, possibly from another pool or the host tier) into units `ids`."""
         at = 0
         for part in parts:
             n = part.shape[0]
             pool = self._scatter(pool, self._ids(ids[at:at + n]), jax.device_put(part, self.sharding))
             at += n
-        assert at == len(ids), f"wrote {at} slots into {len(ids)} ids"
+        assert at == len(ids), f"wrote {at} units into {len(ids)} ids"
         return pool
 
 
@@ -301,7 +246,7 @@ class MemPool:
     # ---- layer-group slots (layerkv) ----------------------------------------------------------------
     def enable_slots(self, num_groups: int) -> None:
         """Compile slot copies for every instance: `slots_out / slots_in / slots_copy` then work."""
-        self.slot_copiers = [SlotCopier(inst.kv_pool, num_groups) for inst in self.instances]
+        self.slot_copiers = [BlockCopier(inst.kv_pool, num_groups) for inst in self.instances]
         self.slots_offloaded = 0
         self.slots_reloaded = 0
 

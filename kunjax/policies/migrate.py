@@ -29,8 +29,9 @@ blocks reserved and filled so far) and the decision of what moves where, taken a
   `preempt`), or `dst` preempts a request or cannot supply the next round's blocks, the `dst` reservation is
   freed and the request stays on (or is requeued by) `src` exactly as under recompute.
 
-Every start, completion and cancellation is counted and kept as an event (`events`, the fields of
-`kunjax.elastic.controller.ElasticEvent`, kind "migration" or "migration_cancelled"), which
+Starts, completions and cancellations are counted (`stats()`); completions and cancellations are also kept as
+events (`events`, the fields of `kunjax.elastic.controller.ElasticEvent`, kind "migration" or
+"migration_cancelled", with the start step in `detail`), which
 `EngineThread.elastic()` numbers and serves like kunserve's transitions.
 
 Never changes a request's tokens or sampling state (a migrated request's greedy output equals an unmoved run);
