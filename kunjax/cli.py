@@ -148,10 +148,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
 
 
-def _make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg):
-    """Configure JAX (devices, compile cache) before it initialises, then load the model; bad values exit 2."""
-    from kunjax.config import ConfigError
-
+def configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Simulated CPU devices and the compile cache, set before JAX initialises; returns the `jax` module."""
     if args.cpu_devices < 1:
         parser.error(f"--cpu-devices must be positive, got {args.cpu_devices}")
     import jax
@@ -160,6 +158,14 @@ def _make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg
     if args.compile_cache_dir.lower() != "none":
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return jax
+
+
+def _make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg):
+    """Configure JAX (devices, compile cache) before it initialises, then load the model; bad values exit 2."""
+    from kunjax.config import ConfigError
+
+    jax = configure_jax(parser, args)
     from kunjax.engine import LLMEngine
 
     try:

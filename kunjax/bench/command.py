@@ -210,15 +210,9 @@ def _say(msg: str) -> None:
 
 
 def _configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    if args.cpu_devices < 1:
-        parser.error(f"--cpu-devices must be positive, got {args.cpu_devices}")
-    import jax
+    from kunjax.cli import configure_jax
 
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    if args.compile_cache_dir.lower() != "none":
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return jax
+    return configure_jax(parser, args)
 
 
 def _memory_budget(parser: argparse.ArgumentParser, args: argparse.Namespace, jax) -> tuple[int | None, dict]:
