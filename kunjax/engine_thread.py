@@ -169,14 +169,22 @@ class EngineThread:
     def elastic(self) -> ElasticStatus:
         with self._lock:
             self._number_elastic_events()
-            ctl = self.engine.elastic
+            e = self.engine
+            policy_stats = {"preemptions": sum(inst.scheduler.num_preemptions for inst in e.instances)
+                            + sum(g.books.num_preemptions for g in e.groups)}
+            if e.policy is not None:
+                policy_stats.update({k: int(v) for k, v in e.policy.stats().items()
+                                     if isinstance(v, int | float) and not isinstance(v, bool)})
+            ctl = e.elastic
             if ctl is None:  # a policy's events (migrate), or none
-                return ElasticStatus(policy=self.engine.config.policy, events=tuple(self._elastic_events))
+                return ElasticStatus(policy=e.config.policy, events=tuple(self._elastic_events),
+                                     policy_stats=policy_stats)
             stats = ctl.stats()
-            return ElasticStatus(policy=self.engine.config.policy, drops=stats["drops"],
+            return ElasticStatus(policy=e.config.policy, drops=stats["drops"],
                                  restores=stats["restores"], active_groups=len(stats["groups"]),
                                  remote_dependent=stats["remote_dependent"],
-                                 blocks_exchanged=stats["blocks_exchanged"], events=tuple(self._elastic_events))
+                                 blocks_exchanged=stats["blocks_exchanged"], events=tuple(self._elastic_events),
+                                 policy_stats=policy_stats)
 
     def ready(self) -> bool:
         return self._ready

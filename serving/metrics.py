@@ -17,6 +17,8 @@ separate books) and the HTTP endpoint that serves its text exposition. What it m
   event is observed once: the collector remembers the highest `ElasticEvent.seq` it has observed. Events are
   only seen while among the runtime's most recent ones (`serving.runtime.MAX_ELASTIC_EVENTS`), so more
   transitions than that between two scrapes leave the oldest unobserved (the counters stay exact).
+* the memory policy's own figures (`ElasticStatus.policy_stats`: preemptions under every policy; swaps, host
+  blocks, migrations, partial admissions ... under the policy that has them) as `kunjax_policy_stat{name}`.
 
 Never touches the runtime except `load()` and `elastic()` during a scrape; a failing one drops its metrics from
 that scrape instead of failing it.
@@ -118,6 +120,12 @@ class _ElasticCollector(Collector):
         yield GaugeMetricFamily("kunjax_remote_attention_requests",
                                 "Running requests still reading pre-drop KV by remote attention.",
                                 value=status.remote_dependent)
+        stats = GaugeMetricFamily("kunjax_policy_stat", "The memory policy's own figures by name (preemptions; "
+                                  "swap_outs, host_used ...; migrations ...; partial_admissions ...); names ending "
+                                  "in a count of events only grow.", labels=["name"])
+        for name, value in sorted(status.policy_stats.items()):
+            stats.add_metric([name], value)
+        yield stats
 
 
 class ServingMetrics:

@@ -114,6 +114,8 @@ class ElasticStatus:
     remote_dependent: int = 0  # running requests still reading pre-drop KV by remote attention
     blocks_exchanged: int = 0  # KV blocks copied by the live exchange since start
     events: tuple[ElasticEvent, ...] = ()  # the most recent `MAX_ELASTIC_EVENTS`, oldest first
+    # The memory policy's own figures by name ("preemptions" always; swap, migrate and layerkv add theirs).
+    policy_stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

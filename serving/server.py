@@ -98,7 +98,8 @@ def elastic_status_to_proto(status: ElasticStatus) -> pb.ElasticStatus:
         remote_dependent=status.remote_dependent, blocks_exchanged=status.blocks_exchanged,
         events=[pb.ElasticEvent(seq=ev.seq, kind=ev.kind, group=ev.group, members=list(ev.members), step=ev.step,
                                 seconds=ev.seconds, detail=dict(ev.detail), time_unix_s=ev.time_unix_s)
-                for ev in status.events])
+                for ev in status.events],
+        policy_stats=dict(status.policy_stats))
 
 
 class KunjaxServicer(pb_grpc.KunjaxServiceServicer):

@@ -123,6 +123,9 @@ def test_migration_events_reach_the_runtime_elastic_status(engine, prompts_and_e
         assert ev.group == -1 and ev.members == (0, 1) and int(ev.detail["rounds"]) >= 2
         assert [e.seq for e in status.events] == list(range(1, len(status.events) + 1))
         assert runtime.elastic().events == status.events, "events are numbered once"
+        stats = status.policy_stats  # the policy's counters, as GetLoad and the metrics carry them
+        assert stats["migrations"] == sum(ev.kind == "migration" for ev in engine.policy.events) >= 1
+        assert stats["migration_blocks_copied"] > 0 and "preemptions" in stats
     finally:
         runtime.shutdown(0)
 

@@ -85,7 +85,7 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     assert (info.drop_demand_ratio, info.restore_demand_ratio, info.restore_window_steps) == pytest.approx(
         (CONFIG.drop_demand_ratio, CONFIG.restore_demand_ratio, CONFIG.restore_window_steps))
     assert [s.split(",")[0] for s in info.instances] == ["instance 0: replica", "instance 1: replica"]
-    assert client.elastic() == pb.ElasticStatus(policy="kunserve")
+    assert client.elastic() == pb.ElasticStatus(policy="kunserve", policy_stats={"preemptions": 0})
 
     # Requests generating when the instances fuse, and one that arrives at the group.
     calls = {f"before{i}": start(client, f"before{i}", 3 + 7 * i) for i in range(4)}
@@ -140,6 +140,7 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
                      'kunjax_elastic_transition_seconds_count{kind="drop"} 1.0',
                      'kunjax_elastic_transition_seconds_count{kind="restore"} 1.0'):
             assert line in text, line
+        assert any(x.startswith('kunjax_policy_stat{name="preemptions"}') for x in text)
     assert wait_for(lambda: all(x.kv_used == 0 and x.running == 0 for x in client.load()), timeout_s=10)
     with rt._lock:
         engine.check_books()

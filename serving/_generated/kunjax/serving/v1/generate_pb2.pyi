@@ -237,7 +237,14 @@ class ElasticEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., group: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., detail: _Optional[_Mapping[str, str]] = ..., time_unix_s: _Optional[float] = ...) -> None: ...
 
 class ElasticStatus(_message.Message):
-    __slots__ = ("policy", "drops", "restores", "active_groups", "remote_dependent", "blocks_exchanged", "events")
+    __slots__ = ("policy", "drops", "restores", "active_groups", "remote_dependent", "blocks_exchanged", "events", "policy_stats")
+    class PolicyStatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     POLICY_FIELD_NUMBER: _ClassVar[int]
     DROPS_FIELD_NUMBER: _ClassVar[int]
     RESTORES_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +252,7 @@ class ElasticStatus(_message.Message):
     REMOTE_DEPENDENT_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_STATS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     drops: int
     restores: int
@@ -252,7 +260,8 @@ class ElasticStatus(_message.Message):
     remote_dependent: int
     blocks_exchanged: int
     events: _containers.RepeatedCompositeFieldContainer[ElasticEvent]
-    def __init__(self, policy: _Optional[str] = ..., drops: _Optional[int] = ..., restores: _Optional[int] = ..., active_groups: _Optional[int] = ..., remote_dependent: _Optional[int] = ..., blocks_exchanged: _Optional[int] = ..., events: _Optional[_Iterable[_Union[ElasticEvent, _Mapping]]] = ...) -> None: ...
+    policy_stats: _containers.ScalarMap[str, int]
+    def __init__(self, policy: _Optional[str] = ..., drops: _Optional[int] = ..., restores: _Optional[int] = ..., active_groups: _Optional[int] = ..., remote_dependent: _Optional[int] = ..., blocks_exchanged: _Optional[int] = ..., events: _Optional[_Iterable[_Union[ElasticEvent, _Mapping]]] = ..., policy_stats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
     __slots__ = ("instances", "elastic")
