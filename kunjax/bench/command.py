@@ -205,6 +205,12 @@ def _load_workload(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
+LEVELS = ("host_used", "host_total", "migrations_in_flight", "layered")  # policy figures that are not counts
+
+
+def _is_count(name: str) -> bool:
+    return name not in LEVELS
+
 def _say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
@@ -358,11 +364,16 @@ class BenchRun:
             self.prepare(target)
         info = target.info()
         _warm(target, max(1, len(info.instances)), self.vocab)
+        before = target.policy_stats()
         res = replay(target, self.fitted, self.prompts, label=name, block_size=info.block_size,
                      drain_timeout_s=self.args.drain_timeout_s, progress=self.args.progress,
                      id_prefix=f"bench-{name}")
         s = summarize(res.records, self.slo)
-        s.update(extra, replay_s=res.replay_s, timed_out=res.timed_out, events=res.events,
+        after = target.policy_stats()
+        # Counters are cumulative since the runtime started: the replay's share is the difference (levels such
+        # as host_used are reported as they stood at the end).
+        policy_stats = {k: v - before.get(k, 0) if _is_count(k) else v for k, v in sorted(after.items())}
+        s.update(extra, replay_s=res.replay_s, timed_out=res.timed_out, events=res.events, policy_stats=policy_stats,
                  kv_capacity_tokens=info.kv_capacity_tokens, instances=list(info.instances))
         self.runs[name] = (res.records, res.timeline, res.events)
         self.summaries[name] = s
@@ -374,6 +385,8 @@ class BenchRun:
         s["wall_s"] = time.monotonic() - t_policy
         _say(f"[{name}] {s['completed']}/{s['requests']} completed, P99 TTFT {s['ttft_p99_s']:.2f}s, "
              f"{len(res.events)} elastic event(s), {s['wall_s']:.0f}s for this policy")
+        _say(f"[{name}] policy figures during the replay: "
+             + ", ".join(f"{k} {v}" for k, v in policy_stats.items() if v))
 
     def run_in_process(self, policies: list[str], base: EngineConfig) -> None:
         """Each policy on its own engine over the configured devices, one after another."""

@@ -76,6 +76,9 @@ class Target(Protocol):
     def elastic_events(self) -> list:
         """Recent elastic events (`seq`, `kind`, `group`, `members`, `step`, `seconds`, `detail`), oldest first."""
 
+    def policy_stats(self) -> dict[str, int]:
+        """The memory policy's own figures since the runtime started (`ElasticStatus.policy_stats`)."""
+
     def close(self) -> None: ...
 
 
@@ -155,6 +158,9 @@ class InProcessTarget:
 
     def elastic_events(self) -> list:
         return list(self.runtime.elastic().events)
+
+    def policy_stats(self) -> dict[str, int]:
+        return dict(self.runtime.elastic().policy_stats)
 
     def close(self) -> None:
         self.runtime.shutdown(0.0)
@@ -242,6 +248,9 @@ class GrpcTarget:
 
     def elastic_events(self) -> list:
         return list(self.client.elastic().events)
+
+    def policy_stats(self) -> dict[str, int]:
+        return dict(self.client.elastic().policy_stats)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._aclient.close(), self._loop).result(10)

@@ -159,6 +159,7 @@ def check_outputs(out, policies: list[str]) -> dict:
         with open(out / f"timeline_{name}.csv") as f:
             timeline = list(csv.DictReader(f))
         assert timeline and {"t_s", "kv_demand_tokens", "queue_len", "i0_kv_free"} <= set(timeline[0])
+        assert s["policy_stats"]["preemptions"] >= 0  # the policy's own figures during the replay
     return summary
 
 
