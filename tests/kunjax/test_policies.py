@@ -74,6 +74,29 @@ def test_every_policy_matches_the_oracle_with_balanced_books(tiny_dir, prompts_a
         assert stats["host_used"] == 0 and stats["layered"] == 0
 
 
+def test_swap_with_prefix_caching_keeps_shared_blocks_intact(tiny_dir):
+    """Prompts that share 3-block prefixes: shared, refcounted blocks are copied out by swaps (their other holders
+    keep them) and come back as private blocks, without corrupting anyone's KV or the books."""
+    rng = random.Random(11)
+    heads = [[rng.randrange(1, TINY.vocab_size) for _ in range(12)] for _ in range(3)]
+    prompts = [heads[i % 3] + [rng.randrange(1, TINY.vocab_size) for _ in range(rng.randint(1, 24))]
+               for i in range(24)]
+    expected = naive_greedy(TINY, load_single_device_params(tiny_dir, TINY), prompts, GREEDY.max_tokens)
+    engine = make_engine(tiny_dir, "swap", jax.devices()[:2], enable_prefix_caching=True)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    cached = {}
+    while engine.has_requests():
+        for out in engine.step():
+            if out.finished:
+                cached[out.request_id] = (out.token_ids, out.num_cached_tokens)
+        engine.check_books()
+    assert [cached[i][0] for i in ids] == expected
+    assert sum(n for _, n in cached.values()) > 0, "no prefix was reused"
+    assert engine.policy.stats()["swap_outs"] > 0
+    assert sum(inst.scheduler.num_preemptions for inst in engine.instances) > 0, "the pool was not tight"
+    assert all(inst.allocator.num_used == 0 for inst in engine.instances)
+
+
 def test_swap_falls_back_to_recompute_when_the_host_tier_is_full(tiny_dir, prompts_and_expected):
     prompts, expected = prompts_and_expected
     block_bytes = TINY.num_layers * 2 * 4 * TINY.num_kv_heads * TINY.head_dim * 4
