@@ -358,7 +358,7 @@ class BenchRun:
         """Warm the target's path, replay, summarize and write this policy's CSVs."""
         from kunjax.bench.metrics import summarize
         from kunjax.bench.replay import replay
-        from kunjax.bench.report import write_requests_csv, write_timeline_csv
+        from kunjax.bench.report import queue_pressure, write_requests_csv, write_timeline_csv
 
         if self.fitted is None:
             self.prepare(target)
@@ -374,6 +374,7 @@ class BenchRun:
         # as host_used are reported as they stood at the end).
         policy_stats = {k: v - before.get(k, 0) if _is_count(k) else v for k, v in sorted(after.items())}
         s.update(extra, replay_s=res.replay_s, timed_out=res.timed_out, events=res.events, policy_stats=policy_stats,
+                 queue_pressure=queue_pressure(res.timeline),
                  kv_capacity_tokens=info.kv_capacity_tokens, instances=list(info.instances))
         self.runs[name] = (res.records, res.timeline, res.events)
         self.summaries[name] = s
@@ -456,10 +457,11 @@ class BenchRun:
     def finish(self, t_start: float, load0: float) -> int:
         """Plots, summary.json, the table and the comparison; 1 if a policy failed."""
         from kunjax import __version__
-        from kunjax.bench.report import comparison, format_comparison, format_table, write_plots
+        from kunjax.bench.report import comparison, diagnose, format_comparison, format_table, write_plots
 
         args = self.args
         cmp = comparison(self.summaries)
+        diagnosis = diagnose({k: s.get("queue_pressure") for k, s in self.summaries.items()})
         plots: list[str] = []
         try:
             plots = write_plots(args.out, self.runs, self.summaries) if self.runs else []
@@ -473,6 +475,7 @@ class BenchRun:
             "model": self.setup.get("model"),
             "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
             "comparison": cmp,
+            "diagnosis": diagnosis,
             "errors": self.errors,
             "mode": f"server {args.server}" if args.server else "in-process",
             "command": shlex.join(sys.argv),
@@ -486,6 +489,8 @@ class BenchRun:
         print(format_table(self.summaries))
         if cmp is not None:
             print(format_comparison(cmp))
+        if diagnosis is not None:
+            print(f"note: {diagnosis}")
         for name, why in self.errors.items():
             print(f"{name}: FAILED ({why})")
         print(f"wrote {args.out}/summary.json, requests_*.csv, timeline_*.csv"

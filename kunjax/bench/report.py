@@ -80,6 +80,33 @@ def comparison(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, object
             "tpot_p99_ratio_kunserve_over_best_baseline": cost}
 
 
+COMPUTE_BOUND_FREE_SHARE = 0.2  # mean free KV share while requests queue above which a run is compute-bound
+
+
+def queue_pressure(timeline: Sequence[Mapping[str, object]]) -> dict[str, float] | None:
+    """What held the queue back: over the timeline samples with requests queued, the mean share of the KV
+    capacity that was free. Near 0 the queue waited for memory (what the memory policies act on); well above 0 it
+    waited for compute (step token budget, sequence slots), which no memory policy relieves. None if nothing
+    queued."""
+    rows = [r for r in timeline if int(r["queue_len"]) > 0 and float(r["kv_capacity_tokens"]) > 0]
+    if not rows:
+        return None
+    shares = [float(r["kv_free_tokens"]) / float(r["kv_capacity_tokens"]) for r in rows]
+    return {"queued_samples": len(rows), "mean_free_kv_share_while_queued": sum(shares) / len(shares)}
+
+
+def diagnose(pressure: Mapping[str, Mapping[str, float] | None]) -> str | None:
+    """A warning when the baselines' queues formed with KV to spare: the window overloads compute, not memory."""
+    shares = {k: p["mean_free_kv_share_while_queued"] for k, p in pressure.items() if p and k != "kunserve"}
+    if not shares or min(shares.values()) <= COMPUTE_BOUND_FREE_SHARE:
+        return None
+    worst = min(shares, key=shares.__getitem__)
+    return (f"while requests queued, {shares[worst]:.0%} or more of the KV was free on average (least under "
+            f"{worst}): this window overloads compute (step token budget, sequence slots) before memory, so the "
+            f"memory policies can differ little; a memory-bound comparison needs a larger --target-peak-ratio or "
+            f"longer requests, or more compute per step (--max-num-batched-tokens, --max-num-seqs)")
+
+
 def format_comparison(c: Mapping[str, object]) -> str:
     return (f"P99 TTFT, best baseline ({c['best_baseline']}) / kunserve: "
             f"{c['ttft_p99_ratio_best_baseline_over_kunserve']:.2f}x; P99 TPOT cost, kunserve / "

@@ -15,7 +15,7 @@ import pytest
 
 from kunjax.bench.metrics import RequestRecord, Slo, percentile, summarize
 from kunjax.bench.replay import timeline_row
-from kunjax.bench.report import comparison
+from kunjax.bench.report import comparison, diagnose, queue_pressure
 from kunjax.cli import main
 from serving.runtime import InstanceLoad
 
@@ -72,6 +72,20 @@ def test_comparison_uses_the_baseline_with_the_lowest_p99_ttft():
     assert c == {"best_baseline": "swap", "ttft_p99_ratio_best_baseline_over_kunserve": pytest.approx(2.0),
                  "tpot_p99_ratio_kunserve_over_best_baseline": pytest.approx(1.2)}
     assert comparison({"recompute": base}) is None
+
+
+def test_queue_pressure_tells_a_compute_bound_window_from_a_memory_bound_one():
+    def rows(*samples):  # (queued requests, free tokens) against a 1000-token capacity
+        return [{"queue_len": q, "kv_free_tokens": f, "kv_capacity_tokens": 1000} for q, f in samples]
+
+    memory_bound = queue_pressure(rows((0, 900), (5, 20), (9, 0), (3, 40)))  # the queue waits for KV
+    compute_bound = queue_pressure(rows((4, 500), (8, 300), (0, 800)))  # queued with KV to spare
+    assert memory_bound == {"queued_samples": 3, "mean_free_kv_share_while_queued": pytest.approx(0.02)}
+    assert compute_bound["mean_free_kv_share_while_queued"] == pytest.approx(0.4)
+    assert queue_pressure(rows((0, 100))) is None
+    assert diagnose({"recompute": memory_bound, "kunserve": compute_bound}) is None
+    note = diagnose({"recompute": compute_bound, "swap": compute_bound, "kunserve": memory_bound})
+    assert note is not None and "40%" in note and "compute" in note
 
 
 def test_timeline_counts_a_pipeline_group_once():
