@@ -180,6 +180,8 @@ class EngineThread:
                 return ElasticStatus(policy=e.config.policy, events=tuple(self._elastic_events),
                                      policy_stats=policy_stats)
             stats = ctl.stats()
+            policy_stats.update(drops=stats["drops"], restores=stats["restores"],
+                                blocks_exchanged=stats["blocks_exchanged"], remote_ticks=stats["remote_ticks"])
             return ElasticStatus(policy=e.config.policy, drops=stats["drops"],
                                  restores=stats["restores"], active_groups=len(stats["groups"]),
                                  remote_dependent=stats["remote_dependent"],

@@ -205,7 +205,8 @@ def _load_workload(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
-LEVELS = ("host_used", "host_total", "migrations_in_flight", "layered")  # policy figures that are not counts
+# Policy figures that are levels, not counts (the others are cumulative: a replay reports its difference).
+LEVELS = ("host_used", "host_total", "migrations_in_flight", "layered")
 
 
 def _is_count(name: str) -> bool:
@@ -387,7 +388,7 @@ class BenchRun:
         _say(f"[{name}] {s['completed']}/{s['requests']} completed, P99 TTFT {s['ttft_p99_s']:.2f}s, "
              f"{len(res.events)} elastic event(s), {s['wall_s']:.0f}s for this policy")
         _say(f"[{name}] policy figures during the replay: "
-             + ", ".join(f"{k} {v}" for k, v in policy_stats.items() if v))
+             + (", ".join(f"{k} {v}" for k, v in policy_stats.items() if v) or "all zero"))
 
     def run_in_process(self, policies: list[str], base: EngineConfig) -> None:
         """Each policy on its own engine over the configured devices, one after another."""

@@ -85,7 +85,8 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     assert (info.drop_demand_ratio, info.restore_demand_ratio, info.restore_window_steps) == pytest.approx(
         (CONFIG.drop_demand_ratio, CONFIG.restore_demand_ratio, CONFIG.restore_window_steps))
     assert [s.split(",")[0] for s in info.instances] == ["instance 0: replica", "instance 1: replica"]
-    assert client.elastic() == pb.ElasticStatus(policy="kunserve", policy_stats={"preemptions": 0})
+    zeros = {k: 0 for k in ("preemptions", "drops", "restores", "blocks_exchanged", "remote_ticks")}
+    assert client.elastic() == pb.ElasticStatus(policy="kunserve", policy_stats=zeros)
 
     # Requests generating when the instances fuse, and one that arrives at the group.
     calls = {f"before{i}": start(client, f"before{i}", 3 + 7 * i) for i in range(4)}
