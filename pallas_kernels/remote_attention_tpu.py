@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.paged_attention.tpu import segment_sources
+
 
 def fused_remote_attention(
     q_slots: jax.Array,  # [k(dest), R, H, D] query rows bound for each device
@@ -145,15 +147,7 @@ def _kernel(
     def read_block(gid):
         """DMA block `gid` (base-then-extension ids; ids in no segment read the base, clipped, like
         `reference.gather_blocks`) at this layer into `kv_buf`."""
-        base, in_later, sources = seg_sizes[0], jnp.bool_(False), []
-        for si in range(1, n_segs):
-            local = gid - base
-            inside = (local >= 0) & (local < seg_sizes[si])
-            sources.append((si, inside, jnp.clip(local, 0, seg_sizes[si] - 1)))
-            in_later |= inside
-            base += seg_sizes[si]
-        sources.insert(0, (0, ~in_later, jnp.clip(gid, 0, seg_sizes[0] - 1)))
-        for si, use, local in sources:
+        for si, use, local in segment_sources(gid, seg_sizes):
 
             @pl.when(use)
             def _(si=si, local=local):

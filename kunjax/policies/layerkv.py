@@ -48,8 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kunjax.policies.layer_slots import SlotBook
-from kunjax.policies.recompute import Recompute, requeue
-from kunjax.policies.swap import insert_by_arrival
+from kunjax.policies.recompute import Recompute, insert_by_arrival, requeue
 from kunjax.request import Request, RequestStatus
 from kunjax.scheduler import Scheduler, SchedulerOutput
 

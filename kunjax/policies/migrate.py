@@ -53,8 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from kunjax.elastic.controller import ElasticEvent
 from kunjax.mempool import MemPool
-from kunjax.policies.recompute import Recompute, requeue
-from kunjax.policies.swap import insert_by_arrival
+from kunjax.policies.recompute import Recompute, insert_by_arrival, requeue
 from kunjax.request import Request, RequestStatus
 
 if TYPE_CHECKING:

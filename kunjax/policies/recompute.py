@@ -8,6 +8,7 @@ memory tiers; it is also the fallback of every other policy when its own move do
 from __future__ import annotations
 
 import bisect
+from collections.abc import MutableSequence
 from typing import TYPE_CHECKING
 
 from kunjax.request import Request, RequestStatus
@@ -16,14 +17,19 @@ if TYPE_CHECKING:
     from kunjax.scheduler import ScheduledSeq, Scheduler
 
 
+def insert_by_arrival(queue: MutableSequence[Request], req: Request) -> None:
+    """Insert `req` into `queue` (ordered by arrival time) after every request that arrived no later."""
+    keys = [r.arrival_time for r in queue]
+    queue.insert(bisect.bisect_right(keys, req.arrival_time), req)
+
+
 def requeue(sched: Scheduler, req: Request) -> None:
     """Release `req`'s KV and put it back in the waiting queue at its arrival position (FCFS)."""
     sched.release(req)
     req.status = RequestStatus.WAITING
     req.num_preemptions += 1
     sched.num_preemptions += 1
-    keys = [r.arrival_time for r in sched.waiting]
-    sched.waiting.insert(bisect.bisect_right(keys, req.arrival_time), req)
+    insert_by_arrival(sched.waiting, req)
 
 
 class Recompute:

@@ -17,21 +17,15 @@ on this path: its greedy output equals an unpreempted run.
 
 from __future__ import annotations
 
-import bisect
 from typing import TYPE_CHECKING
 
-from kunjax.policies.recompute import requeue
+from kunjax.policies.recompute import insert_by_arrival, requeue
 from kunjax.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from kunjax.engine import LLMEngine
     from kunjax.mempool import MemPool
     from kunjax.scheduler import ScheduledSeq, Scheduler
-
-
-def insert_by_arrival(queue: list[Request], req: Request) -> None:
-    keys = [r.arrival_time for r in queue]
-    queue.insert(bisect.bisect_right(keys, req.arrival_time), req)
 
 
 class Swap:

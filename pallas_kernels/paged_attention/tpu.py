@@ -72,6 +72,20 @@ DEFAULT_KEYS_PER_ITEM = 128  # pool keys per history work item (lanes of the sco
 DEFAULT_NEW_TILE = 128  # k_new rows per new-token work item
 
 
+def segment_sources(gid: jax.Array, seg_sizes: Sequence[int]) -> list[tuple[int, jax.Array, jax.Array]]:
+    """Where block id `gid` ([] int32, base-then-extension) lives, as `(segment, selected [] bool, local id)` per
+    segment, exactly one selected; an id in no segment reads the base, clipped, like `reference.gather_blocks`.
+    Used inside kernels to pick the DMA source of a block."""
+    base, in_later, sources = seg_sizes[0], jnp.bool_(False), []
+    for si in range(1, len(seg_sizes)):
+        local = gid - base
+        inside = (local >= 0) & (local < seg_sizes[si])
+        sources.append((si, inside, jnp.clip(local, 0, seg_sizes[si] - 1)))
+        in_later |= inside
+        base += seg_sizes[si]
+    return [(0, ~in_later, jnp.clip(gid, 0, seg_sizes[0] - 1)), *sources]
+
+
 def paged_attention(
     q: jax.Array,  # [T, H, D] query rows of this step
     k_new: jax.Array,  # [T, K, D] keys of this step's tokens (not yet in the pool)
@@ -347,18 +361,7 @@ def _kernel(
 
     def hist_start(seq, grp, lo, hi, buf):
         for jb, needed, gid in item_blocks(seq, grp, lo, hi):
-            # The segment holding the id (base-then-extension); ids in none read the base, clipped, like
-            # `reference.gather_blocks`.
-            seg_base, in_later = seg_sizes[0], jnp.bool_(False)
-            sources = []
-            for si in range(1, n_segments):
-                local = gid - seg_base
-                inside = (local >= 0) & (local < seg_sizes[si])
-                sources.append((si, inside, jnp.clip(local, 0, seg_sizes[si] - 1)))
-                in_later |= inside
-                seg_base += seg_sizes[si]
-            sources.insert(0, (0, ~in_later, jnp.clip(gid, 0, seg_sizes[0] - 1)))
-            for si, use, local in sources:
+            for si, use, local in segment_sources(gid, seg_sizes):
 
                 @pl.when(needed & use)
                 def _(si=si, local=local, jb=jb):
