@@ -10,53 +10,12 @@ Bad flags and values exit with status 2 and a message naming the flag; nothing i
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import re
 import sys
 import time
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from kunjax.config import EngineConfig
-
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> int:
-    """'67108864', '64MiB', '1.5GB' -> bytes (binary multiples for both spellings)."""
-    m = _BYTES.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 67108864, 64MiB, 2GiB)")
-    mult = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(m.group(2) or "")[:1].lower()]
-    return int(float(m.group(1)) * mult)
-
-
-def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(EngineConfig)[f.name]
-    if isinstance(hint, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine (kunjax.EngineConfig)")
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=help_)
-        else:
-            conv = parse_bytes if f.name.endswith("_bytes") else kind
-            group.add_argument(flag, dest=f.name, type=conv, default=f.default, metavar=kind.__name__.upper(),
-                               help=help_)
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+from kunjax.options import add_engine_flags, engine_config_from_args, flag_message, make_engine, model_flags
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --server: file holding the server's bearer token")
     gen.add_argument("--tls-ca", type=Path, default=None,
                      help="with --server: PEM CA (or self-signed certificate) to verify a TLS server with")
-    _model_flags(gen)
+    model_flags(gen)
     _sampling_flags(gen)
     add_engine_flags(gen)
     gen.set_defaults(handler=cmd_generate, subparser=gen)
@@ -119,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address of the metrics endpoint (default: 127.0.0.1, local only)")
     srv.add_argument("--grace-s", type=float, default=10.0,
                      help="on shutdown, seconds in-flight requests get to finish before they are aborted")
-    _model_flags(srv)
+    model_flags(srv)
     add_engine_flags(srv)
     srv.set_defaults(handler=cmd_serve, subparser=srv)
 
@@ -133,55 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "fitted to the machine: its burstiest window, time-scaled so the peak KV demand is twice the "
                     "instances' KV capacity.")
     add_bench_arguments(bench)
-    _model_flags(bench)
+    model_flags(bench)
     add_engine_flags(bench)
-    bench.set_defaults(handler=cmd_bench, subparser=bench)
+    bench.set_defaults(handler=lambda p, a: cmd_bench(p, a, remote_target=_grpc_target), subparser=bench)
     return parser
-
-
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo",
-                   help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
-    p.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices when running on CPU (default: 8)")
-    p.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
-                   help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
-                        "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
-
-
-def configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """Simulated CPU devices and the compile cache, set before JAX initialises; returns the `jax` module."""
-    if args.cpu_devices < 1:
-        parser.error(f"--cpu-devices must be positive, got {args.cpu_devices}")
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    if args.compile_cache_dir.lower() != "none":
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return jax
-
-
-def _make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg):
-    """Configure JAX (devices, compile cache) before it initialises, then load the model; bad values exit 2."""
-    from kunjax.config import ConfigError
-
-    jax = configure_jax(parser, args)
-    from kunjax.engine import LLMEngine
-
-    try:
-        engine = LLMEngine(args.model, ecfg)
-    except (ConfigError, ValueError) as e:
-        parser.error(_flag_message(str(e)))
-    print(f"kunjax: model {engine.model_path} ({engine.model_config.architecture}, "
-          f"{engine.model_config.num_layers} layers) on {len(engine.instances)} instance(s) x tp {ecfg.tp}, "
-          f"{jax.devices()[0].platform}; loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
-    return engine
-
-
-def _flag_message(msg: str) -> str:
-    """Name the flag in a validation message that names a field ("top_p must ..." -> "--top-p must ...")."""
-    m = re.match(r"^([a-z_]+) (must|are|is)", msg)
-    return f"--{m.group(1).replace('_', '-')}{msg[len(m.group(1)):]}" if m else msg
 
 
 def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -196,12 +110,12 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             ignore_eos=args.ignore_eos, logprobs=args.logprobs)
         prompt_ids = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids or []]
     except (ConfigError, ValueError) as e:
-        parser.error(_flag_message(str(e)))
+        parser.error(flag_message(str(e)))
 
     prompts: list = list(args.prompts) + prompt_ids
     if args.server is not None:
         return _generate_remote(parser, args, prompts, params)
-    engine = _make_engine(parser, args, ecfg)
+    engine = make_engine(parser, args, ecfg)
     if not prompts:
         if args.model != "demo":
             parser.error("give at least one prompt (positional text or --prompt-ids)")
@@ -306,8 +220,8 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         ecfg = engine_config_from_args(args)
     except (ConfigError, ValueError) as e:
-        parser.error(_flag_message(str(e)))
-    engine = _make_engine(parser, args, ecfg)
+        parser.error(flag_message(str(e)))
+    engine = make_engine(parser, args, ecfg)
     from kunjax.engine_thread import EngineThread
     from serving.server import serve
 
@@ -334,6 +248,13 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     runtime.shutdown(args.grace_s)  # stop admitting, finish or abort in-flight requests
     handle.stop(grace=1.0)
     return 0
+
+
+def _grpc_target(address: str, **kwargs):
+    """`kunjax bench --server`: the replay's target over gRPC (the CLI is what wires `serving` to `kunjax`)."""
+    from serving.bench_target import GrpcTarget
+
+    return GrpcTarget(address, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from kunjax.model import param_shapes
 from kunjax.request import Request, RequestOutput, RequestStatus, make_output
 from kunjax.sampling_params import SamplingParams
 from kunjax.tokenizer import Tokenizer
-from sharding.layouts import check_tp, instance_meshes, param_shardings
+from sharding.layouts import LayoutError, check_tp, instance_meshes, param_shardings
 
 log = logging.getLogger("kunjax")
 
@@ -56,10 +56,14 @@ class LLMEngine:
         self.model_config: ModelConfig = checkpoint.load_config(self.model_path)
         self.tokenizer: Tokenizer | None = checkpoint.load_tokenizer(self.model_path)
         ecfg, cfg = self.config, self.model_config
-        check_tp(cfg, ecfg.tp)
         self.max_model_len = ecfg.resolved_max_model_len(cfg)
         devices = list(devices) if devices is not None else jax.devices()
-        meshes = instance_meshes(devices, ecfg.num_instances, ecfg.tp)
+        try:
+            check_tp(ecfg.tp, num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads,
+                     intermediate_size=cfg.intermediate_size)
+            meshes = instance_meshes(devices, ecfg.num_instances, ecfg.tp)
+        except LayoutError as e:
+            raise ConfigError(str(e)) from e
         t0 = time.perf_counter()
         shapes = param_shapes(cfg)
         first = checkpoint.load_params(self.model_path, cfg, param_shardings(meshes[0], shapes), ecfg.dtype)

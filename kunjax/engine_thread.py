@@ -1,4 +1,4 @@
-"""The engine on its own thread: the `serving.runtime.Runtime` implementation over `LLMEngine`.
+"""The engine on its own thread: the `kunjax.api.Runtime` implementation over `LLMEngine`.
 
 Owns the stepping thread and the hand-off between callers (gRPC handlers, any thread) and the engine (one
 thread). Callers `submit` — validated synchronously, so a bad request is refused before it is accepted — then
@@ -10,7 +10,7 @@ Never loses an accepted request: every accepted request gets exactly one final e
 or error if a step itself failed), also on shutdown.
 
 Also the read side of the engine for `serving/`: `info`, `load` and `elastic` copy engine state into the frozen
-`serving.runtime` records under the same lock, so a reader never sees an instance half-way into a pipeline
+`kunjax.api` records under the same lock, so a reader never sees an instance half-way into a pipeline
 group. While an instance is a stage of a group (kunserve) its own allocator and queues are empty: its load is
 its stage's KV books and the group's requests. The controller's transitions — or, under a policy runtime that keeps
 an `events` deque of the same records (`migrate`), the policy's — are numbered here (`ElasticEvent.seq`) after
@@ -29,10 +29,7 @@ from collections.abc import Iterator
 import jax
 
 from kunjax import __version__
-from kunjax.engine import LLMEngine
-from kunjax.instance import Instance
-from kunjax.request import RequestOutput
-from serving.runtime import (
+from kunjax.api import (
     MAX_ELASTIC_EVENTS,
     ElasticEvent,
     ElasticStatus,
@@ -44,6 +41,9 @@ from serving.runtime import (
     TokenEvent,
     iter_events,
 )
+from kunjax.engine import LLMEngine
+from kunjax.instance import Instance
+from kunjax.request import RequestOutput
 
 log = logging.getLogger("kunjax.engine_thread")
 IDLE_GROUP_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline groups

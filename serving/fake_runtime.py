@@ -1,4 +1,4 @@
-"""A `serving.runtime.Runtime` whose every output can be computed by hand, for testing `serving/` without a model.
+"""A `kunjax.api.Runtime` whose every output can be computed by hand, for testing `serving/` without a model.
 
 Owns a tiny imitation of the engine thread: admission with the real runtime's validation and a bounded number
 of in-flight requests, one background thread that emits one token per in-flight request every
@@ -28,8 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from kunjax.sampling_params import SamplingParams
-from serving.runtime import (
+from kunjax.api import (
     ElasticStatus,
     GenerateRequest,
     InstanceLoad,
@@ -39,6 +38,7 @@ from serving.runtime import (
     TokenEvent,
     iter_events,
 )
+from kunjax.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ class _FakeRequest:
 
 
 class FakeRuntime:
-    """Arithmetic token generator implementing `serving.runtime.Runtime` (see the module docstring)."""
+    """Arithmetic token generator implementing `kunjax.api.Runtime` (see the module docstring)."""
 
     def __init__(self, *, vocab_size: int = 1000, max_model_len: int = 128, max_queued: int = 16,
                  step_interval_s: float = 0.001, warmup_s: float = 0.0, block_size: int = 4,

@@ -1,4 +1,4 @@
-"""JetStream compatibility: `jetstream_proto.Orchestrator` (Decode, HealthCheck) over a `serving.runtime.Runtime`.
+"""JetStream compatibility: `jetstream_proto.Orchestrator` (Decode, HealthCheck) over a `kunjax.api.Runtime`.
 
 Owns only the translation between JetStream's wire messages and kunjax's: a `DecodeRequest` becomes a kunjax
 `GenerateRequest` (greedy, since JetStream's request carries no sampling options) and each kunjax chunk becomes a
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from kunjax.api import Runtime
 from serving._generated.jetstream_proto import jetstream_pb2 as js
 from serving._generated.jetstream_proto import jetstream_pb2_grpc as js_grpc
 from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
-from serving.runtime import Runtime
 
 if TYPE_CHECKING:  # imported lazily below, so `serving.server` may import this module at its top
     from serving.server import KunjaxServicer

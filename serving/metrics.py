@@ -15,7 +15,7 @@ separate books) and the HTTP endpoint that serves its text exposition. What it m
   moved by the live exchange (counters), pipeline groups and requests still reading KV by remote attention
   (gauges), and the duration of each transition by kind (`kunjax_elastic_transition_seconds`). Each runtime
   event is observed once: the collector remembers the highest `ElasticEvent.seq` it has observed. Events are
-  only seen while among the runtime's most recent ones (`serving.runtime.MAX_ELASTIC_EVENTS`), so more
+  only seen while among the runtime's most recent ones (`kunjax.api.MAX_ELASTIC_EVENTS`), so more
   transitions than that between two scrapes leave the oldest unobserved (the counters stay exact).
 * the memory policy's own figures (`ElasticStatus.policy_stats`: preemptions under every policy; swaps, host
   blocks, migrations, partial admissions ... under the policy that has them) as `kunjax_policy_stat{name}`.
@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from serving.runtime import Runtime, TokenEvent
+from kunjax.api import Runtime, TokenEvent
 
 log = logging.getLogger("kunjax.serving.metrics")
 

@@ -1,4 +1,4 @@
-"""The gRPC server: `kunjax.serving.v1.KunjaxService` and JetStream's `Orchestrator` over a `serving.runtime.Runtime`.
+"""The gRPC server: `kunjax.serving.v1.KunjaxService` and JetStream's `Orchestrator` over a `kunjax.api.Runtime`.
 
 Owns the translation between wire and runtime: proto requests become `GenerateRequest`s (sampling options
 validated by `kunjax.SamplingParams`), runtime events become `GenerateResponse` chunks, and runtime errors
@@ -35,13 +35,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kunjax.api import ElasticStatus, GenerateRequest, InvalidRequest, Overloaded, Runtime, TokenEvent
 from kunjax.sampling_params import SamplingParams
 from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
 from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
 from serving.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, check_token
 from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer
 from serving.metrics import ServingMetrics
-from serving.runtime import ElasticStatus, GenerateRequest, InvalidRequest, Overloaded, Runtime, TokenEvent
 
 log = logging.getLogger("kunjax.serving.server")
 

@@ -19,9 +19,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kunjax.config import ConfigError, ModelConfig
-
 TP = "tp"
+
+
+class LayoutError(ValueError):
+    """A device layout that cannot be built as asked; the message names the option to change."""
 
 _LAYER_SPECS = {
     "attn_norm": P(None, None),
@@ -57,16 +59,17 @@ def instance_meshes(devices: Sequence[jax.Device], num_instances: int | None, tp
     if num_instances is None:
         num_instances = len(devices) // tp
     if num_instances < 1 or num_instances * tp > len(devices):
-        raise ConfigError(f"--num-instances {num_instances} x --tp {tp} needs {num_instances * tp} devices, "
+        raise LayoutError(f"--num-instances {num_instances} x --tp {tp} needs {num_instances * tp} devices, "
                           f"but {len(devices)} are available")
     return [make_mesh(devices[i * tp:(i + 1) * tp], (TP,), (tp,)) for i in range(num_instances)]
 
 
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-    for name, n in (("num_key_value_heads", cfg.num_kv_heads), ("num_attention_heads", cfg.num_heads),
-                    ("intermediate_size", cfg.intermediate_size)):
+def check_tp(tp: int, *, num_kv_heads: int, num_heads: int, intermediate_size: int) -> None:
+    """Tensor parallelism splits KV heads, query heads and the MLP width evenly over `tp` devices."""
+    for name, n in (("num_key_value_heads", num_kv_heads), ("num_attention_heads", num_heads),
+                    ("intermediate_size", intermediate_size)):
         if n % tp:
-            raise ConfigError(f"--tp {tp} must divide the model's {name} ({n})")
+            raise LayoutError(f"--tp {tp} must divide the model's {name} ({n})")
 
 
 def param_specs(params_or_shapes: dict[str, Any]) -> dict[str, Any]:

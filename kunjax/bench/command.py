@@ -29,6 +29,7 @@ import shlex
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -216,12 +217,6 @@ def _say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def _configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    from kunjax.cli import configure_jax
-
-    return configure_jax(parser, args)
-
-
 def _memory_budget(parser: argparse.ArgumentParser, args: argparse.Namespace, jax) -> tuple[int | None, dict]:
     """The CPU device-memory budget default (None where the user or the device decides) and its explanation."""
     import numpy as np
@@ -393,10 +388,10 @@ class BenchRun:
     def run_in_process(self, policies: list[str], base: EngineConfig) -> None:
         """Each policy on its own engine over the configured devices, one after another."""
         from kunjax.bench.targets import InProcessTarget
-        from kunjax.cli import _flag_message, _make_engine
         from kunjax.config import ConfigError
+        from kunjax.options import configure_jax, flag_message, make_engine
 
-        jax = _configure_jax(self.parser, self.args)
+        jax = configure_jax(self.parser, self.args)
         budget, budget_info = _memory_budget(self.parser, self.args, jax)
         configs = {}
         for name in policies:  # every policy's options are checked before the first engine is built
@@ -404,7 +399,7 @@ class BenchRun:
                 configs[name] = dataclasses.replace(base, policy=name, **(
                     {"device_memory_bytes": budget} if budget is not None else {}))
             except (ConfigError, ValueError) as e:
-                self.parser.error(f"--policies {name}: {_flag_message(str(e))}")
+                self.parser.error(f"--policies {name}: {flag_message(str(e))}")
         if budget is not None:
             _say(f"device memory budget {budget / 2**20:.2f} MiB per device ({budget_info['rule']}; "
                  f"--device-memory-bytes to change)")
@@ -414,7 +409,7 @@ class BenchRun:
             t_policy = time.monotonic()
             engine = target = None
             try:
-                engine = _make_engine(self.parser, self.args, configs[name])
+                engine = make_engine(self.parser, self.args, configs[name])
                 warmup_s = engine.warmup()
                 inst = engine.instances[0]
                 _say(f"[{name}] {len(engine.instances)} instance(s), {inst.num_blocks} KV blocks x "
@@ -431,11 +426,10 @@ class BenchRun:
                 del target, engine
                 gc.collect()  # the next engine gets the same devices' memory
 
-    def run_remote(self) -> None:
-        """One replay against `--server`; its policy labels the results."""
+    def run_remote(self, remote_target: Callable[..., Target]) -> None:
+        """One replay against `--server` (through `remote_target`, which the CLI supplies); its policy labels the
+        results."""
         import grpc
-
-        from kunjax.bench.targets import GrpcTarget
 
         args = self.args
         try:
@@ -444,7 +438,7 @@ class BenchRun:
             self.parser.error(f"--auth-token-file: {e}")
         t_policy = time.monotonic()
         try:
-            target = GrpcTarget(args.server, block_size=args.block_size, auth_token=token, tls_ca=args.tls_ca)
+            target = remote_target(args.server, block_size=args.block_size, auth_token=token, tls_ca=args.tls_ca)
             info = target.info()
         except grpc.RpcError as e:
             self.parser.error(f"--server {args.server}: {e.code().name}: {e.details()}")
@@ -500,9 +494,12 @@ class BenchRun:
         return 1 if self.errors else 0
 
 
-def cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from kunjax.cli import _flag_message, engine_config_from_args
+def cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace,
+              remote_target: Callable[..., Target] | None = None) -> int:
+    """Run `kunjax bench`. `remote_target(address, block_size=, auth_token=, tls_ca=)` builds the target of
+    `--server` (a gRPC client: `serving.bench_target.GrpcTarget`, passed in by the CLI)."""
     from kunjax.config import ConfigError
+    from kunjax.options import engine_config_from_args, flag_message
 
     t_start, load0 = time.monotonic(), os.getloadavg()[0]
     policies = _policies(parser, args)
@@ -511,7 +508,7 @@ def cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         base = engine_config_from_args(args)
     except (ConfigError, ValueError) as e:
-        parser.error(_flag_message(str(e)))
+        parser.error(flag_message(str(e)))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -521,7 +518,9 @@ def cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _say(f"SLO: TTFT <= {run.slo.ttft_s:g}s and TPOT <= {run.slo.tpot_s:g}s (--slo-ttft-s, --slo-tpot-s); "
          f"unfinished requests are aborted {args.drain_timeout_s:g}s after the last arrival (--drain-timeout-s)")
     if args.server is not None:
-        run.run_remote()
+        if remote_target is None:
+            parser.error("--server: this entry point has no gRPC client (run it as `kunjax bench`)")
+        run.run_remote(remote_target)
     else:
         run.run_in_process(policies, base)
     return run.finish(t_start, load0)

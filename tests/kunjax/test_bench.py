@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 
+from kunjax.api import InstanceLoad
 from kunjax.bench.metrics import RequestRecord, Slo, percentile, summarize
 from kunjax.bench.replay import timeline_row
 from kunjax.bench.report import comparison, diagnose, queue_pressure
 from kunjax.cli import main
-from serving.runtime import InstanceLoad
 
 
 def _rec(i: int, arrival: float, first: float | None, end: float | None, out: int, reason: str,

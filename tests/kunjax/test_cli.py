@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from kunjax.cli import build_parser, parse_bytes
+from kunjax.cli import build_parser
 from kunjax.config import EngineConfig
+from kunjax.options import parse_bytes
 from tests.helpers import write_tiny_model
 
 

@@ -8,13 +8,13 @@ import time
 import jax
 import pytest
 
+from kunjax.api import GenerateRequest, InvalidRequest, Overloaded
 from kunjax.checkpoint import load_params
 from kunjax.config import EngineConfig
 from kunjax.engine import LLMEngine
 from kunjax.engine_thread import EngineThread
 from kunjax.model import param_shapes
 from kunjax.sampling_params import SamplingParams
-from serving.runtime import GenerateRequest, InvalidRequest, Overloaded
 from sharding.layouts import instance_meshes, param_shardings
 from tests.helpers import TINY, naive_greedy, write_tiny_model
 from tests.kunjax.test_engine import random_prompts

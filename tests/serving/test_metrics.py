@@ -17,9 +17,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kunjax.api import ElasticEvent, ElasticStatus
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
-from serving.runtime import ElasticEvent, ElasticStatus
 from serving.server import ServerHandle, serve
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,6 +1,7 @@
-"""The narrow interface between the gRPC layer and whatever generates tokens.
+"""The runtime interface: what a front end (the gRPC server, the bench, a notebook) sees of the engine.
 
-`serving/` talks to the runtime only through `Runtime`: submit a validated request and iterate its events,
+It lives in `kunjax` because it is the runtime's contract; `serving/` only adapts protocols to it. A front end
+talks to the runtime only through `Runtime`: submit a validated request and iterate its events,
 abort, and read info, load and the elasticity status. `kunjax.engine_thread.EngineThread` implements it over
 the real engine; `serving.fake_runtime.FakeRuntime` implements it with outputs computable by hand, so the
 server's threading, streaming, cancellation and error paths are tested without a model (STYLE.md: a narrow

@@ -1,0 +1,102 @@
+"""Command-line options shared by the `kunjax` commands: engine flags generated from `EngineConfig` (one source of
+truth for options), model and device flags, and the messages that name a bad flag.
+
+Owns turning argv into configs and configuring JAX before it initialises; never serves or benchmarks anything
+(`kunjax.cli` wires the commands, `kunjax.bench.command` runs the bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+
+from kunjax.config import EngineConfig
+
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'67108864', '64MiB', '1.5GB' -> bytes (binary multiples for both spellings)."""
+    m = _BYTES.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 67108864, 64MiB, 2GiB)")
+    mult = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(m.group(2) or "")[:1].lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(EngineConfig)[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (kunjax.EngineConfig)")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_)
+        else:
+            conv = parse_bytes if f.name.endswith("_bytes") else kind
+            group.add_argument(flag, dest=f.name, type=conv, default=f.default, metavar=kind.__name__.upper(),
+                               help=help_)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo",
+                   help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
+    p.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices when running on CPU (default: 8)")
+    p.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
+                   help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
+                        "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
+
+
+def configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Simulated CPU devices and the compile cache, set before JAX initialises; returns the `jax` module."""
+    if args.cpu_devices < 1:
+        parser.error(f"--cpu-devices must be positive, got {args.cpu_devices}")
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.compile_cache_dir.lower() != "none":
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return jax
+
+
+def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg):
+    """Configure JAX (devices, compile cache) before it initialises, then load the model; bad values exit 2."""
+    from kunjax.config import ConfigError
+
+    jax = configure_jax(parser, args)
+    from kunjax.engine import LLMEngine
+
+    try:
+        engine = LLMEngine(args.model, ecfg)
+    except (ConfigError, ValueError) as e:
+        parser.error(flag_message(str(e)))
+    print(f"kunjax: model {engine.model_path} ({engine.model_config.architecture}, "
+          f"{engine.model_config.num_layers} layers) on {len(engine.instances)} instance(s) x tp {ecfg.tp}, "
+          f"{jax.devices()[0].platform}; loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
+    return engine
+
+
+def flag_message(msg: str) -> str:
+    """Name the flag in a validation message that names a field ("top_p must ..." -> "--top-p must ...")."""
+    m = re.match(r"^([a-z_]+) (must|are|is)", msg)
+    return f"--{m.group(1).replace('_', '-')}{msg[len(m.group(1)):]}" if m else msg
+
+
