@@ -131,8 +131,7 @@ def build_workload(args: argparse.Namespace, capacity_blocks: int, block_size: i
 
 # ---- one policy ----------------------------------------------------------------------------------------------
 def waiting_requests(eng) -> int:
-    n = sum(len(inst.scheduler.waiting) for inst in eng.instances if inst.group is None)
-    return n + sum(len(g.books.waiting) for g in eng.groups)
+    return sum(len(u.waiting) for u in eng.units.values())
 
 
 def replay(eng, workload: list[Arrival], args: argparse.Namespace, compiles: list[int]) -> dict:
@@ -172,18 +171,17 @@ def replay(eng, workload: list[Arrival], args: argparse.Namespace, compiles: lis
             step_seconds["fused" if fused or eng.groups else "replicas"].append(t - t0)
             for out in outs:
                 tm = timings[out.request_id]
-                if tm.first_token is None and out.outputs[0].token_ids:
+                if tm.first_token is None and out.outputs[0].delta_token_ids:
                     tm.first_token = t
                 if out.finished:
                     tm.finish, tm.output_ids = t, list(out.outputs[0].token_ids)
             peak_waiting = max(peak_waiting, waiting_requests(eng))
-            if eng.elastic is not None:
-                for ev in eng.elastic.events:
-                    if id(ev) not in seen_events:
-                        seen_events.add(id(ev))
-                        events.append({"t": round(t - start, 3), "kind": ev.kind, "group": ev.group,
-                                       "members": list(ev.members), "step": ev.step,
-                                       "ms": round(ev.seconds * 1e3, 1), "detail": ev.detail})
+            for ev in eng.policy.events:
+                if id(ev) not in seen_events:
+                    seen_events.add(id(ev))
+                    events.append({"t": round(t - start, 3), "kind": ev.kind, "group": ev.group,
+                                   "members": list(ev.members), "step": ev.step,
+                                   "ms": round(ev.seconds * 1e3, 1), "detail": ev.detail})
         elif nxt < len(workload):
             time.sleep(max(0.0, start + workload[nxt].offset - time.monotonic()))
         else:
@@ -194,11 +192,11 @@ def replay(eng, workload: list[Arrival], args: argparse.Namespace, compiles: lis
     for rid, req in requests.items():
         timings[rid].preemptions = req.num_preemptions
     settle_steps = 0
-    if eng.elastic is not None and not timed_out:  # idle steps so a pending restore completes; not measured
+    if not timed_out:  # idle steps so a pending restore completes; not measured
         while eng.groups and settle_steps < args.settle_steps:
             eng.step()
             settle_steps += 1
-        for ev in eng.elastic.events:
+        for ev in eng.policy.events:
             if id(ev) not in seen_events:
                 seen_events.add(id(ev))
                 events.append({"t": round(time.monotonic() - start, 3), "kind": ev.kind, "group": ev.group,
@@ -208,7 +206,7 @@ def replay(eng, workload: list[Arrival], args: argparse.Namespace, compiles: lis
             "makespan_s": makespan, "timed_out": timed_out, "compiles_during_replay": compiles_during,
             "settle_steps": settle_steps, "cpu_s": cpu_s, "loadavg_1min": (load0, load1),
             "step_seconds": step_seconds,
-            "elastic": eng.elastic.stats() if eng.elastic is not None else None}
+            "elastic": eng.policy.stats()}
 
 
 def summarize(policy: str, run: dict, workload: list[Arrival]) -> dict:
@@ -235,9 +233,9 @@ def summarize(policy: str, run: dict, workload: list[Arrival]) -> dict:
     for mode, xs in run["step_seconds"].items():
         s[f"steps_{mode}"] = len(xs)
         s[f"step_mean_s_{mode}"] = sum(xs) / len(xs) if xs else float("nan")
-    if run["elastic"] is not None:
+    if policy == "kunserve":
         st = run["elastic"]
-        s.update(drops=st["drops"], restores=st["restores"], groups_left=len(st["groups"]),
+        s.update(drops=st["drops"], restores=st["restores"], groups_left=st["groups"],
                  blocks_exchanged=st["blocks_exchanged"], settle_steps=run["settle_steps"], events=run["events"])
     return s
 
@@ -371,7 +369,7 @@ def main() -> int:
     from kunjax import checkpoint
     from kunjax.config import EngineConfig
     from kunjax.engine import LLMEngine, resolve_model_path
-    from kunjax.model import param_shapes
+    from kunjax.memory import param_shapes
 
     compiles = [0]
 
@@ -409,12 +407,12 @@ def main() -> int:
             eng = LLMEngine(model_path, engine_config(policy), devices=devices)
             warmup_s = eng.warmup()
             if workload is None:
-                capacity = sum(inst.allocator.total for inst in eng.instances)
+                capacity = sum(u.total_blocks for u in eng.units.values())
                 workload = build_workload(args, capacity, args.block_size, cfg.vocab_size)
                 setup = describe(args, cfg, eng, workload, capacity, device_bytes)
-            if eng.elastic is not None and rep == 0:
-                gains = {k: eng.elastic.gain_blocks(k) for k in eng.elastic.sizes}
-                print(f"kunserve: candidate groups {[list(m) for m in eng.elastic.runtimes]}; extension blocks "
+            if policy == "kunserve" and rep == 0:
+                gains = {k: eng.policy.gain_blocks(k) for k in eng.policy.sizes}
+                print(f"kunserve: candidate groups {[list(m) for m in eng.policy.candidates()]}; extension blocks "
                       f"per group (pipeline blocks of L/k layers) {gains}")
             print(f"[{policy} #{rep + 1}] load {eng.load_seconds:.1f}s, warm-up (compile) {warmup_s:.1f}s; "
                   f"replaying ...", flush=True)
@@ -446,20 +444,20 @@ def describe(args: argparse.Namespace, cfg, eng, workload: list[Arrival], capaci
     """Print and return the setup: memory budget, KV capacity, the workload's size."""
     n_burst = sum(a.burst for a in workload)
     kv_need = sum(math.ceil((len(a.prompt) + a.max_tokens) / args.block_size) for a in workload if a.burst)
-    inst = eng.instances[0]
-    setup = {"platform": inst.mesh.devices.flat[0].platform, "devices": args.devices,
+    ex = eng.executor
+    setup = {"platform": ex.devices_of(0)[0].platform, "devices": args.devices,
              "model": f"{cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
                       f"vocab {cfg.vocab_size}, {args.dtype}",
-             "weight_bytes_per_device": inst.weight_bytes, "device_memory_bytes": device_bytes,
-             "kv_blocks_per_instance": inst.num_blocks, "kv_capacity_blocks": capacity,
+             "weight_bytes_per_device": ex.weight_bytes, "device_memory_bytes": device_bytes,
+             "kv_blocks_per_instance": ex.num_blocks, "kv_capacity_blocks": capacity,
              "block_size": args.block_size, "requests": len(workload), "burst_requests": n_burst,
              "burst_kv_blocks": kv_need,
              "lengths": f"trace {args.trace} from row {args.trace_start}" if args.trace else "synthetic",
              "prompt_tokens": sum(len(a.prompt) for a in workload),
              "output_tokens": sum(a.max_tokens for a in workload)}
     print(f"model: {setup['model']}; {args.devices} {setup['platform']} device(s) = instances; weights "
-          f"{inst.weight_bytes / 2**20:.2f} MiB of a {device_bytes / 2**20:.2f} MiB budget per device "
-          f"({inst.weight_bytes / device_bytes:.0%}); {inst.num_blocks} KV blocks x {args.block_size} tokens "
+          f"{ex.weight_bytes / 2**20:.2f} MiB of a {device_bytes / 2**20:.2f} MiB budget per device "
+          f"({ex.weight_bytes / device_bytes:.0%}); {ex.num_blocks} KV blocks x {args.block_size} tokens "
           f"per instance")
     print(f"workload ({setup['lengths']} lengths, seed {args.seed}): {len(workload)} requests, {n_burst} in the "
           f"burst at {args.lead_seconds:g}-{args.lead_seconds + args.burst_seconds:g}s needing {kv_need} KV blocks "

@@ -4,13 +4,13 @@
     python benchmarks/decode_roofline.py --attention-backend reference      # the same with the pure-JAX attention
     JAX_PLATFORMS=cpu python benchmarks/decode_roofline.py --quick          # CPU smoke run, tiny model
 
-What is timed is the engine's own compiled step: an `kunjax.instance.Instance` is built on one device with
-random weights, its pool is sized for `--batch` sequences of `--context` cached tokens, `Instance.warmup()`
-compiles `_step` exactly as the engine does (one token bucket of `--batch` rows), and the compiled step is
-called as `Instance.dispatch` calls it, with host arrays built as `Instance.build_inputs` builds them for a
-decode batch: every sequence has `--context` tokens cached (block tables a seeded random permutation of the
-pool's blocks) and decodes one token at position `--context`. Filling 64 x 2048 tokens through the scheduler
-would mean a long prefill first, so the step's inputs are written directly; the function is the engine's.
+What is timed is the engine's own compiled step: the one-stage unit tick the JAX executor compiles for a replica
+(`kunjax.executor.step.compile_tick`, one token bucket of `--batch` rows) on one device with random weights and a
+pool sized for `--batch` sequences of `--context` cached tokens, called as the executor calls it, with the
+`kunjax.plan.StepInputs` a serving unit builds for a decode batch: every sequence has `--context` tokens cached
+(block tables a seeded random permutation of the pool's blocks) and decodes one token at position `--context`.
+Filling 64 x 2048 tokens through the scheduler would mean a long prefill first, so the step's inputs are written
+directly; the function is the engine's.
 
 Weights (Llama-3-8B shape: hidden 4096, 32 layers, 32 heads, 8 KV heads, head dim 128, FFN 14336, vocab
 128256, untied head) are random bf16 generated on the device one leaf at a time (`jax.jit` with the engine's
@@ -58,7 +58,7 @@ def random_params(cfg, dtype, mesh, seed: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from kunjax.model import flatten_params, param_shapes, unflatten_params
+    from kunjax.memory import flatten_params, param_shapes, unflatten_params
     from sharding.layouts import param_shardings
 
     shapes = param_shapes(cfg)
@@ -98,7 +98,7 @@ class RooflineBytes:
 
 def roofline_bytes(cfg, batch: int, context: int, itemsize: int) -> RooflineBytes:
     """The accounting above for `batch` sequences of `context` cached tokens, weights and KV of `itemsize`."""
-    from kunjax.model import flatten_params, param_shapes
+    from kunjax.memory import flatten_params, param_shapes
 
     shapes = flatten_params(param_shapes(cfg))
     weights = sum(math.prod(s) for s in shapes.values()) * itemsize
@@ -146,9 +146,10 @@ def main() -> int:
 
     import pallas_kernels
     from kunjax.config import ConfigError, EngineConfig, ModelConfig
-    from kunjax.instance import Instance
-    from kunjax.model import flatten_params, param_shapes
-    from sharding.layouts import instance_meshes
+    from kunjax.executor.step import compile_tick
+    from kunjax.memory import flatten_params, param_shapes
+    from kunjax.plan import StepInputs, UnitShape
+    from sharding.layouts import instance_meshes, kv_pool_sharding
 
     device = jax.devices()[0]
     info = device_info(device)
@@ -164,11 +165,7 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = jnp.dtype(dtype_name)
-    resolve = getattr(pallas_kernels, "resolve_backend", None)
-    try:
-        resolved = resolve(args.attention_backend, [device]) if resolve else args.attention_backend
-    except Exception as e:  # the name is validated again by the engine; report, don't fail here
-        resolved = f"? ({type(e).__name__}: {e})"
+    resolved = pallas_kernels.resolve_backend(args.attention_backend, [device])  # as the JAX executor does
 
     # Bytes before allocating anything: weights + pool must fit the device.
     n_params = sum(math.prod(s) for s in flatten_params(param_shapes(cfg)).values())
@@ -190,20 +187,22 @@ def main() -> int:
     t0 = time.perf_counter()
     mesh = instance_meshes([device], 1, 1)[0]
     params = random_params(cfg, dtype, mesh, args.seed)
-    inst = Instance(0, mesh, cfg, ecfg, params)
-    pool_shape, pool_sharding = inst.kv_pool.shape, inst.pool_sharding
-    inst.kv_pool = None  # drop the zero pool before the random one exists (it is the size of the KV)
-    inst.kv_pool = jax.jit(lambda key: jax.random.normal(key, pool_shape, dtype),
-                           out_shardings=pool_sharding)(jax.random.key(args.seed + 1))
-    jax.block_until_ready((inst.params, inst.kv_pool))
+    pool_shape = (ecfg.num_blocks, cfg.num_layers, 2, bs, cfg.num_kv_heads, cfg.head_dim)
+    state = {"pool": jax.jit(lambda key: jax.random.normal(key, pool_shape, dtype),
+                             out_shardings=kv_pool_sharding(mesh))(jax.random.key(args.seed + 1))}
+    jax.block_until_ready((params, state["pool"]))
     init_s = time.perf_counter() - t0
-    compile_s = inst.warmup()
-    compiled = inst._compiled[batch]
-    inp = decode_inputs(inst, batch, context, np.random.default_rng(args.seed))
+    shape = UnitShape(k=1, tp=1, tokens=batch, buckets=(batch,), seqs=batch, max_blocks=ecfg.max_blocks_per_seq(cfg),
+                      num_base=ecfg.num_blocks)
+    t0 = time.perf_counter()
+    compiled = compile_tick(cfg, shape, mesh, params, (state["pool"],), StepInputs.empty(shape, batch), False,
+                            num_logprobs=ecfg.max_logprobs, backend=resolved, transport=ecfg.remote_transport)
+    compile_s = time.perf_counter() - t0
+    inp = decode_inputs(shape, cfg.vocab_size, bs, batch, context, np.random.default_rng(args.seed))
 
     def step(_: int):
-        inst.kv_pool, outputs = compiled(inst.params, inst.kv_pool, *inp.as_tuple())  # as Instance.dispatch
-        return inst.kv_pool, outputs
+        state["pool"], outputs = compiled(params, state["pool"], inp)  # as the JAX executor launches a tick
+        return state["pool"], outputs
 
     timing = time_calls(step, warmup=3, runs=args.runs, target_run_s=target_run_s, max_calls=1000,
                         keep_outputs=False)
@@ -242,27 +241,25 @@ def main() -> int:
     return 0
 
 
-def decode_inputs(inst, batch: int, context: int, rng):
-    """The host arrays `Instance.build_inputs` would produce for `batch` sequences that each have `context`
-    tokens cached and decode the next one, greedily."""
+def decode_inputs(shape, vocab_size: int, bs: int, batch: int, context: int, rng):
+    """The `StepInputs` a replica unit builds (`ServingUnit.tick_inputs`) for `batch` sequences that each have
+    `context` tokens cached and decode the next one, greedily."""
     import numpy as np
 
-    from kunjax.block_manager import NULL_BLOCK
+    from kunjax.blocks import NULL_BLOCK
+    from kunjax.plan import StepInputs
 
-    if getattr(inst, "num_layer_groups", 1) != 1:
-        raise ValueError("decode_inputs builds the single-table layout of a plain replica instance")
-    bs = inst.ecfg.block_size
-    inp = inst._abstract_inputs(batch)
-    per_seq = inst.max_blocks_per_seq
-    blocks = rng.permutation(np.arange(NULL_BLOCK + 1, inst.num_blocks, dtype=np.int32))[:batch * per_seq]
-    inp.block_tables[:, :per_seq] = blocks.reshape(batch, per_seq)
+    inp = StepInputs.empty(shape, batch)
+    per_seq = shape.max_blocks
+    blocks = rng.permutation(np.arange(NULL_BLOCK + 1, shape.num_base, dtype=np.int32))[:batch * per_seq]
+    inp.block_tables[0, :, :per_seq] = blocks.reshape(batch, per_seq)
     rows = np.arange(batch, dtype=np.int32)
-    inp.tokens[:] = rng.integers(0, inst.cfg.vocab_size, batch, dtype=np.int32)
-    inp.positions[:] = context
-    inp.seq_ids[:] = rows
-    inp.valid[:] = True
-    inp.slot_mapping[:] = inp.block_tables[rows, context // bs] * bs + context % bs
-    inp.context_lens[:] = context
+    inp.tokens_in[:] = rng.integers(0, vocab_size, batch, dtype=np.int32)
+    inp.positions[0] = context
+    inp.seq_ids[0] = rows
+    inp.valid[0] = True
+    inp.slot_mapping[0] = inp.block_tables[0, rows, context // bs] * bs + context % bs
+    inp.context_lens[0] = context
     inp.logits_indices[:] = rows
     return inp  # sampling fields keep their greedy defaults (temperature 0, top_p 1, nothing suppressed)
 

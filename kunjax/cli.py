@@ -122,7 +122,7 @@ def cmd_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         from kunjax.demo import recitation_prompts
 
         prompts = [p for p, _ in recitation_prompts()[:8]]
-    print(f"kunjax: compiled {len(engine.instances[0].buckets)} step shapes per instance in "
+    print(f"kunjax: compiled {len(engine.replica_shape.buckets)} step shapes per instance in "
           f"{engine.warmup():.1f}s", file=sys.stderr)
     submitted: list[str] = []
     try:

@@ -318,9 +318,6 @@ class EngineConfig:
         if not 0.0 < self.restore_demand_ratio < self.drop_demand_ratio <= 1.0:
             raise ConfigError(f"need 0 < --restore-demand-ratio ({self.restore_demand_ratio}) < --drop-demand-ratio "
                               f"({self.drop_demand_ratio}) <= 1 (the gap is the hysteresis)")
-        if self.policy == "kunserve" and self.tp != 1:
-            raise ConfigError("--policy kunserve supports --tp 1 today (pipeline groups over tensor-parallel "
-                              "instances are not built yet)")
         if not 0 <= self.max_logprobs <= 64:
             raise ConfigError(f"--max-logprobs must be in [0, 64], got {self.max_logprobs}")
 

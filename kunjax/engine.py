@@ -1,16 +1,22 @@
-"""The multi-instance engine: loads a model onto N instances, routes requests, and steps them all.
+"""The engine: admits and routes requests, steps every serving unit through the executor, applies tokens.
 
-Owns request admission (validation, tokenization, routing), the controller loop over instances, and applying
-sampled tokens (stop conditions, detokenization, finish). Each instance steps independently: `step()` first
-dispatches every instance's device step (asynchronously), then completes them, so a slow instance does not
-serialise the others. Requests never move between instances here (that is a policy's job: `--policy kunserve`
-fuses instances into pipeline groups and back, `kunjax/elastic/`); the router picks the instance or admitting
-group with the least KV demand relative to its capacity.
+Owns request admission (validation, tokenization, routing), the step loop over units, applying sampled tokens
+(stop conditions, detokenization, finish), and carrying out the policy's transitions. A serving unit
+(`kunjax.unit`) is a pipeline of k stages: a replica is k = 1, a group fused from k replicas under a policy that
+fuses (kunserve) is k > 1; the engine treats both alike.
+
+One `step()`: every unit runs its k ticks (tick t of every unit is launched before any unit's tick t is read,
+so units overlap on their own devices, and a unit's tokens are applied before its next tick is scheduled); the
+memory operations the books decided go to the executor before the tick that depends on them; pipeline units run
+one round of their live KV exchange; the policy looks at the units and returns transitions (fuse, split), which
+the engine applies. Every stamp reads the injected clock; every device action goes through the executor.
+
+The router sends a request to the unit with the least KV demand relative to its capacity among replicas and
+admitting pipelines, counting the prefix its index already holds as free when prefix caching is on.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -18,19 +24,25 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import jax
 import numpy as np
 
 from kunjax import checkpoint, policies
+from kunjax.blocks import BlockAllocator
+from kunjax.clock import WALL, Clock
 from kunjax.config import ConfigError, EngineConfig, ModelConfig
 from kunjax.detokenizer import IncrementalDetokenizer
-from kunjax.instance import MAX_SUPPRESSED, Instance, num_kv_blocks, tree_bytes_per_device
-from kunjax.model import param_shapes
-from kunjax.request import Request, RequestOutput, RequestStatus, make_output
+from kunjax.executor import Executor
+from kunjax.fusion import fuse_books, move_home_copies, plan_move_home, split_books
+from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
+from kunjax.mempool import MemoryPool
+from kunjax.plan import MAX_SUPPRESSED, Fuse, Split, UnitShape
+from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
+from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
 from kunjax.sampling_params import SamplingParams
 from kunjax.tokenizer import Tokenizer
-from sharding.layouts import LayoutError, check_tp, instance_meshes, param_shardings
+from kunjax.unit import MicroBatch, ServingUnit
 
 log = logging.getLogger("kunjax")
 
@@ -48,54 +60,124 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
+def _jax_executor(model_path: Path, cfg: ModelConfig, ecfg: EngineConfig, devices) -> Executor:
+    from kunjax.executor.jax_executor import JaxExecutor
+    from sharding.layouts import LayoutError, check_tp
+
+    try:
+        check_tp(ecfg.tp, num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads,
+                 intermediate_size=cfg.intermediate_size)
+        return JaxExecutor(model_path, cfg, ecfg, devices)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from e
+
+
 class LLMEngine:
-    def __init__(self, model: str | Path = "demo", config: EngineConfig | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+    def __init__(self, model: str | Path | ModelConfig = "demo", config: EngineConfig | None = None,
+                 devices: Sequence | None = None, *, executor: str | Executor = "jax", clock: Clock | None = None):
+        """`model`: a Hugging Face or kunjax checkpoint directory, "demo", or (for the arithmetic executor) just a
+        `ModelConfig`. `executor`: "jax" (the model on `devices`, default all), "arith" (tokens by arithmetic, no
+        model; `kunjax.executor.arith`), or an `Executor` built for the same configs. `clock`: the wall clock,
+        except a virtual one by default for "arith"."""
         self.config = config or EngineConfig()
-        self.model_path = resolve_model_path(model)
-        self.model_config: ModelConfig = checkpoint.load_config(self.model_path)
-        self.tokenizer: Tokenizer | None = checkpoint.load_tokenizer(self.model_path)
+        if isinstance(model, ModelConfig):
+            self.model_path, self.model_config, self.tokenizer = None, model, None
+        else:
+            self.model_path = resolve_model_path(model)
+            self.model_config = checkpoint.load_config(self.model_path)
+            self.tokenizer: Tokenizer | None = checkpoint.load_tokenizer(self.model_path)
         ecfg, cfg = self.config, self.model_config
         self.max_model_len = ecfg.resolved_max_model_len(cfg)
-        devices = list(devices) if devices is not None else jax.devices()
-        try:
-            check_tp(ecfg.tp, num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads,
-                     intermediate_size=cfg.intermediate_size)
-            meshes = instance_meshes(devices, ecfg.num_instances, ecfg.tp)
-        except LayoutError as e:
-            raise ConfigError(str(e)) from e
-        t0 = time.perf_counter()
-        shapes = param_shapes(cfg)
-        first = checkpoint.load_params(self.model_path, cfg, param_shardings(meshes[0], shapes), ecfg.dtype)
-        # Other replicas are device-to-device copies of the first: the checkpoint is read once.
-        params = [first] + [jax.device_put(first, param_shardings(m, shapes)) for m in meshes[1:]]
-        # Replicas get equal pools (the smallest any device affords), so any of them can fuse into a group.
-        blocks = {num_kv_blocks(cfg, ecfg, m, tree_bytes_per_device(p)) for m, p in zip(meshes, params, strict=True)}
-        icfg = ecfg if len(blocks) == 1 else dataclasses.replace(ecfg, num_blocks=min(blocks))
-        self.instances = [Instance(i, m, cfg, icfg, p) for i, (m, p) in enumerate(zip(meshes, params, strict=True))]
-        self.load_seconds = time.perf_counter() - t0
+        if executor == "arith":
+            from kunjax.clock import VirtualClock
+            from kunjax.executor.arith import ArithmeticExecutor
+
+            self.clock: Clock = clock or VirtualClock()
+            executor = ArithmeticExecutor(cfg, ecfg, self.clock)
+        else:
+            self.clock = clock or WALL
+            if executor == "jax":
+                if self.model_path is None:
+                    raise ConfigError("the JAX executor needs a checkpoint directory or 'demo', not a ModelConfig")
+                executor = _jax_executor(self.model_path, cfg, ecfg, devices)
+        self.executor: Executor = executor
+        self.load_seconds = executor.load_seconds
         self.warmup_seconds = 0.0
+        n, nb = self.executor.num_instances, self.executor.num_blocks
+        self.policy = policies.create(ecfg, cfg, num_instances=n, num_blocks=nb,
+                                      block_bytes=kv_block_bytes(cfg, ecfg.block_size, ecfg.dtype, ecfg.tp))
+        self.caps = self.policy.capabilities()
+        self.mempool = MemoryPool(n, self.caps.host_blocks)
+        self.replica_shape = UnitShape(
+            k=1, tp=ecfg.tp, tokens=ecfg.max_num_batched_tokens, buckets=ecfg.token_buckets(),
+            seqs=ecfg.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg), num_base=nb,
+            layer_groups=self.caps.layer_groups)
+        self.replica_blocks = nb - self.caps.staging_blocks  # the allocator's range; staging stays outside it
+        self.units: dict[int, ServingUnit] = {}
+        for i in range(n):
+            self._add_unit(self._replica(i))
+        self._uids = itertools.count(n)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(ecfg.seed)
         eos = set(cfg.eos_token_ids) | (set(self.tokenizer.eos_token_ids) if self.tokenizer else set())
         self.eos_token_ids = frozenset(eos)
-        self.elastic = None
-        if ecfg.policy == "kunserve":
-            from kunjax.elastic.controller import KunServeController
+        self.step_no = 0
+        self.view = EngineView(self)
+        self.policy.attach(self.view)
 
-            self.elastic = KunServeController(self)
-        self.policy = policies.install(self)  # swap, migrate, layerkv: hooks and memory beyond the device pools
+    # ---- units --------------------------------------------------------------------------------------
+    def _replica(self, i: int) -> ServingUnit:
+        return ServingUnit(i, (i,), self.replica_shape, [BlockAllocator(self.replica_blocks)], self.policy,
+                           block_size=self.config.block_size,
+                           enable_prefix_caching=self.config.enable_prefix_caching, now=self.clock.now)
+
+    def _add_unit(self, unit: ServingUnit) -> None:
+        self.units[unit.uid] = unit
+        self.mempool.units[unit.uid] = unit
+
+    def _drop_unit(self, unit: ServingUnit) -> None:
+        del self.units[unit.uid]
+        del self.mempool.units[unit.uid]
+
+    @property
+    def num_instances(self) -> int:
+        return self.executor.num_instances
+
+    def unit_of_instance(self, i: int) -> ServingUnit:
+        return next(u for u in self.units.values() if i in u.members)
+
+    @property
+    def groups(self) -> list[ServingUnit]:
+        """The pipeline units (k > 1) serving now."""
+        return [u for u in self.units.values() if u.k > 1]
+
+    def group_shape(self, members: tuple[int, ...]) -> UnitShape | None:
+        """The shape of the pipeline unit `members` would fuse into; None when the policy does not fuse or the drop
+        would free no KV block."""
+        opts = self.caps.pipeline
+        if opts is None:
+            return None
+        ecfg, cfg = self.config, self.model_config
+        k = len(members)
+        tokens = max(ecfg.max_num_seqs, opts.microbatch_tokens)
+        num_ext = extension_blocks(cfg, ecfg, k, tokens)
+        if num_ext < 1:
+            return None
+        # Two tick shapes: a decode-sized one (the smallest step bucket with a row per sequence) and the full
+        # micro-batch; a decode tick padded to the full budget ran ~4x slower on CPU.
+        small = min((b for b in ecfg.token_buckets() if b >= ecfg.max_num_seqs), default=tokens)
+        return UnitShape(k=k, tp=ecfg.tp, tokens=tokens, buckets=tuple(sorted({min(small, tokens), tokens})),
+                         seqs=ecfg.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg),
+                         num_base=self.executor.num_blocks * k, num_ext=num_ext, remote_rows=opts.remote_rows,
+                         copy_blocks=opts.exchange_blocks, split_vocab=split_vocab(cfg, k))
 
     def warmup(self) -> float:
-        """Compile every instance's step for every bucket (ahead of serving); returns seconds."""
+        """Prepare (compile) every replica's step and every group the policy may fuse; returns seconds."""
         t0 = time.perf_counter()
-        for inst in self.instances:
-            inst.warmup()
-        if self.policy is not None:
-            self.policy.warmup()
-        if self.elastic is not None:
-            self.elastic.warmup()
+        units = [(u.uid, u.members, u.shape) for u in self.units.values() if u.k == 1]
+        candidates = [(m, s) for m in self.policy.candidates() if (s := self.group_shape(m)) is not None]
+        self.executor.warmup(units, candidates)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
@@ -104,10 +186,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer.json: pass prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt)
-            return prompt, ids
-        ids = [int(t) for t in prompt]
-        return None, ids
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -134,7 +214,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id=request_id, prompt=text, token_ids=list(ids), num_prompt_tokens=len(ids),
                       params=params, seed=seed, eos_token_ids=self.eos_token_ids, max_total_len=max_total,
-                      logprobs=[] if params.logprobs is not None else None)
+                      arrival_time=self.clock.now(), logprobs=[] if params.logprobs is not None else None)
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer.from_params(self.tokenizer, list(ids), params)
         elif params.stop:
@@ -144,99 +224,110 @@ class LLMEngine:
         return request_id
 
     def _route(self, req: Request) -> None:
-        """Least KV demand relative to capacity among free instances and admitting pipeline groups."""
-        first = self.instances[0].scheduler
-        if not first.can_ever_fit(req):  # also for groups: a restore must be able to take it home
-            raise ValueError(f"request {req.request_id} may need {first.blocks_for(req.max_total_len)} KV blocks "
-                             f"({req.max_total_len} tokens) but an instance pool has {first.allocator.total}")
-        free = [inst for inst in self.instances if inst.group is None]
-        groups = [g for g in self.groups if g.books.admitting] or ([] if free else self.groups)
-        new_blocks = first.blocks_for(len(req.token_ids) + 1)
-        units = [(inst.scheduler, inst.allocator.total, inst) for inst in free]
-        units += [(g.books, g.books.total_blocks, g) for g in groups]
-        sched, _, unit = min(units, key=lambda u: ((u[0].demand_blocks() + new_blocks) / u[1], len(u[0].waiting)))
-        sched.add(req)
-        if unit in groups:
-            req.group = unit
-        else:
-            req.instance = unit.index
-
-    @property
-    def groups(self) -> list:
-        return self.elastic.groups if self.elastic is not None else []
-
-    def _owner(self, req: Request):
-        """What schedules the request: its pipeline group's books, or its instance's scheduler."""
-        return req.group.books if req.group is not None else self.instances[req.instance].scheduler
+        need = -(-req.max_total_len // self.config.block_size)
+        if need > self.replica_blocks - 1:  # also for pipelines: a restore must be able to take it home
+            raise ValueError(f"request {req.request_id} may need {need} KV blocks ({req.max_total_len} tokens) but "
+                             f"an instance pool has {self.replica_blocks - 1}")
+        units = list(self.units.values())
+        replicas = [u for u in units if u.k == 1]
+        pipes = [u for u in units if u.k > 1 and u.admitting] or ([] if replicas else [u for u in units if u.k > 1])
+        new = -(-(len(req.token_ids) + 1) // self.config.block_size)
+        cached = self.mempool.match(req.token_ids) if self.config.enable_prefix_caching else {}
+        unit = min(replicas + pipes, key=lambda u: (
+            (u.demand_blocks() + new - cached.get(u.uid, 0)) / u.total_blocks, len(u.waiting), u.uid))
+        req.tables = [[] for _ in range(unit.k)]
+        unit.add(req)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None or req.finished:
             return None
-        self._owner(req).abort(req)
-        req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, "abort", time.monotonic()
-        return make_output(req)
+        self.units[req.unit].abort(req)
+        req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, "abort", self.clock.now()
+        return delta_output(req, [], "", [])  # text held back as a possible stop-string start is dropped
 
     # ---- stepping -----------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        """Work is left: a request, or a pipeline group (idle groups step towards their restore)."""
+        """Work is left: a request, or a pipeline unit (idle ones step towards their restore)."""
         return self.has_requests() or bool(self.groups)
 
     def has_requests(self) -> bool:
-        return (any(inst.scheduler.has_work for inst in self.instances)
-                or any(g.books.has_work for g in self.groups))
+        return any(u.has_work for u in self.units.values())
+
+    def _issue(self) -> None:
+        ops = self.mempool.take_ops()
+        if ops:
+            self.executor.apply(ops)
 
     def step(self) -> list[RequestOutput]:
-        """One step of every instance with work; returns an output for every request that advanced."""
-        pending = [(inst, inst.dispatch()) for inst in self.instances if inst.group is None]
+        """One step of every unit with work; returns an output (a delta) for every request that advanced."""
         outputs: list[RequestOutput] = []
-
-        def apply(owner, sampled) -> None:
-            for req, token, logprob, top_ids, top_lps in sampled:
-                self._append_token(owner, req, token, logprob, top_ids, top_lps)
-                outputs.append(make_output(req))
-                if req.finished:
-                    self.requests.pop(req.request_id, None)
-
-        # Groups run their ticks while the instances' steps are in flight on their own devices; every group's
-        # tick is launched before any is read, so groups overlap too. A tick's tokens are applied before the
-        # next tick is scheduled.
-        groups = list(self.groups)
-        for t in range(max((g.k for g in groups), default=0)):
-            launched = [(g, g.launch_tick()) for g in groups if t < g.k]
-            for g, pending_tick in launched:
-                sampled = g.finish_tick(pending_tick)
-                if sampled:
-                    apply(g.books, sampled)
-        for g in groups:
-            g.exchange_round()
-        for inst, p in pending:
-            if p is not None:
-                apply(inst.scheduler, inst.complete(p))
-        if self.elastic is not None:
-            self.elastic.after_step()
-        if self.policy is not None:
-            self.policy.after_step()
+        units = list(self.units.values())
+        pending: dict[int, tuple[MicroBatch | None, Any]] = {}
+        for t in range(max((u.k for u in units), default=0)):
+            for u in units:
+                if t >= u.k:
+                    continue
+                if u.uid in pending:
+                    self._finish_tick(u, *pending.pop(u.uid), outputs)
+                leaving, active = u.advance()
+                if not active:
+                    continue
+                inputs, remote = u.tick_inputs()
+                self._issue()  # what scheduling decided (swaps, reloads) goes before the tick
+                pending[u.uid] = (leaving, self.executor.launch(u.uid, inputs, remote))
+                if u.at_stage[0] is not None:
+                    self.policy.after_launch(u, u.at_stage[0])
+                self._issue()  # what must follow the tick (layerkv's offloads)
+        for u in units:
+            if u.uid in pending:
+                self._finish_tick(u, *pending.pop(u.uid), outputs)
+        for u in self.groups:
+            self.view.exchange_round(u)
+        self._issue()
+        self.step_no += 1
+        for tr in self.policy.after_step(self.view):
+            self.transition(tr)
+        self._issue()
+        self.executor.end_step()
         return outputs
 
-    def _append_token(self, owner, req: Request, token: int, logprob: float, top_ids: np.ndarray,
-                      top_lps: np.ndarray) -> None:
-        now = time.monotonic()
+    def _finish_tick(self, unit: ServingUnit, leaving: MicroBatch | None, launched: Any,
+                     outputs: list[RequestOutput]) -> None:
+        result = self.executor.collect(launched, leaving is not None)
+        self.policy.observe_tick(unit, unit.last_tick[0], result.seconds)
+        if leaving is None:
+            return
+        s = result.sampled
+        for req, token, logprob, top_ids, top_lps in unit.exit(leaving, s.tokens, s.logprobs, s.top_ids,
+                                                                 s.top_logprobs):
+            outputs.append(self._append_token(unit, req, token, logprob, top_ids, top_lps))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+
+    def _append_token(self, unit: ServingUnit, req: Request, token: int, logprob: float, top_ids: np.ndarray,
+                      top_lps: np.ndarray) -> RequestOutput:
+        now = self.clock.now()
         if req.first_token_time is None:
             req.first_token_time = now
         req.token_ids.append(token)
         p = req.params
+        new_lps = []
         if req.logprobs is not None:
             entry = {token: logprob}
             for tid, lp in zip(top_ids[:p.logprobs].tolist(), top_lps[:p.logprobs].tolist(), strict=True):
                 entry.setdefault(int(tid), float(lp))
             req.logprobs.append(entry)
+            new_lps.append(entry)
             req.cumulative_logprob += logprob
         detok = req.detokenizer
+        text = ""
         reason: tuple[str, int | str | None] | None = None
-        if detok is not None and detok.add(token)[1]:  # a stop string completed (min_tokens already applied)
-            reason = ("stop", detok.stop_reason)
-        elif req.num_output_tokens >= p.min_tokens:
+        if detok is not None:
+            text, hit = detok.add(token)
+            if hit:  # a stop string completed (min_tokens already applied)
+                reason = ("stop", detok.stop_reason)
+        if reason is None and req.num_output_tokens >= p.min_tokens:
             if token in p.stop_token_ids:
                 reason = ("stop", token)
             elif not p.ignore_eos and token in req.eos_token_ids:
@@ -245,41 +336,138 @@ class LLMEngine:
             reason = ("length", None)
         if reason is not None:
             if detok is not None:
-                detok.finish()  # flush text held back as a possible stop-string start
+                text += detok.finish()  # flush text held back as a possible stop-string start
             req.finish_reason, req.stop_reason = reason
             req.finish_time = now
-            owner.finish(req)
+            unit.finish(req)
+        return delta_output(req, [token], text, new_lps)
+
+    # ---- transitions --------------------------------------------------------------------------------
+    def transition(self, tr: FuseUnits | SplitUnit) -> TransitionOutcome | None:
+        """Apply a policy's transition at this step boundary and tell the policy; None when a split could not
+        happen yet (its requests' KV does not fit the members' own pools)."""
+        if isinstance(tr, FuseUnits):
+            outcome = self.fuse(tr.members, tr.reason)
+        else:
+            outcome = self.split(self.units[tr.uid], tr.reason)
+        if outcome is not None:
+            self.policy.transition_done(outcome)
+        return outcome
+
+    def fuse(self, members: tuple[int, ...], reason: str = "") -> TransitionOutcome:
+        """Drop the replicated weights of replicas `members` into one pipeline unit (DESIGN.md §6.3)."""
+        shape = self.group_shape(members)
+        if shape is None:
+            raise ValueError(f"instances {members} cannot fuse (no pipeline policy, or nothing would be freed)")
+        olds = [self.units[i] for i in members]
+        if any(u.k != 1 for u in olds):
+            raise RuntimeError(f"instances {members} are already in a group")
+        t0 = time.perf_counter()
+        self._issue()
+        uid = next(self._uids)
+        self.executor.apply([Fuse(uid, members, shape)])
+        unit = fuse_books(uid, olds, shape, self.policy, block_size=self.config.block_size,
+                          enable_prefix_caching=self.config.enable_prefix_caching, now=self.clock.now)
+        for u in olds:
+            self._drop_unit(u)
+        self._add_unit(unit)
+        seconds = time.perf_counter() - t0
+        return TransitionOutcome("fuse", uid, members, seconds, {
+            "reason": reason, "k": shape.k, "extension_blocks": shape.num_ext,
+            "stale_requests": unit.num_remote_dependent, "queued": len(unit.waiting)})
+
+    def split(self, unit: ServingUnit, reason: str = "") -> TransitionOutcome | None:
+        """Restore a drained pipeline unit into its members' replicas; None (nothing changed) when its requests'
+        KV does not fit the members' own pools yet."""
+        assert not unit.in_flight and not unit.num_remote_dependent, f"unit {unit.uid} is not drained"
+        plan = plan_move_home(unit, self.executor.num_blocks, self.config.max_num_seqs)
+        if plan is None:
+            return None
+        t0 = time.perf_counter()
+        copies = move_home_copies(unit, plan)
+        self.mempool.copy_blocks(unit, copies)
+        self._issue()
+        self.executor.apply([Split(unit.uid, unit.members)])
+        replicas = [self._replica(i) for i in unit.members]
+        split_books(unit, plan, replicas)
+        self._drop_unit(unit)
+        for r in replicas:
+            self._add_unit(r)
+        seconds = time.perf_counter() - t0
+        return TransitionOutcome("split", unit.uid, unit.members, seconds, {
+            "reason": reason, "moved_requests": len(plan), "moved_blocks": len(copies),
+            "requeued": sum(len(r.waiting) for r in replicas), "blocks_exchanged": unit.blocks_exchanged,
+            "remote_ticks": unit.remote_ticks})
 
     # ---- introspection ------------------------------------------------------------------------------
-    def load(self) -> list[dict[str, int]]:
-        out = []
-        for inst in self.instances:
-            d = inst.load()
-            d["group"] = -1 if inst.group is None else inst.group.gid
-            out.append(d)
-        return out
-
     def check_books(self) -> None:
-        """Every instance's and group's books balance; each block's refcount equals the requests holding it plus
-        the policy's own references (`reserved_blocks`, e.g. an in-flight migration's destination copies)."""
-        for g in self.groups:
-            g.books.check()
-        if self.policy is not None:
-            self.policy.check()
-        for inst in self.instances:
-            if inst.group is not None:
-                assert not inst.scheduler.has_work, f"instance {inst.index} is in a group but has requests"
-                continue
-            inst.allocator.check()
-            held = collections.Counter(
-                b for r in itertools.chain(inst.scheduler.running, inst.scheduler.waiting) for b in r.blocks)
-            reserved = getattr(self.policy, "reserved_blocks", None)
-            if reserved is not None:
-                held.update(reserved(inst.index))
-            for b in range(inst.allocator.num_blocks):
-                assert inst.allocator.refcount(b) == held.get(b, 0), (
-                    f"instance {inst.index} block {b}: refcount {inst.allocator.refcount(b)} but "
-                    f"{held.get(b, 0)} requests and policy reservations hold it")
+        """Every unit's books balance, and each block's refcount equals the requests holding it plus the policy's
+        own references (`reserved_blocks`); the host tiers and the policy's books too."""
+        for u in self.units.values():
+            u.check(lambda s, u=u: self.policy.reserved_blocks(u, s))
+        self.mempool.check()
+        self.policy.check()
+        held = {r.request_id for u in self.units.values() for r in (*u.running, *u.waiting, *u.swapped)}
+        assert held == set(self.requests), (
+            f"requests lost or misfiled: {sorted(set(self.requests) ^ held)[:5]}")
+
+
+class EngineView:
+    """What a policy sees of the engine (`kunjax.policies.base.PolicyView`)."""
+
+    def __init__(self, engine: LLMEngine):
+        self._engine = engine
+        self.config = engine.config
+        self.model = engine.model_config
+        self.mempool = engine.mempool
+        self.clock = engine.clock
+
+    @property
+    def step_no(self) -> int:
+        return self._engine.step_no
+
+    @property
+    def num_instances(self) -> int:
+        return self._engine.num_instances
+
+    @property
+    def units(self) -> list[ServingUnit]:
+        return list(self._engine.units.values())
+
+    @property
+    def replica_total_blocks(self) -> int:
+        """Usable blocks of one replica's own pool (what a restore must fit into, per member)."""
+        return self._engine.replica_blocks - 1
+
+    def freed_bytes(self, members: tuple[int, ...]) -> int:
+        """Weight bytes per device a fuse of `members` releases (from the shapes)."""
+        cfg, ecfg = self.model, self.config
+        return (weight_bytes_per_device(cfg, ecfg.dtype, ecfg.tp)
+                - weight_bytes_per_device(cfg, ecfg.dtype, ecfg.tp, len(members)))
+
+    def replica(self, instance: int) -> ServingUnit | None:
+        u = self._engine.units.get(instance)
+        return u if u is not None and u.k == 1 else None
+
+    def group_shape(self, members: tuple[int, ...]) -> UnitShape | None:
+        return self._engine.group_shape(members)
+
+    def can_split(self, unit: ServingUnit) -> bool:
+        return plan_move_home(unit, self._engine.executor.num_blocks, self.config.max_num_seqs) is not None
+
+    def exchange_round(self, unit: ServingUnit) -> int:
+        """One bounded batch of a pipeline unit's live KV exchange (its copies queued); returns blocks moved."""
+        copies = unit.plan_exchange(unit.shape.copy_blocks)
+        self.mempool.copy_blocks(unit, copies)
+        unit.commit_exchange()
+        return len(copies)
+
+    def move_running(self, req: Request, src: ServingUnit, dst: ServingUnit, tables: list[list[int]]) -> None:
+        """`req` leaves `src` (its blocks there freed) and runs on `dst` with `tables` (already filled)."""
+        src.running.remove(req)
+        src.release(req)
+        req.tables = tables
+        dst.take_running(req)
 
 
 def config_from_kwargs(**kwargs) -> EngineConfig:

@@ -9,12 +9,11 @@ an abort, so an abort or a cancel takes effect at the next step boundary and fre
 Never loses an accepted request: every accepted request gets exactly one final event (stop, length, abort,
 or error if a step itself failed), also on shutdown.
 
-Also the read side of the engine for `serving/`: `info`, `load` and `elastic` copy engine state into the frozen
-`kunjax.api` records under the same lock, so a reader never sees an instance half-way into a pipeline
-group. While an instance is a stage of a group (kunserve) its own allocator and queues are empty: its load is
-its stage's KV books and the group's requests. The controller's transitions — or, under a policy runtime that keeps
-an `events` deque of the same records (`migrate`), the policy's — are numbered here (`ElasticEvent.seq`) after
-every step, so each gets one number however many the source keeps.
+Also the read side of the engine for front ends: `info`, `load` and `elastic` copy engine state into the frozen
+`kunjax.api` records under the same lock, so a reader never sees an instance half-way into a pipeline unit.
+An instance that is a stage of a pipeline unit reports its stage's KV books and the unit's requests. The policy's
+events are numbered here (`ElasticEvent.seq`) after every step, so each gets one number however many the policy
+keeps.
 """
 
 from __future__ import annotations
@@ -42,20 +41,19 @@ from kunjax.api import (
     iter_events,
 )
 from kunjax.engine import LLMEngine
-from kunjax.instance import Instance
 from kunjax.request import RequestOutput
+from kunjax.unit import ServingUnit
 
 log = logging.getLogger("kunjax.engine_thread")
 IDLE_GROUP_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline groups
 
 
-def _event(out: RequestOutput, seen_logprobs: int) -> TokenEvent:
+def _event(out: RequestOutput) -> TokenEvent:
     c = out.outputs[0]
-    new_lps = tuple(c.logprobs[seen_logprobs:]) if c.logprobs is not None else ()
     return TokenEvent(
-        request_id=out.request_id, token_ids=tuple(c.delta_token_ids), text=c.delta_text, logprobs=new_lps,
-        finished=out.finished, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-        prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(c.token_ids),
+        request_id=out.request_id, token_ids=tuple(c.delta_token_ids), text=c.delta_text,
+        logprobs=tuple(c.delta_logprobs), finished=out.finished, finish_reason=c.finish_reason,
+        stop_reason=c.stop_reason, prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
         cached_tokens=out.num_cached_tokens, queue_s=_queue_s(out))
 
 
@@ -79,9 +77,8 @@ class EngineThread:
         # the requests the engine has not finished (what the admission limit counts).
         self._queues: dict[str, queue.Queue[TokenEvent]] = {}
         self._inflight: set[str] = set()
-        self._seen_logprobs: dict[str, int] = {}
         self._warmup = warmup
-        # The controller's recent events with their numbers; `_last_numbered` is the newest one numbered.
+        # The policy's recent events with their numbers; `_last_numbered` is the newest one numbered.
         self._elastic_events: collections.deque[ElasticEvent] = collections.deque(maxlen=MAX_ELASTIC_EVENTS)
         self._elastic_seq = 0
         self._last_numbered: object | None = None
@@ -106,7 +103,6 @@ class EngineThread:
                 raise InvalidRequest(str(e)) from e
             self._queues[request.request_id] = queue.Queue()
             self._inflight.add(request.request_id)
-            self._seen_logprobs[request.request_id] = 0
         self._wake.set()
 
     def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[TokenEvent]:
@@ -124,69 +120,48 @@ class EngineThread:
     def info(self) -> RuntimeInfo:
         e, cfg = self.engine, self.engine.model_config
         with self._lock:
-            layouts = tuple(f"instance {i.index}: {self._role(i)}, tp={e.config.tp} on "
-                            f"{', '.join(str(d) for d in i.mesh.devices.flat)}" for i in e.instances)
-        settings = {}
-        if e.elastic is not None:
-            th = e.elastic.th
-            settings = {"group_sizes": tuple(e.elastic.sizes), "drop_demand_ratio": th.drop_demand_ratio,
-                       "restore_demand_ratio": th.restore_demand_ratio,
-                       "restore_window_steps": th.restore_window_steps}
+            layouts = tuple(f"instance {i}: {self._role(e.unit_of_instance(i), i)}, tp={e.config.tp} on "
+                            f"{e.executor.describe(i)}" for i in range(e.num_instances))
         return RuntimeInfo(model=str(e.model_path), architecture=cfg.architecture, num_layers=cfg.num_layers,
                            vocab_size=cfg.vocab_size, max_model_len=e.max_model_len, instances=layouts,
                            policy=e.config.policy, versions={"kunjax": __version__, "jax": jax.__version__},
-                           block_size=e.config.block_size, eos_token_ids=tuple(sorted(e.eos_token_ids)), **settings)
+                           block_size=e.config.block_size, eos_token_ids=tuple(sorted(e.eos_token_ids)),
+                           **e.policy.settings())
 
     @staticmethod
-    def _role(inst: Instance) -> str:
+    def _role(unit: ServingUnit, instance: int) -> str:
         """"replica", or "pipeline group G stage S"; caller holds the lock."""
-        g = inst.group
-        return "replica" if g is None else f"pipeline group {g.gid} stage {g.members.index(inst.index)}"
+        return "replica" if unit.k == 1 else f"pipeline group {unit.uid} stage {unit.members.index(instance)}"
 
     def load(self) -> list[InstanceLoad]:
         with self._lock:
             out = []
-            for inst in self.engine.instances:
-                g = inst.group
-                if g is None:
-                    a, s = inst.allocator, inst.scheduler
-                    queued_tokens = sum(len(r.token_ids) - r.num_computed for r in s.waiting)
-                    out.append(InstanceLoad(
-                        instance=inst.index, mode="replica", kv_free=a.num_free, kv_used=a.num_used,
-                        kv_cached=a.num_cached, kv_total=a.total, running=len(s.running), waiting=len(s.waiting),
-                        queued_tokens=queued_tokens, demand_blocks=s.demand_blocks(), swapped=len(s.swapped)))
-                    continue
-                b = g.books
-                stage = g.members.index(inst.index)
-                a = b.stages[stage]
-                queued_tokens = sum(len(r.token_ids) - r.num_computed for r in b.waiting)
+            e = self.engine
+            for i in range(e.num_instances):
+                u = e.unit_of_instance(i)
+                stage = u.members.index(i)
+                a = u.stages[stage]
+                queued_tokens = sum(len(r.token_ids) - r.num_computed for r in u.waiting)
+                pipeline = u.k > 1
                 out.append(InstanceLoad(
-                    instance=inst.index, mode="pipeline", kv_free=a.num_free, kv_used=a.num_used, kv_cached=0,
-                    kv_total=a.total, running=len(b.running), waiting=len(b.waiting), queued_tokens=queued_tokens,
-                    group=g.gid, stage=stage, demand_blocks=b.demand_blocks()))
+                    instance=i, mode=u.mode, kv_free=a.num_free, kv_used=a.num_used, kv_cached=a.num_cached,
+                    kv_total=a.total, running=len(u.running), waiting=len(u.waiting), queued_tokens=queued_tokens,
+                    group=u.uid if pipeline else -1, stage=stage if pipeline else -1,
+                    demand_blocks=u.demand_blocks(), swapped=len(u.swapped)))
             return out
 
     def elastic(self) -> ElasticStatus:
         with self._lock:
             self._number_elastic_events()
             e = self.engine
-            policy_stats = {"preemptions": sum(inst.scheduler.num_preemptions for inst in e.instances)
-                            + sum(g.books.num_preemptions for g in e.groups)}
-            if e.policy is not None:
-                policy_stats.update({k: int(v) for k, v in e.policy.stats().items()
-                                     if isinstance(v, int | float) and not isinstance(v, bool)})
-            ctl = e.elastic
-            if ctl is None:  # a policy's events (migrate), or none
-                return ElasticStatus(policy=e.config.policy, events=tuple(self._elastic_events),
-                                     policy_stats=policy_stats)
-            stats = ctl.stats()
-            policy_stats.update(drops=stats["drops"], restores=stats["restores"],
-                                blocks_exchanged=stats["blocks_exchanged"], remote_ticks=stats["remote_ticks"])
-            return ElasticStatus(policy=e.config.policy, drops=stats["drops"],
-                                 restores=stats["restores"], active_groups=len(stats["groups"]),
-                                 remote_dependent=stats["remote_dependent"],
-                                 blocks_exchanged=stats["blocks_exchanged"], events=tuple(self._elastic_events),
-                                 policy_stats=policy_stats)
+            stats = {"preemptions": sum(u.num_preemptions for u in e.units.values())}
+            stats.update({k: int(v) for k, v in e.policy.stats().items()
+                          if isinstance(v, int | float) and not isinstance(v, bool)})
+            return ElasticStatus(policy=e.config.policy, drops=stats.get("drops", 0),
+                                 restores=stats.get("restores", 0), active_groups=len(e.groups),
+                                 remote_dependent=sum(u.num_remote_dependent for u in e.groups),
+                                 blocks_exchanged=stats.get("blocks_exchanged", 0),
+                                 events=tuple(self._elastic_events), policy_stats=stats)
 
     def ready(self) -> bool:
         return self._ready
@@ -209,23 +184,17 @@ class EngineThread:
         q = self._queues.get(out.request_id)
         if q is None:
             return
-        seen = self._seen_logprobs.get(out.request_id, 0)
-        ev = _event(out, seen)
-        self._seen_logprobs[out.request_id] = seen + len(ev.logprobs)
-        q.put(ev)
+        q.put(_event(out))
         if out.finished:
             self._inflight.discard(out.request_id)
-            del self._seen_logprobs[out.request_id]
 
     def _number_elastic_events(self) -> None:
-        """Numbers the events appended since the last call; caller holds the lock.
+        """Numbers the policy's events appended since the last call; caller holds the lock.
 
-        The source is kunserve's controller, else the policy runtime when it keeps `events` (migrate). It appends
-        in order to a bounded deque: the new events are the ones after the newest we numbered (all of them when
-        that one has been evicted, i.e. more than the deque holds happened since).
+        The policy appends in order to a bounded deque: the new events are the ones after the newest we numbered
+        (all of them when that one has been evicted, i.e. more than the deque holds happened since).
         """
-        source = self.engine.elastic if self.engine.elastic is not None else self.engine.policy
-        events = getattr(source, "events", None)
+        events = self.engine.policy.events
         if not events or events[-1] is self._last_numbered:
             return
         new = []
@@ -247,7 +216,6 @@ class EngineThread:
             self._inflight.discard(rid)
             self._queues[rid].put(TokenEvent(request_id=rid, token_ids=(), text="", finished=True,
                                                  finish_reason="error", error=error))
-            self._seen_logprobs.pop(rid, None)
 
     def _run(self) -> None:
         if self._warmup:
@@ -267,7 +235,7 @@ class EngineThread:
                 self._wake.clear()
                 continue
             if not self.engine.has_requests():
-                # Only idle pipeline groups: pace their steps, so the restore window means some idle time and
+                # Only idle pipeline units: pace their steps, so the restore window means some idle time and
                 # not a few microseconds of spinning between two bursts.
                 self._wake.wait(timeout=IDLE_GROUP_STEP_S)
                 self._wake.clear()

@@ -1,133 +1,38 @@
-"""One memory pool over every instance's KV, on two tiers (MemServe's MemPool): the API every policy uses.
+"""One memory pool over every serving unit's KV, on two tiers (MemServe's MemPool): the API every policy uses.
 
-Owns
-* the **device tier**: each instance's `BlockAllocator` (the books) over its pool array `[NB, L, 2, BS, K, D]`
-  (the data, held by the `Instance`; this module replaces it with the donated result of each copy);
-* the **host tier**: per instance, a `HostTier` whose books are a `BlockAllocator` and whose data are host-memory
-  arrays (`pinned_host` memory kind where the platform has one — GPU, TPU and also CPU jax — so a copy is an
-  asynchronous DMA that never blocks the controller thread; plain device arrays otherwise);
-* the compiled block copies: a gather of `n` blocks out of a pool and a donated scatter into a pool, for `n` a
-  power of two up to `MAX_COPY`; any count is moved as its binary decomposition, so nothing is padded and the set
-  of compiled shapes is small and warmed up ahead of serving.
+Owned by the engine, handed to the policies (none builds its own). It holds the books, never the data:
 
-API (`MemPool`): `alloc / free / swap_out / swap_in / transfer / evict`, and `check()`; for layer-wise
-residency (layerkv) `slots_out / slots_in / slots_copy` move layer-group slots (a `BlockCopier` over the slot
-view), the books of those slots being the policy's.
+* the **device tier** — every live unit's per-stage `BlockAllocator`s and its radix `PrefixIndex`
+  (`kunjax.blocks`), reached through `units`;
+* the **host tier** — per instance, `HostBooks`: capacity and books in blocks, and which host blocks each stored
+  entry (a swapped request, an offloaded layer group) holds;
+* the **operations** the books decided (`kunjax.plan`): block copies, swaps, transfers between units, slot moves.
+  They queue here in order and the engine hands them to the executor before the next tick, so a copy is in place
+  before the step that reads it and a block freed by a swap-out can hold that step's new tokens.
 
-Ordering: a copy is dispatched to the device when it is called, before the step that reuses the blocks is
-dispatched; JAX runs work on a device in dispatch order and a donation waits for earlier reads, so a block freed
-by a swap-out can be handed to the same step's new tokens. Nothing here waits for the device.
+API: `alloc / free` (device), `swap_out / swap_in / drop_host` (tiers), `transfer` (between units),
+`slots_out / slots_in / slots_copy` (layer-group slots, layerkv), `copy_blocks` (between a unit's stages),
+`match` (the router's prefix query), `check`.
 
-Invariant, checked by `check()` on both tiers (and by `LLMEngine.check_books` in tests):
-    device: free + used + cached == total            host: free + used == total, and
-    every used host block belongs to exactly one stored entry, whose arrays hold exactly its blocks.
+Invariant (`check`): device: `free + used + cached == total` on every stage of every unit; host:
+`free + used == total`, and every used host block belongs to exactly one stored entry.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-
-from kunjax.block_manager import BlockAllocator, OutOfBlocks
-from kunjax.model import slot_view
-
-MAX_COPY = 64  # largest block count moved by one compiled copy (powers of two up to it are compiled)
+from kunjax.blocks import BlockAllocator, OutOfBlocks
+from kunjax.plan import CopyBlocks, DropHost, MemoryOp, SlotCopy, SwapIn, SwapOut, Transfer
+from kunjax.unit import ServingUnit
 
 
-def copy_sizes(n: int) -> list[int]:
-    """`n` as a sum of compiled copy sizes: the binary decomposition, chunks of `MAX_COPY` first."""
-    out = [MAX_COPY] * (n // MAX_COPY)
-    rest = n % MAX_COPY
-    bit = MAX_COPY
-    while rest:
-        bit //= 2
-        if rest >= bit:
-            out.append(bit)
-            rest -= bit
-    return out
+class HostBooks:
+    """Host-memory KV of one instance: capacity and books in blocks, per stored entry."""
 
-
-class BlockCopier:
-    """Compiled gathers and donated scatters of one pool's blocks (one sharding, one shape).
-
-    With `num_groups` G > 1 the units are layer-group slots instead of whole blocks: the rows of the pool's slot
-    view `[NB * G, L/G, 2, BS, K, D]` (`kunjax.model.slot_view`, a reshape), slot `p * G + s` being layers
-    `s*L/G ..` of block `p` (layerkv). Counts are moved as their binary decomposition (`copy_sizes`).
-    """
-
-    def __init__(self, pool: jax.Array, num_groups: int = 1):  # [NB, L, 2, BS, K, D] the instance's pool
-        self.sharding: NamedSharding = pool.sharding
-        self._ids_sharding = NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
-
-        def gather(pool, ids):  # [NB, L, ...], [n] -> [n, L/G, 2, BS, K, D]
-            return slot_view(pool, num_groups)[ids]
-
-        def scatter(pool, ids, data):  # data [n, L/G, 2, BS, K, D]
-            return slot_view(pool, num_groups).at[ids].set(data.astype(pool.dtype)).reshape(pool.shape)
-
-        ids = self._ids_sharding
-        self._gather = jax.jit(gather, in_shardings=(self.sharding, ids), out_shardings=self.sharding)
-        self._scatter = jax.jit(scatter, donate_argnums=(0,), in_shardings=(self.sharding, ids, self.sharding),
-                                out_shardings=self.sharding)
-
-    def warmup(self, pool: jax.Array) -> jax.Array:
-        """Compile every copy size ahead of serving (unit 0, in the null block, is read and written back)."""
-        n = 1
-        while n <= MAX_COPY:
-            ids = [0] * n
-            pool = self.write(pool, ids, self.read(pool, ids))
-            n *= 2
-        return pool
-
-    def _ids(self, ids: Sequence[int]) -> jax.Array:  # [n] int32, replicated
-        return jax.device_put(np.asarray(ids, np.int32), self._ids_sharding)
-
-    def read(self, pool: jax.Array, ids: Sequence[int]) -> list[jax.Array]:
-        """Units `ids` as device arrays [n_i, L/G, 2, BS, K, D], one per compiled copy size."""
-        out, at = [], 0
-        for n in copy_sizes(len(ids)):
-            out.append(self._gather(pool, self._ids(ids[at:at + n])))
-            at += n
-        return out
-
-    def write(self, pool: jax.Array, ids: Sequence[int], parts: Sequence[jax.Array]) -> jax.Array:
-        """Scatter `parts` (as returned by `read`, possibly from another pool or the host tier) into units `ids`."""
-        at = 0
-        for part in parts:
-            n = part.shape[0]
-            pool = self._scatter(pool, self._ids(ids[at:at + n]), jax.device_put(part, self.sharding))
-            at += n
-        assert at == len(ids), f"wrote {at} units into {len(ids)} ids"
-        return pool
-
-
-def host_sharding(sharding: NamedSharding) -> NamedSharding:
-    """The pool's sharding in host memory (`pinned_host` where the devices have it), else the pool's own."""
-    dev = sharding.mesh.devices.flat[0]
-    try:
-        kinds = {m.kind for m in dev.addressable_memories()}
-    except (AttributeError, NotImplementedError):
-        kinds = set()
-    return sharding.with_memory_kind("pinned_host") if "pinned_host" in kinds else sharding
-
-
-@dataclasses.dataclass
-class HostEntry:
-    blocks: list[int]  # host block ids (books)
-    parts: list[jax.Array]  # host-memory arrays, each [n_i, L, 2, BS, K, D]; sum n_i == len(blocks)
-
-
-class HostTier:
-    """Host-memory KV of one instance: capacity and books in blocks, data per stored entry (a swapped request)."""
-
-    def __init__(self, num_blocks: int, sharding: NamedSharding):
-        self.allocator = BlockAllocator(num_blocks + 1)  # +1: the allocator reserves id 0 (null block)
-        self.sharding = host_sharding(sharding)
-        self.entries: dict[str, HostEntry] = {}
+    def __init__(self, num_blocks: int):
+        self.allocator = BlockAllocator(num_blocks + 1)  # +1: the allocator reserves id 0 (the null block)
+        self.entries: dict[str, list[int]] = {}
 
     @property
     def total(self) -> int:
@@ -141,147 +46,141 @@ class HostTier:
     def num_used(self) -> int:
         return self.allocator.num_used
 
-    def store(self, key: str, parts: Sequence[jax.Array]) -> HostEntry:  # parts: device arrays [n_i, ...]
-        n = sum(p.shape[0] for p in parts)
+    def store(self, key: str, n: int) -> None:
         if key in self.entries:
             raise ValueError(f"{key!r} already has KV on the host tier")
-        blocks = self.allocator.allocate(n)
-        # Asynchronous device-to-host copies: nothing waits here.
-        entry = HostEntry(blocks, [jax.device_put(p, self.sharding) for p in parts])
-        self.entries[key] = entry
-        return entry
+        self.entries[key] = self.allocator.allocate(n)
 
-    def take(self, key: str) -> HostEntry:
-        entry = self.entries.pop(key)
-        self.allocator.free(entry.blocks)
-        return entry
+    def take(self, key: str) -> int:
+        blocks = self.entries.pop(key)
+        self.allocator.free(blocks)
+        return len(blocks)
 
     def check(self) -> None:
         self.allocator.check()
-        assert self.allocator.num_cached == 0, "host tier blocks are never prefix-cached"
-        held = [b for e in self.entries.values() for b in e.blocks]
+        held = [b for e in self.entries.values() for b in e]
         assert len(held) == len(set(held)) == self.allocator.num_used, (
             f"host books: {self.allocator.num_used} used blocks but entries hold {len(held)}")
-        for key, e in self.entries.items():
-            assert sum(p.shape[0] for p in e.parts) == len(e.blocks), f"host entry {key!r}: data != books"
 
 
-class MemPool:
-    """Every instance's KV on the device and host tiers, and the moves between them.
+class MemoryPool:
+    """Every unit's device books, every instance's host books, and the operations queued for the executor."""
 
-    `instances` are `kunjax.instance.Instance`s (their `allocator` and `kv_pool`); the pool array of an instance is
-    replaced by the donated result of every copy into it, so callers must not hold on to `inst.kv_pool`.
-    """
-
-    def __init__(self, instances: Sequence, host_blocks: int):
-        self.instances = list(instances)
-        self.copiers = [BlockCopier(inst.kv_pool) for inst in self.instances]
-        self.host = [HostTier(host_blocks, inst.kv_pool.sharding) for inst in self.instances] if host_blocks else []
+    def __init__(self, num_instances: int, host_blocks: int):
+        self.units: dict[int, ServingUnit] = {}
+        self.host = [HostBooks(host_blocks) for _ in range(num_instances)] if host_blocks else []
+        self._ops: list[MemoryOp] = []
         self.blocks_swapped_out = 0
         self.blocks_swapped_in = 0
         self.blocks_transferred = 0
-
-    def warmup(self) -> None:
-        for inst, copier in zip(self.instances, self.copiers, strict=True):
-            inst.kv_pool = copier.warmup(inst.kv_pool)
-
-    # ---- device tier --------------------------------------------------------------------------------
-    def alloc(self, i: int, n: int) -> list[int]:
-        return self.instances[i].allocator.allocate(n)
-
-    def free(self, i: int, blocks: Sequence[int]) -> None:
-        self.instances[i].allocator.free(blocks)
-
-    def evict(self, i: int, n: int) -> int:
-        """Drop up to `n` prefix-cached blocks of instance `i` back to its free list; returns how many."""
-        return self.instances[i].allocator.evict(n)
-
-    # ---- tiers --------------------------------------------------------------------------------------
-    def host_free(self, i: int) -> int:
-        return self.host[i].num_free if self.host else 0
-
-    def swap_out(self, i: int, key: str, blocks: Sequence[int]) -> int:
-        """Copy device blocks of instance `i` to its host tier under `key` and free them; returns host blocks."""
-        inst = self.instances[i]
-        if not self.host or len(blocks) > self.host[i].num_free:
-            raise OutOfBlocks(f"instance {i}: {len(blocks)} blocks to swap out, "
-                              f"{self.host_free(i)} free on the host tier")
-        parts = self.copiers[i].read(inst.kv_pool, list(blocks))
-        self.host[i].store(key, parts)
-        inst.allocator.free(blocks)
-        self.blocks_swapped_out += len(blocks)
-        return len(blocks)
-
-    def swap_in(self, i: int, key: str) -> list[int]:
-        """Bring `key`'s blocks back from the host tier into newly allocated device blocks; returns their ids."""
-        inst = self.instances[i]
-        n = len(self.host[i].entries[key].blocks)
-        blocks = inst.allocator.allocate(n)  # raises OutOfBlocks before the host entry is touched
-        entry = self.host[i].take(key)
-        inst.kv_pool = self.copiers[i].write(inst.kv_pool, blocks, entry.parts)
-        self.blocks_swapped_in += n
-        return blocks
-
-    def host_blocks_of(self, i: int, key: str) -> int:
-        e = self.host[i].entries.get(key) if self.host else None
-        return len(e.blocks) if e is not None else 0
-
-    def drop_host(self, i: int, key: str) -> None:
-        """Forget `key`'s host copy (its request was aborted or finished)."""
-        if self.host and key in self.host[i].entries:
-            self.host[i].take(key)
-
-    def transfer(self, src: int, dst: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> None:
-        """Copy blocks of instance `src` into (already allocated) blocks of instance `dst`; the books of both are
-        the caller's (a live migration copies in rounds while the source keeps its blocks)."""
-        if len(src_blocks) != len(dst_blocks):
-            raise ValueError(f"transfer of {len(src_blocks)} blocks into {len(dst_blocks)}")
-        if not src_blocks:
-            return
-        a, b = self.instances[src], self.instances[dst]
-        parts = self.copiers[src].read(a.kv_pool, list(src_blocks))
-        b.kv_pool = self.copiers[dst].write(b.kv_pool, list(dst_blocks), parts)
-        self.blocks_transferred += len(src_blocks)
-
-    # ---- layer-group slots (layerkv) ----------------------------------------------------------------
-    def enable_slots(self, num_groups: int) -> None:
-        """Compile slot copies for every instance: `slots_out / slots_in / slots_copy` then work."""
-        self.slot_copiers = [BlockCopier(inst.kv_pool, num_groups) for inst in self.instances]
         self.slots_offloaded = 0
         self.slots_reloaded = 0
 
-    def warmup_slots(self) -> None:
-        for inst, copier in zip(self.instances, self.slot_copiers, strict=True):
-            inst.kv_pool = copier.warmup(inst.kv_pool)
+    # ---- operations ---------------------------------------------------------------------------------
+    def issue(self, op: MemoryOp) -> None:
+        self._ops.append(op)
 
-    def slots_out(self, i: int, key: str, slots: Sequence[int]) -> None:
-        """Copy device slots of instance `i` to its host tier under `key` (one host block per slot); the device
-        books are the caller's. Asynchronous: dispatched now, after whatever was dispatched before."""
-        self.host[i].store(key, self.slot_copiers[i].read(self.instances[i].kv_pool, list(slots)))
+    def take_ops(self) -> list[MemoryOp]:
+        ops, self._ops = self._ops, []
+        return ops
+
+    # ---- device tier --------------------------------------------------------------------------------
+    def alloc(self, unit: ServingUnit, n: int) -> list[list[int]]:
+        """`n` logical blocks of `unit` (one per stage each), evicting cached prefixes if needed."""
+        got = unit.allocate(n)
+        if got is None:
+            raise OutOfBlocks(f"unit {unit.uid}: {n} blocks wanted, {unit.num_allocatable} allocatable")
+        return got
+
+    def free(self, unit: ServingUnit, tables: Sequence[Sequence[int]]) -> None:
+        for alloc, blocks in zip(unit.stages, tables, strict=True):
+            alloc.free(blocks)
+
+    def copy_blocks(self, unit: ServingUnit, copies: Sequence[tuple[int, int, int, int, int, int]]) -> None:
+        if copies:
+            self.issue(CopyBlocks(unit.uid, tuple(copies)))
+
+    def transfer(self, src: ServingUnit, dst: ServingUnit, src_blocks: Sequence[int],
+                 dst_blocks: Sequence[int]) -> None:
+        """Copy whole blocks of replica `src` into (already allocated) blocks of replica `dst`; the books of both
+        are the caller's (a live migration copies in rounds while the source keeps its blocks)."""
+        if len(src_blocks) != len(dst_blocks):
+            raise ValueError(f"transfer of {len(src_blocks)} blocks into {len(dst_blocks)}")
+        if src_blocks:
+            self.issue(Transfer(_instance(src), _instance(dst), tuple(src_blocks), tuple(dst_blocks)))
+            self.blocks_transferred += len(src_blocks)
+
+    def match(self, tokens: Sequence[int]) -> dict[int, int]:
+        """Per unit, how many leading blocks of `tokens` its prefix index holds (the router's query)."""
+        return {uid: len(u.index.longest(tokens)) for uid, u in self.units.items() if u.enable_prefix_caching}
+
+    # ---- host tier ----------------------------------------------------------------------------------
+    def host_free(self, instance: int) -> int:
+        return self.host[instance].num_free if self.host else 0
+
+    def host_blocks_of(self, instance: int, key: str) -> int:
+        e = self.host[instance].entries.get(key) if self.host else None
+        return len(e) if e is not None else 0
+
+    def swap_out(self, unit: ServingUnit, key: str, blocks: Sequence[int]) -> int:
+        """Copy device blocks of replica `unit` to its host tier under `key` and free them; returns host blocks."""
+        i = _instance(unit)
+        if not self.host or len(blocks) > self.host[i].num_free:
+            raise OutOfBlocks(f"instance {i}: {len(blocks)} blocks to swap out, {self.host_free(i)} free on the "
+                              f"host tier")
+        self.host[i].store(key, len(blocks))
+        self.issue(SwapOut(i, key, tuple(blocks)))
+        unit.stages[0].free(blocks)
+        self.blocks_swapped_out += len(blocks)
+        return len(blocks)
+
+    def swap_in(self, unit: ServingUnit, key: str) -> list[int]:
+        """Bring `key`'s blocks back from the host tier into newly allocated device blocks; returns their ids."""
+        i = _instance(unit)
+        n = len(self.host[i].entries[key])
+        blocks = self.alloc(unit, n)[0]  # raises OutOfBlocks before the host entry is touched
+        self.host[i].take(key)
+        self.issue(SwapIn(i, key, tuple(blocks)))
+        self.blocks_swapped_in += n
+        return blocks
+
+    def drop_host(self, instance: int, key: str) -> None:
+        """Forget `key`'s host copy (its request was aborted or finished)."""
+        if self.host and key in self.host[instance].entries:
+            self.host[instance].take(key)
+            self.issue(DropHost(instance, key))
+
+    # ---- layer-group slots (layerkv) ----------------------------------------------------------------
+    def slots_out(self, unit: ServingUnit, key: str, slots: Sequence[int], groups: int) -> None:
+        """Copy device slots of replica `unit` to its host tier under `key` (one host block per slot); the device
+        books are the caller's. Ordered after whatever was issued before (the step that wrote them)."""
+        i = _instance(unit)
+        self.host[i].store(key, len(slots))
+        self.issue(SwapOut(i, key, tuple(slots), groups))
         self.slots_offloaded += len(slots)
 
-    def slots_in(self, i: int, key: str, slots: Sequence[int]) -> None:
-        """Copy the host entry `key` (kept) into device slots `slots` of instance `i`."""
-        inst = self.instances[i]
-        inst.kv_pool = self.slot_copiers[i].write(inst.kv_pool, list(slots), self.host[i].entries[key].parts)
+    def slots_in(self, unit: ServingUnit, key: str, slots: Sequence[int], groups: int) -> None:
+        """Copy the host entry `key` (kept) into device slots `slots`."""
+        self.issue(SwapIn(_instance(unit), key, tuple(slots), groups, keep=True))
         self.slots_reloaded += len(slots)
 
-    def slots_copy(self, i: int, src: Sequence[int], dst: Sequence[int]) -> None:
-        """Copy device slots `src` into slots `dst` of instance `i`."""
+    def slots_copy(self, unit: ServingUnit, src: Sequence[int], dst: Sequence[int], groups: int) -> None:
         if src:
-            inst, copier = self.instances[i], self.slot_copiers[i]
-            inst.kv_pool = copier.write(inst.kv_pool, list(dst), copier.read(inst.kv_pool, list(src)))
+            self.issue(SlotCopy(_instance(unit), tuple(src), tuple(dst), groups))
 
     # ---- books --------------------------------------------------------------------------------------
     def check(self) -> None:
-        for inst in self.instances:
-            if inst.group is None:
-                inst.allocator.check()
         for tier in self.host:
             tier.check()
 
     def stats(self) -> dict[str, int]:
         return {"blocks_swapped_out": self.blocks_swapped_out, "blocks_swapped_in": self.blocks_swapped_in,
-                "blocks_transferred": self.blocks_transferred,
+                "blocks_transferred": self.blocks_transferred, "slots_offloaded": self.slots_offloaded,
+                "slots_reloaded": self.slots_reloaded,
                 "host_used": sum(t.num_used for t in self.host), "host_total": sum(t.total for t in self.host)}
 
+
+def _instance(unit: ServingUnit) -> int:
+    if unit.k != 1:
+        raise ValueError(f"unit {unit.uid} has {unit.k} stages: this move is for replicas")
+    return unit.members[0]

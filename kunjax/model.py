@@ -7,8 +7,8 @@ state (`nnx.split` → a plain dict) with the pure functions below under `jax.ji
 step). Two forwards share the same layer code:
 
 * `forward_dense(params, tokens [B, T])` — full causal forward, for training and the naive reference loop;
-* `forward_paged(params, kv_pool, batch)` — one engine step over a ragged token batch and the paged pool; it
-  returns the new tokens' K/V for the caller to scatter into the donated pool after the scan.
+* `run_layers` + `write_kv` — the layer scan and the one KV write of a serving unit's step
+  (`kunjax.executor.step`), one stage's L/k layers of a pipeline or all L of a replica, over the paged pool.
 
 Param tree (shapes; E hidden, F ffn, H/K query/kv heads, D head dim, V vocab):
   embed [V, E]; final_norm [E]; lm_head [E, V] (absent when tied);
@@ -28,7 +28,6 @@ import numpy as np
 from flax import nnx
 
 from kunjax.config import ModelConfig
-from pallas_kernels import paged_attention
 
 Params = dict[str, Any]
 
@@ -77,8 +76,13 @@ AttnFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def _layer(cfg: ModelConfig, inv_freq: jax.Array, attn: AttnFn, h: jax.Array, lp: Params,
-           positions: jax.Array, layer: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One decoder layer on h [..., T, E]; returns (h, (k [..., T, K, D], v [..., T, K, D]))."""
+           positions: jax.Array, layer: jax.Array, tp_axis: str | None
+           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One decoder layer on h [..., T, E]; returns (h, (k [..., T, K, D], v [..., T, K, D])).
+
+    Under a manual `tp` axis (`tp_axis`, inside `shard_map`) the weights are this device's tensor-parallel shards
+    (its H/tp query heads, K/tp KV heads, F/tp of the MLP): the two row-parallel products are summed over `tp`,
+    and head counts come from the shards' shapes."""
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q = x @ lp["wq"]
     k = x @ lp["wk"]
@@ -86,28 +90,35 @@ def _layer(cfg: ModelConfig, inv_freq: jax.Array, attn: AttnFn, h: jax.Array, lp
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     lead = h.shape[:-1]
-    q = apply_rope(q.reshape(*lead, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-    k = apply_rope(k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
-    v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    o = attn(q, k, v, layer).reshape(*lead, cfg.q_size) @ lp["wo"]
+    d = cfg.head_dim
+    q = apply_rope(q.reshape(*lead, -1, d), positions, inv_freq)
+    k = apply_rope(k.reshape(*lead, -1, d), positions, inv_freq)
+    v = v.reshape(*lead, -1, d)
+    o = attn(q, k, v, layer)
+    o = o.reshape(*lead, o.shape[-2] * d) @ lp["wo"]
+    if tp_axis is not None:
+        o = jax.lax.psum(o, tp_axis)
     if cfg.o_bias:
         o = o + lp["bo"]
     h = h + o
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
-    return h, (k, v)
+    mlp = (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+    if tp_axis is not None:
+        mlp = jax.lax.psum(mlp, tp_axis)
+    return h + mlp, (k, v)
 
 
-def _run_layers(cfg: ModelConfig, params: Params, h: jax.Array, positions: jax.Array,
-                attn: AttnFn) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Scan the stacked layers; returns final hidden (pre-norm) and stacked (k, v) [L, ..., T, K, D]."""
+def run_layers(cfg: ModelConfig, params: Params, h: jax.Array, positions: jax.Array, attn: AttnFn,
+               tp_axis: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Scan the stacked layers (all L, or a stage's L/k); returns the final hidden (pre-norm) and the stacked
+    (k, v) [L, ..., T, K, D]. `attn` gets the layer's index within `params` (a stage's local index)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
 
     def body(carry, xs):
         lp, idx = xs
-        return _layer(cfg, inv_freq, attn, carry, lp, positions, idx)
+        return _layer(cfg, inv_freq, attn, carry, lp, positions, idx, tp_axis)
 
     return jax.lax.scan(body, h, (layers, jnp.arange(n, dtype=jnp.int32)))
 
@@ -137,7 +148,7 @@ def forward_dense(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Ar
         return o.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(q.dtype)
 
     h = params["embed"][tokens]
-    h, _ = _run_layers(cfg, params, h, positions, attn)
+    h, _ = run_layers(cfg, params, h, positions, attn)
     return logits_from_hidden(cfg, params, h)
 
 
@@ -151,63 +162,34 @@ def slot_view(kv_pool: jax.Array, num_groups: int) -> jax.Array:
     return kv_pool.reshape(nb * num_groups, n_layers // num_groups, *kv_pool.shape[2:])
 
 
-def forward_paged(
-    cfg: ModelConfig,
-    params: Params,
-    kv_pool: jax.Array,  # [NB, L, 2, BS, K, D] read-only here
-    tokens: jax.Array,  # [T] int32
-    positions: jax.Array,  # [T] int32
-    seq_ids: jax.Array,  # [T] int32
-    valid: jax.Array,  # [T] bool
-    block_tables: jax.Array,  # [S, MB] int32 block ids, or [G, S, MB] slot ids per layer group (`slot_view`)
-    context_lens: jax.Array,  # [S] int32 tokens already cached per sequence
-    logits_indices: jax.Array,  # [S] int32 row of each sequence's last token in this step
-    attention_backend: str = "auto",  # pallas_kernels.BACKENDS
-) -> tuple[jax.Array, jax.Array]:
-    """One engine step; returns (logits [S, V] float32, new_kv [L, T, 2, K, D] in the pool dtype).
-
-    With per-group tables (`[G, S, MB]`, G | L), layer `l` reads its history from the slot view of the pool
-    through `block_tables[l // (L/G)]` at layer `l % (L/G)` of each slot: a request may hold its layer groups in
-    different places (`kunjax.policies.layerkv`). The `[S, MB]` form is the fast path every other policy compiles.
-    """
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    per_group = block_tables.ndim == 3
-    lg = cfg.num_layers // block_tables.shape[0] if per_group else cfg.num_layers
-    pool = slot_view(kv_pool, block_tables.shape[0]) if per_group else kv_pool
-
-    def attn(q, k, v, layer):
-        tables = block_tables[layer // lg] if per_group else block_tables  # [S, MB]
-        out, _ = paged_attention(q, k, v, pool, layer % lg if per_group else layer, tables, context_lens, seq_ids,
-                                 positions, valid, scale=scale, sliding_window=cfg.sliding_window,
-                                 backend=attention_backend)
-        return out
-
-    h = params["embed"][tokens]
-    h, (k, v) = _run_layers(cfg, params, h, positions, attn)
-    logits = logits_from_hidden(cfg, params, h[logits_indices])
-    new_kv = jnp.stack([k, v], axis=2).astype(kv_pool.dtype)  # [L, T, 2, K, D]
-    return logits, new_kv
-
-
 def write_kv(
-    kv_pool: jax.Array,  # [NB, L, 2, BS, K, D] donated by the caller's jit
-    new_kv: jax.Array,  # [L, T, 2, K, D]
-    slot_mapping: jax.Array,  # [T] int32 flat slot (block * BS + offset), or [G, T] per layer group in the slot
-    # view (slot * BS + offset); padding points at null block 0 (slot 0)
-) -> jax.Array:
-    bs = kv_pool.shape[3]
-    if slot_mapping.ndim == 1:
-        blocks, offsets = slot_mapping // bs, slot_mapping % bs
+    segments: tuple[jax.Array, ...],  # ([NB, L, 2, BS, K, D] pool, optionally [NE, L, 2, BS, K, D] extension)
+    new_kv: jax.Array,  # [L, T, 2, K, D] this step's keys and values, L the layers these segments hold
+    slot_mapping: jax.Array,  # [T] int32 block * BS + offset, block ids base-then-extension; or [G, T] per layer
+    # group, slot * BS + offset in the pool's slot view (`slot_view`); padding points at null block 0
+) -> tuple[jax.Array, ...]:
+    """The one KV write of every step: this step's K/V scattered into the donated segments after the layer scan
+    (DESIGN.md §11: carrying the cache through the scan is ~2x slower on GPU)."""
+    pool = segments[0]
+    bs = pool.shape[3]
+    vals = jnp.moveaxis(new_kv, 1, 0)  # [T, L, 2, K, D]
+    if slot_mapping.ndim == 2:  # per layer group, one segment
+        n_layers, n_groups = pool.shape[1], slot_mapping.shape[0]
+        lg = n_layers // n_groups
+        layers = jnp.arange(n_layers, dtype=jnp.int32)  # [L]
+        flat = slot_mapping[layers // lg].T  # [T, L] flat slot of each token at each layer
+        view = slot_view(pool, n_groups).at[flat // bs, (layers % lg)[None, :], :, flat % bs].set(vals)
+        return (view.reshape(pool.shape),)
+    blocks, offsets = slot_mapping // bs, slot_mapping % bs
+    out = []
+    first = 0
+    for seg in segments:  # a block id outside this segment goes to an index past its end: dropped
+        n = seg.shape[0]
+        local = jnp.where((blocks >= first) & (blocks < first + n), blocks - first, n)
         # Advanced indices separated by slices put the T axis first: values are [T, L, 2, K, D].
-        return kv_pool.at[blocks, :, :, offsets].set(jnp.moveaxis(new_kv, 1, 0))
-    n_layers, n_groups = kv_pool.shape[1], slot_mapping.shape[0]
-    lg = n_layers // n_groups
-    layers = jnp.arange(n_layers, dtype=jnp.int32)  # [L]
-    flat = slot_mapping[layers // lg].T  # [T, L] flat slot of each token at each layer
-    # One scatter into the slot view: (slot, layer in slot, offset) per (token, layer); values [T, L, 2, K, D].
-    view = slot_view(kv_pool, n_groups).at[flat // bs, (layers % lg)[None, :], :, flat % bs].set(
-        jnp.moveaxis(new_kv, 1, 0))
-    return view.reshape(kv_pool.shape)
+        out.append(seg.at[local, :, :, offsets].set(vals, mode="drop"))
+        first += n
+    return tuple(out)
 
 
 class _Stacked(nnx.Module):
@@ -260,42 +242,3 @@ class LlamaDecoder(nnx.Module):
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> Params:
     return LlamaDecoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype).params()
-
-
-def flatten_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'layers': {'wq': x}} -> {'layers/wq': x}; leaves are whatever is not a dict."""
-    out: dict[str, Any] = {}
-    for name, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten_params(v, f"{prefix}{name}/"))
-        else:
-            out[f"{prefix}{name}"] = v
-    return out
-
-
-def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `flatten_params`."""
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
-    """Expected shape of every leaf, for validating checkpoints before anything is placed on devices."""
-    L, E, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    layers = {"attn_norm": (L, E), "wq": (L, E, cfg.q_size), "wk": (L, E, cfg.kv_size),
-              "wv": (L, E, cfg.kv_size), "wo": (L, cfg.q_size, E), "mlp_norm": (L, E),
-              "w_gate": (L, E, F), "w_up": (L, E, F), "w_down": (L, F, E)}
-    if cfg.qkv_bias:
-        layers.update(bq=(L, cfg.q_size), bk=(L, cfg.kv_size), bv=(L, cfg.kv_size))
-    if cfg.o_bias:
-        layers["bo"] = (L, E)
-    out: dict[str, Any] = {"embed": (V, E), "final_norm": (E,), "layers": layers}
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = (E, V)
-    return out

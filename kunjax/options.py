@@ -89,7 +89,7 @@ def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg)
     except (ConfigError, ValueError) as e:
         parser.error(flag_message(str(e)))
     print(f"kunjax: model {engine.model_path} ({engine.model_config.architecture}, "
-          f"{engine.model_config.num_layers} layers) on {len(engine.instances)} instance(s) x tp {ecfg.tp}, "
+          f"{engine.model_config.num_layers} layers) on {engine.num_instances} instance(s) x tp {ecfg.tp}, "
           f"{jax.devices()[0].platform}; loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
     return engine
 

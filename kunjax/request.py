@@ -1,18 +1,27 @@
 """A request's host-side state and the outputs handed back to users (vLLM-shaped `RequestOutput`).
 
-A `Request` carries its token ids (prompt then generated), how many of them have KV in the pool
-(`num_computed`), the blocks holding that KV, and its sampling state. The scheduler moves it between the
-waiting and running queues; preemption by recompute only resets `num_computed` and `blocks` — generated tokens
-are kept, so a recomputed request continues exactly where it stopped.
+A `Request` carries its token ids (prompt then generated), how many of them have KV in its unit's pool
+(`num_computed`), where that KV is (`tables[s]`: one block id per logical block on each stage s of its unit;
+`stale`: pre-drop history still on its home device), and its sampling state. The unit's scheduler moves it
+between the waiting and running queues; preemption by recompute only resets `num_computed` and the tables —
+generated tokens are kept, so a recomputed request continues exactly where it stopped.
+
+Outputs are deltas: each engine step reports, per request that advanced, only what is new (ids, text,
+logprobs); the cumulative `text`, `token_ids` and `logprobs` of a `CompletionOutput` are filled once, on the
+request's final output. Nothing copies a request's whole output per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import time
+from typing import TYPE_CHECKING, Any
 
 from kunjax.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kunjax.blocks import PrefixNode
+    from kunjax.unit import StaleKV
 
 
 class RequestStatus(enum.Enum):
@@ -32,26 +41,31 @@ class Request:
     seed: int  # resolved: the user's seed, or one drawn by the engine
     eos_token_ids: frozenset[int]
     max_total_len: int  # prompt + generated never exceeds this (max_tokens and the model context)
-    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    arrival_time: float = 0.0  # the engine's clock when it was added
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0  # leading tokens whose KV is in the pool
-    blocks: list[int] = dataclasses.field(default_factory=list)
-    block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # hashes of full computed blocks
+    tables: list[list[int]] = dataclasses.field(default_factory=lambda: [[]])  # [k] block ids per logical block
+    index_path: list[PrefixNode] = dataclasses.field(default_factory=list)  # prefix-index nodes of its full blocks
+    stale: StaleKV | None = None  # pre-drop history read remotely (pipeline units)
+    in_flight: bool = False  # in a micro-batch that has not left the pipe
+    aborted: bool = False  # aborted while in flight: its blocks go when its micro-batch leaves
+    unit: int = -1  # the serving unit that holds it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None
-    detokenizer: object | None = None  # kunjax.detokenizer.IncrementalDetokenizer when a tokenizer exists
-    instance: int = -1
-    group: object | None = None  # kunjax.elastic.runtime.PipelineGroup while it is served by a pipeline group
+    detokenizer: Any = None  # kunjax.detokenizer.IncrementalDetokenizer when a tokenizer exists
     first_scheduled_time: float | None = None  # first admitted to a step (queue time = this - arrival_time)
     first_token_time: float | None = None
     finish_time: float | None = None
-    # Streaming cursor: how much of the output has already been reported.
-    _reported_tokens: int = 0
-    _reported_text: int = 0
+
+    @property
+    def blocks(self) -> list[int]:
+        """The block table of a request on a one-stage unit (a replica)."""
+        assert len(self.tables) == 1, f"{self.request_id} is on a {len(self.tables)}-stage unit"
+        return self.tables[0]
 
     @property
     def output_ids(self) -> list[int]:
@@ -73,24 +87,27 @@ class Request:
 @dataclasses.dataclass
 class CompletionOutput:
     index: int
-    text: str  # all generated text so far (stop string excluded unless requested)
-    token_ids: list[int]  # all generated ids so far
+    text: str  # final output only: all generated text (stop string excluded unless requested); "" before
+    token_ids: list[int]  # final output only: all generated ids; [] before
     cumulative_logprob: float | None
-    logprobs: list[dict[int, float]] | None  # per generated token: {token id: logprob}, sampled token first
+    logprobs: list[dict[int, float]] | None  # final output only: per generated token {id: logprob}, sampled first
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     delta_text: str = ""  # new since the previous output of this request
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+    delta_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)  # one per delta id
 
 
 @dataclasses.dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # final output only; [] before
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # generated so far
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -102,26 +119,22 @@ class RequestOutput:
         return self.outputs[0].token_ids
 
 
-def make_output(req: Request) -> RequestOutput:
-    """Snapshot of `req` with the deltas since the last snapshot; advances the streaming cursor."""
-    out_ids = req.output_ids
-    text = req.text
-    delta_ids = out_ids[req._reported_tokens:]
-    delta_text = text[req._reported_text:]
-    req._reported_tokens, req._reported_text = len(out_ids), len(text)
+def delta_output(req: Request, new_ids: list[int], new_text: str, new_logprobs: list[dict[int, float]]
+                 ) -> RequestOutput:
+    """What `req` produced since its previous output; the cumulative fields too if it has finished."""
+    final = req.finished
     metrics = {"arrival_time": req.arrival_time}
-    if req.first_scheduled_time is not None:
-        metrics["first_scheduled_time"] = req.first_scheduled_time
-    if req.first_token_time is not None:
-        metrics["first_token_time"] = req.first_token_time
-    if req.finish_time is not None:
-        metrics["finish_time"] = req.finish_time
+    for name in ("first_scheduled_time", "first_token_time", "finish_time"):
+        if getattr(req, name) is not None:
+            metrics[name] = getattr(req, name)
     completion = CompletionOutput(
-        index=0, text=text, token_ids=list(out_ids),
+        index=0, text=req.text if final else "", token_ids=list(req.output_ids) if final else [],
         cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-        logprobs=list(req.logprobs) if req.logprobs is not None else None,
+        logprobs=list(req.logprobs) if final and req.logprobs is not None else None,
         finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-        delta_text=delta_text, delta_token_ids=list(delta_ids))
+        delta_text=new_text, delta_token_ids=new_ids, delta_logprobs=new_logprobs)
     return RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                         prompt_token_ids=req.token_ids[:req.num_prompt_tokens], outputs=[completion],
-                         finished=req.finished, num_cached_tokens=req.num_cached_tokens, metrics=metrics)
+                         prompt_token_ids=req.token_ids[:req.num_prompt_tokens] if final else [],
+                         outputs=[completion], finished=final, num_cached_tokens=req.num_cached_tokens,
+                         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+                         metrics=metrics)

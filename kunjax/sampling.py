@@ -16,80 +16,17 @@ Invariants:
 * Logprobs are of the raw model distribution (`log_softmax` of the unmodified logits), as vLLM reports by
   default — temperature and the filters change what is sampled, not what is reported.
 
-The host side (`pack_sampling`, `seed_to_uint32`) turns `SamplingParams` into the [S] arrays; which rows are
-in a step, and their counters, are the scheduler's business.
+The host side (`kunjax.sampling_params.pack_sampling`, `seed_to_uint32`) turns `SamplingParams` into the [S]
+arrays; which rows are in a step, and their counters, are the scheduler's business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kunjax.sampling_params import SamplingParams
-
-_MASK64 = (1 << 64) - 1
 # Candidate tokens per row examined before falling back to a bisection over the whole vocabulary.
 CANDIDATES = 128
-
-
-def seed_to_uint32(seed: int) -> int:
-    """The 32-bit device seed of a request seed in [0, 2**63).
-
-    A splitmix64 finalizer, then high half XOR low half: every bit of the 64-bit seed reaches the result, so
-    seeds that differ only above bit 31 (e.g. `s` and `s + 2**32`) do not collide trivially.
-    """
-    z = seed & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return (z ^ (z >> 32)) & 0xFFFFFFFF
-
-
-class SamplingArrays(NamedTuple):
-    """A step's per-row sampling inputs, in `sample`'s argument order (`sample(logits, *arrays, ...)`).
-
-    A NamedTuple, so it is a pytree and can be passed to a jitted step as one argument.
-    """
-
-    temperature: np.ndarray  # [S] float32, 0 => greedy
-    top_k: np.ndarray  # [S] int32, 0 => disabled
-    top_p: np.ndarray  # [S] float32, 1 => disabled
-    min_p: np.ndarray  # [S] float32, 0 => disabled
-    seeds: np.ndarray  # [S] uint32, seed_to_uint32(request seed)
-    counters: np.ndarray  # [S] int32, tokens the request has generated so far
-
-
-def pack_sampling(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
-                  num_rows: int) -> SamplingArrays:
-    """Host arrays for one step; rows past `len(params)` are padding and decode greedily.
-
-    `seeds` are the resolved request seeds (the user's, or one the engine drew); `counters[i]` is the number
-    of tokens request i has generated before this step's token.
-    """
-    n = len(params)
-    if not (len(seeds) == len(counters) == n <= num_rows):
-        raise ValueError(f"pack_sampling: {n} params, {len(seeds)} seeds, {len(counters)} counters "
-                         f"for {num_rows} rows")
-    out = SamplingArrays(
-        temperature=np.zeros(num_rows, np.float32),
-        top_k=np.zeros(num_rows, np.int32),
-        top_p=np.ones(num_rows, np.float32),
-        min_p=np.zeros(num_rows, np.float32),
-        seeds=np.zeros(num_rows, np.uint32),
-        counters=np.zeros(num_rows, np.int32),
-    )
-    for i, (p, seed, counter) in enumerate(zip(params, seeds, counters, strict=True)):
-        out.temperature[i] = 0.0 if p.greedy else p.temperature
-        out.top_k[i] = max(p.top_k, 0)
-        out.top_p[i] = p.top_p
-        out.min_p[i] = p.min_p
-        out.seeds[i] = seed_to_uint32(seed)
-        out.counters[i] = counter
-    return out
 
 
 def sample(

@@ -2,7 +2,7 @@
 
 This module owns the user-facing knobs and their validation: a `SamplingParams` that exists is valid on its
 own, and `validate_for` adds the checks that need the model and engine (vocabulary size, `--max-logprobs`). It
-never touches device arrays; `kunjax.sampling.pack_sampling` turns a batch of these into the step's [S]
+never touches device arrays; `pack_sampling` turns a batch of these into the step's [S]
 arrays, and `kunjax.detokenizer` applies the stop strings.
 """
 
@@ -11,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
 
 MAX_SEED = 2**63  # seeds live in [0, MAX_SEED)
 
@@ -100,3 +104,59 @@ def _is_int(x: object) -> bool:
 def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
+
+_MASK64 = (1 << 64) - 1
+def seed_to_uint32(seed: int) -> int:
+    """The 32-bit device seed of a request seed in [0, 2**63).
+
+    A splitmix64 finalizer, then high half XOR low half: every bit of the 64-bit seed reaches the result, so
+    seeds that differ only above bit 31 (e.g. `s` and `s + 2**32`) do not collide trivially.
+    """
+    z = seed & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
+
+
+class SamplingArrays(NamedTuple):
+    """A step's per-row sampling inputs, in `sample`'s argument order (`sample(logits, *arrays, ...)`).
+
+    A NamedTuple, so it is a pytree and can be passed to a jitted step as one argument.
+    """
+
+    temperature: np.ndarray  # [S] float32, 0 => greedy
+    top_k: np.ndarray  # [S] int32, 0 => disabled
+    top_p: np.ndarray  # [S] float32, 1 => disabled
+    min_p: np.ndarray  # [S] float32, 0 => disabled
+    seeds: np.ndarray  # [S] uint32, seed_to_uint32(request seed)
+    counters: np.ndarray  # [S] int32, tokens the request has generated so far
+
+
+def pack_sampling(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
+                  num_rows: int) -> SamplingArrays:
+    """Host arrays for one step; rows past `len(params)` are padding and decode greedily.
+
+    `seeds` are the resolved request seeds (the user's, or one the engine drew); `counters[i]` is the number
+    of tokens request i has generated before this step's token.
+    """
+    n = len(params)
+    if not (len(seeds) == len(counters) == n <= num_rows):
+        raise ValueError(f"pack_sampling: {n} params, {len(seeds)} seeds, {len(counters)} counters "
+                         f"for {num_rows} rows")
+    out = SamplingArrays(
+        temperature=np.zeros(num_rows, np.float32),
+        top_k=np.zeros(num_rows, np.int32),
+        top_p=np.ones(num_rows, np.float32),
+        min_p=np.zeros(num_rows, np.float32),
+        seeds=np.zeros(num_rows, np.uint32),
+        counters=np.zeros(num_rows, np.int32),
+    )
+    for i, (p, seed, counter) in enumerate(zip(params, seeds, counters, strict=True)):
+        out.temperature[i] = 0.0 if p.greedy else p.temperature
+        out.top_k[i] = max(p.top_k, 0)
+        out.top_p[i] = p.top_p
+        out.min_p[i] = p.min_p
+        out.seeds[i] = seed_to_uint32(seed)
+        out.counters[i] = counter
+    return out

@@ -1,12 +1,20 @@
-"""Meshes and `PartitionSpec`s of the serving layouts.
+"""Meshes and `PartitionSpec`s of the serving layouts (DESIGN.md §4).
 
-* Replica layout: an instance is one model replica on a sub-mesh with axis `('tp',)`; weights follow
-  `param_specs` (Megatron-style tensor parallelism: column-parallel q/k/v/gate/up, row-parallel o/down,
-  KV heads split over `tp`). With tp = 1 every spec degenerates to a full replica on one device.
-* The KV pool `[NB, L, 2, BS, K, D]` is split over its K axis, so each tp shard holds its heads' KV.
+Every serving unit runs on a mesh with axes `('stage', 'tp')`:
 
-Pipeline-group layouts (`('stage', 'tp')`, the layer axis over `stage`) build on these specs by putting
-`'stage'` on the leading L axis of every `layers` leaf.
+* a **replica** (an instance serving alone) is the unit with one stage: mesh `(1, tp)` over its `tp` devices;
+* a **pipeline group** fused from k replicas is the unit with k stages: mesh `(k, tp)`, row s being member s's
+  devices.
+
+One set of specs serves both (`param_specs`): the stacked layer axis `[L, ...]` of every `layers` leaf is split
+over `stage` (a no-op with one stage; L/k layers per stage in a group), the Megatron-style tensor-parallel axes
+over `tp` (column-parallel q/k/v/gate/up, row-parallel o/down, KV heads over `tp`); with `split_vocab` the
+embedding's and the LM head's vocabulary axis is split over `stage` too, so every stage of a group drops
+(k-1)/k of every large weight. The KV pool `[NB, L, 2, BS, K, D]` is split over its block axis by `stage` (each
+device holds its own pool) and over K by `tp`.
+
+Dropping parameters is resharding between these specs: `sharding.reshard` moves a tree between the replicas'
+layout and a group's. Takes shapes and ints only, never a kunjax config.
 """
 
 from __future__ import annotations
@@ -19,27 +27,33 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+STAGE = "stage"
 TP = "tp"
+AXES = (STAGE, TP)
 
 
 class LayoutError(ValueError):
     """A device layout that cannot be built as asked; the message names the option to change."""
 
+
+# Per-layer weights: the leading L axis goes over `stage`, the rest as Megatron tensor parallelism.
 _LAYER_SPECS = {
-    "attn_norm": P(None, None),
-    "mlp_norm": P(None, None),
-    "wq": P(None, None, TP),
-    "wk": P(None, None, TP),
-    "wv": P(None, None, TP),
-    "bq": P(None, TP),
-    "bk": P(None, TP),
-    "bv": P(None, TP),
-    "wo": P(None, TP, None),
-    "bo": P(None, None),
-    "w_gate": P(None, None, TP),
-    "w_up": P(None, None, TP),
-    "w_down": P(None, TP, None),
+    "attn_norm": P(STAGE, None),
+    "mlp_norm": P(STAGE, None),
+    "wq": P(STAGE, None, TP),
+    "wk": P(STAGE, None, TP),
+    "wv": P(STAGE, None, TP),
+    "bq": P(STAGE, TP),
+    "bk": P(STAGE, TP),
+    "bv": P(STAGE, TP),
+    "wo": P(STAGE, TP, None),
+    "bo": P(STAGE, None),
+    "w_gate": P(STAGE, None, TP),
+    "w_up": P(STAGE, None, TP),
+    "w_down": P(STAGE, TP, None),
 }
+# Leaves whose per-device product is a partial sum over `tp` (a row-parallel matmul): the step adds them up.
+ROW_PARALLEL = ("wo", "w_down")
 
 
 def make_mesh(devices: Sequence[jax.Device], axis_names: tuple[str, ...], shape: tuple[int, ...]) -> Mesh:
@@ -53,15 +67,28 @@ def make_mesh(devices: Sequence[jax.Device], axis_names: tuple[str, ...], shape:
         return Mesh(arr, axis_names)
 
 
+def unit_mesh(devices: Sequence[jax.Device], stages: int, tp: int) -> Mesh:
+    """The `('stage', 'tp')` mesh of a unit: `stages * tp` devices, stage-major (row s = stage s's devices)."""
+    if len(devices) != stages * tp:
+        raise LayoutError(f"a unit of {stages} stage(s) x tp {tp} needs {stages * tp} devices, got {len(devices)}")
+    return make_mesh(list(devices), AXES, (stages, tp))
+
+
 def instance_meshes(devices: Sequence[jax.Device], num_instances: int | None, tp: int) -> list[Mesh]:
-    """Split `devices` into `num_instances` sub-meshes of `tp` devices each (axis `('tp',)`)."""
+    """Split `devices` into `num_instances` one-stage meshes of `tp` devices each."""
     devices = list(devices)
     if num_instances is None:
         num_instances = len(devices) // tp
     if num_instances < 1 or num_instances * tp > len(devices):
         raise LayoutError(f"--num-instances {num_instances} x --tp {tp} needs {num_instances * tp} devices, "
                           f"but {len(devices)} are available")
-    return [make_mesh(devices[i * tp:(i + 1) * tp], (TP,), (tp,)) for i in range(num_instances)]
+    return [unit_mesh(devices[i * tp:(i + 1) * tp], 1, tp) for i in range(num_instances)]
+
+
+def group_mesh(member_meshes: Sequence[Mesh]) -> Mesh:
+    """The mesh of a group fused from members' one-stage meshes (in stage order)."""
+    tp = member_meshes[0].devices.size
+    return unit_mesh([d for m in member_meshes for d in m.devices.flat], len(member_meshes), tp)
 
 
 def check_tp(tp: int, *, num_kv_heads: int, num_heads: int, intermediate_size: int) -> None:
@@ -72,25 +99,42 @@ def check_tp(tp: int, *, num_kv_heads: int, num_heads: int, intermediate_size: i
             raise LayoutError(f"--tp {tp} must divide the model's {name} ({n})")
 
 
-def param_specs(params_or_shapes: dict[str, Any]) -> dict[str, Any]:
-    """PartitionSpec tree matching a param tree (or `model.param_shapes`) for the replica/tp layout."""
+def param_specs(params_or_shapes: dict[str, Any], split_vocab: bool = False) -> dict[str, Any]:
+    """PartitionSpec tree for a param tree (or `model.param_shapes`) on a `('stage', 'tp')` mesh."""
     out: dict[str, Any] = {}
     for name, leaf in params_or_shapes.items():
         if name == "layers":
             out[name] = {k: _LAYER_SPECS[k] for k in leaf}
-        else:
-            out[name] = P()  # embed, final_norm, lm_head: replicated within the instance
+        elif name == "embed":  # [V, E]
+            out[name] = P(STAGE, None) if split_vocab else P()
+        elif name == "lm_head":  # [E, V]
+            out[name] = P(None, STAGE) if split_vocab else P()
+        else:  # final_norm: replicated
+            out[name] = P()
     return out
 
 
-def param_shardings(mesh: Mesh, params_or_shapes: dict[str, Any]) -> dict[str, Any]:
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params_or_shapes),
+def replica_spec(spec: P) -> P:
+    """The same leaf on a group mesh before the drop: every stage holds a full copy (no `stage`), tp as before."""
+    return P(*(None if a == STAGE else a for a in spec))
+
+
+def param_shardings(mesh: Mesh, params_or_shapes: dict[str, Any], split_vocab: bool = False) -> dict[str, Any]:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params_or_shapes, split_vocab),
                         is_leaf=lambda x: isinstance(x, P))
 
 
+KV_POOL_SPEC = P(STAGE, None, None, None, TP, None)  # [NB, L, 2, BS, K, D]: blocks by device, K over tp
+
+
 def kv_pool_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(None, None, None, None, TP, None))
+    return NamedSharding(mesh, KV_POOL_SPEC)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def per_stage(mesh: Mesh) -> NamedSharding:
+    """Host metadata with a leading `[k]` stage axis: row s goes to stage s's devices (replicated over tp)."""
+    return NamedSharding(mesh, P(STAGE))

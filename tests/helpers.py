@@ -13,7 +13,8 @@ import numpy as np
 
 from kunjax.checkpoint import load_params, save_checkpoint
 from kunjax.config import ModelConfig
-from kunjax.model import flatten_params, forward_dense, init_params, param_shapes
+from kunjax.memory import flatten_params, param_shapes
+from kunjax.model import forward_dense, init_params
 
 TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=256, eos_token_ids=())

@@ -224,7 +224,7 @@ def _memory_budget(parser: argparse.ArgumentParser, args: argparse.Namespace, ja
     from kunjax import checkpoint
     from kunjax.config import ConfigError
     from kunjax.engine import resolve_model_path
-    from kunjax.model import param_shapes
+    from kunjax.memory import param_shapes
 
     platform_name = jax.devices()[0].platform
     given = {k: getattr(args, k) for k in ("device_memory_bytes", "kv_cache_bytes", "num_blocks")}
@@ -411,12 +411,12 @@ class BenchRun:
             try:
                 engine = make_engine(self.parser, self.args, configs[name])
                 warmup_s = engine.warmup()
-                inst = engine.instances[0]
-                _say(f"[{name}] {len(engine.instances)} instance(s), {inst.num_blocks} KV blocks x "
+                blocks = engine.executor.num_blocks
+                _say(f"[{name}] {engine.num_instances} instance(s), {blocks} KV blocks x "
                      f"{configs[name].block_size} tokens each; compiled in {warmup_s:.1f}s")
                 target = InProcessTarget(engine)
                 self.run_policy(name, target, t_policy, {"load_s": engine.load_seconds, "warmup_s": warmup_s,
-                                                         "kv_blocks_per_instance": inst.num_blocks})
+                                                         "kv_blocks_per_instance": blocks})
             except Exception as e:  # one policy failing must not lose the others' results
                 self.errors[name] = f"{type(e).__name__}: {e}"
                 _say(f"[{name}] FAILED, going on with the other policies:\n{traceback.format_exc()}")

@@ -28,7 +28,7 @@ from kunjax.checkpoint.native import (
 )
 from kunjax.checkpoint.safetensors_io import CheckpointError
 from kunjax.config import ConfigError, ModelConfig
-from kunjax.model import param_shapes
+from kunjax.memory import param_shapes
 from kunjax.tokenizer import TOKENIZER_FILE, Tokenizer
 
 __all__ = ["CheckpointError", "detect_format", "load_config", "load_params", "load_tokenizer",

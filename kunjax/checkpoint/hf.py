@@ -26,7 +26,7 @@ import numpy as np
 
 from kunjax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, TensorInfo
 from kunjax.config import ModelConfig
-from kunjax.model import param_shapes
+from kunjax.memory import param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

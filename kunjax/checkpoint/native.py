@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from kunjax.checkpoint.safetensors_io import CheckpointError
 from kunjax.config import ConfigError, ModelConfig
-from kunjax.model import flatten_params, param_shapes
+from kunjax.memory import flatten_params, param_shapes
 
 FORMAT = "kunjax"
 CONFIG_FILE = "config.json"

@@ -38,7 +38,8 @@ import optax
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from kunjax.config import ModelConfig
-from kunjax.model import Params, forward_dense, init_params, param_shapes
+from kunjax.memory import param_shapes
+from kunjax.model import Params, forward_dense, init_params
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2

@@ -5,7 +5,7 @@ groups, its slot view (`kunjax.model.slot_view`, a reshape) is `[NB * G, L/G, 2,
 is the s-th group of layers of block `p`, and any slot can hold any layer group of any logical block (the
 step reads it through per-group slot tables). Two kinds of blocks hand out slots:
 
-* **split blocks**: whole blocks taken from the instance's `BlockAllocator` (its books count them as used; the
+* **split blocks**: whole blocks taken from the replica unit's allocator (its books count them as used; the
   policy reports them through `reserved_blocks`) whose G slots are handed out one by one to partially resident
   requests; a split block goes back to the allocator as soon as all its slots are free again;
 * the **staging region**: `staging` blocks outside the allocator's range (reserved from the pool at start-up)
@@ -27,14 +27,15 @@ import collections
 import math
 from collections.abc import Sequence
 
-from kunjax.block_manager import BlockAllocator
+from kunjax.unit import ServingUnit
 
 
 class SlotBook:
-    """Layer-group slots of one instance: split blocks from its allocator, and its staging region."""
+    """Layer-group slots of one replica unit: split blocks from its allocator, and its staging region."""
 
-    def __init__(self, allocator: BlockAllocator, num_groups: int, staging_blocks: Sequence[int]):
-        self.allocator = allocator
+    def __init__(self, unit: ServingUnit, num_groups: int, staging_blocks: Sequence[int]):
+        self.unit = unit
+        self.allocator = unit.stages[0]
         self.num_groups = num_groups
         self.owner: dict[int, str] = {}  # owned slot of a split block -> request id
         self.split: set[int] = set()  # blocks taken from the allocator and handed out as slots
@@ -51,11 +52,13 @@ class SlotBook:
         return math.ceil(max(0, n - len(self.free)) / self.num_groups)
 
     def fits(self, n: int) -> bool:
-        return self.blocks_needed(n) <= self.allocator.num_allocatable
+        return self.blocks_needed(n) <= self.unit.num_allocatable
 
     def take(self, owner: str, n: int) -> list[int]:
         """`n` slots for `owner`: free slots of split blocks first, then newly split blocks. Check `fits` first."""
-        for p in self.allocator.allocate(self.blocks_needed(n)):
+        got = self.unit.allocate(self.blocks_needed(n))  # (evicting cached prefixes if needed)
+        assert got is not None, "take() without fits()"
+        for p in got[0]:
             self.split.add(p)
             self.free.update(self.slots_of(p))
         got = sorted(self.free)[:n]

@@ -1,7 +1,7 @@
 """`layerkv` (LayerKV): admit a prefill when only some layer groups of its KV fit on device, keep the other groups
 on the host tier, reload them for each step, and promote the request to device residency when memory frees up.
 
-Owns, per instance, the partially resident ("layered") requests: where each layer group of their KV lives, the
+Owns, per replica unit, the partially resident ("layered") requests: where each layer group of their KV lives, the
 staging of their offloaded groups for a step, their host copies, and the SLO-aware admission gate.
 
 * **Layout.** The L layers are split into G groups (`--layerkv-layer-groups`, G | L). The pool's slot view
@@ -33,30 +33,28 @@ staging of their offloaded groups for a step, their host copies, and the SLO-awa
 
 Never copies KV itself (`kunjax.mempool` does) and never changes the books of ordinary requests.
 
-Invariants (`LayerKVRuntime.check`, every step in tests): the slot books balance (`SlotBook.check`); between steps
+Invariants (`LayerKV.check`, every step in tests): the slot books balance (`SlotBook.check`); between steps
 no staging slot is borrowed; the host tier's used blocks are exactly the layered requests' host parts; each
 computed block of a layered request is, per group, either in its device slots or on the host, never both.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kunjax.config import ConfigError
+from kunjax.policies.base import Capabilities, MemoryPolicy, PolicyView
 from kunjax.policies.layer_slots import SlotBook
-from kunjax.policies.recompute import Recompute, insert_by_arrival, requeue
+from kunjax.policies.swap import host_blocks
 from kunjax.request import Request, RequestStatus
-from kunjax.scheduler import Scheduler, SchedulerOutput
+from kunjax.unit import MicroBatch, ServingUnit
 
 if TYPE_CHECKING:
-    from kunjax.engine import LLMEngine
-    from kunjax.instance import Instance
-    from kunjax.mempool import MemPool
-    from kunjax.scheduler import ScheduledSeq
+    from kunjax.config import EngineConfig, ModelConfig
 
 
 @dataclasses.dataclass
@@ -114,52 +112,13 @@ class StepTimeModel:
         return float(coef @ np.array([1.0, tokens, reloaded]))
 
 
-class LayerKVScheduler(Scheduler):
-    """The instance's scheduler with layered requests: growth, release and commit go through the policy, and
-    the layered requests that do not get staging this step are parked while the step is planned."""
+class LayeredUnit:
+    """`layerkv`'s state and moves on one replica unit (the module docstring)."""
 
-    policy: LayerKV
-
-    def grow(self, req: Request, num_tokens: int) -> bool:
-        lk = self.policy.layered.get(req.request_id)
-        if lk is not None:
-            return self.policy.grow_layered(self, req, lk, num_tokens)
-        if super().grow(req, num_tokens):
-            return True
-        if req.status is RequestStatus.WAITING and not req.blocks and req.num_computed == 0:
-            return self.policy.admit_layered(self, req, num_tokens)
-        return False
-
-    def release(self, req: Request) -> None:
-        self.policy.drop_layered(req)
-        super().release(req)
-
-    def commit(self, seq: ScheduledSeq) -> None:
-        if seq.request.request_id in self.policy.layered:
-            seq.request.num_computed = seq.start + seq.num_tokens  # split blocks are never prefix-cached
-            return
-        super().commit(seq)
-
-    def schedule(self) -> SchedulerOutput:
-        self.policy.start_step(self)
-        parked = self.policy.park(self)
-        self.max_num_seqs -= len(parked)  # parked requests keep their rows' worth of the sequence limit
-        try:
-            return super().schedule()
-        finally:
-            self.max_num_seqs += len(parked)
-            for req in parked:
-                insert_by_arrival(self.running, req)
-
-
-class LayerKV(Recompute):
-    """Per-instance hooks of `layerkv` (scheduler policy and `Instance.step_hooks`)."""
-
-    name = "layerkv"
-
-    def __init__(self, runtime: LayerKVRuntime, inst: Instance, book: SlotBook):
-        self.runtime = runtime
-        self.inst = inst
+    def __init__(self, policy: LayerKV, unit: ServingUnit, book: SlotBook):
+        self.policy = policy
+        self.unit = unit
+        self.instance = unit.members[0]
         self.book = book
         self.num_groups = book.num_groups
         self.layered: dict[str, LayeredKV] = {}
@@ -176,43 +135,44 @@ class LayerKV(Recompute):
         self.staging_evictions = 0  # layered requests recomputed because they outgrew the staging region
 
     @property
-    def mempool(self) -> MemPool:
-        return self.runtime.mempool
+    def pool(self):
+        return self.policy.view.mempool
 
     # ---- one step -----------------------------------------------------------------------------------
-    def start_step(self, sched: Scheduler) -> None:
+    def begin_step(self) -> set[Request]:
         self.step += 1
         self.reloaded = 0
-        self.promote(sched)
+        self.promote()
+        return self.park()
 
-    def park(self, sched: Scheduler) -> list[Request]:
-        """Promise staging to layered requests, least recently run first; take the rest out of `running`."""
+    def park(self) -> set[Request]:
+        """Promise staging to layered requests, least recently run first; the rest sit this tick out."""
+        unit = self.unit
         self.stage_left = len(self.book.staging)
-        order = sorted((r for r in sched.running if r.request_id in self.layered),
+        order = sorted((r for r in unit.running if r.request_id in self.layered),
                        key=lambda r: (self.layered[r.request_id].last_ran, r.arrival_time))
-        parked = []
+        parked: set[Request] = set()
         for req in order:
             lk = self.layered[req.request_id]
-            tokens = min(len(req.token_ids) - req.num_computed, sched.max_num_batched_tokens)
-            need = sched.blocks_for(req.num_computed + tokens)
+            tokens = min(len(req.token_ids) - req.num_computed, unit.shape.tokens)
+            need = unit.blocks_for(req.num_computed + tokens)
             if need * len(lk.offloaded()) > len(self.book.staging):  # outgrew staging: device slots, or recompute
                 for g in lk.offloaded():
-                    self.promote_group(sched, req, lk, g, headroom=0)
+                    self.promote_group(req, lk, g, headroom=0)
                 if need * len(lk.offloaded()) > len(self.book.staging):
-                    sched.running.remove(req)
-                    requeue(sched, req)
+                    unit.running.remove(req)
+                    unit.requeue(req)
                     self.staging_evictions += 1
                     continue
             if need * len(lk.offloaded()) <= self.stage_left:
                 self.stage_left -= need * len(lk.offloaded())
             else:
-                sched.running.remove(req)
-                parked.append(req)
+                parked.add(req)
                 self.parks += 1
         return parked
 
-    def grow_layered(self, sched: Scheduler, req: Request, lk: LayeredKV, num_tokens: int) -> bool:
-        need = sched.blocks_for(req.num_computed + num_tokens)
+    def grow_layered(self, req: Request, lk: LayeredKV, num_tokens: int) -> bool:
+        need = self.unit.blocks_for(req.num_computed + num_tokens)
         grow = {g: need - len(lk.tables[g]) for g in range(self.num_groups)
                 if lk.resident[g] and need > len(lk.tables[g])}
         if not self.book.fits(sum(grow.values())) or need * len(lk.offloaded()) > self.book.staging_free():
@@ -223,33 +183,35 @@ class LayerKV(Recompute):
         assert not any(lk.staged), f"{req.request_id} staged twice in one step"
         for g in lk.offloaded():
             lk.staged[g] = self.book.stage(req.request_id, need)
-            for part in lk.host[g]:  # reload the history; dispatched now, before the step
-                self.mempool.slots_in(self.inst.index, part.key, lk.staged[g][part.first:part.first + part.count])
+            for part in lk.host[g]:  # reload the history; issued now, before the step
+                self.pool.slots_in(self.unit, part.key, lk.staged[g][part.first:part.first + part.count],
+                                   self.num_groups)
                 self.reloaded += part.count
         lk.last_ran = self.step
         return True
 
-    def admit_layered(self, sched: Scheduler, req: Request, num_tokens: int) -> bool:
+    def admit_layered(self, req: Request, num_tokens: int) -> bool:
         """Admit `req` with only some groups on device, if the gates allow it (see the module docstring)."""
-        need = sched.blocks_for(num_tokens)
-        longest = sched.blocks_for(req.max_total_len)  # host blocks it may come to hold per offloaded group
+        unit, policy = self.unit, self.policy
+        need = unit.blocks_for(num_tokens)
+        longest = unit.blocks_for(req.max_total_len)  # host blocks it may come to hold per offloaded group
         g_count = self.num_groups
         # The most groups that fit in free slots stay on device (the first ones: the last layers go to host).
-        k = next((k for k in range(g_count - 1, self.runtime.min_resident_groups - 1, -1)
+        k = next((k for k in range(g_count - 1, policy.min_resident_groups - 1, -1)
                   if self.book.fits(k * need)), 0)
         if k == 0:
             return False
         offloaded = list(range(k, g_count))
         host_need = len(offloaded) * longest
         if (len(offloaded) * need > self.stage_left or host_need > len(self.book.staging)  # must fit staging alone
-                or self.host_reserved + host_need > self.mempool.host[self.inst.index].total):
+                or self.host_reserved + host_need > self.pool.host[self.instance].total):
             return False
         # Projected step time of the running decodes once this request runs alongside them, with every layered
         # request's history reloaded (this one's included: its steady state after the prefill).
-        reload = sum(len(lk.offloaded()) * sched.blocks_for(r.num_computed)
-                     for r in sched.running if (lk := self.layered.get(r.request_id)) is not None)
-        projected = self.runtime.model.project(len(sched.running) + num_tokens, reload + len(offloaded) * need)
-        if projected is not None and projected > self.runtime.tpot_slo_s:
+        reload = sum(len(lk.offloaded()) * unit.blocks_for(r.num_computed)
+                     for r in unit.running if (lk := self.layered.get(r.request_id)) is not None)
+        projected = policy.model_time.project(len(unit.running) + num_tokens, reload + len(offloaded) * need)
+        if projected is not None and projected > policy.tpot_slo_s:
             self.slo_refusals += 1
             return False
         lk = LayeredKV(resident=[g < k for g in range(g_count)], tables=[[] for _ in range(g_count)],
@@ -272,75 +234,74 @@ class LayerKV(Recompute):
             return None
         return [lk.tables[g] if lk.resident[g] else lk.staged[g] for g in range(self.num_groups)]
 
-    def after_dispatch(self, plan: SchedulerOutput) -> None:
-        """Copy the step's new KV of offloaded groups from staging to host (ordered after the step on the
-        device, nothing waits), then give every staging slot back."""
-        bs = self.inst.ecfg.block_size
-        host = self.mempool.host[self.inst.index]
-        for seq in plan.seqs:
-            lk = self.layered.get(seq.request.request_id)
+    def after_launch(self, mb: MicroBatch) -> None:
+        """Copy the step's new KV of offloaded groups from staging to host (ordered after the step, nothing
+        waits), then give every staging slot back."""
+        bs = self.unit.block_size
+        for it in mb.items:
+            lk = self.layered.get(it.req.request_id)
             if lk is None:
                 continue
-            end = seq.start + seq.num_tokens
+            end = it.start + it.num_tokens
             for g in lk.offloaded():
                 parts = lk.host[g]
                 if parts and parts[-1].tail:  # the partly filled block is rewritten whole
-                    assert parts[-1].first == seq.start // bs
-                    host.take(parts.pop().key)
-                first, full = seq.start // bs, end // bs
+                    assert parts[-1].first == it.start // bs
+                    self.pool.drop_host(self.instance, parts.pop().key)
+                first, full = it.start // bs, end // bs
                 spans = [(first, full - first, False)] if full > first else []
                 if end % bs:
                     spans.append((full, 1, True))
                 for j, n, tail in spans:
-                    key = f"{seq.request.request_id}/{g}/{next(self._keys)}"
-                    self.mempool.slots_out(self.inst.index, key, lk.staged[g][j:j + n])
+                    key = f"{it.req.request_id}/{g}/{next(self._keys)}"
+                    self.pool.slots_out(self.unit, key, lk.staged[g][j:j + n], self.num_groups)
                     parts.append(HostPart(key, j, n, tail))
         self.book.unstage_all()
         for lk in self.layered.values():
             lk.staged = [[] for _ in range(self.num_groups)]
 
     # ---- promotion and release ----------------------------------------------------------------------
-    def promote(self, sched: Scheduler) -> None:
+    def promote(self) -> None:
         """Oldest first, copy layered requests into whole blocks while those fit with headroom to grow (one block
         per running request); else bring their offloaded groups into free slots of split blocks."""
-        for req in list(sched.running):
+        unit = self.unit
+        for req in list(unit.running):
             lk = self.layered.get(req.request_id)
             if lk is None:
                 continue
-            n = sched.blocks_for(req.num_computed)
+            n = unit.blocks_for(req.num_computed)
             if n == 0:
                 continue
-            if sched.allocator.num_allocatable < n + len(sched.running):
+            if unit.num_allocatable < n + len(unit.running):
                 for g in lk.offloaded():
-                    self.promote_group(sched, req, lk, g, headroom=len(sched.running))
+                    self.promote_group(req, lk, g, headroom=len(unit.running))
                 continue
-            blocks = sched.allocator.allocate(n)
+            blocks = unit.allocate(n)[0]
             for g in range(self.num_groups):
                 slots = [p * self.num_groups + g for p in blocks]  # group g of the whole blocks
                 if lk.resident[g]:
-                    self.mempool.slots_copy(self.inst.index, lk.tables[g][:n], slots)
+                    self.pool.slots_copy(unit, lk.tables[g][:n], slots, self.num_groups)
                 else:
                     assert lk.host_blocks(g) == n, f"{req.request_id} group {g}: {lk.host_blocks(g)} on host, {n}"
                     for part in lk.host[g]:
-                        self.mempool.slots_in(self.inst.index, part.key, slots[part.first:part.first + part.count])
+                        self.pool.slots_in(unit, part.key, slots[part.first:part.first + part.count],
+                                           self.num_groups)
                         self.reloaded += part.count
             self.drop_layered(req)
-            req.blocks = blocks
-            req.block_hashes = []  # registered again at its next commit
+            req.tables = [blocks]  # indexed for reuse at its next commit
             self.promotions += 1
 
-    def promote_group(self, sched: Scheduler, req: Request, lk: LayeredKV, g: int, headroom: int) -> bool:
+    def promote_group(self, req: Request, lk: LayeredKV, g: int, headroom: int) -> bool:
         """Bring offloaded group g of `req` into permanent device slots (one reload) if they fit with
         `headroom` allocatable blocks to spare."""
         n = lk.host_blocks(g)
-        if self.book.blocks_needed(n) + headroom > sched.allocator.num_allocatable:
+        if self.book.blocks_needed(n) + headroom > self.unit.num_allocatable:
             return False
-        host = self.mempool.host[self.inst.index]
         slots = self.book.take(req.request_id, n)
         for part in lk.host[g]:
-            self.mempool.slots_in(self.inst.index, part.key, slots[part.first:part.first + part.count])
+            self.pool.slots_in(self.unit, part.key, slots[part.first:part.first + part.count], self.num_groups)
             self.reloaded += part.count
-            host.take(part.key)
+            self.pool.drop_host(self.instance, part.key)
         lk.host[g], lk.tables[g], lk.resident[g] = [], slots, True
         self.group_promotions += 1
         return True
@@ -350,34 +311,28 @@ class LayerKV(Recompute):
         lk = self.layered.pop(req.request_id, None)
         if lk is None:
             return
-        host = self.mempool.host[self.inst.index]
         for g in range(self.num_groups):
             if lk.resident[g]:
                 self.book.give(req.request_id, lk.tables[g])
             for part in lk.host[g]:
-                host.take(part.key)
+                self.pool.drop_host(self.instance, part.key)
         self.book.unstage(req.request_id)
         self.host_reserved -= lk.host_reserved
-
-    def preempt(self, sched: Scheduler, victim: Request) -> None:
-        requeue(sched, victim)  # release() drops its layered KV: recompute is the fallback
-
-    def forget(self, sched: Scheduler, req: Request) -> None:
-        self.drop_layered(req)
 
     # ---- books --------------------------------------------------------------------------------------
     def check(self) -> None:
         self.book.check(between_steps=True)
-        sched = self.inst.scheduler
-        running = {r.request_id: r for r in sched.running}
+        unit = self.unit
+        host = self.pool.host[self.instance]
+        running = {r.request_id: r for r in unit.running}
         owned = self.book.owner
         mine = 0
         host_used = 0
         for rid, lk in self.layered.items():
             req = running.get(rid)
-            assert req is not None, f"layered request {rid} is not running on instance {self.inst.index}"
+            assert req is not None, f"layered request {rid} is not running on instance {self.instance}"
             assert not req.blocks and not any(lk.staged), f"{rid}: whole blocks or staging held between steps"
-            n = sched.blocks_for(req.num_computed)
+            n = unit.blocks_for(req.num_computed)
             for g in range(self.num_groups):
                 if lk.resident[g]:
                     assert not lk.host[g] and len(lk.tables[g]) >= n, f"{rid} group {g}: device {lk.tables[g]}"
@@ -389,95 +344,95 @@ class LayerKV(Recompute):
                         f"{rid} group {g}: {lk.host_blocks(g)} host blocks for {n} computed blocks")
                     at = 0
                     for part in lk.host[g]:
-                        assert part.first == at and part.key in self.mempool.host[self.inst.index].entries
+                        assert part.first == at and part.key in host.entries
                         at += part.count
                     host_used += lk.host_blocks(g)
         assert mine == len(owned), "a device slot is owned by no layered request"
-        assert host_used == self.mempool.host[self.inst.index].num_used, (
-            f"host tier: {self.mempool.host[self.inst.index].num_used} used, layered requests hold {host_used}")
+        assert host_used == host.num_used, f"host tier: {host.num_used} used, layered requests hold {host_used}"
         assert self.host_reserved == sum(lk.host_reserved for lk in self.layered.values())
 
 
-class LayerKVRuntime:
-    """The engine-level side of `layerkv`: the per-group step, the slot books and host tiers, the step-time
-    model fed from every instance's measured steps."""
+class LayerKV(MemoryPolicy):
+    """The `layerkv` policy: per replica a `LayeredUnit`; the step-time model fed from every measured tick."""
 
-    def __init__(self, engine: LLMEngine):
-        from kunjax.block_manager import BlockAllocator
-        from kunjax.config import ConfigError
-        from kunjax.instance import kv_block_bytes
-        from kunjax.mempool import MemPool
+    name = "layerkv"
 
-        ecfg, cfg = engine.config, engine.model_config
-        g = ecfg.layerkv_layer_groups
-        if cfg.num_layers % g:
-            raise ConfigError(f"--layerkv-layer-groups {g} must divide the model's {cfg.num_layers} layers")
-        first = engine.instances[0]
-        staging = ecfg.layerkv_staging_blocks
+    def __init__(self, config: EngineConfig, model: ModelConfig, *, num_instances: int, num_blocks: int,
+                 block_bytes: int):
+        super().__init__(config, model, num_instances=num_instances, num_blocks=num_blocks, block_bytes=block_bytes)
+        g = config.layerkv_layer_groups
+        if model.num_layers % g:
+            raise ConfigError(f"--layerkv-layer-groups {g} must divide the model's {model.num_layers} layers")
+        staging = config.layerkv_staging_blocks
         if staging is None:
-            staging = max(1, min(first.max_blocks_per_seq, (first.num_blocks - 1) // 4))
-        if staging > first.num_blocks - 2:
+            staging = max(1, min(config.max_blocks_per_seq(model), (num_blocks - 1) // 4))
+        if staging > num_blocks - 2:
             raise ConfigError(f"--layerkv-staging-blocks {staging} leaves no KV block for requests in a pool of "
-                              f"{first.num_blocks}")
-        if ecfg.host_kv_bytes is None:
-            host_slots = 4 * first.num_blocks * g
-        else:
-            host_slots = ecfg.host_kv_bytes // (kv_block_bytes(cfg, ecfg.block_size, first.dtype, ecfg.tp) // g)
-            if host_slots < 1:
-                raise ConfigError(f"--host-kv-bytes {ecfg.host_kv_bytes} holds no layer group of a KV block")
-        self.engine = engine
+                              f"{num_blocks}")
         self.num_groups = g
-        self.min_resident_groups = ecfg.layerkv_min_resident_groups
-        self.tpot_slo_s = ecfg.layerkv_tpot_slo_s
-        self.model = StepTimeModel()
-        self.hooks: list[LayerKV] = []
-        for inst in engine.instances:
+        self.num_blocks = num_blocks
+        self.staging = staging
+        self.host_slots = host_blocks(config, num_blocks * g, block_bytes // g, "layer group of a KV block")
+        self.min_resident_groups = config.layerkv_min_resident_groups
+        self.tpot_slo_s = config.layerkv_tpot_slo_s
+        self.model_time = StepTimeModel()
+        self.units: dict[int, LayeredUnit] = {}
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(host_blocks=self.host_slots, layer_groups=self.num_groups, staging_blocks=self.staging)
+
+    def attach(self, view: PolicyView) -> None:
+        super().attach(view)
+        for unit in view.units:
             # The staging region is the top `staging` blocks of the pool, outside the allocator's books.
-            inst.allocator = BlockAllocator(inst.num_blocks - staging)
-            old = inst.scheduler
-            hooks = LayerKV(self, inst, SlotBook(inst.allocator, g, range(inst.num_blocks - staging,
-                                                                            inst.num_blocks)))
-            inst.scheduler = LayerKVScheduler(inst.allocator, block_size=old.block_size,
-                                              max_num_seqs=old.max_num_seqs,
-                                              max_num_batched_tokens=old.max_num_batched_tokens,
-                                              enable_prefix_caching=old.enable_prefix_caching, policy=hooks)
-            inst.num_layer_groups = g
-            inst.step_hooks = hooks
-            self.hooks.append(hooks)
-        self.mempool = MemPool(engine.instances, host_slots)
-        self.mempool.enable_slots(g)
-        self._seen = [0] * len(engine.instances)
+            book = SlotBook(unit, self.num_groups, range(self.num_blocks - self.staging, self.num_blocks))
+            self.units[unit.uid] = LayeredUnit(self, unit, book)
 
-    def warmup(self) -> None:
-        self.mempool.warmup_slots()
+    # ---- scheduling hooks ---------------------------------------------------------------------------
+    def begin_step(self, unit: ServingUnit) -> set[Request]:
+        return self.units[unit.uid].begin_step()
 
-    def after_step(self) -> None:
-        """Feed the step-time model with every instance's step just completed."""
-        for inst, hooks in zip(self.engine.instances, self.hooks, strict=True):
-            if inst.steps != self._seen[inst.index] and inst.last_step is not None:
-                tokens, seconds = inst.last_step
-                self.model.observe(tokens, hooks.reloaded, seconds)
-            self._seen[inst.index] = inst.steps
+    def grow(self, unit: ServingUnit, req: Request, num_tokens: int) -> bool | None:
+        lu = self.units[unit.uid]
+        lk = lu.layered.get(req.request_id)
+        return None if lk is None else lu.grow_layered(req, lk, num_tokens)
 
-    def reserved_blocks(self, i: int) -> collections.Counter[int]:
-        return self.hooks[i].book.reserved()
+    def admit_fallback(self, unit: ServingUnit, req: Request, num_tokens: int) -> bool:
+        return req.status is RequestStatus.WAITING and self.units[unit.uid].admit_layered(req, num_tokens)
+
+    def release(self, unit: ServingUnit, req: Request) -> None:
+        self.units[unit.uid].drop_layered(req)  # (preemption is recompute: this frees its slots and host blocks)
+
+    def commit(self, unit: ServingUnit, req: Request) -> bool:
+        return req.request_id in self.units[unit.uid].layered  # split blocks are never prefix-cached
+
+    def group_tables(self, unit: ServingUnit, req: Request) -> list[list[int]] | None:
+        return self.units[unit.uid].group_tables(req)
+
+    def after_launch(self, unit: ServingUnit, mb: MicroBatch) -> None:
+        self.units[unit.uid].after_launch(mb)
+
+    def forget(self, unit: ServingUnit, req: Request) -> None:
+        self.units[unit.uid].drop_layered(req)
+
+    # ---- engine level -------------------------------------------------------------------------------
+    def observe_tick(self, unit: ServingUnit, tokens: int, seconds: float) -> None:
+        self.model_time.observe(tokens, self.units[unit.uid].reloaded, seconds)
+
+    def reserved_blocks(self, unit: ServingUnit, stage: int):
+        return self.units[unit.uid].book.reserved()
 
     def check(self) -> None:
-        self.mempool.check()
-        for hooks in self.hooks:
-            hooks.check()
+        for lu in self.units.values():
+            lu.check()
 
-    def stats(self) -> dict:
-        h = self.hooks
-        return {"host_used": sum(t.num_used for t in self.mempool.host),
-                "host_total": sum(t.total for t in self.mempool.host),
-                "slots_offloaded": self.mempool.slots_offloaded, "slots_reloaded": self.mempool.slots_reloaded,
-                "partial_admissions": sum(x.partial_admissions for x in h),
-                "slo_refusals": sum(x.slo_refusals for x in h), "promotions": sum(x.promotions for x in h),
-                "group_promotions": sum(x.group_promotions for x in h),
-                "staging_evictions": sum(x.staging_evictions for x in h),
-                "parks": sum(x.parks for x in h), "layered": sum(len(x.layered) for x in h)}
-
-
-def install(engine: LLMEngine) -> LayerKVRuntime:
-    return LayerKVRuntime(engine)
+    def stats(self) -> dict[str, int]:
+        us = self.units.values()
+        pool = self.view.mempool
+        return {"host_used": sum(t.num_used for t in pool.host), "host_total": sum(t.total for t in pool.host),
+                "slots_offloaded": pool.slots_offloaded, "slots_reloaded": pool.slots_reloaded,
+                "partial_admissions": sum(x.partial_admissions for x in us),
+                "slo_refusals": sum(x.slo_refusals for x in us), "promotions": sum(x.promotions for x in us),
+                "group_promotions": sum(x.group_promotions for x in us),
+                "staging_evictions": sum(x.staging_evictions for x in us),
+                "parks": sum(x.parks for x in us), "layered": sum(len(x.layered) for x in us)}

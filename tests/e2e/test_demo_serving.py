@@ -18,13 +18,13 @@ def demo_llm():
 
 
 def test_demo_recites_every_passage_on_eight_instances(demo_llm):
-    assert len(demo_llm.engine.instances) == 8 == len(jax.devices())
+    assert demo_llm.engine.num_instances == 8 == len(jax.devices())
     pairs = recitation_prompts()
     outs = demo_llm.generate([p for p, _ in pairs], GREEDY)
     for (prompt, expected), out in zip(pairs, outs, strict=True):
         assert out.text == expected, f"{prompt!r} recited wrongly"
         assert out.outputs[0].finish_reason == "stop"  # ended on <eos>
-    served = [inst.steps for inst in demo_llm.engine.instances]
+    served = [demo_llm.engine.units[i].ticks for i in range(8)]
     assert all(n > 0 for n in served), f"the router left instances idle: steps per instance {served}"
     demo_llm.engine.check_books()
 
@@ -48,7 +48,7 @@ def test_stop_string_truncates_text_and_streamed_deltas_add_up(demo_llm):
 def test_bfloat16_weights_and_kv_recite_too():
     llm = LLM(ensure_demo_model(), devices=jax.devices()[:1], dtype="bfloat16", max_num_seqs=8,
               max_num_batched_tokens=64, min_token_bucket=64, max_model_len=256)
-    assert llm.engine.instances[0].kv_pool.dtype == jax.numpy.bfloat16
+    assert llm.engine.executor.replicas[0].pool.dtype == jax.numpy.bfloat16
     pairs = recitation_prompts()[:6]
     outs = llm.generate([p for p, _ in pairs], GREEDY)
     assert [o.text for o in outs] == [e for _, e in pairs]

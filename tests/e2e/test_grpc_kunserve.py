@@ -17,7 +17,7 @@ import pytest
 
 from kunjax.checkpoint import load_config
 from kunjax.demo import ensure_demo_model, recitation_prompts
-from kunjax.instance import kv_block_bytes
+from kunjax.memory import kv_block_bytes
 from serving.client import KunjaxClient
 from tests.e2e.serve_process import start_serve
 from tests.helpers import fp32_weight_bytes

@@ -29,7 +29,7 @@ from kunjax.checkpoint import (
 )
 from kunjax.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from kunjax.config import ConfigError, ModelConfig
-from kunjax.model import param_shapes
+from kunjax.memory import param_shapes
 from kunjax.tokenizer import Tokenizer
 from sharding.layouts import instance_meshes, make_mesh, param_shardings
 

@@ -17,7 +17,8 @@ import pytest
 import kunjax.demo as demo
 from kunjax.checkpoint import load_config, load_params, load_tokenizer
 from kunjax.config import ModelConfig
-from kunjax.model import Params, forward_dense, param_shapes
+from kunjax.memory import param_shapes
+from kunjax.model import Params, forward_dense
 
 PAD_LEN = 160  # fixed input length of the greedy loop: longer than every passage + <eos>
 

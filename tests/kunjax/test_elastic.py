@@ -14,15 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kunjax.elastic.group as group_mod
+import kunjax.unit as unit_mod
 from kunjax.config import ConfigError, EngineConfig
-from kunjax.elastic.pipeline import STAGE
-from kunjax.elastic.reshard import GroupReshard, live_bytes_per_device
 from kunjax.engine import LLMEngine
-from kunjax.instance import kv_block_bytes, tree_bytes_per_device
-from kunjax.model import flatten_params as flatten
+from kunjax.executor.jax_executor import tree_bytes_per_device
+from kunjax.memory import flatten_params as flatten
+from kunjax.memory import kv_block_bytes
+from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
-from sharding.layouts import make_mesh
+from sharding.layouts import instance_meshes
+from sharding.reshard import GroupReshard, live_bytes_per_device
 from tests.helpers import SPLIT, load_single_device_params, naive_greedy, write_tiny_model
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -70,9 +71,15 @@ def run_until_done(eng, outputs: dict[str, list[int]], max_steps: int = 500) -> 
     pytest.fail("requests did not finish")
 
 
+def drop(eng, members=(0, 1)):
+    """Fuse `members` now (as the policy would), returning the pipeline unit."""
+    outcome = eng.transition(FuseUnits(members, "test"))
+    return eng.units[outcome.unit]
+
+
 def restore_all(eng, outputs: dict[str, list[int]], max_steps: int = 50) -> None:
     for g in eng.groups:
-        eng.elastic.begin_restore(g)  # it happens once the KV fits the replicas' own pools
+        eng.policy.begin_restore(g)  # it happens once the KV fits the replicas' own pools
     for _ in range(max_steps):
         if not eng.groups:
             return
@@ -81,7 +88,7 @@ def restore_all(eng, outputs: dict[str, list[int]], max_steps: int = 50) -> None
 
 
 def host_params(eng) -> list[dict[str, np.ndarray]]:
-    return [{p: np.array(a) for p, a in flatten(inst.params).items()} for inst in eng.instances]
+    return [{p: np.array(a) for p, a in flatten(rep.params).items()} for rep in eng.executor.replicas]
 
 
 # ---- pool formats -------------------------------------------------------------------------------------------
@@ -89,7 +96,7 @@ def test_pool_reinterpretation_is_a_donated_reshape_with_the_block_identity():
     devices = jax.devices()[:2]
     k, nb, n_layers = 2, 6, 4
     tail = (2, 4, 2, 8)
-    rs = GroupReshard(make_mesh(devices, (STAGE,), (k,)), {}, {}, (nb, n_layers, *tail), jnp.float32, num_ext=1)
+    rs = GroupReshard(instance_meshes(devices, k, 1), {}, {}, (nb, n_layers, *tail), jnp.float32, num_ext=1)
     rs.compile()
     rng = np.random.default_rng(0)
     host = [rng.standard_normal((nb, n_layers, *tail)).astype(np.float32) for _ in devices]
@@ -119,30 +126,32 @@ def test_pool_reinterpretation_is_a_donated_reshape_with_the_block_identity():
 def test_drop_frees_weights_and_restore_is_bit_identical(engine, oracle):
     eng = engine
     original = host_params(eng)
-    full = eng.instances[0].weight_bytes
-    devices = [inst.mesh.devices.flat[0] for inst in eng.instances]
+    ex = eng.executor
+    full = ex.weight_bytes
+    devices = [ex.devices_of(i)[0] for i in range(eng.num_instances)]
     before = live_bytes_per_device()
     prompts = prompts_for(1, 6)
     ids = [eng.add_request(p, GREEDY) for p in prompts]
     outputs: dict[str, list[int]] = {}
     for _ in range(3):
         step(eng, outputs)
-    g = eng.elastic.drop((0, 1))
-    assert all(inst.params is None and inst.kv_pool is None for inst in eng.instances)
+    g = drop(eng)
+    arrays = ex.group_arrays(g.uid)
+    assert all(rep.params is None and rep.pool is None for rep in ex.replicas)
     # Each device keeps half of every weight (the final norm, a few hundred bytes, stays replicated).
-    assert tree_bytes_per_device(g.params) <= full // 2 + 4 * SPLIT.hidden_size
+    assert tree_bytes_per_device(arrays.params) <= full // 2 + 4 * SPLIT.hidden_size
     after = live_bytes_per_device()
-    ext_bytes = tree_bytes_per_device(g.ext)
+    ext_bytes = tree_bytes_per_device(arrays.ext)
     for d in devices:
-        # Weights fell by `freed_bytes`; the extension took at most that; the pool itself did not move.
-        assert after[d] - before[d] == ext_bytes + tree_bytes_per_device(g.acts) - g.rt.freed_bytes
-    assert ext_bytes == g.rt.shapes.num_ext * kv_block_bytes(SPLIT, 4, "float32") // 2
-    assert g.books.total_blocks == 2 * eng.instances[0].num_blocks - 1 + g.rt.shapes.num_ext
+        # Weights fell by the freed bytes; the extension took at most that; the pool itself did not move.
+        assert after[d] - before[d] == ext_bytes + tree_bytes_per_device(arrays.acts) - ex.freed_bytes((0, 1))
+    assert ext_bytes == g.shape.num_ext * kv_block_bytes(SPLIT, 4, "float32") // 2
+    assert g.total_blocks == 2 * ex.num_blocks - 1 + g.shape.num_ext
     restore_all(eng, outputs)
     assert live_bytes_per_device() == before
-    for inst, orig in zip(eng.instances, host_params(eng), strict=True):
+    for i, orig in enumerate(host_params(eng)):
         for p, a in orig.items():
-            np.testing.assert_array_equal(a, original[inst.index][p], err_msg=p)
+            np.testing.assert_array_equal(a, original[i][p], err_msg=p)
     run_until_done(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
 
@@ -157,21 +166,21 @@ def test_running_requests_lose_at_most_one_step_and_use_remote_attention(engine,
     reqs = [eng.requests[i] for i in ids]
     assert all(r.num_output_tokens > 0 for r in reqs)
     counts = [r.num_output_tokens for r in reqs]
-    g = eng.elastic.drop((0, 1))
-    remote = [g.books.num_remote_dependent]
+    g = drop(eng)
+    remote = [g.num_remote_dependent]
     assert remote[0] == len(ids)
     step(eng, outputs)
     step(eng, outputs)
-    remote.append(g.books.num_remote_dependent)
+    remote.append(g.num_remote_dependent)
     # Two steps after the drop every request has at least one more token: at most one step lost, no recompute.
     assert all(r.num_output_tokens >= c + 1 for r, c in zip(reqs, counts, strict=True))
     assert all(r.num_preemptions == 0 for r in reqs)
     assert g.remote_ticks > 0
-    while g.books.num_remote_dependent:
+    while g.num_remote_dependent:
         step(eng, outputs)
-        remote.append(g.books.num_remote_dependent)
+        remote.append(g.num_remote_dependent)
     assert remote == sorted(remote, reverse=True) and remote[-1] == 0
-    assert g.books.blocks_exchanged > 0
+    assert g.blocks_exchanged > 0
     run_until_done(eng, outputs)
     restore_all(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
@@ -185,18 +194,18 @@ def test_without_remote_attention_stale_requests_go_wrong(engine, oracle, monkey
     outputs: dict[str, list[int]] = {}
     for _ in range(3):
         step(eng, outputs)
-    real = group_mod.GroupBooks.tick_inputs
+    real = unit_mod.ServingUnit.tick_inputs
 
     def local_only(self):
         inp, _ = real(self)
         inp.send_rows[:] = -1
         return inp, False
 
-    monkeypatch.setattr(group_mod.GroupBooks, "tick_inputs", local_only)
-    eng.elastic.drop((0, 1))
+    monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", local_only)
+    drop(eng)
     for _ in range(3):
         step(eng, outputs)
-    monkeypatch.setattr(group_mod.GroupBooks, "tick_inputs", real)
+    monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", real)
     run_until_done(eng, outputs)
     restore_all(eng, outputs)
     assert [outputs[i] for i in ids] != oracle(prompts)
@@ -222,24 +231,23 @@ def test_twenty_drop_restore_cycles_under_load_leak_nothing(engine, oracle):
         top_up()
         for _ in range(2):
             step(eng, outputs)
-        eng.elastic.drop((0, 1))
+        drop(eng)
         eng.check_books()
         top_up()  # new arrivals go to the group
         for _ in range(2):
             step(eng, outputs)
         restore_all(eng, outputs)
         assert live_bytes_per_device() == before, f"cycle {cycle}"
-    assert eng.elastic.stats()["restores"] >= 20
+    assert eng.policy.stats()["restores"] >= 20
     run_until_done(eng, outputs)
     assert live_bytes_per_device() == before
-    for inst, orig in zip(eng.instances, host_params(eng), strict=True):
-        assert all(np.array_equal(a, original[inst.index][p]) for p, a in orig.items())
+    for i, orig in enumerate(host_params(eng)):
+        assert all(np.array_equal(a, original[i][p]) for p, a in orig.items())
     assert [outputs[i] for i in ids] == oracle(prompts, params.max_tokens)
 
 
 # ---- configuration --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, flag", [
-    (dict(policy="kunserve", tp=2), "--policy kunserve"),
     (dict(kunserve_max_group=3), "--kunserve-max-group"),
     (dict(restore_demand_ratio=0.96), "--restore-demand-ratio"),
     (dict(exchange_blocks_per_step=0), "--exchange-blocks-per-step"),
@@ -257,8 +265,8 @@ def test_drop_and_restore_peaks_are_one_leaf_slice(engine):
     """Leaf by leaf, each old copy released at once: neither transition holds more than one extra leaf slice
     above what the device held before the drop."""
     eng = engine
-    rt = eng.elastic.runtimes[(0, 1)]
-    devices = [inst.mesh.devices.flat[0] for inst in eng.instances]
+    rt = eng.executor.candidates[(0, 1)]
+    devices = [eng.executor.devices_of(i)[0] for i in range(eng.num_instances)]
     largest_slice = max(int(np.prod(s)) * 4 for s, _ in rt.reshard.leaf_shapes.values()) // 2
     seen: list[dict] = []
 
@@ -274,7 +282,7 @@ def test_drop_and_restore_peaks_are_one_leaf_slice(engine):
     rt.reshard._drop.update({p: measuring(fn) for p, fn in real_drop.items()})
     rt.reshard._gather.update({p: measuring(fn) for p, fn in real_gather.items()})
     try:
-        eng.elastic.drop((0, 1))
+        drop(eng)
         assert len(seen) == len(rt.reshard.leaf_shapes)
         restore_all(eng, {})
         assert len(seen) == 2 * len(rt.reshard.leaf_shapes)
@@ -301,9 +309,9 @@ def test_abort_in_flight_and_seeded_sampling_through_a_drop(engine):
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, sampled, strict=True)]
     victims = [eng.add_request(p, GREEDY) for p in prompts_for(5, 3)]
     step(eng, outputs)
-    g = eng.elastic.drop((0, 1))
+    g = drop(eng)
     step(eng, outputs)
-    assert g.books.in_flight
+    assert g.in_flight
     for rid in victims:
         eng.abort(rid)  # in the pipe or not: its blocks go back once nothing writes them
     eng.check_books()
@@ -332,7 +340,7 @@ def test_prefix_shared_blocks_cross_a_drop(model_dir, oracle):
     for _ in range(2):
         step(eng, outputs)
     assert sum(eng.requests[i].num_cached_tokens for i in ids[1:]) > 0, "prefix cache was not exercised"
-    eng.elastic.drop((0, 1))
+    drop(eng)
     run_until_done(eng, outputs)
     restore_all(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
@@ -344,18 +352,18 @@ def test_restore_waits_while_the_kv_does_not_fit_the_replicas(engine, oracle):
     ids = [eng.add_request(p, GREEDY) for p in prompts]
     outputs: dict[str, list[int]] = {}
     step(eng, outputs)
-    g = eng.elastic.drop((0, 1))
+    g = drop(eng)
     for _ in range(3):
         step(eng, outputs)
-    assert g.books.demand_blocks() > eng.instances[0].num_blocks  # over half of what the replicas hold
-    eng.elastic.begin_restore(g)
+    assert g.demand_blocks() > eng.executor.num_blocks  # over half of what the replicas hold
+    eng.policy.begin_restore(g)
     tokens = sum(len(r.token_ids) for r in eng.requests.values())
     for _ in range(3):
         step(eng, outputs)
-        assert eng.groups == [g] and g.books.admitting  # no drain while the move home cannot succeed
+        assert eng.groups == [g] and g.admitting  # no drain while the move home cannot succeed
     assert sum(len(r.token_ids) for r in eng.requests.values()) + sum(map(len, outputs.values())) > tokens
     restore_all(eng, outputs, max_steps=200)  # it happens once requests finish and blocks free up
-    assert eng.elastic.events[-1].kind == "restore"
+    assert eng.policy.events[-1].kind == "restore"
     run_until_done(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
 
@@ -364,24 +372,27 @@ def test_instances_outside_the_plan_are_untouched(model_dir, oracle):
     cfg = EngineConfig(num_instances=4, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
                        max_num_batched_tokens=32, max_model_len=128, restore_window_steps=1000)
     eng = LLMEngine(model_dir, cfg, devices=jax.devices()[4:8])
-    for inst in eng.instances:
-        inst.warmup()  # the pair dropped below compiles at its drop
+    # The replicas only: the pair dropped below compiles at its drop.
+    eng.executor.warmup([(u.uid, u.members, u.shape) for u in eng.units.values()], [])
     prompts = prompts_for(8, 12)
     ids = [eng.add_request(p, GREEDY) for p in prompts]
     outputs: dict[str, list[int]] = {}
     step(eng, outputs)
-    others = eng.instances[2:]
-    ptrs = [(inst.params["layers"]["wq"].unsafe_buffer_pointer(), inst.kv_pool.unsafe_buffer_pointer())
-            for inst in others]
-    served = [list(inst.scheduler.running) for inst in others]
-    eng.elastic.drop((0, 1))
+    others = [2, 3]
+    reps = eng.executor.replicas
+
+    def pointers():
+        return [(reps[i].params["layers"]["wq"].unsafe_buffer_pointer(), reps[i].pool.unsafe_buffer_pointer())
+                for i in others]
+
+    ptrs = pointers()
+    served = [list(eng.units[i].running) for i in others]
+    drop(eng)
     for _ in range(3):
         step(eng, outputs)
-    assert all(inst.group is None for inst in others)
-    assert ptrs == [(inst.params["layers"]["wq"].unsafe_buffer_pointer(), inst.kv_pool.unsafe_buffer_pointer())
-                    for inst in others]  # same weights, same (donated, in place) pool
-    assert all(r.instance == inst.index and r.group is None for inst, rs in zip(others, served, strict=True)
-               for r in rs)
+    assert all(eng.units[i].k == 1 for i in others)
+    assert ptrs == pointers()  # same weights, same (donated, in place) pool
+    assert all(r.unit == i for i, rs in zip(others, served, strict=True) for r in rs)
     run_until_done(eng, outputs)
     restore_all(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)

@@ -14,10 +14,11 @@ import random
 import pytest
 
 from kunjax.config import EngineConfig
-from kunjax.elastic.reshard import live_bytes_per_device
 from kunjax.engine import LLMEngine
-from kunjax.instance import kv_block_bytes, tree_bytes_per_device
+from kunjax.executor.jax_executor import tree_bytes_per_device
+from kunjax.memory import kv_block_bytes
 from kunjax.sampling_params import SamplingParams
+from sharding.reshard import live_bytes_per_device
 from tests.helpers import SPLIT, fp32_weight_bytes, load_single_device_params, naive_greedy, write_tiny_model
 
 BS = 8
@@ -48,8 +49,8 @@ def test_burst_drops_serves_every_request_and_restores(model_dir, oracle_params)
     ecfg = burst_config()
     eng = LLMEngine(model_dir, ecfg)
     eng.warmup()
-    assert all(inst.num_blocks == KV_BLOCKS for inst in eng.instances)
-    weights = eng.instances[0].weight_bytes
+    assert eng.executor.num_blocks == KV_BLOCKS
+    weights = eng.executor.weight_bytes
     device_budget = ecfg.device_memory_bytes
     assert 0.40 < weights / device_budget < 0.50
     before = live_bytes_per_device()
@@ -78,10 +79,11 @@ def test_burst_drops_serves_every_request_and_restores(model_dir, oracle_params)
             saw_group = True
             # Freed memory is real: the group's arrays per device, measured from their shards.
             k = g.k
-            per_dev_weights = tree_bytes_per_device(g.params)
+            arrays = eng.executor.group_arrays(g.uid)
+            per_dev_weights = tree_bytes_per_device(arrays.params)
             assert per_dev_weights <= weights // k + 4 * SPLIT.hidden_size  # the final norm stays replicated
-            assert tree_bytes_per_device(g.ext) == g.rt.shapes.num_ext * kv_block_bytes(SPLIT, BS, "float32") // k
-            assert g.books.total_blocks > k * (KV_BLOCKS - 1)  # more KV than the members had
+            assert tree_bytes_per_device(arrays.ext) == g.shape.num_ext * kv_block_bytes(SPLIT, BS, "float32") // k
+            assert g.total_blocks > k * (KV_BLOCKS - 1)  # more KV than the members had
     else:
         pytest.fail("the burst did not finish")
     # Quiet time after the burst: the groups restore.
@@ -90,13 +92,13 @@ def test_burst_drops_serves_every_request_and_restores(model_dir, oracle_params)
             break
         eng.step()
         eng.check_books()
-    stats = eng.elastic.stats()
-    kinds = [e.kind for e in eng.elastic.events]
+    stats = eng.policy.stats()
+    kinds = [e.kind for e in eng.policy.events]
     assert saw_group and stats["drops"] >= 1, kinds
     assert stats["restores"] == stats["drops"] and not eng.groups, kinds
     assert "exchange_done" in kinds and stats["remote_dependent"] == 0
     assert stats["blocks_exchanged"] > 0 and stats["remote_ticks"] > 0  # remote attention served stale rows
-    assert all(inst.group is None for inst in eng.instances)
+    assert all(u.k == 1 for u in eng.units.values()) and len(eng.units) == 8
     eng.check_books()
     assert live_bytes_per_device() == before  # nothing leaked, weights and pools back in place
 

@@ -11,6 +11,7 @@ import jax
 import kunjax.demo as demo
 from kunjax.config import EngineConfig
 from kunjax.engine import LLMEngine
+from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
 
 
@@ -19,8 +20,8 @@ def test_demo_recites_through_a_four_stage_drop_exchange_and_restore():
                        max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256, exchange_blocks_per_step=2,
                        restore_window_steps=1000)
     eng = LLMEngine("demo", cfg, devices=jax.devices()[:4])
-    for inst in eng.instances:
-        inst.warmup()  # the group used below compiles at its drop; the others are never needed here
+    # The replicas only: the group used below compiles at its drop; the others are never needed here.
+    eng.executor.warmup([(u.uid, u.members, u.shape) for u in eng.units.values()], [])
     pairs = demo.recitation_prompts(8)
     params = SamplingParams(max_tokens=200, temperature=0.0)
     ids = [eng.add_request(prompt, params) for prompt, _ in pairs]
@@ -34,20 +35,20 @@ def test_demo_recites_through_a_four_stage_drop_exchange_and_restore():
 
     for _ in range(3):
         step()
-    g = eng.elastic.drop((0, 1, 2, 3))
-    assert g.k == 4 and g.books.num_remote_dependent > 0
+    g = eng.units[eng.transition(FuseUnits((0, 1, 2, 3))).unit]
+    assert g.k == 4 and g.num_remote_dependent > 0
     for _ in range(4):
         step()
     assert g.remote_ticks > 0
-    while g.books.num_remote_dependent:
+    while g.num_remote_dependent:
         step()
     step()
-    eng.elastic.begin_restore(g)
+    eng.policy.begin_restore(g)
     for _ in range(5):
         if not eng.groups:
             break
         step()
-    assert not eng.groups and eng.elastic.stats()["restores"] == 1
+    assert not eng.groups and eng.policy.stats()["restores"] == 1
     assert eng.requests, "the restore should happen mid-generation"
     while eng.requests:
         step()

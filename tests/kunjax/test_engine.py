@@ -11,7 +11,7 @@ import pytest
 
 from kunjax import LLM, SamplingParams
 from kunjax.checkpoint import load_params
-from kunjax.model import param_shapes
+from kunjax.memory import param_shapes
 from sharding.layouts import instance_meshes, param_shardings
 from tests.helpers import TINY, naive_greedy, write_tiny_model
 
@@ -46,14 +46,14 @@ def test_greedy_equals_naive_reference_under_chunking_and_preemption(tight_llm, 
     outs = tight_llm.generate(prompts, GREEDY)
     expected = naive_greedy(TINY, tiny_params, prompts, GREEDY.max_tokens)
     engine = tight_llm.engine
-    assert sum(inst.scheduler.num_preemptions for inst in engine.instances) > 0, "preemption was not exercised"
-    assert all(inst.steps > 0 for inst in engine.instances), "both instances should have served requests"
+    assert sum(u.num_preemptions for u in engine.units.values()) > 0, "preemption was not exercised"
+    assert all(u.ticks > 0 for u in engine.units.values()), "both instances should have served requests"
     for i, (out, exp) in enumerate(zip(outs, expected, strict=True)):
         assert out.token_ids == exp, f"prompt {i} (len {len(prompts[i])}) diverged"
         assert out.outputs[0].finish_reason == "length"
     engine.check_books()
-    for inst in engine.instances:
-        assert inst.allocator.num_used == 0
+    for u in engine.units.values():
+        assert u.stages[0].num_used == 0
 
 
 def test_nothing_compiles_after_warmup(tight_llm):
@@ -107,18 +107,27 @@ def test_stop_token_ids_max_tokens_and_logprobs(tight_llm):
 
 def test_streaming_yields_deltas_and_abort_on_close_frees_blocks(tight_llm):
     prompts = random_prompts(3, 7)
+    # To the end: the deltas add up to the final output, which alone carries the whole output.
+    deltas, final = [], None
+    for out in tight_llm.stream(prompts[0], GREEDY):
+        deltas.extend(out.outputs[0].delta_token_ids)
+        if out.finished:
+            final = out
+        else:
+            assert out.token_ids == [] and out.text == ""  # no copy of the whole output per token
+    assert final is not None and deltas == final.token_ids == tight_llm.generate(prompts[0], GREEDY)[0].token_ids
+    # Closed early: the unfinished requests are aborted and free their blocks.
     seen: dict[str, list[int]] = {}
     stream = tight_llm.stream(prompts, GREEDY)
     for out in stream:
         seen.setdefault(out.request_id, []).extend(out.outputs[0].delta_token_ids)
-        assert seen[out.request_id] == out.token_ids
         if len(seen[out.request_id]) == 5:
             break
     stream.close()
     engine = tight_llm.engine
     assert not engine.has_unfinished()
     engine.check_books()
-    assert all(inst.allocator.num_used == 0 for inst in engine.instances)
+    assert all(u.stages[0].num_used == 0 for u in engine.units.values())
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -152,23 +161,24 @@ def test_kv_books_agree_with_live_device_arrays(tiny_dir):
     llm.generate(random_prompts(6, 9), GREEDY)
     gc.collect()
     live = live_bytes_per_device()
-    for inst in llm.engine.instances:
-        a = inst.allocator
-        dev = inst.mesh.devices.flat[0]
-        block_bytes = int(np.prod(inst.kv_pool.shape[1:])) * inst.kv_pool.dtype.itemsize
-        assert inst.num_blocks == 100_000 // block_bytes  # the CPU byte budget decides the pool size
-        assert a.num_free + a.num_used + a.num_cached == a.total == inst.num_blocks - 1
+    ex = llm.engine.executor
+    for i, rep in enumerate(ex.replicas):
+        a = llm.engine.units[i].stages[0]
+        dev = ex.devices_of(i)[0]
+        block_bytes = int(np.prod(rep.pool.shape[1:])) * rep.pool.dtype.itemsize
+        assert ex.num_blocks == 100_000 // block_bytes  # the CPU byte budget decides the pool size
+        assert a.num_free + a.num_used + a.num_cached == a.total == ex.num_blocks - 1
         assert a.num_used == 0
         # The device holds exactly this instance's weights and its pool of num_blocks blocks.
-        assert live[dev] == inst.weight_bytes + inst.num_blocks * block_bytes
+        assert live[dev] == ex.weight_bytes + ex.num_blocks * block_bytes
 
 
 def test_tensor_parallel_instance_matches_reference(tiny_dir, tiny_params):
     llm = LLM(tiny_dir, devices=jax.devices()[2:6], num_instances=2, tp=2, block_size=8, max_num_seqs=4,
               max_num_batched_tokens=32, max_model_len=64, min_token_bucket=32)
-    inst = llm.engine.instances[0]
-    assert inst.kv_pool.sharding.shard_shape(inst.kv_pool.shape)[4] == TINY.num_kv_heads // 2
-    wq = inst.params["layers"]["wq"]
+    rep = llm.engine.executor.replicas[0]
+    assert rep.pool.sharding.shard_shape(rep.pool.shape)[4] == TINY.num_kv_heads // 2
+    wq = rep.params["layers"]["wq"]
     assert wq.sharding.shard_shape(wq.shape)[2] == TINY.q_size // 2
     prompts = random_prompts(8, seed=11)
     outs = llm.generate(prompts, GREEDY)
@@ -197,6 +207,6 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_dir, tiny_params):
     assert all(o.num_cached_tokens == 20 for o in rest)  # five full blocks of the shared prefix
     expected = naive_greedy(TINY, tiny_params, prompts, GREEDY.max_tokens)
     assert [o.token_ids for o in [first, *rest]] == expected
-    inst = llm.engine.instances[0]
-    assert inst.allocator.num_cached > 0 and inst.allocator.num_used == 0
+    a = llm.engine.units[0].stages[0]
+    assert a.num_cached > 0 and a.num_used == 0
     llm.engine.check_books()

@@ -13,7 +13,7 @@ from kunjax.checkpoint import load_params
 from kunjax.config import EngineConfig
 from kunjax.engine import LLMEngine
 from kunjax.engine_thread import EngineThread
-from kunjax.model import param_shapes
+from kunjax.memory import param_shapes
 from kunjax.sampling_params import SamplingParams
 from sharding.layouts import instance_meshes, param_shardings
 from tests.helpers import TINY, naive_greedy, write_tiny_model

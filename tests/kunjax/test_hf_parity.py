@@ -16,7 +16,8 @@ import pytest
 
 from kunjax.checkpoint import load_config, load_params
 from kunjax.config import ModelConfig
-from kunjax.model import forward_dense, param_shapes
+from kunjax.memory import param_shapes
+from kunjax.model import forward_dense
 from sharding.layouts import instance_meshes, param_shardings
 
 torch = pytest.importorskip("torch")

@@ -85,7 +85,7 @@ def test_partial_admission_gives_an_earlier_first_token_and_matches_the_oracle(f
     rt = fresh.policy
     before = rt.stats()
     layered_steps = []
-    got = serve(fresh, lambda step: layered_steps.append(step) if rt.hooks[0].layered else None)
+    got = serve(fresh, lambda step: layered_steps.append(step) if rt.units[0].layered else None)
     stats = rt.stats()
     assert stats["partial_admissions"] - before["partial_admissions"] == 1
     assert got["A"][1] == expected[0] and got["B"][1] == expected[1]
@@ -107,9 +107,9 @@ def test_partial_admission_gives_an_earlier_first_token_and_matches_the_oracle(f
 
 def test_the_slo_gate_refuses_when_the_projected_step_time_is_over(fresh, expected):
     rt = fresh.policy
-    if rt.model.project(4, 8) is None:
+    if rt.model_time.project(4, 8) is None:
         serve(fresh)  # the step-time model learns from measured steps first
-    assert rt.model.project(4, 8) > 0
+    assert rt.model_time.project(4, 8) > 0
     rt.tpot_slo_s = 1e-9  # any step is slower than this: a partial admission would break the running decodes' SLO
     before = rt.stats()
     got = serve(fresh)
@@ -146,7 +146,7 @@ def test_a_burst_parks_layered_requests_and_promotes_groups_with_oracle_outputs(
 
 def test_aborting_a_partially_resident_request_frees_both_tiers(fresh):
     rt = fresh.policy
-    hooks = fresh.instances[0].scheduler.policy
+    hooks = rt.units[0]
     fresh.add_request(A, A_PARAMS, request_id="A")
     fresh.step()
     fresh.add_request(B, B_PARAMS, request_id="B")
@@ -158,10 +158,10 @@ def test_aborting_a_partially_resident_request_frees_both_tiers(fresh):
     fresh.check_books()
     assert not hooks.layered and not hooks.book.owner and not hooks.book.split
     assert rt.stats()["host_used"] == 0 and hooks.host_reserved == 0
-    assert fresh.instances[0].allocator.num_used == a_blocks
+    assert fresh.units[0].stages[0].num_used == a_blocks
     fresh.abort("A")
     fresh.check_books()
-    assert fresh.instances[0].allocator.num_used == 0
+    assert fresh.units[0].stages[0].num_used == 0
 
 
 def test_bad_layerkv_flags_are_named(tiny_dir):

@@ -28,11 +28,11 @@ def load_imbalanced(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, in
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     kept = {}
     for i, rid in enumerate(ids):
-        if engine.requests[rid].instance == 1:
+        if engine.requests[rid].unit == 1:
             engine.abort(rid)
         else:
             kept[rid] = i
-    assert len(kept) >= 8 and not engine.instances[1].scheduler.has_work
+    assert len(kept) >= 8 and not engine.units[1].has_work
     engine.check_books()
     return kept
 
@@ -48,7 +48,7 @@ def test_requests_migrate_while_decoding_and_match_the_oracle(engine, prompts_an
         if not engine.has_requests():
             break
         for out in engine.step():
-            advanced[out.request_id].add(pol.step_no)
+            advanced[out.request_id].add(engine.step_no)
             if out.finished:
                 outputs[out.request_id] = out.token_ids
         engine.check_books()
@@ -75,7 +75,7 @@ def test_requests_migrate_while_decoding_and_match_the_oracle(engine, prompts_an
     assert stats["migrations"] >= len(done) and stats["migration_blocks_copied"] >= sum(e.detail["blocks"]
                                                                                           for e in done)
     assert stats["migrations_in_flight"] == 0
-    assert all(inst.allocator.num_used == 0 for inst in engine.instances)
+    assert all(u.stages[0].num_used == 0 for u in engine.units.values())
 
 
 def test_abort_mid_migration_frees_the_reservation(engine, prompts_and_expected):  # noqa: F811
@@ -90,9 +90,9 @@ def test_abort_mid_migration_frees_the_reservation(engine, prompts_and_expected)
         if m is not None:
             break
     assert m is not None, "no migration got under way"
-    dst = engine.instances[m.dst].allocator
+    dst = engine.units[m.dst].stages[0]
     used, cancelled = dst.num_used, pol.counts["cancelled"]
-    assert sum(pol.reserved_blocks(m.dst).values()) >= m.copied > 0
+    assert sum(pol.reserved_blocks(engine.units[m.dst], 0).values()) >= m.copied > 0
     engine.abort(m.req.request_id)
     assert m.req.request_id not in pol.inflight and pol.counts["cancelled"] == cancelled + 1
     assert dst.num_used == used - m.copied, "the destination reservation was not freed"
@@ -102,7 +102,7 @@ def test_abort_mid_migration_frees_the_reservation(engine, prompts_and_expected)
     for rid in kept:
         engine.abort(rid)
     engine.check_books()
-    assert not pol.inflight and all(inst.allocator.num_used == 0 for inst in engine.instances)
+    assert not pol.inflight and all(u.stages[0].num_used == 0 for u in engine.units.values())
 
 
 def test_migration_events_reach_the_runtime_elastic_status(engine, prompts_and_expected):  # noqa: F811

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from kunjax.elastic.monitor import RestoreWatch, Thresholds, needs_drop
-from kunjax.elastic.planner import InstanceLoad
+from kunjax.policies.kunserve.monitor import RestoreWatch, Thresholds, needs_drop
+from kunjax.policies.kunserve.planner import InstanceLoad
 
 TH = Thresholds()  # the engine config's defaults: 0.95 / 0.5 / 16 steps / 8 steps
 BASE = 100  # KV blocks of one instance's own pool

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from kunjax.elastic.planner import (
+from kunjax.policies.kunserve.planner import (
     DropPlan,
     InstanceLoad,
     PipelineCostModel,

@@ -60,13 +60,12 @@ def test_every_policy_matches_the_oracle_with_balanced_books(tiny_dir, prompts_a
     got = run_checked(engine, prompts)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g == e, f"{policy}: prompt {i} diverged from the oracle"
-    assert sum(inst.scheduler.num_preemptions for inst in engine.instances) > 0, "the pool was not tight"
-    for inst in engine.instances:
-        assert inst.allocator.num_used == 0
+    assert sum(u.num_preemptions for u in engine.units.values()) > 0, "the pool was not tight"
+    for u in engine.units.values():
+        assert u.stages[0].num_used == 0
     if policy == "swap":
-        stats = engine.policy.mempool.stats()
-        swaps = [inst.scheduler.policy for inst in engine.instances]
-        assert sum(p.swap_outs for p in swaps) > 0 and stats["blocks_swapped_in"] == stats["blocks_swapped_out"] > 0
+        stats = engine.mempool.stats()
+        assert engine.policy.swap_outs > 0 and stats["blocks_swapped_in"] == stats["blocks_swapped_out"] > 0
         assert stats["host_used"] == 0
     if policy == "layerkv":
         stats = engine.policy.stats()
@@ -93,8 +92,8 @@ def test_swap_with_prefix_caching_keeps_shared_blocks_intact(tiny_dir):
     assert [cached[i][0] for i in ids] == expected
     assert sum(n for _, n in cached.values()) > 0, "no prefix was reused"
     assert engine.policy.stats()["swap_outs"] > 0
-    assert sum(inst.scheduler.num_preemptions for inst in engine.instances) > 0, "the pool was not tight"
-    assert all(inst.allocator.num_used == 0 for inst in engine.instances)
+    assert sum(u.num_preemptions for u in engine.units.values()) > 0, "the pool was not tight"
+    assert all(u.stages[0].num_used == 0 for u in engine.units.values())
 
 
 def test_swap_falls_back_to_recompute_when_the_host_tier_is_full(tiny_dir, prompts_and_expected):
@@ -102,11 +101,10 @@ def test_swap_falls_back_to_recompute_when_the_host_tier_is_full(tiny_dir, promp
     block_bytes = TINY.num_layers * 2 * 4 * TINY.num_kv_heads * TINY.head_dim * 4
     engine = make_engine(tiny_dir, "swap", jax.devices()[2:4], host_kv_bytes=3 * block_bytes,
                          swap_blocks_per_step=4)
-    assert engine.policy.mempool.host[0].total == 3
+    assert engine.mempool.host[0].total == 3
     assert run_checked(engine, prompts) == expected
-    swaps = [inst.scheduler.policy for inst in engine.instances]
-    preemptions = sum(inst.scheduler.num_preemptions for inst in engine.instances)
-    assert 0 < sum(p.swap_outs for p in swaps) < preemptions, "expected both swaps and recompute fallbacks"
+    preemptions = sum(u.num_preemptions for u in engine.units.values())
+    assert 0 < engine.policy.swap_outs < preemptions, "expected both swaps and recompute fallbacks"
 
 
 def test_aborting_a_swapped_request_frees_its_host_blocks(tiny_dir, prompts_and_expected):
@@ -116,19 +114,19 @@ def test_aborting_a_swapped_request_frees_its_host_blocks(tiny_dir, prompts_and_
     swapped = None
     for _ in range(200):
         engine.step()
-        swapped = next((r for inst in engine.instances for r in inst.scheduler.swapped), None)
+        swapped = next((r for u in engine.units.values() for r in u.swapped), None)
         if swapped is not None:
             break
     assert swapped is not None and swapped.status is RequestStatus.SWAPPED
-    used = engine.policy.mempool.stats()["host_used"]
+    used = engine.mempool.stats()["host_used"]
     engine.abort(swapped.request_id)
-    assert engine.policy.mempool.stats()["host_used"] < used
+    assert engine.mempool.stats()["host_used"] < used
     engine.check_books()
     for i in ids:
         engine.abort(i)
     engine.check_books()
-    assert engine.policy.mempool.stats()["host_used"] == 0
-    assert all(inst.allocator.num_used == 0 for inst in engine.instances)
+    assert engine.mempool.stats()["host_used"] == 0
+    assert all(u.stages[0].num_used == 0 for u in engine.units.values())
 
 
 def test_bad_policy_flags_are_named():

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kunjax.sampling import SamplingArrays, pack_sampling, sample, seed_to_uint32
-from kunjax.sampling_params import SamplingParams
+from kunjax.sampling import sample
+from kunjax.sampling_params import SamplingArrays, SamplingParams, pack_sampling, seed_to_uint32
 
 N_LOGPROBS = 3
 sample_jit = jax.jit(sample, static_argnames="num_logprobs")

@@ -10,6 +10,7 @@ import pytest
 from kunjax import LLM
 from kunjax.config import EngineConfig
 from kunjax.engine import LLMEngine
+from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
 from tests.helpers import SPLIT, TINY, load_single_device_params, naive_greedy, write_tiny_model
 
@@ -47,8 +48,7 @@ def test_a_pipeline_group_on_the_tpu_kernel_matches_the_oracle(tmp_path):
     cfg = EngineConfig(num_instances=2, policy="kunserve", num_blocks=32, exchange_blocks_per_step=1,
                        remote_rows=8, restore_window_steps=1000, **SMALL)
     eng = LLMEngine(path, cfg, devices=jax.devices()[:2])
-    for inst in eng.instances:
-        inst.warmup()  # the group compiles at its drop
+    eng.executor.warmup([(u.uid, u.members, u.shape) for u in eng.units.values()], [])  # the group: at its drop
     ids = [eng.add_request(p, GREEDY) for p in PROMPTS]
     out: dict[str, list[int]] = {}
 
@@ -59,9 +59,9 @@ def test_a_pipeline_group_on_the_tpu_kernel_matches_the_oracle(tmp_path):
 
     step()
     step()
-    g = eng.elastic.drop((0, 1))
+    g = eng.units[eng.transition(FuseUnits((0, 1))).unit]
     while eng.requests:
         step()
-    assert g.remote_ticks > 0 and g.books.blocks_exchanged > 0
+    assert g.remote_ticks > 0 and g.blocks_exchanged > 0
     assert [out[i] for i in ids] == naive_greedy(SPLIT, load_single_device_params(path, SPLIT), PROMPTS,
                                                  GREEDY.max_tokens)

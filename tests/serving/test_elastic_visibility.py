@@ -20,6 +20,7 @@ import pytest
 from kunjax.config import EngineConfig
 from kunjax.engine import LLMEngine
 from kunjax.engine_thread import EngineThread
+from kunjax.policies.base import FuseUnits
 from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
 from serving.client import KunjaxClient
 from serving.server import ServerHandle, serve
@@ -85,32 +86,34 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     assert (info.drop_demand_ratio, info.restore_demand_ratio, info.restore_window_steps) == pytest.approx(
         (CONFIG.drop_demand_ratio, CONFIG.restore_demand_ratio, CONFIG.restore_window_steps))
     assert [s.split(",")[0] for s in info.instances] == ["instance 0: replica", "instance 1: replica"]
-    zeros = {k: 0 for k in ("preemptions", "drops", "restores", "blocks_exchanged", "remote_ticks")}
+    zeros = {k: 0 for k in ("preemptions", "drops", "restores", "groups", "remote_dependent", "blocks_exchanged",
+                            "remote_ticks")}
     assert client.elastic() == pb.ElasticStatus(policy="kunserve", policy_stats=zeros)
 
     # Requests generating when the instances fuse, and one that arrives at the group.
     calls = {f"before{i}": start(client, f"before{i}", 3 + 7 * i) for i in range(4)}
     firsts = {rid: [next(call)] for rid, call in calls.items()}  # each admitted and generating
     with rt._lock:
-        engine.elastic.drop((0, 1))
-        stage_totals = [s.total for s in engine.groups[0].books.stages]
+        gid = engine.transition(FuseUnits((0, 1))).unit  # a unit id of its own, after the replicas' 0 and 1
+        stage_totals = [s.total for s in engine.groups[0].stages]
     calls["during"] = start(client, "during", 50)
 
     load = client.load()
-    assert [(x.instance, x.mode, x.group, x.stage) for x in load] == [(0, "pipeline", 0, 0), (1, "pipeline", 0, 1)]
+    assert [(x.instance, x.mode, x.group, x.stage) for x in load] == [(0, "pipeline", gid, 0),
+                                                                      (1, "pipeline", gid, 1)]
     assert [x.kv_total for x in load] == stage_totals
     assert stage_totals[0] > CONFIG.num_blocks  # a stage holds half of every block of both pools, plus the extension
     assert all(x.kv_free + x.kv_used == x.kv_total and x.kv_cached == 0 for x in load)
     elastic = client.elastic()
     assert (elastic.policy, elastic.drops, elastic.restores, elastic.active_groups) == ("kunserve", 1, 0, 1)
     (drop,) = [ev for ev in elastic.events if ev.kind == "drop"]
-    assert (drop.seq, drop.group, list(drop.members)) == (1, 0, [0, 1])
+    assert (drop.seq, drop.group, list(drop.members)) == (1, gid, [0, 1])
     assert drop.seconds > 0 and drop.detail["k"] == "2" and int(drop.detail["extension_blocks"]) > 0
     assert [s.split(",")[0] for s in client.info().instances] == [
-        "instance 0: pipeline group 0 stage 0", "instance 1: pipeline group 0 stage 1"]
+        f"instance 0: pipeline group {gid} stage 0", f"instance 1: pipeline group {gid} stage 1"]
 
     with rt._lock:
-        engine.elastic.begin_restore(engine.groups[0])
+        engine.policy.begin_restore(engine.groups[0])
     # A request arriving while the group drains; it also keeps the engine stepping until the restore completes.
     calls["draining"] = start(client, "draining", 70)
 
@@ -123,7 +126,7 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     elastic = client.elastic()
     assert (elastic.drops, elastic.restores, elastic.active_groups, elastic.remote_dependent) == (1, 1, 0, 0)
     (restore,) = [ev for ev in elastic.events if ev.kind == "restore"]
-    assert restore.group == 0 and restore.seconds > 0 and restore.seq > drop.seq
+    assert restore.group == gid and restore.seconds > 0 and restore.seq > drop.seq
     seqs = [ev.seq for ev in elastic.events]
     assert seqs == list(range(1, len(seqs) + 1))  # every event once, oldest first
     assert [s.split(",")[0] for s in client.info().instances] == ["instance 0: replica", "instance 1: replica"]

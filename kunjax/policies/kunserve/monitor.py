@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kunjax.elastic.planner import InstanceLoad
+from kunjax.policies.kunserve.planner import InstanceLoad
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,194 @@
+"""The executor seam's vocabulary: what host code hands an executor, and what comes back (DESIGN.md §14).
+
+Host code (router, scheduler, memory pool, policies) decides; an executor (`kunjax.executor`) computes. What
+crosses the seam is only what is defined here, all of it plain host data (numpy arrays, ints, tuples):
+
+* `UnitShape` — the static shapes of one serving unit's step (a replica: one stage; a pipeline group: k);
+* `StepInputs` — one tick of one unit: the entering micro-batch's tokens and, per stage, the metadata of the
+  micro-batch that stage processes (positions, block tables, KV slots, remote-attention work lists), plus the
+  sampling rows of the micro-batch leaving the last stage. Every per-stage field has a leading `[k]` axis;
+* `Sampled` — the leaving micro-batch's sampled ids and logprobs;
+* memory operations — block copies inside a unit, transfers between units, moves to and from the host tier,
+  layer-group slot moves (layerkv), and the reshards that fuse replicas into a group and split it again.
+
+Axis names: k stages, T tokens (a bucket), S rows (sequences of a micro-batch), MB blocks per sequence, G layer
+groups, R remote rows per (stage, destination), X copies per (source, destination) call, N top logprobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kunjax.blocks import NULL_BLOCK
+
+# Most token ids a request can have masked while it is below `min_tokens` (its EOS ids and stop token ids).
+MAX_SUPPRESSED = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitShape:
+    """Static shapes of one serving unit's compiled step (what a compiled step is keyed by, with the members)."""
+
+    k: int  # stages (1: a replica)
+    tp: int  # devices per stage (tensor parallelism)
+    tokens: int  # T of the largest bucket: the token budget of one micro-batch
+    buckets: tuple[int, ...]  # padded token counts compiled (ascending, the last is `tokens`)
+    seqs: int  # S: most sequences in one micro-batch
+    max_blocks: int  # MB: block-table width
+    num_base: int  # blocks of each stage's base pool segment (a replica's pool; NB·k after a drop)
+    num_ext: int = 0  # blocks of each stage's extension segment (the memory the dropped weights freed)
+    layer_groups: int = 1  # G: per-layer-group block tables (layerkv); 1 everywhere else
+    remote_rows: int = 1  # R: remote-attention rows per (stage, destination) per tick (k > 1)
+    copy_blocks: int = 1  # X: blocks per (source, destination) per block-copy call (k > 1)
+    split_vocab: bool = False  # the embedding and LM head are split over the stages (k > 1, k | V)
+
+    def bucket(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the step budget {self.buckets[-1]}")
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """Host arrays of one tick of one unit. Per-stage fields have a leading [k] axis (row s for stage s)."""
+
+    positions: np.ndarray  # [k, T] int32
+    seq_ids: np.ndarray  # [k, T] int32 row of each token's sequence in its micro-batch
+    valid: np.ndarray  # [k, T] bool, False on padding
+    slot_mapping: np.ndarray  # [k, T] int32 block * BS + offset (base-then-extension ids); [k, G, T] per group
+    block_tables: np.ndarray  # [k, S, MB] int32; [k, G, S, MB] slot ids per layer group (layerkv)
+    context_lens: np.ndarray  # [k, S] int32 tokens already in the pool
+    context_starts: np.ndarray  # [k, S] int32 first cached position read locally (the rest is remote)
+    send_rows: np.ndarray  # [k, k, R] int32 stage s's rows whose history lives on device d (-1 pad)
+    recv_tables: np.ndarray  # [k, k, R, MB] int32 on device d, the blocks of rows sent by stage s
+    recv_lens: np.ndarray  # [k, k, R] int32
+    recv_pos: np.ndarray  # [k, k, R] int32
+    tokens_in: np.ndarray  # [T] int32 tokens of the micro-batch entering stage 0
+    logits_indices: np.ndarray  # [S] int32 rows of the micro-batch leaving the last stage to sample
+    suppress_ids: np.ndarray  # [S, MAX_SUPPRESSED] int32 ids a row may not sample yet; -1 pad
+    temperature: np.ndarray  # [S] float32
+    top_k: np.ndarray  # [S] int32
+    top_p: np.ndarray  # [S] float32
+    min_p: np.ndarray  # [S] float32
+    seeds: np.ndarray  # [S] uint32
+    counters: np.ndarray  # [S] int32
+
+    PER_STAGE = 11  # the first fields carry the [k] stage axis
+
+    @classmethod
+    def empty(cls, shape: UnitShape, tokens: int) -> StepInputs:
+        """All padding, for a bucket of `tokens` rows (padding rows write to the null block)."""
+        k, s, mb, r, g = shape.k, shape.seqs, shape.max_blocks, shape.remote_rows, shape.layer_groups
+        i32, f32 = np.int32, np.float32
+        groups = (g,) if g > 1 else ()
+        return cls(
+            positions=np.zeros((k, tokens), i32), seq_ids=np.zeros((k, tokens), i32),
+            valid=np.zeros((k, tokens), bool), slot_mapping=np.full((k, *groups, tokens), NULL_BLOCK, i32),
+            block_tables=np.zeros((k, *groups, s, mb), i32), context_lens=np.zeros((k, s), i32),
+            context_starts=np.zeros((k, s), i32), send_rows=np.full((k, k, r), -1, i32),
+            recv_tables=np.zeros((k, k, r, mb), i32), recv_lens=np.zeros((k, k, r), i32),
+            recv_pos=np.zeros((k, k, r), i32), tokens_in=np.zeros(tokens, i32),
+            logits_indices=np.zeros(s, i32), suppress_ids=np.full((s, MAX_SUPPRESSED), -1, i32),
+            temperature=np.zeros(s, f32), top_k=np.zeros(s, i32), top_p=np.ones(s, f32), min_p=np.zeros(s, f32),
+            seeds=np.zeros(s, np.uint32), counters=np.zeros(s, i32))
+
+    def as_tuple(self) -> tuple[np.ndarray, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@dataclasses.dataclass
+class Sampled:
+    """What one tick returns for the micro-batch leaving the last stage (rows in micro-batch order)."""
+
+    tokens: np.ndarray  # [S] int32
+    logprobs: np.ndarray  # [S] float32 of the sampled token
+    top_ids: np.ndarray  # [S, N] int32
+    top_logprobs: np.ndarray  # [S, N] float32
+
+
+# ---- memory operations ----------------------------------------------------------------------------------------
+# Applied by the executor in the order they were issued, before the step that follows them; an executor never
+# reorders them and never waits for the device to apply them (a fuse or split may wait for its own transfers).
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyBlocks:
+    """Blocks between the stages of one unit: `(src_stage, src_id, dst_stage, dst_id, lo, hi)` each; the destination
+    block takes the token offsets `[lo, hi)` from the source and keeps the rest (live KV exchange, move home)."""
+
+    unit: int
+    copies: tuple[tuple[int, int, int, int, int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """Whole blocks from one instance's pool into already allocated blocks of another's (live migration)."""
+
+    src: int  # instance
+    dst: int  # instance
+    src_blocks: tuple[int, ...]
+    dst_blocks: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapOut:
+    """Blocks (or layer-group slots, `groups` > 1) of an instance's pool to its host tier as entry `key`."""
+
+    instance: int
+    key: str
+    blocks: tuple[int, ...]
+    groups: int = 1  # G > 1: `blocks` are slot ids of the pool's G-slot view
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapIn:
+    """Host entry `key` into blocks (or slots) of the instance's pool; `keep` leaves the entry on the host."""
+
+    instance: int
+    key: str
+    blocks: tuple[int, ...]
+    groups: int = 1
+    keep: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DropHost:
+    """Forget host entry `key` of an instance (its request finished, or its KV came back)."""
+
+    instance: int
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotCopy:
+    """Layer-group slots within one instance's pool (G-slot view): `src[i]` into `dst[i]`."""
+
+    instance: int
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
+    groups: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Fuse:
+    """Drop replicated weights: instances `members` (stage order) become the k-stage unit `unit` of `shape`; their
+    pools are reinterpreted in pipeline format in place and the freed weight memory becomes the extension."""
+
+    unit: int
+    members: tuple[int, ...]
+    shape: UnitShape
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Restore: the unit's pool back to full-layer format, extension freed, weights gathered back, its members
+    serve as replicas again (each its own one-stage unit)."""
+
+    unit: int
+    members: tuple[int, ...]
+
+
+MemoryOp = CopyBlocks | Transfer | SwapOut | SwapIn | DropHost | SlotCopy | Fuse | Split

@@ -1,0 +1,611 @@
+"""A serving unit: k pipeline stages over k instances (k = 1: a replica), its requests, books and micro-batches.
+
+One abstraction for both modes (DESIGN.md §4): a replica is the unit of one stage; a pipeline group fused from k
+replicas is the unit of k stages. Each stage has a refcounted, segmented `BlockAllocator` (`kunjax.blocks`), and
+every logical block of a request has one block id on every stage (`Request.tables[s]`), holding that stage's
+layers. The unit owns what runs: the waiting, running and swapped queues, the scheduler (`schedule`), the
+micro-batches in the pipe (`at_stage`), the prefix index's use, and the host arrays of each tick (`tick_inputs`).
+
+One engine step of a unit is k ticks. At each tick a micro-batch enters stage 0, every stage processes the
+micro-batch one stage behind, and the one leaving the last stage is sampled; its tokens are applied before the
+next tick is scheduled, so a request re-enters the pipe right after it leaves. With k = 1 a tick is the step.
+
+Scheduling (`schedule`, the same for every k): running requests first in arrival order (one decode token each,
+or the next chunk of a prefill), then the policy's own returning requests (`SchedulerHooks.resume`, e.g. swap-ins),
+then waiting requests FCFS, each with as large a prefill chunk as the micro-batch's token budget leaves. When a
+running request needs a block and none is allocatable, the latest arrival that is not in the pipe is preempted,
+the way the policy says (`SchedulerHooks.preempt`: recompute by default). In a pipeline (k > 1) a prefill chunk is
+capped at the typical prompt length while other prefills wait (KunServe's micro-batch balance).
+
+Requests that were running when their replicas fused are *stale* (`StaleKV`): their pre-drop history stays on
+their home device, in the old full-layer blocks b, which after the reshape are the pipeline blocks `b·k + s`; for
+the other stages it is read by remote attention until the live exchange (`plan_exchange`) has copied each
+stage's layers to the stage that owns them. New tokens are always written on each stage's own blocks.
+
+Never touches device memory: every copy goes out as a memory operation (`kunjax.plan`) through the memory pool.
+Invariant (`check`): per stage, each block's refcount equals its holders (requests' tables, stale histories,
+in-flight aborted requests until they leave the pipe, the policy's reservations).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from kunjax.blocks import NULL_BLOCK, BlockAllocator, PrefixIndex
+from kunjax.plan import MAX_SUPPRESSED, StepInputs, UnitShape
+from kunjax.request import Request, RequestStatus
+from kunjax.sampling_params import SamplingArrays, pack_sampling
+
+
+@dataclasses.dataclass(eq=False)
+class StaleKV:
+    """Pre-drop history of a request that was running when its replicas fused."""
+
+    home: int  # stage index of its home device
+    old_blocks: list[int]  # full-layer block ids on the home device (before the reshape)
+    length: int  # tokens of history
+    pending: set[int]  # stages != home whose layers are still read remotely
+    copied: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> history blocks copied so far
+
+    def history_ids(self, k: int, stage: int) -> list[int]:
+        """Pipeline ids on the home device holding stage `stage`'s layers of the history."""
+        return [b * k + stage for b in self.old_blocks]
+
+
+@dataclasses.dataclass
+class Scheduled:
+    req: Request
+    start: int  # first token computed (== req.num_computed when scheduled)
+    num_tokens: int
+    sample: bool  # the chunk reaches the end of the known tokens: a token is sampled
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """What one micro-batch carries through the pipe (the stage-independent part of its tick inputs)."""
+
+    items: list[Scheduled]
+    tokens: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T] int32
+    seq_ids: np.ndarray  # [T] int32
+    valid: np.ndarray  # [T] bool
+    context_lens: np.ndarray  # [S] int32
+    logits_indices: np.ndarray  # [S] int32
+    suppress_ids: np.ndarray  # [S, MAX_SUPPRESSED] int32
+    sampling: SamplingArrays  # [S] each
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(it.num_tokens for it in self.items)
+
+
+def suppressed_ids(req: Request) -> list[int]:
+    """Ids a request may not sample yet: its stop ids and EOS ids while it is below `min_tokens`."""
+    if req.num_output_tokens >= req.params.min_tokens:
+        return []
+    return sorted(set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(req.eos_token_ids)))
+
+
+class SchedulerHooks(Protocol):
+    """What a memory policy may change about scheduling (`kunjax.policies`); `kunjax.policies.base.PolicyHooks`
+    is the default (recompute) and every policy's base."""
+
+    def begin_step(self, unit: ServingUnit) -> set[Request]:
+        """Before a micro-batch is scheduled; returns running requests to leave out of it (parked)."""
+
+    def preempt(self, unit: ServingUnit, victim: Request) -> None:
+        """`victim` (already out of `running`) must give up its device blocks."""
+
+    def resume(self, unit: ServingUnit, items: list[Scheduled], budget: int) -> int:
+        """After the running requests: bring the policy's own requests back into `items`; returns the budget."""
+
+    def may_admit(self, unit: ServingUnit) -> bool: ...
+
+    def grow(self, unit: ServingUnit, req: Request, num_tokens: int) -> bool | None:
+        """Give `req` room for `num_tokens` more tokens its own way, or None for the unit's way."""
+
+    def admit_fallback(self, unit: ServingUnit, req: Request, num_tokens: int) -> bool:
+        """A fresh waiting request's blocks did not fit: admit it some other way (True) or let it wait."""
+
+    def release(self, unit: ServingUnit, req: Request) -> None:
+        """`req` gives back everything it holds (called before its tables are freed)."""
+
+    def commit(self, unit: ServingUnit, req: Request) -> bool:
+        """After a tick computed `req`'s chunk; True when the policy keeps its blocks out of the prefix index."""
+
+    def group_tables(self, unit: ServingUnit, req: Request) -> list[list[int]] | None:
+        """Per layer group, `req`'s slot of each logical block this tick (G > 1), or None for whole blocks."""
+
+    def after_launch(self, unit: ServingUnit, mb: MicroBatch) -> None:
+        """Right after the tick that ran `mb` was handed to the executor."""
+
+    def forget(self, unit: ServingUnit, req: Request) -> None:
+        """`req` left the unit (finished, aborted, migrated away)."""
+
+
+class ServingUnit:
+    """Requests, block books and micro-batches of one unit of `shape.k` stages (module docstring)."""
+
+    def __init__(self, uid: int, members: tuple[int, ...], shape: UnitShape, allocators: Sequence[BlockAllocator],
+                 hooks: SchedulerHooks, *, block_size: int, enable_prefix_caching: bool, now: Callable[[], float]):
+        self.uid = uid
+        self.members = members
+        self.shape = shape
+        self.k = shape.k
+        self.stages = list(allocators)
+        self.index = PrefixIndex(self.stages, block_size)
+        self.hooks = hooks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._now = now
+        self.max_running = self.k * shape.seqs
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # admission order (the latest admitted is preempted first)
+        self.swapped: list[Request] = []  # KV on the host tier (swap policy), arrival order
+        self.aborted_in_flight: list[Request] = []  # left the unit while in the pipe: their blocks go when it exits
+        self.at_stage: list[MicroBatch | None] = [None] * self.k
+        self.admitting = True  # False while draining for a restore
+        self.ticks = 0
+        self.remote_ticks = 0
+        self.num_preemptions = 0
+        self.blocks_exchanged = 0
+        self.recent_prompts: collections.deque[int] = collections.deque(maxlen=64)  # for `chunk_cap`
+        self.last_tick: tuple[int, int] = (0, 0)  # (tokens, rows of the bucket) of the last tick launched
+
+    # ---- counts -------------------------------------------------------------------------------------
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    @property
+    def total_blocks(self) -> int:
+        """Logical blocks (one block on every stage each)."""
+        return self.stages[0].total
+
+    @property
+    def num_allocatable(self) -> int:
+        """Logical blocks a request could get now: free on every stage, plus cached prefixes it may evict."""
+        return min(a.num_free_allocatable for a in self.stages) + self.index.num_cached
+
+    @property
+    def num_used(self) -> int:
+        return max(a.num_used for a in self.stages)
+
+    def queued_blocks(self) -> int:
+        """Blocks the waiting requests will need to start (their known tokens plus the next one)."""
+        return sum(self.blocks_for(len(r.token_ids) + 1) for r in self.waiting)
+
+    def demand_blocks(self) -> int:
+        """KV demand: blocks held by running requests plus what the queued and swapped requests need to start."""
+        swapped = sum(self.blocks_for(r.num_computed + 1) for r in self.swapped)
+        return self.num_used + self.queued_blocks() + swapped
+
+    def can_ever_fit(self, req: Request) -> bool:
+        return self.blocks_for(req.max_total_len) <= self.total_blocks
+
+    @property
+    def in_flight(self) -> bool:
+        return any(mb is not None for mb in self.at_stage)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.swapped or self.in_flight)
+
+    @property
+    def num_remote_dependent(self) -> int:
+        return sum(1 for r in self.running if r.stale is not None and r.stale.pending)
+
+    @property
+    def mode(self) -> str:
+        return "replica" if self.k == 1 else "pipeline"
+
+    # ---- membership ---------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queue `req` (FCFS by arrival: a requeued request goes back to its arrival position)."""
+        if not self.can_ever_fit(req):
+            raise ValueError(f"request {req.request_id} may need {self.blocks_for(req.max_total_len)} KV blocks "
+                             f"({req.max_total_len} tokens) but the unit holds {self.total_blocks}")
+        req.status = RequestStatus.WAITING
+        req.unit = self.uid
+        insert_by_arrival(self.waiting, req)
+
+    def release(self, req: Request) -> None:
+        """Give back every block `req` holds on every stage (its prefix blocks stay cached in the index)."""
+        self.hooks.release(self, req)
+        for s, table in enumerate(req.tables):
+            blocks = [b for b in table if b != NULL_BLOCK]
+            if blocks:
+                self.stages[s].free(blocks)
+        st = req.stale
+        if st is not None:
+            for s in st.pending:
+                self.stages[st.home].free(st.history_ids(self.k, s))
+            st.pending.clear()
+        self.index.release(req.index_path)
+        req.stale = None
+        req.tables = [[] for _ in range(self.k)]
+        req.index_path = []
+        req.num_computed = 0
+
+    def requeue(self, req: Request) -> None:
+        """Recompute preemption: free `req`'s KV, keep its tokens, back to the queue at its arrival position."""
+        self.release(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(req)
+
+    def finish(self, req: Request) -> None:
+        self.running.remove(req)
+        self.release(req)
+        self.hooks.forget(self, req)
+        req.status = RequestStatus.FINISHED
+
+    def abort(self, req: Request) -> None:
+        """Take `req` out of the unit; one in the pipe keeps its blocks (its micro-batch still writes them) until
+        the micro-batch leaves."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.swapped:
+            self.swapped.remove(req)
+        elif req in self.running:
+            self.running.remove(req)
+            if req.in_flight:
+                req.aborted = True
+                self.aborted_in_flight.append(req)
+                self.hooks.forget(self, req)
+                return
+        self.release(req)
+        self.hooks.forget(self, req)
+
+    def take_running(self, req: Request) -> None:
+        """`req` (holding blocks of this unit in `req.tables`) runs here from now on (a migration's final round)."""
+        req.unit = self.uid
+        req.status = RequestStatus.RUNNING
+        insert_by_arrival(self.running, req)
+
+    # ---- scheduling ---------------------------------------------------------------------------------
+    def grow(self, req: Request, num_tokens: int) -> bool:
+        """Room for `num_tokens` more tokens of `req` on every stage; False (nothing taken) when it does not fit."""
+        own = self.hooks.grow(self, req, num_tokens)
+        if own is not None:
+            return own
+        need = self.blocks_for(req.num_computed + num_tokens) - len(req.tables[0])
+        if need <= 0:
+            return True
+        return self.extend(req, need)
+
+    def allocate(self, n: int) -> list[list[int]] | None:
+        """`n` logical blocks (per stage, one list of ids), evicting cached prefixes if needed; None when they do
+        not fit."""
+        if n > self.num_allocatable:
+            return None
+        short = n - min(a.num_free_allocatable for a in self.stages)
+        if short > 0:
+            self.index.evict(short)
+        return [a.allocate(n) for a in self.stages]
+
+    def extend(self, req: Request, n: int) -> bool:
+        """`n` more logical blocks for `req`; False (nothing taken) when they do not fit."""
+        got = self.allocate(n)
+        if got is None:
+            return False
+        for table, ids in zip(req.tables, got, strict=True):
+            table.extend(ids)
+        return True
+
+    def _victim(self, req: Request) -> Request | None:
+        """Latest arrival not in the pipe; `req` itself only when nothing else waits in the pipe for blocks."""
+        for v in reversed(self.running):
+            if v.in_flight or v.status is not RequestStatus.RUNNING:
+                continue
+            if v is req and any(r.in_flight for r in self.running):
+                return None  # wait a tick: in-flight micro-batches will leave and their requests can go first
+            return v
+        return None
+
+    def chunk_cap(self) -> int:
+        """Longest prefill chunk while others wait: in a pipeline, the typical (median recent) prompt length, so
+        one long prompt does not fill whole micro-batches while short ones queue behind it (KunServe's
+        micro-batch balance). A replica has one micro-batch at a time: no cap."""
+        if self.k == 1:
+            return self.shape.tokens
+        prefilling = sum(1 for r in self.running if len(r.token_ids) - r.num_computed > 1)
+        if len(self.waiting) + prefilling < 2 or not self.recent_prompts:
+            return self.shape.tokens
+        return max(self.shape.buckets[0], int(statistics.median(self.recent_prompts)))
+
+    def _match_prefix(self, req: Request) -> None:
+        nodes = self.index.match(req.token_ids)
+        req.tables = [[n.blocks[s] for n in nodes] for s in range(self.k)]
+        req.index_path = list(nodes)
+        req.num_computed = len(nodes) * self.block_size
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed
+
+    def schedule(self) -> MicroBatch | None:
+        """The micro-batch entering stage 0 now (None: nothing to run); see the module docstring."""
+        shape = self.shape
+        budget, items, preempted = shape.tokens, [], []
+        parked = self.hooks.begin_step(self)
+        seqs = shape.seqs - len(parked)  # parked requests keep their rows' worth of the sequence limit
+        cap = self.chunk_cap()
+        remote_rows: collections.Counter[int] = collections.Counter()
+        for req in list(self.running):
+            if budget <= 0 or len(items) >= seqs:
+                break
+            if req.in_flight or req.status is not RequestStatus.RUNNING or req in parked:
+                continue
+            n = min(len(req.token_ids) - req.num_computed, budget, cap)
+            if n <= 0:
+                continue
+            st = req.stale
+            if st is not None and st.pending:
+                n = min(n, shape.remote_rows - remote_rows[st.home])  # its rows travel to the home device
+                if n <= 0:
+                    continue
+            grown = self.grow(req, n)
+            while not grown:
+                victim = self._victim(req)
+                if victim is None:
+                    break
+                self.running.remove(victim)
+                self.hooks.preempt(self, victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+                grown = self.grow(req, n)
+            if req.status is not RequestStatus.RUNNING:
+                break  # it preempted itself: nothing more fits this tick
+            if not grown:
+                continue
+            if st is not None and st.pending:
+                remote_rows[st.home] += n
+            items.append(Scheduled(req, req.num_computed, n, req.num_computed + n == len(req.token_ids)))
+            budget -= n
+        if not preempted:
+            budget = self.hooks.resume(self, items, budget)
+        # Admit new work only when nothing had to be preempted (it would be thrashing) and the policy has nothing
+        # of its own waiting to come back.
+        while (self.admitting and not preempted and self.hooks.may_admit(self) and self.waiting and budget > 0
+               and len(items) < seqs and len(self.running) < self.max_running):
+            req = self.waiting[0]
+            if self.enable_prefix_caching and not req.tables[0] and req.num_computed == 0:
+                self._match_prefix(req)
+            n = min(len(req.token_ids) - req.num_computed, budget, cap)
+            if not self.grow(req, n) and not (
+                    not req.tables[0] and req.num_computed == 0 and self.hooks.admit_fallback(self, req, n)):
+                self.release(req)  # matched prefix blocks go back to the cache until admission
+                break
+            self.waiting.popleft()
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = self._now()
+            if req.num_preemptions == 0:
+                self.recent_prompts.append(len(req.token_ids))
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            items.append(Scheduled(req, req.num_computed, n, req.num_computed + n == len(req.token_ids)))
+            budget -= n
+        if not items:
+            return None
+        for it in items:
+            it.req.in_flight = True
+        return self._pack(items)
+
+    def _pack(self, items: list[Scheduled]) -> MicroBatch:
+        t, s = self.shape.tokens, self.shape.seqs
+        mb = MicroBatch(items, np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(t, np.int32),
+                        np.zeros(t, bool), np.zeros(s, np.int32), np.zeros(s, np.int32),
+                        np.full((s, MAX_SUPPRESSED), -1, np.int32), None)  # type: ignore[arg-type]
+        row = 0
+        for i, it in enumerate(items):
+            req, n = it.req, it.num_tokens
+            mb.tokens[row:row + n] = req.token_ids[it.start:it.start + n]
+            mb.positions[row:row + n] = np.arange(it.start, it.start + n)
+            mb.seq_ids[row:row + n] = i
+            mb.valid[row:row + n] = True
+            mb.context_lens[i] = it.start
+            mb.logits_indices[i] = row + n - 1
+            banned = suppressed_ids(req)
+            mb.suppress_ids[i, :len(banned)] = banned
+            row += n
+        reqs = [it.req for it in items]
+        mb.sampling = pack_sampling([r.params for r in reqs], [r.seed for r in reqs],
+                                    [r.num_output_tokens for r in reqs], s)
+        return mb
+
+    # ---- ticks --------------------------------------------------------------------------------------
+    def advance(self) -> tuple[MicroBatch | None, bool]:
+        """Shift the pipe by one tick: schedule the entering micro-batch; returns the one leaving the last stage
+        this tick (None if none) and whether anything runs at all."""
+        entering = self.schedule() if self.admitting else None  # draining: the pipe empties
+        self.at_stage = [entering] + self.at_stage[:-1]
+        leaving = self.at_stage[-1]
+        return leaving, self.in_flight
+
+    def tick_inputs(self) -> tuple[StepInputs, bool]:
+        """Host arrays of the tick about to run (after `advance`); also whether any row needs remote attention."""
+        shape, k, bs = self.shape, self.k, self.block_size
+        rows = shape.bucket(max((mb.num_tokens for mb in self.at_stage if mb is not None), default=0))
+        inp = StepInputs.empty(shape, rows)
+        g_count = shape.layer_groups
+        remote = False
+        for stage, mb in enumerate(self.at_stage):
+            if mb is None:
+                continue
+            inp.positions[stage], inp.seq_ids[stage] = mb.positions[:rows], mb.seq_ids[:rows]
+            inp.valid[stage] = mb.valid[:rows]
+            inp.context_lens[stage] = mb.context_lens
+            filled: collections.Counter[int] = collections.Counter()
+            row = 0
+            for i, it in enumerate(mb.items):
+                req, n = it.req, it.num_tokens
+                pos = mb.positions[row:row + n]
+                table = np.asarray(req.tables[stage], np.int32)
+                if g_count == 1:
+                    inp.slot_mapping[stage, row:row + n] = table[pos // bs] * bs + pos % bs
+                    inp.block_tables[stage, i, :len(table)] = table
+                else:
+                    groups = self.hooks.group_tables(self, req)
+                    if groups is None:  # whole blocks: group g of block p is slot p * G + g of the slot view
+                        groups = [table * g_count + g for g in range(g_count)]
+                    for g, slots in enumerate(groups):
+                        slots = np.asarray(slots, np.int32)
+                        inp.slot_mapping[stage, g, row:row + n] = slots[pos // bs] * bs + pos % bs
+                        inp.block_tables[stage, g, i, :len(slots)] = slots
+                st = req.stale
+                if st is not None and stage in st.pending:
+                    remote = True
+                    inp.context_starts[stage, i] = st.length
+                    hist = st.history_ids(k, stage)
+                    for p_row in range(row, row + n):
+                        j = filled[st.home]
+                        filled[st.home] += 1
+                        inp.send_rows[stage, st.home, j] = p_row
+                        inp.recv_tables[st.home, stage, j, :len(hist)] = hist
+                        inp.recv_lens[st.home, stage, j] = st.length
+                        inp.recv_pos[st.home, stage, j] = mb.positions[p_row]
+                row += n
+        if self.at_stage[0] is not None:
+            inp.tokens_in = self.at_stage[0].tokens[:rows]
+        last = self.at_stage[k - 1]
+        if last is not None:
+            inp.logits_indices, inp.suppress_ids = last.logits_indices, last.suppress_ids
+            (inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.seeds, inp.counters) = last.sampling
+        self.ticks += 1
+        self.remote_ticks += int(remote)
+        self.last_tick = (sum(mb.num_tokens for mb in self.at_stage if mb is not None), rows)
+        return inp, remote
+
+    def exit(self, mb: MicroBatch, tokens: np.ndarray, logprobs: np.ndarray, top_ids: np.ndarray,
+             top_lps: np.ndarray) -> list[tuple[Request, int, float, np.ndarray, np.ndarray]]:
+        """The micro-batch left the last stage: commit its KV, return its samples (in micro-batch order)."""
+        self.at_stage[-1] = None
+        out = []
+        for i, it in enumerate(mb.items):
+            req = it.req
+            req.in_flight = False
+            if req.aborted:
+                self.aborted_in_flight.remove(req)
+                self.release(req)
+                continue
+            self.commit(req, it.start + it.num_tokens)
+            if it.sample:
+                out.append((req, int(tokens[i]), float(logprobs[i]), top_ids[i], top_lps[i]))
+        return out
+
+    def commit(self, req: Request, computed: int) -> None:
+        """`req`'s KV up to `computed` tokens is in the pool: index its newly full blocks for reuse."""
+        req.num_computed = computed
+        if self.hooks.commit(self, req) or not self.enable_prefix_caching or req.stale is not None:
+            return
+        bs = self.block_size
+        while len(req.index_path) < computed // bs:
+            j = len(req.index_path)
+            parent = req.index_path[-1] if req.index_path else None
+            chunk = tuple(req.token_ids[j * bs:(j + 1) * bs])
+            own = tuple(t[j] for t in req.tables)
+            node = self.index.insert(parent, chunk, own)
+            if node.blocks != own:  # an equal block was indexed first: share it, give back this one
+                for s, (alloc, b) in enumerate(zip(self.stages, own, strict=True)):
+                    alloc.free([b])
+                    req.tables[s][j] = node.blocks[s]
+            req.index_path.append(node)
+
+    # ---- live KV exchange (k > 1) -------------------------------------------------------------------
+    def plan_exchange(self, limit: int) -> list[tuple[int, int, int, int, int, int]]:
+        """Next batch of history blocks to move to the stage owning their layers.
+
+        Returns copies `(src_stage, src_id, dst_stage, dst_id, lo, hi)`, at most `limit` per (src, dst) pair, in
+        one deterministic order (arrival, then stage, then block). Destination blocks are allocated here; a stage
+        whose history is fully copied stops being remote once `commit_exchange` runs.
+        """
+        k, bs = self.k, self.block_size
+        per_pair: collections.Counter[tuple[int, int]] = collections.Counter()
+        copies = []
+        for req in self.running:
+            st = req.stale
+            if st is None or not st.pending:
+                continue
+            n_hist = len(st.old_blocks)
+            full = st.length // bs
+            for s in sorted(st.pending):
+                done = st.copied.get(s, 0)
+                room = limit - per_pair[(st.home, s)]
+                if room <= 0:
+                    continue
+                todo = list(range(done, n_hist))[:room]
+                fresh = [j for j in todo if j < full]
+                if self.stages[s].num_free_allocatable < len(fresh):
+                    continue
+                ids = self.stages[s].allocate(len(fresh))
+                for j in todo:
+                    if j < full:
+                        req.tables[s][j] = ids.pop(0)
+                        lo, hi = 0, bs
+                    else:  # the partial boundary block: its new tokens are already there, copy the head only
+                        lo, hi = 0, max(st.length - j * bs, 0)
+                    st.copied[s] = j + 1
+                    if hi == 0:
+                        continue
+                    copies.append((st.home, st.old_blocks[j] * k + s, s, req.tables[s][j], lo, hi))
+                    per_pair[(st.home, s)] += 1
+        self.blocks_exchanged += len(copies)
+        return copies
+
+    def commit_exchange(self) -> int:
+        """After the copies were issued: stages whose history is complete read locally; returns stages finished."""
+        finished = 0
+        for req in self.running:
+            st = req.stale
+            if st is None:
+                continue
+            for s in sorted(st.pending):
+                if st.copied.get(s, 0) >= len(st.old_blocks):
+                    st.pending.discard(s)
+                    self.stages[st.home].free(st.history_ids(self.k, s))
+                    finished += 1
+            if not st.pending:
+                req.stale = None
+        return finished
+
+    # ---- books --------------------------------------------------------------------------------------
+    def holders(self, reserved: Callable[[int], collections.Counter[int]]) -> list[collections.Counter[int]]:
+        """Per stage, each block's holders: requests' tables, stale histories, aborted requests still in the
+        pipe, and `reserved(stage)` (the policy's own references)."""
+        held = [collections.Counter() for _ in range(self.k)]
+        for req in [*self.running, *self.waiting, *self.swapped, *self.aborted_in_flight]:
+            for s, table in enumerate(req.tables):
+                held[s].update(b for b in table if b != NULL_BLOCK)
+            st = req.stale
+            if st is not None:
+                for s in st.pending:
+                    held[st.home].update(st.history_ids(self.k, s))
+        for s in range(self.k):
+            held[s].update(reserved(s))
+        return held
+
+    def check(self, reserved: Callable[[int], collections.Counter[int]]) -> None:
+        """Every stage's books balance and each block's refcount equals its holders."""
+        held = self.holders(reserved)
+        for s, alloc in enumerate(self.stages):
+            alloc.check()
+            for b in range(1, alloc.num_blocks):
+                assert alloc.refcount(b) == held[s][b], (
+                    f"unit {self.uid} stage {s} block {b}: refcount {alloc.refcount(b)} but {held[s][b]} holders")
+        self.index.check()
+        for req in self.running:
+            assert req.unit == self.uid and req.status is RequestStatus.RUNNING, f"{req.request_id} misfiled"
+            assert all(len(t) == len(req.tables[0]) for t in req.tables), f"{req.request_id}: ragged tables"
+
+
+def insert_by_arrival(queue: collections.deque[Request] | list[Request], req: Request) -> None:
+    """Insert `req` into `queue` (ordered by arrival time) after every request that arrived no later."""
+    keys = [r.arrival_time for r in queue]
+    queue.insert(bisect.bisect_right(keys, req.arrival_time), req)

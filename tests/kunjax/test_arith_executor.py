@@ -1,0 +1,161 @@
+"""The whole engine on the arithmetic executor: every policy, drops, exchanges and restores, no model.
+
+Oracle: the executor's own formula (`ArithmeticExecutor.expected_greedy`) gives each prompt's tokens when every
+block is right; the engine's output must equal it while the books balance after every step. The sensitivity
+tests show the oracle notices a wrong block table and a lost copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+import kunjax.unit as unit_mod
+from kunjax.config import EngineConfig
+from kunjax.engine import LLMEngine
+from kunjax.policies.base import FuseUnits
+from kunjax.plan import DropHost, SwapIn, SwapOut
+from kunjax.sampling_params import SamplingParams
+from tests.helpers import SPLIT
+
+# 8 layers, so pipelines of 2, 4 and 8 stages split them evenly.
+MODEL = dataclasses.replace(SPLIT, num_layers=8)
+
+
+def run(engine: LLMEngine, arrivals: list[tuple[float, list[int], int]], max_steps: int = 100_000
+        ) -> dict[str, list[int]]:
+    """Open loop on the engine's virtual clock: each request arrives at its time; between arrivals an idle engine
+    jumps the clock. Checks the books after every step; returns the outputs by request id."""
+    clock = engine.clock
+    out: dict[str, list[int]] = {}
+    ids: list[str] = []
+    i = 0
+    for _ in range(max_steps):
+        while i < len(arrivals) and arrivals[i][0] <= clock.now():
+            _, prompt, n = arrivals[i]
+            ids.append(engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
+            i += 1
+        if engine.has_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+            engine.check_books()
+        elif i < len(arrivals):
+            clock.advance_to(arrivals[i][0])
+        else:
+            return {rid: out[rid] for rid in ids}
+    raise AssertionError("the workload did not finish")
+
+
+def burst(n: int, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
+    """`n` requests arriving within one second (open loop), prompts 8-48 tokens, 4-24 output tokens."""
+    rng = random.Random(seed)
+    return sorted((rng.random(), [rng.randrange(1, vocab) for _ in range(rng.randint(8, 48))], rng.randint(4, 24))
+                  for _ in range(n))
+
+
+CONFIG = dict(num_instances=8, block_size=8, num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128,
+              max_model_len=128, min_token_bucket=16, restore_window_steps=8, min_group_steps=4,
+              kunserve_max_group=4, exchange_blocks_per_step=4)
+
+
+@pytest.mark.parametrize("policy", ["recompute", "swap", "migrate", "layerkv", "kunserve"])
+def test_a_thousand_request_burst_under_every_policy(policy):
+    engine = LLMEngine(MODEL, EngineConfig(policy=policy, **CONFIG), executor="arith")
+    engine.warmup()
+    arrivals = burst(1000, seed=3, vocab=MODEL.vocab_size)
+    got = run(engine, arrivals)
+    assert len(got) == 1000, "a request was lost"
+    expected = [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
+    wrong = [i for i, (g, e) in enumerate(zip(got.values(), expected, strict=True)) if g != e]
+    assert not wrong, f"{policy}: {len(wrong)} requests differ from the oracle, first {wrong[:5]}"
+    assert sum(u.num_preemptions for u in engine.units.values()) > 0 or policy == "kunserve", "not overloaded"
+    stats = engine.policy.stats()
+    if policy == "swap":
+        assert stats["swap_outs"] > 0 and stats["host_used"] == 0
+    elif policy == "migrate":
+        assert stats["migrations"] + stats["migrations_cancelled"] > 0
+    elif policy == "layerkv":
+        assert stats["partial_admissions"] > 0 and stats["host_used"] == 0
+    elif policy == "kunserve":
+        while engine.groups:  # idle steps: the restore window passes
+            engine.step()
+            engine.check_books()
+        kinds = [e.kind for e in engine.policy.events]
+        assert stats["drops"] >= 1 and engine.policy.stats()["restores"] == engine.policy.stats()["drops"], kinds
+        assert engine.policy.stats()["blocks_exchanged"] > 0 and "exchange_done" in kinds
+    assert engine.clock.now() > 1.0  # the virtual clock moved with the modelled steps
+    assert all(a.num_used == 0 for u in engine.units.values() for a in u.stages)
+
+
+def test_the_oracle_notices_a_wrong_block_table(monkeypatch):
+    engine = LLMEngine(MODEL, EngineConfig(policy="recompute", **CONFIG), executor="arith")
+    real = unit_mod.ServingUnit.tick_inputs
+
+    def shifted(self):
+        inp, remote = real(self)
+        inp.block_tables[:, :, 0] = inp.block_tables[:, :, 1]  # every sequence reads its second block first
+        return inp, remote
+
+    monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", shifted)
+    arrivals = burst(20, seed=4, vocab=MODEL.vocab_size)
+    got = run(engine, arrivals)
+    expected = [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
+    assert sum(g != e for g, e in zip(got.values(), expected, strict=True)) > 10
+
+
+def test_the_oracle_notices_a_lost_swap_in(monkeypatch):
+    engine = LLMEngine(MODEL, EngineConfig(policy="swap", **{**CONFIG, "num_blocks": 12}), executor="arith")
+    real = engine.executor.apply
+    swapped_out: dict[str, tuple[int, ...]] = {}
+    moved = []  # swap-ins whose blocks are not the ones the request left (so their data must really move)
+
+    def without_swap_ins(ops):
+        for op in ops:
+            if isinstance(op, SwapOut):
+                swapped_out[op.key] = op.blocks
+            elif isinstance(op, SwapIn) and op.blocks != swapped_out[op.key]:
+                moved.append(op.key)
+        # The copy back is lost; only the host entry is dropped.
+        real([DropHost(op.instance, op.key) if isinstance(op, SwapIn) else op for op in ops])
+
+    monkeypatch.setattr(engine.executor, "apply", without_swap_ins)
+    arrivals = burst(200, seed=5, vocab=MODEL.vocab_size)
+    got = run(engine, arrivals)
+    expected = [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
+    assert moved, "every swap-in happened to land in the blocks it left"
+    assert sum(g != e for g, e in zip(got.values(), expected, strict=True)) > 0
+
+
+def test_an_eight_stage_pipeline_with_remote_attention_the_exchange_and_a_restore():
+    cfg = EngineConfig(policy="kunserve", **{**CONFIG, "kunserve_max_group": 8, "exchange_blocks_per_step": 1,
+                                             "remote_rows": 4, "restore_window_steps": 10_000})
+    engine = LLMEngine(MODEL, cfg, executor="arith")
+    arrivals = burst(120, seed=6, vocab=MODEL.vocab_size)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+           for _, p, n in arrivals]
+    out: dict[str, list[int]] = {}
+
+    def step():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
+        engine.check_books()
+
+    for _ in range(3):
+        step()
+    for g in engine.groups:  # whatever the monitor fused on its own goes back first
+        engine.policy.begin_restore(g)
+    while engine.groups:
+        step()
+    unit = engine.units[engine.transition(FuseUnits(tuple(range(8)), "test")).unit]
+    assert unit.k == 8 and unit.num_remote_dependent > 0
+    while engine.requests:
+        step()
+    assert unit.remote_ticks > 0 and unit.blocks_exchanged > 0
+    engine.policy.begin_restore(unit)
+    while engine.groups:
+        step()
+    assert [out[i] for i in ids] == [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
