@@ -15,8 +15,8 @@ import pytest
 import kunjax.unit as unit_mod
 from kunjax.config import EngineConfig
 from kunjax.engine import LLMEngine
-from kunjax.policies.base import FuseUnits
 from kunjax.plan import DropHost, SwapIn, SwapOut
+from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
 from tests.helpers import SPLIT
 
