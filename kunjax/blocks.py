@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import heapq
-import itertools
 from collections.abc import Iterable, Sequence
 
 NULL_BLOCK = 0
@@ -130,6 +129,21 @@ class BlockAllocator:
             raise ValueError(f"cannot index unreferenced block {b}")
         self._indexed.add(b)
 
+    def keep(self, blocks: Iterable[int]) -> None:
+        """The prefix index keeps `blocks` as they are: a free one becomes cached, a held one indexed."""
+        want = set(blocks)
+        for b in want:
+            if b == NULL_BLOCK or b in self._indexed:
+                raise ValueError(f"block {b} cannot be kept (null or already indexed)")
+        free = {b for b in want if not self._ref[b]}
+        if free:
+            self._free_base = [b for b in self._free_base if b not in free]
+            self._free_ext = [b for b in self._free_ext if b not in free]
+            heapq.heapify(self._free_base)
+            heapq.heapify(self._free_ext)
+            self._num_cached += len(free)
+        self._indexed.update(want)
+
     def unindex(self, b: int) -> None:
         """The index lets go of `b`; a cached `b` becomes free."""
         self._indexed.discard(b)
@@ -154,68 +168,80 @@ class BlockAllocator:
 
 
 class PrefixNode:
-    """One full block of computed KV: `tokens` (its chunk) under `parent`, `blocks[s]` its block on stage s."""
+    """One full block of computed KV: `tokens` (its chunk) under `parent`, `blocks[s]` its block on stage s.
 
-    __slots__ = ("tokens", "parent", "children", "blocks", "depth")
+    A *stale* node (`stale = (home, old)`, `blocks = ()`) is a block a replica had cached before it fused into
+    a pipeline: its data is still the old full-layer block `old` on stage `home`'s device, i.e. the pipeline blocks
+    `old·k + s` there, all held on `home`'s allocator, until the live exchange copies each stage's layers to the
+    stage that owns them (`PrefixIndex.localize`), or a request that computed the same tokens heals it."""
 
-    def __init__(self, tokens: tuple[int, ...], parent: PrefixNode | None, blocks: tuple[int, ...]):
+    __slots__ = ("tokens", "parent", "children", "blocks", "stale", "depth")
+
+    def __init__(self, tokens: tuple[int, ...], parent: PrefixNode | None, blocks: tuple[int, ...],
+                 stale: tuple[int, int] | None = None):
         self.tokens = tokens
         self.parent = parent
         self.children: dict[tuple[int, ...], PrefixNode] = {}
         self.blocks = blocks
+        self.stale = stale
         self.depth = 0 if parent is None else parent.depth + 1
 
 
 class PrefixIndex:
     """Radix tree over block-sized token chunks for one unit (module docstring).
 
-    A node's blocks are held by the index on every stage's allocator (`BlockAllocator.index`); the requests
-    whose tables contain them hold references. A node nobody references is *cached*: evictable, least recently
-    used first, and never before its children (a child's KV is only reachable through its parent).
+    A node's blocks are held by the index on every stage's allocator (`BlockAllocator.index`/`keep`); the
+    requests whose tables contain them hold references. A node nobody references is *cached*: evictable, least
+    recently used first, and never before its children (a child's KV is only reachable through its parent).
+    Stale nodes (after a fuse) are never matched; they are evictable once nobody references their blocks.
     """
 
     def __init__(self, allocators: Sequence[BlockAllocator], block_size: int):
         self.allocators = list(allocators)
+        self.k = len(self.allocators)
         self.block_size = block_size
         self.root = PrefixNode((), None, ())
-        self._lru: collections.OrderedDict[PrefixNode, None] = collections.OrderedDict()  # cached, oldest first
-        self._clock = itertools.count()
+        self._lru: collections.OrderedDict[PrefixNode, None] = collections.OrderedDict()  # evictable, oldest first
         self.hits = 0  # blocks served from the index (cumulative)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.nodes())
 
     def nodes(self) -> Iterable[PrefixNode]:
-        stack = list(self.root.children.values())
-        while stack:
-            n = stack.pop()
+        """Every node, parents before children (breadth first)."""
+        queue = collections.deque(self.root.children.values())
+        while queue:
+            n = queue.popleft()
             yield n
-            stack.extend(n.children.values())
+            queue.extend(n.children.values())
 
     def _chunks(self, tokens: Sequence[int], n: int) -> Iterable[tuple[int, ...]]:
         bs = self.block_size
         for i in range(n):
             yield tuple(tokens[i * bs:(i + 1) * bs])
 
+    def held(self, node: PrefixNode) -> list[tuple[int, int]]:
+        """`(stage, block)` of every block the node keeps."""
+        if node.stale is not None:
+            home, old = node.stale
+            return [(home, old * self.k + s) for s in range(self.k)]
+        return list(enumerate(node.blocks))
+
     @property
     def num_cached(self) -> int:
-        return len(self._lru)
+        return sum(1 for n in self._lru if not self.referenced(n))
 
-    def _referenced(self, node: PrefixNode) -> bool:
-        return self.allocators[0].refcount(node.blocks[0]) > 0
-
-    def _touch(self, node: PrefixNode) -> None:
-        if node in self._lru:
-            self._lru.move_to_end(node)
+    def referenced(self, node: PrefixNode) -> bool:
+        return any(self.allocators[s].refcount(b) > 0 for s, b in self.held(node))
 
     # ---- lookup -------------------------------------------------------------------------------------
     def longest(self, tokens: Sequence[int]) -> list[PrefixNode]:
         """Nodes of the longest indexed prefix of `tokens` that leaves at least one token to compute (it yields
-        the logits); no references taken (the router's query)."""
+        the logits); no references taken (the router's query). Stops at a stale node."""
         out, node = [], self.root
         for chunk in self._chunks(tokens, (len(tokens) - 1) // self.block_size):
             node = node.children.get(chunk)
-            if node is None:
+            if node is None or node.stale is not None:
                 break
             out.append(node)
         return out
@@ -237,64 +263,128 @@ class PrefixIndex:
         """Called after the holders' references on `nodes` were dropped: the unreferenced ones become cached
         (most recently used; deeper nodes older, so a leaf is evicted before its parent)."""
         for node in sorted(nodes, key=lambda n: -n.depth):
-            if node.parent is not None and not self._referenced(node) and node not in self._lru:
+            if node.parent is not None and not self.referenced(node) and node not in self._lru:
                 self._lru[node] = None
 
     # ---- growth -------------------------------------------------------------------------------------
     def insert(self, parent: PrefixNode | None, chunk: tuple[int, ...], blocks: tuple[int, ...]) -> PrefixNode:
         """The node of `chunk` under `parent` (root if None) for a holder of `blocks` that just computed it: a new
-        node keeping `blocks` (the index keeps them once the holder releases them), or the existing node, on
-        whose blocks a reference is then taken — the holder must switch to `node.blocks` (the same tokens after
-        the same prefix: the same KV) and free its own. So every node on a holder's path is one it references,
-        and a referenced node's ancestors are referenced too."""
+        node keeping `blocks` (the index keeps them once the holder releases them), a stale node healed with
+        `blocks`, or the existing node, on whose blocks a reference is then taken — the holder must switch to
+        `node.blocks` (the same tokens after the same prefix: the same KV) and free its own. So every node on a
+        holder's path is one it references, and a referenced node's ancestors are referenced too."""
         parent = parent or self.root
         node = parent.children.get(chunk)
-        if node is not None:
+        if node is not None and node.stale is None:
             if node.blocks != tuple(blocks):
                 self._take(node)
                 self.hits += 1
             return node
+        if node is not None:  # heal a stale node: the holder's local blocks replace the history on the home
+            self._unkeep(node)  # (the holder may share its home-stage block: released first, indexed again below)
+            node.stale, node.blocks = None, tuple(blocks)
+            self._lru.pop(node, None)
         if any(a.is_indexed(b) for a, b in zip(self.allocators, blocks, strict=True)):
             raise ValueError(f"blocks {blocks} are already indexed under another prefix")
-        node = PrefixNode(chunk, parent, tuple(blocks))
-        parent.children[chunk] = node
+        if node is None:
+            node = PrefixNode(chunk, parent, tuple(blocks))
+            parent.children[chunk] = node
         for a, b in zip(self.allocators, blocks, strict=True):
             a.index(b)
         return node
 
+    def adopt_stale(self, parent: PrefixNode | None, chunk: tuple[int, ...], home: int, old: int) -> PrefixNode:
+        """A node whose data is full-layer block `old` of stage `home`'s device (a replica's cached block after
+        its fuse); its pipeline blocks there are kept (cached unless a request still holds them)."""
+        parent = parent or self.root
+        assert chunk not in parent.children, "a path is adopted once"
+        node = PrefixNode(chunk, parent, (), (home, old))
+        parent.children[chunk] = node
+        self.allocators[home].keep([b for _, b in self.held(node)])
+        self._lru[node] = None
+        return node
+
+    def adopt_block(self, parent: PrefixNode | None, chunk: tuple[int, ...], block: int) -> PrefixNode:
+        """A cached node of a one-stage index for full-layer block `block` (KV copied there at a split)."""
+        parent = parent or self.root
+        assert self.k == 1 and chunk not in parent.children
+        node = PrefixNode(chunk, parent, (block,))
+        parent.children[chunk] = node
+        self.allocators[0].keep([block])
+        self._lru[node] = None
+        return node
+
+    def localize(self, node: PrefixNode, blocks: tuple[int, ...]) -> None:
+        """A stale node's layers were copied to their stages (`blocks`, allocated by the caller with one
+        reference each, which the index takes over): it is an ordinary cached node from now on."""
+        home, old = node.stale
+        kept = old * self.k + home
+        for s, b in self.held(node):
+            if b != kept:
+                self.allocators[s].unindex(b)
+        node.stale, node.blocks = None, tuple(blocks)
+        for s, (a, b) in enumerate(zip(self.allocators, blocks, strict=True)):
+            if s != home:
+                a.index(b)
+                a.free([b])
+
     # ---- eviction -----------------------------------------------------------------------------------
+    def make_room(self, n: int) -> bool:
+        """Evict cached nodes until every stage can hand out `n` blocks; False when not enough are evictable."""
+        while min(a.num_free_allocatable for a in self.allocators) < n:
+            if not self._evict_one():
+                return False
+        return True
+
     def evict(self, n: int) -> int:
-        """Drop up to `n` cached nodes (leaves first, least recently used first); returns how many."""
+        """Drop up to `n` unreferenced nodes (leaves first, least recently used first); returns how many."""
         done = 0
-        while done < n and self._lru:
-            node = next(iter(self._lru))
-            while node.children:  # (only cached nodes hang below a cached node)
-                node = next(iter(node.children.values()))
-            self._remove(node)
+        while done < n and self._evict_one():
             done += 1
         return done
 
+    def _evict_one(self) -> bool:
+        for node in list(self._lru):
+            leaf = self._evictable_leaf(node)
+            if leaf is not None:
+                self._remove(leaf)
+                return True
+        return False
+
+    def _evictable_leaf(self, node: PrefixNode) -> PrefixNode | None:
+        for child in node.children.values():
+            leaf = self._evictable_leaf(child)
+            if leaf is not None:
+                return leaf
+        return node if not node.children and not self.referenced(node) else None
+
+    def _unkeep(self, node: PrefixNode) -> None:
+        for s, b in self.held(node):
+            self.allocators[s].unindex(b)
+
     def _remove(self, node: PrefixNode) -> None:
-        assert not node.children and not self._referenced(node)
+        assert not node.children and not self.referenced(node)
         del node.parent.children[node.tokens]
         self._lru.pop(node, None)
-        for a, b in zip(self.allocators, node.blocks, strict=True):
-            a.unindex(b)
+        self._unkeep(node)
 
     def clear(self) -> None:
         """Drop every node (cached ones free their blocks; held ones stay with their holders, unindexed)."""
-        for node in sorted(self.nodes(), key=lambda n: -n.depth):
+        for node in reversed(list(self.nodes())):
             del node.parent.children[node.tokens]
-            for a, b in zip(self.allocators, node.blocks, strict=True):
-                a.unindex(b)
+            self._unkeep(node)
         self._lru.clear()
 
     def check(self) -> None:
         for node in self.nodes():
-            assert len(node.blocks) == len(self.allocators), f"node with {len(node.blocks)} stage blocks"
-            refs = {a.refcount(b) > 0 for a, b in zip(self.allocators, node.blocks, strict=True)}
+            held = self.held(node)
+            assert all(self.allocators[s].is_indexed(b) for s, b in held), f"node {held}: a block is not indexed"
+            if node.stale is not None:
+                assert node in self._lru, f"stale node {node.stale} is not evictable"
+                continue
+            assert len(node.blocks) == self.k, f"node with {len(node.blocks)} stage blocks"
+            refs = {self.allocators[s].refcount(b) > 0 for s, b in held}
             assert len(refs) == 1, f"node {node.blocks}: referenced on some stages only"
-            assert all(a.is_indexed(b) for a, b in zip(self.allocators, node.blocks, strict=True))
             assert (node in self._lru) == (not refs.pop()), f"node {node.blocks}: cache state is wrong"
         indexed = sum(len(a._indexed) for a in self.allocators)
-        assert indexed == len(self) * len(self.allocators), "an allocator indexes a block no node holds"
+        assert indexed == sum(len(self.held(n)) for n in self.nodes()), "an allocator indexes a block no node holds"

@@ -34,7 +34,7 @@ from kunjax.clock import WALL, Clock
 from kunjax.config import ConfigError, EngineConfig, ModelConfig
 from kunjax.detokenizer import IncrementalDetokenizer
 from kunjax.executor import Executor
-from kunjax.fusion import fuse_books, move_home_copies, plan_move_home, split_books
+from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
 from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
 from kunjax.mempool import MemoryPool
 from kunjax.plan import MAX_SUPPRESSED, Fuse, Split, UnitShape
@@ -359,7 +359,7 @@ class LLMEngine:
         shape = self.group_shape(members)
         if shape is None:
             raise ValueError(f"instances {members} cannot fuse (no pipeline policy, or nothing would be freed)")
-        olds = [self.units[i] for i in members]
+        olds = [self.unit_of_instance(i) for i in members]
         if any(u.k != 1 for u in olds):
             raise RuntimeError(f"instances {members} are already in a group")
         t0 = time.perf_counter()
@@ -385,17 +385,20 @@ class LLMEngine:
             return None
         t0 = time.perf_counter()
         copies = move_home_copies(unit, plan)
-        self.mempool.copy_blocks(unit, copies)
+        placed, prefix_copies = plan_prefix_home(unit, plan, self.executor.num_blocks)
+        self.mempool.copy_blocks(unit, copies + prefix_copies)
         self._issue()
         self.executor.apply([Split(unit.uid, unit.members)])
         replicas = [self._replica(i) for i in unit.members]
         split_books(unit, plan, replicas)
+        install_prefix(placed, unit.index.root, replicas)
         self._drop_unit(unit)
         for r in replicas:
             self._add_unit(r)
         seconds = time.perf_counter() - t0
         return TransitionOutcome("split", unit.uid, unit.members, seconds, {
             "reason": reason, "moved_requests": len(plan), "moved_blocks": len(copies),
+            "cached_blocks_kept": len(placed),
             "requeued": sum(len(r.waiting) for r in replicas), "blocks_exchanged": unit.blocks_exchanged,
             "remote_ticks": unit.remote_ticks})
 

@@ -14,15 +14,18 @@ the pools); this module moves the requests and the block books:
   another copy still reads); the copies go out as one `CopyBlocks`; queued requests go to the members by least
   demand. The caller (the engine) drains the pipe and finishes the exchange first.
 
-The prefix indexes of the members are not carried over a fuse (a request's shared blocks stay shared by refcount
-in its history), nor the group's over a split.
+The prefix index survives both (`adopt_indexes`, `plan_prefix_home`): at a fuse every member's cached block is
+reinterpreted in place like any block — a stale node of the pipeline's index whose layers stay on the member's
+device until the live exchange moves them (or a request computing the same tokens heals it); at a split the
+pipeline's nodes go home, each under its parent on one member, copied into whole free full-layer blocks (stale
+ones are full-layer blocks already), as long as there is room; the rest are dropped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from kunjax.blocks import NULL_BLOCK, BlockAllocator
+from kunjax.blocks import NULL_BLOCK, BlockAllocator, PrefixNode
 from kunjax.plan import UnitShape
 from kunjax.request import Request, RequestStatus
 from kunjax.unit import SchedulerHooks, ServingUnit, StaleKV
@@ -41,6 +44,8 @@ def fuse_books(uid: int, members: Sequence[ServingUnit], shape: UnitShape, hooks
     stages = [BlockAllocator(shape.num_base, shape.num_ext, taken[s]) for s in range(k)]
     unit = ServingUnit(uid, tuple(i for m in members for i in m.members), shape, stages, hooks,
                        block_size=block_size, enable_prefix_caching=enable_prefix_caching, now=now)
+    if enable_prefix_caching:  # before any new block is handed out: the cached blocks stay where they are
+        adopt_indexes(unit, members)
     for req, h in running:
         old = list(req.tables[0])
         req.index_path = []
@@ -64,6 +69,19 @@ def fuse_books(uid: int, members: Sequence[ServingUnit], shape: UnitShape, hooks
         m.running.clear()
         m.waiting.clear()
     return unit
+
+
+def adopt_indexes(unit: ServingUnit, members: Sequence[ServingUnit]) -> None:
+    """Every member's prefix-index node becomes a stale node of the pipeline's index (its data left in place);
+    a path two members both cached is kept once, from the first member."""
+    for h, m in enumerate(members):
+        mapped: dict[int, PrefixNode | None] = {id(m.index.root): unit.index.root}
+        for node in m.index.nodes():  # parents first
+            parent = mapped.get(id(node.parent))
+            if parent is None or node.tokens in parent.children:
+                mapped[id(node)] = None  # (its subtree too)
+                continue
+            mapped[id(node)] = unit.index.adopt_stale(parent, node.tokens, h, node.blocks[0])
 
 
 def plan_move_home(unit: ServingUnit, num_old_blocks: int, seats: int) -> dict[Request, tuple[int, list[int]]] | None:
@@ -92,6 +110,46 @@ def move_home_copies(unit: ServingUnit, plan: dict[Request, tuple[int, list[int]
     k, bs = unit.k, unit.block_size
     return [(s, req.tables[s][j], h, blk * k + s, 0, bs)
             for req, (h, blocks) in plan.items() for j, blk in enumerate(blocks) for s in range(k)]
+
+
+def plan_prefix_home(unit: ServingUnit, plan: dict[Request, tuple[int, list[int]]], num_old_blocks: int
+                     ) -> tuple[dict[PrefixNode, tuple[int, int]], list[tuple[int, int, int, int, int, int]]]:
+    """Where each prefix-index node of a pipeline goes at its split: `node -> (member, full-layer block)` and the
+    copies that put it there. A node goes to its parent's member (a root to the member with the most room); a
+    stale node only to its home, where it already is; others into whole free blocks the requests' plan left."""
+    k, bs = unit.k, unit.block_size
+    taken = {(h, b) for h, blocks in plan.values() for b in blocks}
+    free = [[b for b in range(1, num_old_blocks) if (h, b) not in taken
+             and all(unit.stages[h].is_free(b * k + s) for s in range(k))] for h in range(k)]
+    placed: dict[PrefixNode, tuple[int, int]] = {}
+    copies = []
+    for node in unit.index.nodes():  # parents first
+        parent = node.parent
+        if parent is not unit.index.root and parent not in placed:
+            continue  # its parent stayed behind: so does it
+        want = placed[parent][0] if parent in placed else None
+        if node.stale is not None:
+            home, old = node.stale
+            if want in (None, home):
+                placed[node] = (home, old)
+            continue
+        h = want if want is not None else max(range(k), key=lambda d: (len(free[d]), -d))
+        if not free[h]:
+            continue
+        b = free[h].pop(0)
+        placed[node] = (h, b)
+        copies += [(s, node.blocks[s], h, b * k + s, 0, bs) for s in range(k)]
+    return placed, copies
+
+
+def install_prefix(placed: dict[PrefixNode, tuple[int, int]], root: PrefixNode,
+                   replicas: Sequence[ServingUnit]) -> None:
+    """The placed nodes (parents first) as cached nodes of their members' indexes."""
+    mapped: dict[PrefixNode, PrefixNode] = {}
+    for node, (h, b) in placed.items():
+        parent = None if node.parent is root else mapped[node.parent]
+        index = replicas[h].index
+        mapped[node] = index.adopt_block(parent, node.tokens, b)
 
 
 def split_books(unit: ServingUnit, plan: dict[Request, tuple[int, list[int]]],

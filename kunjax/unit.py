@@ -172,7 +172,7 @@ class ServingUnit:
     @property
     def num_allocatable(self) -> int:
         """Logical blocks a request could get now: free on every stage, plus cached prefixes it may evict."""
-        return min(a.num_free_allocatable for a in self.stages) + self.index.num_cached
+        return min(a.num_free_allocatable + a.num_cached for a in self.stages)
 
     @property
     def num_used(self) -> int:
@@ -284,11 +284,8 @@ class ServingUnit:
     def allocate(self, n: int) -> list[list[int]] | None:
         """`n` logical blocks (per stage, one list of ids), evicting cached prefixes if needed; None when they do
         not fit."""
-        if n > self.num_allocatable:
+        if n > self.num_allocatable or not self.index.make_room(n):
             return None
-        short = n - min(a.num_free_allocatable for a in self.stages)
-        if short > 0:
-            self.index.evict(short)
         return [a.allocate(n) for a in self.stages]
 
     def extend(self, req: Request, n: int) -> bool:
@@ -556,7 +553,30 @@ class ServingUnit:
                         continue
                     copies.append((st.home, st.old_blocks[j] * k + s, s, req.tables[s][j], lo, hi))
                     per_pair[(st.home, s)] += 1
+        if not self.waiting:  # no memory pressure: cached blocks from before the fuse move too
+            copies += self._localize_cached(limit, per_pair)
         self.blocks_exchanged += len(copies)
+        return copies
+
+    def _localize_cached(self, limit: int, per_pair: collections.Counter[tuple[int, int]]
+                         ) -> list[tuple[int, int, int, int, int, int]]:
+        """Copies moving stale prefix-index nodes (cached before the fuse, held by nobody) to their stages,
+        parents first, within the pairs' remaining budget; each becomes an ordinary cached node."""
+        k, bs = self.k, self.block_size
+        copies = []
+        for node in self.index.nodes():
+            if node.stale is None or self.index.referenced(node):
+                continue
+            home, old = node.stale
+            others = [s for s in range(k) if s != home]
+            if (any(per_pair[(home, s)] >= limit for s in others)
+                    or any(self.stages[s].num_free_allocatable < 1 for s in others)):
+                continue
+            blocks = [old * k + home if s == home else self.stages[s].allocate(1)[0] for s in range(k)]
+            for s in others:
+                copies.append((home, old * k + s, s, blocks[s], 0, bs))
+                per_pair[(home, s)] += 1
+            self.index.localize(node, tuple(blocks))
         return copies
 
     def commit_exchange(self) -> int:
