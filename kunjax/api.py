@@ -2,7 +2,7 @@
 
 It lives in `kunjax` because it is the runtime's contract; `serving/` only adapts protocols to it. A front end
 talks to the runtime only through `Runtime`: submit a validated request and iterate its events,
-abort, and read info, load and the elasticity status. `kunjax.engine_thread.EngineThread` implements it over
+abort, and read info, load and the memory policy's status. `kunjax.engine_thread.EngineThread` implements it over
 the real engine; `serving.fake_runtime.FakeRuntime` implements it with outputs computable by hand, so the
 server's threading, streaming, cancellation and error paths are tested without a model (STYLE.md: a narrow
 engine interface and a fake you can compute by hand).
@@ -13,8 +13,8 @@ Contract:
   event whose `finished` is True (finish reason "stop", "length", "abort" or "error").
 * Events of one request arrive in order; `abort` is idempotent and frees the request's KV within a step.
 * All methods are safe to call from any thread; `events` blocks only the caller.
-* `load` and `elastic` are each one consistent snapshot; two calls are two snapshots (a drop or restore may fall
-  between them). Elastic events are numbered (`ElasticEvent.seq`) in the order they happened, so a reader that
+* `load` and `policy_status` are each one consistent snapshot; two calls are two snapshots (a transition may fall
+  between them). Policy events are numbered (`PolicyEvent.seq`) in the order they happened, so a reader that
   polls sees each one once however often it asks.
 """
 
@@ -87,36 +87,46 @@ class InstanceLoad:
     swapped: int = 0  # requests whose KV is on the host tier (swap policy)
 
 
-MAX_ELASTIC_EVENTS = 32  # most recent events an `ElasticStatus` carries
+MAX_POLICY_EVENTS = 32  # most recent events a `PolicyStatus` carries
 
 
 @dataclasses.dataclass(frozen=True)
-class ElasticEvent:
-    """One transition of parameter-centric elasticity (the kunserve policy)."""
+class PolicyEvent:
+    """One transition the memory policy made (kunserve: drop, restore, exchange_done, restore_deferred; migrate:
+    migration, migration_cancelled; ...)."""
 
-    seq: int  # 1-based position among all elastic events of this runtime: new events have higher seq
-    kind: str  # "drop" | "restore" | "exchange_done" | "restore_deferred"
-    group: int  # pipeline group id
-    members: tuple[int, ...]  # instance indices, by stage
+    seq: int  # 1-based position among all events of this runtime: new events have higher seq
+    kind: str
+    group: int  # the pipeline unit concerned, -1 when none
+    members: tuple[int, ...]  # instances concerned (a pipeline's, by stage)
     step: int  # engine step after which it happened
-    seconds: float  # time it took (exchange_done: since the drop; restore_deferred: 0)
+    seconds: float  # time it took
     detail: dict[str, str]  # kind-specific facts (e.g. "reason", "moved_blocks"), values as text
-    time_unix_s: float = 0.0  # when it happened (wall clock)
+    time_unix_s: float = 0.0  # when it happened (the engine clock's wall time)
 
 
 @dataclasses.dataclass(frozen=True)
-class ElasticStatus:
-    """Counters and recent transitions of parameter-centric elasticity; zeros when the policy has none."""
+class UnitStatus:
+    """One serving unit: a replica (one stage) or a pipeline fused from several instances."""
+
+    unit: int  # unit id (a replica's is its instance index)
+    mode: str  # "replica" | "pipeline"
+    members: tuple[int, ...]  # instances, by stage
+    running: int
+    waiting: int
+    remote_dependent: int  # running requests still reading history on another device (pipelines)
+    detail: dict[str, str] = dataclasses.field(default_factory=dict)  # the policy's facts about the unit
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyStatus:
+    """The memory policy in use: its counters, its recent events, and every serving unit."""
 
     policy: str
-    drops: int = 0  # completed drops since start
-    restores: int = 0  # completed restores since start
-    active_groups: int = 0  # pipeline groups now
-    remote_dependent: int = 0  # running requests still reading pre-drop KV by remote attention
-    blocks_exchanged: int = 0  # KV blocks copied by the live exchange since start
-    events: tuple[ElasticEvent, ...] = ()  # the most recent `MAX_ELASTIC_EVENTS`, oldest first
-    # The memory policy's own figures by name ("preemptions" always; swap, migrate and layerkv add theirs).
-    policy_stats: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The policy's own figures by name ("preemptions" always; swaps, migrations, drops ... by policy).
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    events: tuple[PolicyEvent, ...] = ()  # the most recent `MAX_POLICY_EVENTS`, oldest first
+    units: tuple[UnitStatus, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +139,9 @@ class RuntimeInfo:
     instances: tuple[str, ...]  # human-readable layout of each instance ("instance 0: replica, tp=1 on cpu:0")
     policy: str
     versions: dict[str, str]
-    # Elastic settings (kunserve); empty / zero under other policies.
-    group_sizes: tuple[int, ...] = ()  # instances a pipeline group may fuse
-    drop_demand_ratio: float = 0.0  # KV demand / capacity at which instances drop into a group
-    restore_demand_ratio: float = 0.0  # a group restores once its demand stays below this share ...
-    restore_window_steps: int = 0  # ... for this many engine steps
     block_size: int = 0  # tokens per KV block
     eos_token_ids: tuple[int, ...] = ()  # ids that end a generation unless ignore_eos
+    policy_settings: dict[str, str] = dataclasses.field(default_factory=dict)  # the policy's thresholds, as text
 
 
 class Runtime(Protocol):
@@ -149,7 +155,7 @@ class Runtime(Protocol):
 
     def load(self) -> list[InstanceLoad]: ...
 
-    def elastic(self) -> ElasticStatus: ...
+    def policy_status(self) -> PolicyStatus: ...
 
     def ready(self) -> bool: ...
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser(
         "serve", help="serve the model over gRPC",
-        description="Serve kunjax.serving.v1.KunjaxService (plus grpc.health.v1 and reflection) until SIGINT or "
+        description="Serve kunjax.serving.v2.KunjaxService (plus grpc.health.v1 and reflection) until SIGINT or "
                     "SIGTERM; then stop admitting, let in-flight requests finish for --grace-s, abort the rest.")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, local only)")
     srv.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")

@@ -9,16 +9,14 @@ an abort, so an abort or a cancel takes effect at the next step boundary and fre
 Never loses an accepted request: every accepted request gets exactly one final event (stop, length, abort,
 or error if a step itself failed), also on shutdown.
 
-Also the read side of the engine for front ends: `info`, `load` and `elastic` copy engine state into the frozen
-`kunjax.api` records under the same lock, so a reader never sees an instance half-way into a pipeline unit.
-An instance that is a stage of a pipeline unit reports its stage's KV books and the unit's requests. The policy's
-events are numbered here (`ElasticEvent.seq`) after every step, so each gets one number however many the policy
-keeps.
+Also the read side of the engine for front ends: `info`, `load` and `policy_status` copy engine state into the
+frozen `kunjax.api` records (`kunjax.status`) under the same lock, so a reader never sees an instance half-way
+into a pipeline unit. The policy's events are numbered after every step, so each gets one number however many the
+policy keeps.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -29,20 +27,18 @@ import jax
 
 from kunjax import __version__
 from kunjax.api import (
-    MAX_ELASTIC_EVENTS,
-    ElasticEvent,
-    ElasticStatus,
     GenerateRequest,
     InstanceLoad,
     InvalidRequest,
     Overloaded,
+    PolicyStatus,
     RuntimeInfo,
     TokenEvent,
     iter_events,
 )
 from kunjax.engine import LLMEngine
 from kunjax.request import RequestOutput
-from kunjax.unit import ServingUnit
+from kunjax.status import EventLog, instance_loads, policy_status, runtime_info
 
 log = logging.getLogger("kunjax.engine_thread")
 IDLE_GROUP_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline groups
@@ -78,10 +74,7 @@ class EngineThread:
         self._queues: dict[str, queue.Queue[TokenEvent]] = {}
         self._inflight: set[str] = set()
         self._warmup = warmup
-        # The policy's recent events with their numbers; `_last_numbered` is the newest one numbered.
-        self._elastic_events: collections.deque[ElasticEvent] = collections.deque(maxlen=MAX_ELASTIC_EVENTS)
-        self._elastic_seq = 0
-        self._last_numbered: object | None = None
+        self._events = EventLog()  # the policy's recent events, numbered
         self._thread = threading.Thread(target=self._run, name="kunjax-engine", daemon=True)
         self._thread.start()
 
@@ -118,50 +111,16 @@ class EngineThread:
                 self._deliver(out)
 
     def info(self) -> RuntimeInfo:
-        e, cfg = self.engine, self.engine.model_config
         with self._lock:
-            layouts = tuple(f"instance {i}: {self._role(e.unit_of_instance(i), i)}, tp={e.config.tp} on "
-                            f"{e.executor.describe(i)}" for i in range(e.num_instances))
-        return RuntimeInfo(model=str(e.model_path), architecture=cfg.architecture, num_layers=cfg.num_layers,
-                           vocab_size=cfg.vocab_size, max_model_len=e.max_model_len, instances=layouts,
-                           policy=e.config.policy, versions={"kunjax": __version__, "jax": jax.__version__},
-                           block_size=e.config.block_size, eos_token_ids=tuple(sorted(e.eos_token_ids)),
-                           **e.policy.settings())
-
-    @staticmethod
-    def _role(unit: ServingUnit, instance: int) -> str:
-        """"replica", or "pipeline group G stage S"; caller holds the lock."""
-        return "replica" if unit.k == 1 else f"pipeline group {unit.uid} stage {unit.members.index(instance)}"
+            return runtime_info(self.engine, {"kunjax": __version__, "jax": jax.__version__})
 
     def load(self) -> list[InstanceLoad]:
         with self._lock:
-            out = []
-            e = self.engine
-            for i in range(e.num_instances):
-                u = e.unit_of_instance(i)
-                stage = u.members.index(i)
-                a = u.stages[stage]
-                queued_tokens = sum(len(r.token_ids) - r.num_computed for r in u.waiting)
-                pipeline = u.k > 1
-                out.append(InstanceLoad(
-                    instance=i, mode=u.mode, kv_free=a.num_free, kv_used=a.num_used, kv_cached=a.num_cached,
-                    kv_total=a.total, running=len(u.running), waiting=len(u.waiting), queued_tokens=queued_tokens,
-                    group=u.uid if pipeline else -1, stage=stage if pipeline else -1,
-                    demand_blocks=u.demand_blocks(), swapped=len(u.swapped)))
-            return out
+            return instance_loads(self.engine)
 
-    def elastic(self) -> ElasticStatus:
+    def policy_status(self) -> PolicyStatus:
         with self._lock:
-            self._number_elastic_events()
-            e = self.engine
-            stats = {"preemptions": sum(u.num_preemptions for u in e.units.values())}
-            stats.update({k: int(v) for k, v in e.policy.stats().items()
-                          if isinstance(v, int | float) and not isinstance(v, bool)})
-            return ElasticStatus(policy=e.config.policy, drops=stats.get("drops", 0),
-                                 restores=stats.get("restores", 0), active_groups=len(e.groups),
-                                 remote_dependent=sum(u.num_remote_dependent for u in e.groups),
-                                 blocks_exchanged=stats.get("blocks_exchanged", 0),
-                                 events=tuple(self._elastic_events), policy_stats=stats)
+            return policy_status(self.engine, self._events)
 
     def ready(self) -> bool:
         return self._ready
@@ -187,28 +146,6 @@ class EngineThread:
         q.put(_event(out))
         if out.finished:
             self._inflight.discard(out.request_id)
-
-    def _number_elastic_events(self) -> None:
-        """Numbers the policy's events appended since the last call; caller holds the lock.
-
-        The policy appends in order to a bounded deque: the new events are the ones after the newest we numbered
-        (all of them when that one has been evicted, i.e. more than the deque holds happened since).
-        """
-        events = self.engine.policy.events
-        if not events or events[-1] is self._last_numbered:
-            return
-        new = []
-        for ev in reversed(events):
-            if ev is self._last_numbered:
-                break
-            new.append(ev)
-        for ev in reversed(new):
-            self._elastic_seq += 1
-            self._elastic_events.append(ElasticEvent(
-                seq=self._elastic_seq, kind=ev.kind, group=ev.group, members=tuple(ev.members), step=ev.step,
-                seconds=float(ev.seconds), detail={str(k): str(v) for k, v in ev.detail.items()},
-                time_unix_s=float(ev.time_unix_s)))
-        self._last_numbered = events[-1]
 
     def _fail_all(self, error: str) -> None:
         for rid in list(self._inflight):
@@ -243,7 +180,7 @@ class EngineThread:
                 try:
                     for out in self.engine.step():
                         self._deliver(out)
-                    self._number_elastic_events()
+                    self._events.update(self.engine)
                 except Exception as e:  # a failed step must not hang or lose the requests waiting on it
                     log.exception("engine step failed")
                     self._fail_all(f"engine step failed: {type(e).__name__}: {e}")

@@ -1,23 +1,28 @@
 """`kunjax bench --server`: the replay's target over gRPC, against a running `kunjax serve`.
 
-Implements `kunjax.bench.targets.Target` with one `grpc.aio` channel on its own event-loop thread and one streaming
-`Generate` call per request (an asyncio task each, no thread per request); unary calls (`GetServerInfo`,
-`GetLoad`) go on a synchronous channel. It records each request's timestamps as its responses arrive, like the
-in-process target, and maps gRPC failures to the bench's finish reasons (rejected, abort, error).
+Implements `kunjax.bench.targets.Target` on the wall clock with one `grpc.aio` channel on its own event-loop thread
+and one streaming `Generate` call per request (an asyncio task each, no thread per request); unary calls
+(`GetServerInfo`, `GetLoad`) go on a synchronous channel. It records each request's timestamps as its responses
+arrive, like the in-process target, and maps gRPC failures to the bench's finish reasons (rejected, abort,
+error). `advance` only lets wall time pass: the server works on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from kunjax.bench.metrics import RequestRecord
 from kunjax.bench.targets import LoadRow, TargetInfo, finish_record, scheduled_from_queue, since
+from kunjax.clock import WALL
+
+POLL_S = 0.05  # longest wait in `advance` (responses are recorded by the asyncio thread meanwhile)
 
 
 class GrpcTarget:
+    clock = WALL
+
     def __init__(self, address: str, *, block_size: int, auth_token: str | None = None,
                  tls_ca: Path | None = None, timeout_s: float = 30.0):
         from serving.client import KunjaxClient
@@ -50,11 +55,13 @@ class GrpcTarget:
             excluded_ids=tuple(sorted(excluded)), instances=tuple(ri.instances), versions=dict(ri.versions),
             notes=tuple(notes))
 
-    def start(self, record: RequestRecord, prompt_ids: list[int], t0: float, on_done: Callable[[], None]) -> None:
-        asyncio.run_coroutine_threadsafe(self._serve(record, prompt_ids, t0, on_done), self._loop)
+    def start(self, record: RequestRecord, prompt_ids: list[int], t0: float) -> None:
+        asyncio.run_coroutine_threadsafe(self._serve(record, prompt_ids, t0), self._loop)
 
-    async def _serve(self, record: RequestRecord, prompt_ids: list[int], t0: float,
-                     on_done: Callable[[], None]) -> None:
+    def advance(self, until: float) -> None:
+        self.clock.sleep(min(POLL_S, until - self.clock.now()))
+
+    async def _serve(self, record: RequestRecord, prompt_ids: list[int], t0: float) -> None:
         import grpc
 
         from serving.client import FINISH_REASON_NAMES
@@ -87,7 +94,6 @@ class GrpcTarget:
             if record.finish_reason is None:
                 finish_record(record, since(t0), "error", "the stream ended without a final message")
             self._calls.pop(rid, None)
-            on_done()
 
     def abort(self, request_id: str) -> None:
         call = self._calls.get(request_id)
@@ -97,11 +103,11 @@ class GrpcTarget:
     def load(self) -> list[LoadRow]:
         return self.client.load()
 
-    def elastic_events(self) -> list:
-        return list(self.client.elastic().events)
+    def policy_events(self) -> list:
+        return list(self.client.policy_status().events)
 
     def policy_stats(self) -> dict[str, int]:
-        return dict(self.client.elastic().policy_stats)
+        return dict(self.client.policy_status().counters)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._aclient.close(), self._loop).result(10)

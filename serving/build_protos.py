@@ -2,7 +2,7 @@
 
 This module owns the one way the generated code is produced: `grpc_tools.protoc` over every `.proto` under
 `serving/proto`, output under `serving/_generated/<proto path>`, with each generated import of a sibling proto
-module (`from kunjax.serving.v1 import ...`) rewritten to `from serving._generated.kunjax.serving.v1 import ...`
+module (`from kunjax.serving.v2 import ...`) rewritten to `from serving._generated.kunjax.serving.v2 import ...`
 so the installed package never clashes with the top-level `kunjax` package. It never runs at import or install
 time: users get the checked-in files and need no protoc.
 
@@ -36,7 +36,7 @@ def proto_files() -> list[Path]:
 
 
 def _proto_packages(protos: list[Path]) -> list[str]:
-    """Dotted Python packages of the protos' directories (`kunjax.serving.v1`), longest first."""
+    """Dotted Python packages of the protos' directories (`kunjax.serving.v2`), longest first."""
     pkgs = {".".join(p.parent.parts) for p in protos if p.parent.parts}
     return sorted(pkgs, key=len, reverse=True)
 

@@ -1,4 +1,4 @@
-"""A small synchronous client for `kunjax.serving.v1.KunjaxService`.
+"""A small synchronous client for `kunjax.serving.v2.KunjaxService`.
 
 Owns building requests from Python values (a prompt string or token ids, sampling options as keyword
 arguments named like `kunjax.SamplingParams`) and reading results back. Never validates sampling options
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 
-from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
-from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
+from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v2 import generate_pb2_grpc as pb_grpc
 
 FINISH_REASON_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                        pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error"}
@@ -138,9 +138,9 @@ class KunjaxClient:
     def load(self) -> list[pb.InstanceLoad]:
         return list(self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s).instances)
 
-    def elastic(self) -> pb.ElasticStatus:
-        """Drops, restores, pipeline groups and recent transitions (GetLoad's `elastic`)."""
-        return self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s).elastic
+    def policy_status(self) -> pb.PolicyStatus:
+        """The memory policy's counters, recent events and serving units (GetLoad's `policy`)."""
+        return self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s).policy
 
     def info(self) -> pb.GetServerInfoResponse:
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout_s)
@@ -199,9 +199,9 @@ class AsyncKunjaxClient:
         resp = await self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s, metadata=self._metadata)
         return list(resp.instances)
 
-    async def elastic(self) -> pb.ElasticStatus:
+    async def policy_status(self) -> pb.PolicyStatus:
         resp = await self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout_s, metadata=self._metadata)
-        return resp.elastic
+        return resp.policy
 
     async def info(self) -> pb.GetServerInfoResponse:
         return await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout_s,

@@ -3,8 +3,8 @@
 Owns a tiny imitation of the engine thread: admission with the real runtime's validation and a bounded number
 of in-flight requests, one background thread that emits one token per in-flight request every
 `step_interval_s`, and "KV blocks" (one per `block_size` tokens of prompt plus output of each in-flight request)
-so `load()` moves and returns to zero. It has one instance that is always a replica and no elasticity:
-`elastic()` reports policy "fake" and zeros. It never touches JAX, a model or a tokenizer.
+so `load()` moves and returns to zero. It has one instance that is always a replica:
+`policy_status()` reports policy "fake" and that one unit. It never touches JAX, a model or a tokenizer.
 
 The arithmetic (what tests assert against):
 * a text prompt is "tokenized" one id per character, `ord(c) % vocab_size`;
@@ -29,13 +29,14 @@ import time
 from collections.abc import Iterator
 
 from kunjax.api import (
-    ElasticStatus,
     GenerateRequest,
     InstanceLoad,
     InvalidRequest,
     Overloaded,
+    PolicyStatus,
     RuntimeInfo,
     TokenEvent,
+    UnitStatus,
     iter_events,
 )
 from kunjax.sampling_params import SamplingParams
@@ -134,8 +135,10 @@ class FakeRuntime:
                                  kv_cached=0, kv_total=self.kv_total, running=len(self._inflight), waiting=0,
                                  queued_tokens=0)]
 
-    def elastic(self) -> ElasticStatus:
-        return ElasticStatus(policy="fake")
+    def policy_status(self) -> PolicyStatus:
+        return PolicyStatus(policy="fake", units=(UnitStatus(unit=0, mode="replica", members=(0,),
+                                                             running=len(self._inflight), waiting=0,
+                                                             remote_dependent=0),))
 
     def ready(self) -> bool:
         return time.monotonic() >= self._ready_at

@@ -28,7 +28,7 @@ import grpc
 from kunjax.api import Runtime
 from serving._generated.jetstream_proto import jetstream_pb2 as js
 from serving._generated.jetstream_proto import jetstream_pb2_grpc as js_grpc
-from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 
 if TYPE_CHECKING:  # imported lazily below, so `serving.server` may import this module at its top
     from serving.server import KunjaxServicer

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gRPC front end: request latencies, outcomes, the runtime's load and its elasticity.
+"""Prometheus metrics of the gRPC front end: request latencies, outcomes, the runtime's load and its memory policy.
 
 Owns one `CollectorRegistry` per server (never the process-global one, so several servers, e.g. in tests, keep
 separate books) and the HTTP endpoint that serves its text exposition. What it measures:
@@ -9,19 +9,19 @@ separate books) and the HTTP endpoint that serves its text exposition. What it m
 * requests by finish reason ("stop", "length", "abort", "error", or "cancelled" when the stream ended before its
   final event: client cancel, deadline, server stop) and rejected requests by status code;
 * gauges read from `runtime.load()` at scrape time, labelled `instance` and `mode` ("replica" or "pipeline"):
-  running and waiting requests, KV blocks used / free / total. A pipeline-group member reports its stage's KV
-  blocks and the whole group's requests, so summing the request gauges over a group's members over-counts;
-* parameter-centric elasticity, read from `runtime.elastic()` at scrape time: drops, restores and KV blocks
-  moved by the live exchange (counters), pipeline groups and requests still reading KV by remote attention
-  (gauges), and the duration of each transition by kind (`kunjax_elastic_transition_seconds`). Each runtime
-  event is observed once: the collector remembers the highest `ElasticEvent.seq` it has observed. Events are
-  only seen while among the runtime's most recent ones (`kunjax.api.MAX_ELASTIC_EVENTS`), so more
-  transitions than that between two scrapes leave the oldest unobserved (the counters stay exact).
-* the memory policy's own figures (`ElasticStatus.policy_stats`: preemptions under every policy; swaps, host
-  blocks, migrations, partial admissions ... under the policy that has them) as `kunjax_policy_stat{name}`.
+  running and waiting requests, KV blocks used / free / total. A member of a pipeline unit reports its stage's KV
+  blocks and the whole unit's requests, so summing the request gauges over a unit's members over-counts;
+* the memory policy, read from `runtime.policy_status()` at scrape time: its own figures by name
+  (`kunjax_policy_stat{name}`: preemptions under every policy; swaps, host blocks, migrations, partial
+  admissions, drops, restores, blocks exchanged ... under the policy that has them), pipeline units serving and
+  requests still reading history remotely (gauges), and the duration of each event by kind
+  (`kunjax_policy_event_seconds`). Each runtime event is observed once: the collector remembers the highest
+  `PolicyEvent.seq` it has observed. Events are only seen while among the runtime's most recent ones
+  (`kunjax.api.MAX_POLICY_EVENTS`), so more events than that between two scrapes leave the oldest unobserved
+  (the counters stay exact).
 
-Never touches the runtime except `load()` and `elastic()` during a scrape; a failing one drops its metrics from
-that scrape instead of failing it.
+Never touches the runtime except `load()` and `policy_status()` during a scrape; a failing one drops its metrics
+from that scrape instead of failing it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kunjax.api import Runtime, TokenEvent
@@ -47,7 +47,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 CANCELLED = "cancelled"  # finish-reason label of a stream that ended before its final event
 # Seconds; a drop or restore reshards weights and moves KV (milliseconds on a toy model, seconds on a large one);
-# an exchange runs over many steps.
+# an exchange or a migration runs over many steps.
 TRANSITION_BUCKETS = LATENCY_BUCKETS
 
 
@@ -82,48 +82,43 @@ class _LoadCollector(Collector):
         yield from families.values()
 
 
-class _ElasticCollector(Collector):
-    """Elasticity counters and gauges from `runtime.elastic()`, and the transition-time histogram it feeds.
+class _PolicyCollector(Collector):
+    """The memory policy's figures, its serving units and the event-time histogram, from `runtime.policy_status()`.
 
     The histogram is not in the registry: this collector observes the new events and then yields it, so a
     scrape shows the events it has just read."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self.transition_s = Histogram("kunjax_elastic_transition_seconds",
-                                      "Duration of elasticity transitions, by kind (drop, restore, exchange_done: "
-                                      "drop to the end of the live KV exchange, restore_deferred: 0).",
-                                      ["kind"], buckets=TRANSITION_BUCKETS, registry=None)
+        self.event_s = Histogram("kunjax_policy_event_seconds",
+                                 "Duration of the memory policy's events, by kind (e.g. drop, restore, migration; "
+                                 "exchange_done: drop to the end of the live KV exchange).",
+                                 ["kind"], buckets=TRANSITION_BUCKETS, registry=None)
         self._lock = threading.Lock()  # scrapes may run concurrently; each event is observed once
         self._observed_seq = 0
 
     def collect(self) -> Iterator[Metric]:
         try:
-            status = self.runtime.elastic()
+            status = self.runtime.policy_status()
         except Exception:
-            log.exception("runtime.elastic() failed during a metrics scrape; elasticity metrics left out")
+            log.exception("runtime.policy_status() failed during a metrics scrape; policy metrics left out")
             return
         with self._lock:
             for ev in status.events:
                 if ev.seq > self._observed_seq:
-                    self.transition_s.labels(kind=ev.kind).observe(ev.seconds)
+                    self.event_s.labels(kind=ev.kind).observe(ev.seconds)
                     self._observed_seq = ev.seq
-            transitions = list(self.transition_s.collect())
-        yield from transitions
-        yield CounterMetricFamily("kunjax_elastic_drops", "Instances fused into pipeline groups (drops).",
-                                  value=status.drops)
-        yield CounterMetricFamily("kunjax_elastic_restores", "Pipeline groups split back into replicas.",
-                                  value=status.restores)
-        yield CounterMetricFamily("kunjax_kv_blocks_exchanged", "KV blocks copied by the live exchange after drops.",
-                                  value=status.blocks_exchanged)
-        yield GaugeMetricFamily("kunjax_pipeline_groups", "Pipeline groups serving now.", value=status.active_groups)
+            events = list(self.event_s.collect())
+        yield from events
+        yield GaugeMetricFamily("kunjax_pipeline_units", "Pipeline units (instances fused by the policy) serving now.",
+                                value=sum(u.mode == "pipeline" for u in status.units))
         yield GaugeMetricFamily("kunjax_remote_attention_requests",
-                                "Running requests still reading pre-drop KV by remote attention.",
-                                value=status.remote_dependent)
+                                "Running requests still reading history on another device by remote attention.",
+                                value=sum(u.remote_dependent for u in status.units))
         stats = GaugeMetricFamily("kunjax_policy_stat", "The memory policy's own figures by name (preemptions; "
-                                  "swap_outs, host_used ...; migrations ...; partial_admissions ...); names ending "
-                                  "in a count of events only grow.", labels=["name"])
-        for name, value in sorted(status.policy_stats.items()):
+                                  "swap_outs, host_used ...; migrations ...; partial_admissions ...; drops, "
+                                  "restores, blocks_exchanged ...); counts of events only grow.", labels=["name"])
+        for name, value in sorted(status.counters.items()):
             stats.add_metric([name], value)
         yield stats
 
@@ -149,7 +144,7 @@ class ServingMetrics:
                                 ["code"], registry=r)
         if runtime is not None:
             r.register(_LoadCollector(runtime))
-            r.register(_ElasticCollector(runtime))
+            r.register(_PolicyCollector(runtime))
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 

@@ -1,4 +1,4 @@
-"""The gRPC server: `kunjax.serving.v1.KunjaxService` and JetStream's `Orchestrator` over a `kunjax.api.Runtime`.
+"""The gRPC server: `kunjax.serving.v2.KunjaxService` and JetStream's `Orchestrator` over a `kunjax.api.Runtime`.
 
 Owns the translation between wire and runtime: proto requests become `GenerateRequest`s (sampling options
 validated by `kunjax.SamplingParams`), runtime events become `GenerateResponse` chunks, and runtime errors
@@ -6,10 +6,11 @@ become status codes (`InvalidRequest` -> INVALID_ARGUMENT, `Overloaded` -> RESOU
 `retry-after-s` trailer); each stream's events also feed its `serving.metrics.StreamTimer`.
 
 It also owns the bridge between the blocking runtime and the `grpc.aio` event loop: blocking calls (`submit`,
-`abort`, `load`, `elastic`, `info`) run on a small thread pool, and each stream's event iterator is drained by its own
-thread into an `asyncio.Queue`, so the loop never blocks on the runtime. And it assembles the server: TLS when
-given a certificate and key, the interceptors of `serving.interceptors` (bearer-token auth when given a token;
-unparsable requests -> INVALID_ARGUMENT), health, reflection, and the metrics HTTP endpoint when given a port.
+`abort`, `load`, `policy_status`, `info`) run on a small thread pool, and each stream's event iterator is drained
+by its own thread into an `asyncio.Queue`, so the loop never blocks on the runtime. And it assembles the server:
+TLS when given a certificate and key, the interceptors of `serving.interceptors` (bearer-token auth when given a
+token; unparsable requests -> INVALID_ARGUMENT), health, reflection, and the metrics HTTP endpoint when given a
+port.
 
 Invariant: a stream that ends before its final event (client cancel, deadline, server stop) aborts its request,
 so the runtime frees its blocks within a step. Never generates tokens, tokenizes or decides scheduling; never
@@ -35,17 +36,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kunjax.api import ElasticStatus, GenerateRequest, InvalidRequest, Overloaded, Runtime, TokenEvent
+from kunjax.api import GenerateRequest, InvalidRequest, Overloaded, PolicyStatus, Runtime, TokenEvent
 from kunjax.sampling_params import SamplingParams
-from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
-from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
+from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v2 import generate_pb2_grpc as pb_grpc
 from serving.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, check_token
 from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger("kunjax.serving.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KunjaxService"].full_name  # "kunjax.serving.v1.KunjaxService"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KunjaxService"].full_name  # "kunjax.serving.v2.KunjaxService"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_KEY = "retry-after-s"
 
@@ -91,15 +92,16 @@ def response_from_event(ev: TokenEvent, num_logprobs: int | None) -> pb.Generate
     return resp
 
 
-def elastic_status_to_proto(status: ElasticStatus) -> pb.ElasticStatus:
-    """The wire form of the runtime's elasticity status (GetLoad's `elastic`)."""
-    return pb.ElasticStatus(
-        policy=status.policy, drops=status.drops, restores=status.restores, active_groups=status.active_groups,
-        remote_dependent=status.remote_dependent, blocks_exchanged=status.blocks_exchanged,
-        events=[pb.ElasticEvent(seq=ev.seq, kind=ev.kind, group=ev.group, members=list(ev.members), step=ev.step,
-                                seconds=ev.seconds, detail=dict(ev.detail), time_unix_s=ev.time_unix_s)
+def policy_status_to_proto(status: PolicyStatus) -> pb.PolicyStatus:
+    """The wire form of the runtime's policy status (GetLoad's `policy`)."""
+    return pb.PolicyStatus(
+        policy=status.policy, counters=dict(status.counters),
+        events=[pb.PolicyEvent(seq=ev.seq, kind=ev.kind, group=ev.group, members=list(ev.members), step=ev.step,
+                               seconds=ev.seconds, detail=dict(ev.detail), time_unix_s=ev.time_unix_s)
                 for ev in status.events],
-        policy_stats=dict(status.policy_stats))
+        units=[pb.UnitStatus(unit=u.unit, mode=u.mode, members=list(u.members), running=u.running,
+                             waiting=u.waiting, remote_dependent=u.remote_dependent, detail=dict(u.detail))
+               for u in status.units])
 
 
 class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
@@ -187,16 +189,14 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
         return pb.GetServerInfoResponse(
             model=info.model, architecture=info.architecture, num_layers=info.num_layers,
             vocab_size=info.vocab_size, max_model_len=info.max_model_len, instances=list(info.instances),
-            policy=info.policy, versions=dict(info.versions), group_sizes=list(info.group_sizes),
-            drop_demand_ratio=info.drop_demand_ratio, restore_demand_ratio=info.restore_demand_ratio,
-            restore_window_steps=info.restore_window_steps, block_size=info.block_size,
-            eos_token_ids=list(info.eos_token_ids))
+            policy=info.policy, versions=dict(info.versions), block_size=info.block_size,
+            eos_token_ids=list(info.eos_token_ids), policy_settings=dict(info.policy_settings))
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
         loads = await self._call(self.runtime.load)
-        elastic = await self._call(self.runtime.elastic)
+        status = await self._call(self.runtime.policy_status)
         return pb.GetLoadResponse(instances=[pb.InstanceLoad(**dataclasses.asdict(x)) for x in loads],
-                                  elastic=elastic_status_to_proto(elastic))
+                                  policy=policy_status_to_proto(status))
 
 
 async def _drain_in_thread(runtime: Runtime, request_id: str) -> AsyncIterator[TokenEvent]:

@@ -246,19 +246,17 @@ def _memory_budget(parser: argparse.ArgumentParser, args: argparse.Namespace, ja
 
 def _warm(target: Target, n: int, vocab: list[int]) -> None:
     """One short request per instance through the whole path (not measured), so no first-use cost is timed."""
-    import threading
-
     from kunjax.bench.metrics import RequestRecord
 
-    t0 = time.monotonic()
-    done = threading.Semaphore(0)
+    clock = target.clock
+    t0 = clock.now()
     recs = [RequestRecord(index=i, request_id=f"warmup-{os.getpid()}-{time.monotonic_ns()}-{i}", arrival_s=0.0,
                           prompt_tokens=8, max_tokens=4) for i in range(n)]
     for i, r in enumerate(recs):
-        target.start(r, [vocab[(i * 8 + j) % len(vocab)] for j in range(8)], t0, done.release)
-    for _ in recs:
-        if not done.acquire(timeout=300):
-            break
+        target.start(r, [vocab[(i * 8 + j) % len(vocab)] for j in range(8)], t0)
+    give_up = time.monotonic() + 300
+    while not all(r.done for r in recs) and time.monotonic() < give_up:
+        target.advance(clock.now() + 1.0)
 
 
 def _fit_lines(c: dict) -> list[str]:
@@ -381,7 +379,7 @@ class BenchRun:
         self.setup.setdefault("versions", info.versions)
         s["wall_s"] = time.monotonic() - t_policy
         _say(f"[{name}] {s['completed']}/{s['requests']} completed, P99 TTFT {s['ttft_p99_s']:.2f}s, "
-             f"{len(res.events)} elastic event(s), {s['wall_s']:.0f}s for this policy")
+             f"{len(res.events)} policy event(s), {s['wall_s']:.0f}s for this policy")
         _say(f"[{name}] policy figures during the replay: "
              + (", ".join(f"{k} {v}" for k, v in policy_stats.items() if v) or "all zero"))
 

@@ -1,15 +1,17 @@
-"""Open-loop replay of one workload against one target, with a progress line and a per-second timeline.
+"""Open-loop replay of one workload against one target: an event loop on the target's clock.
 
-Owns the clock of a replay. A scheduler thread starts each request at its arrival time (replay start + its
-offset), never waiting for earlier requests to finish; the target records its events. A sampler thread reads
-the target's load and new elastic events once a second into timeline rows. The calling thread prints progress
-to stderr and, once every request has been sent, waits for them to finish for at most `drain_timeout_s`;
-then it aborts the rest, which count as failed with reason "timeout".
+Owns the time of a replay. One loop, no threads: each request is started at its arrival time (replay start + its
+offset), never waiting for earlier requests to finish; between events the target works (`Target.advance`: an
+engine step in process, a short wait over gRPC) or lets its clock pass to the next event. The target's load and
+new policy events are sampled every `SAMPLE_PERIOD_S` of clock time into timeline rows. A progress line goes to
+stderr. Once every request has been sent, unfinished ones may run for at most `drain_timeout_s`; then they are
+aborted and count as failed with reason "timeout". On a virtual clock (the arithmetic executor) the whole replay
+runs as fast as the host can step, and its times are the modelled ones.
 
-Timeline row (one per second): `t_s`, requests in flight (sent, not finished), `queue_len` (waiting requests;
-a pipeline group's queue counted once), `kv_demand_tokens` (the runtime's KV demand in blocks — held by running
+Timeline row (one per period): `t_s`, requests in flight (sent, not finished), `queue_len` (waiting requests;
+a pipeline unit's queue counted once), `kv_demand_tokens` (the runtime's KV demand in blocks — held by running
 requests plus what queued and swapped-out requests need to start — times the block size, summed over instances,
-a group counted once), `kv_capacity_tokens`, `kv_free_tokens`, `groups`, the events seen
+a unit counted once), `kv_capacity_tokens`, `kv_free_tokens`, `groups` (pipeline units), the events seen
 since the previous row, and per instance `i{n}_mode` / `_kv_free` / `_kv_used` / `_kv_total` (blocks; a stage's
 blocks hold 1/k of the layers) / `_running` / `_waiting`.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import threading
 import time
 from collections.abc import Sequence
 
@@ -33,13 +34,13 @@ SAMPLE_PERIOD_S = 1.0
 class ReplayResult:
     records: list[RequestRecord]
     timeline: list[dict[str, object]]
-    events: list[dict[str, object]]  # elastic events with the replay time they were first seen
+    events: list[dict[str, object]]  # policy events with the replay time they happened
     replay_s: float  # from the first arrival to the last request's end (or the abort)
     timed_out: int  # requests aborted at the drain deadline
 
 
 def _event_dict(ev, t_s: float, wall0: float) -> dict[str, object]:
-    """An elastic event on the replay clock: when it happened if the runtime stamps it, else when first seen."""
+    """A policy event on the replay clock: when it happened if the runtime stamps it, else when first seen."""
     stamp = float(getattr(ev, "time_unix_s", 0.0))
     if stamp > 0:
         t_s = stamp - wall0
@@ -85,12 +86,13 @@ class _Progress:
     def __init__(self, label: str, total: int, duration_s: float, enabled: bool):
         self.label, self.total, self.duration_s, self.enabled = label, total, duration_s, enabled
         self.tty = sys.stderr.isatty()
-        self._last = 0.0
+        self._last = -1e9  # wall time of the last line (a display rate, whatever clock the replay runs on)
 
     def show(self, t_s: float, sent: int, done: int, final: bool = False) -> None:
-        if not self.enabled or (not self.tty and not final and t_s - self._last < 10.0):
+        wall = time.monotonic()
+        if not self.enabled or (not final and wall - self._last < (0.5 if self.tty else 10.0)):
             return
-        self._last = t_s
+        self._last = wall
         width = 30
         filled = int(width * done / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
@@ -102,82 +104,57 @@ class _Progress:
 
 def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, label: str, block_size: int,
            drain_timeout_s: float, progress: bool = True, id_prefix: str = "bench") -> ReplayResult:
-    """Replay `workload` (prompt i = `prompts[i]`) against `target` in real time; see the module docstring."""
+    """Replay `workload` (prompt i = `prompts[i]`) against `target` on its clock; see the module docstring."""
     records = [RequestRecord(index=i, request_id=f"{id_prefix}-{i}", arrival_s=r.arrival_s,
                              prompt_tokens=len(prompts[i]), max_tokens=r.output_tokens)
                for i, r in enumerate(workload.requests)]
-    done_lock = threading.Lock()
-    counts = {"sent": 0, "done": 0}
-    all_done = threading.Event()
-    stop = threading.Event()
-
-    def on_done() -> None:
-        with done_lock:
-            counts["done"] += 1
-            if counts["done"] == len(records):
-                all_done.set()
-
-    t0 = time.monotonic()
-    wall0 = time.time()  # the replay clock's origin on the wall clock (elastic events carry wall times)
-
-    def schedule() -> None:
-        for rec, prompt in zip(records, prompts, strict=True):
-            delay = t0 + rec.arrival_s - time.monotonic()
-            if delay > 0 and stop.wait(delay):
-                return
-            counts["sent"] += 1
-            target.start(rec, list(prompt), t0, on_done)
-
+    clock = target.clock
+    t0 = clock.now()
+    wall0 = clock.wall()  # the replay's origin on the (engine clock's) wall time: events carry wall times
     timeline: list[dict[str, object]] = []
     events: list[dict[str, object]] = []
-    seen = {"seq": 0}
-
-    def sample() -> None:
-        while True:
-            t = time.monotonic() - t0
+    last_seq = 0
+    sent = 0
+    next_sample = 0.0
+    deadline = workload.duration_s + drain_timeout_s
+    bar = _Progress(label, len(records), workload.duration_s, progress)
+    timed_out = 0
+    while True:
+        now = clock.now() - t0
+        while sent < len(records) and records[sent].arrival_s <= now:
+            target.start(records[sent], list(prompts[sent]), t0)
+            sent += 1
+        done = sum(r.done for r in records[:sent])
+        if now >= next_sample:
             try:
                 loads = target.load()
-                new = [_event_dict(ev, t, wall0) for ev in target.elastic_events() if ev.seq > seen["seq"]]
+                new = [_event_dict(ev, now, wall0) for ev in target.policy_events() if ev.seq > last_seq]
             except Exception as e:  # a failed read leaves a gap in the timeline, not a failed replay
                 print(f"\n[{label}] timeline sample failed: {type(e).__name__}: {e}", file=sys.stderr)
                 loads, new = [], []
             if new:
-                seen["seq"] = max(int(ev["seq"]) for ev in new)
+                last_seq = max(int(ev["seq"]) for ev in new)
                 events.extend(new)
             if loads:
-                timeline.append(timeline_row(t, loads, block_size, counts["sent"] - counts["done"], new))
-            if stop.wait(max(0.0, SAMPLE_PERIOD_S - (time.monotonic() - t0 - t))):
-                return
-
-    bar = _Progress(label, len(records), workload.duration_s, progress)
-    scheduler = threading.Thread(target=schedule, name="bench-schedule", daemon=True)
-    sampler = threading.Thread(target=sample, name="bench-sample", daemon=True)
-    scheduler.start()
-    sampler.start()
-    if not records:
-        all_done.set()
-    deadline = t0 + workload.duration_s + drain_timeout_s
-    while not all_done.wait(0.5):
-        bar.show(time.monotonic() - t0, counts["sent"], counts["done"])
-        if time.monotonic() > deadline:
+                timeline.append(timeline_row(now, loads, block_size, sent - done, new))
+            next_sample += SAMPLE_PERIOD_S
+        bar.show(now, sent, done)
+        if sent == len(records) and done == len(records):
             break
-    timed_out = 0
-    if not all_done.is_set():
-        scheduler.join()
-        late = [r for r in records if not r.done]
-        for r in late:
-            target.abort(r.request_id)
-        all_done.wait(30.0)
-        for r in late:
-            if r.finish_reason in (None, "abort"):
-                r.end_s = r.end_s if r.end_s is not None else time.monotonic() - t0
-                r.error = f"unfinished {drain_timeout_s:g}s after the last arrival (--drain-timeout-s): aborted"
-                r.finish_reason = "timeout"
-        timed_out = len(late)
+        if now > deadline:
+            late = [r for r in records if not r.done]
+            for r in late:
+                target.abort(r.request_id)
+            for r in late:
+                if r.finish_reason in (None, "abort"):
+                    r.end_s = r.end_s if r.end_s is not None else clock.now() - t0
+                    r.error = f"unfinished {drain_timeout_s:g}s after the last arrival (--drain-timeout-s): aborted"
+                    r.finish_reason = "timeout"
+            timed_out = len(late)
+            break
+        wake = min(records[sent].arrival_s if sent < len(records) else deadline, next_sample, deadline)
+        target.advance(t0 + wake)
     ends = [r.end_s for r in records if r.end_s is not None]
-    replay_s = max(ends) if ends else time.monotonic() - t0
-    stop.set()
-    scheduler.join()
-    sampler.join(timeout=10)
-    bar.show(time.monotonic() - t0, counts["sent"], counts["done"], final=True)
+    replay_s = max(ends) if ends else clock.now() - t0
+    bar.show(clock.now() - t0, sent, sum(r.done for r in records), final=True)
     return ReplayResult(records=records, timeline=timeline, events=events, replay_s=replay_s, timed_out=timed_out)

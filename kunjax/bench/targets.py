@@ -1,30 +1,35 @@
 """What a replay sends requests to: an engine in this process, or a `kunjax serve` over gRPC.
 
-Owns starting one request without blocking the caller (the replay's scheduler must never wait on the runtime:
-open loop), recording the request's timestamps as its events arrive, and reading the runtime's load and
-elastic events for the timeline. Both targets give every request the same sampling: greedy, `ignore_eos`,
-`max_tokens` = the workload's output length, so each request produces exactly its trace's output tokens.
+Owns starting one request without blocking the replay (open loop), letting the runtime work until the replay's
+next event (`advance`), recording each request's timestamps as its output arrives, and reading the runtime's
+load and policy events for the timeline. Both targets give every request the same sampling: greedy,
+`ignore_eos`, `max_tokens` = the workload's output length, so each request produces exactly its trace's output
+tokens. A target has a clock (`kunjax.clock`), which is the replay's time base.
 
-* `InProcessTarget`: `kunjax.engine_thread.EngineThread` (the runtime the gRPC server uses) over an engine
-  built and warmed up here. Each request gets a thread that submits it (the submit waits for the engine's
-  current step to end, which is why it is not done on the scheduler's thread) and then blocks on the request's
-  event queue.
-* `serving.bench_target.GrpcTarget` (in `serving/`, wired in by the CLI): the same over gRPC against a
-  `kunjax serve`.
+* `InProcessTarget`: the engine itself, driven by the replay's event loop on the engine's clock: `advance` runs
+  one engine step (or, when idle, lets the clock pass to the next event: a real sleep on the wall clock, a jump
+  on a virtual one). No thread, no lock: the same code replays on the wall clock with the real model and on the
+  virtual clock with the arithmetic executor.
+* `serving.bench_target.GrpcTarget` (in `serving/`, wired in by the CLI): against a `kunjax serve`, on the wall
+  clock, one asyncio task per streaming call.
 
-Queue time: the runtime's final event (`TokenEvent.queue_s`, `Usage.queue_time_s` over gRPC) says how long the
+Queue time: the runtime's final event (`RequestOutput.metrics`, `Usage.queue_time_s` over gRPC) says how long the
 request waited in the engine before its first step; the record's `scheduled_s` is its submit time plus that.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
-from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kunjax.bench.metrics import RequestRecord
+from kunjax.clock import WALL, Clock
+from kunjax.request import RequestOutput
+from kunjax.sampling_params import SamplingParams
+from kunjax.status import EventLog, instance_loads, policy_status, runtime_info
+
+if TYPE_CHECKING:
+    from kunjax.engine import LLMEngine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,26 +67,32 @@ class LoadRow(Protocol):
 
 
 class Target(Protocol):
+    clock: Clock  # the replay's time base
+
     def info(self) -> TargetInfo: ...
 
-    def start(self, record: RequestRecord, prompt_ids: list[int], t0: float, on_done: Callable[[], None]) -> None:
-        """Begin one request (never blocks on the runtime); fills `record` as events arrive, then `on_done()`."""
+    def start(self, record: RequestRecord, prompt_ids: list[int], t0: float) -> None:
+        """Begin one request (never blocks on the runtime); fills `record` (times since `t0` on `clock`) as its
+        output arrives, `finish_reason` last."""
+
+    def advance(self, until: float) -> None:
+        """Let the runtime work until clock time `until` at most (sooner when something happened)."""
 
     def abort(self, request_id: str) -> None: ...
 
     def load(self) -> list[LoadRow]: ...
 
-    def elastic_events(self) -> list:
-        """Recent elastic events (`seq`, `kind`, `group`, `members`, `step`, `seconds`, `detail`), oldest first."""
+    def policy_events(self) -> list:
+        """Recent policy events (`seq`, `kind`, `group`, `members`, `step`, `seconds`, `detail`), oldest first."""
 
     def policy_stats(self) -> dict[str, int]:
-        """The memory policy's own figures since the runtime started (`ElasticStatus.policy_stats`)."""
+        """The memory policy's own figures since the runtime started (`PolicyStatus.counters`)."""
 
     def close(self) -> None: ...
 
 
-def since(t0: float) -> float:
-    return time.monotonic() - t0
+def since(t0: float, clock: Clock = WALL) -> float:
+    return clock.now() - t0
 
 
 def scheduled_from_queue(record: RequestRecord, queue_s: float) -> None:
@@ -95,17 +106,22 @@ def finish_record(record: RequestRecord, end_s: float, reason: str, error: str =
     record.finish_reason = reason  # last: other threads read it as "done"
 
 
-class InProcessTarget:
-    def __init__(self, engine):
-        """`engine` must be warmed up already (`LLMEngine.warmup()`), so the runtime is ready at once."""
-        from kunjax.engine_thread import EngineThread
+IDLE_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline units (their restore window)
 
+
+class InProcessTarget:
+    def __init__(self, engine: LLMEngine):
+        """`engine` must be warmed up already (`LLMEngine.warmup()`)."""
         self.engine = engine
-        self.runtime = EngineThread(engine, max_queued=1 << 30, warmup=False)
+        self.clock = engine.clock
+        self._records: dict[str, tuple[RequestRecord, float]] = {}  # request id -> (record, t0)
+        self._events = EventLog()
 
     def info(self) -> TargetInfo:
-        ri = self.runtime.info()
+        from kunjax import __version__
+
         e = self.engine
+        ri = runtime_info(e, {"kunjax": __version__})
         tok = e.tokenizer
         special = {i for i in range(ri.vocab_size) if tok is not None and tok.is_special(i)}
         special |= set(e.eos_token_ids)
@@ -115,50 +131,59 @@ class InProcessTarget:
                           block_size=e.config.block_size, kv_capacity_blocks=sum(x.kv_total for x in self.load()),
                           excluded_ids=tuple(sorted(special)), instances=ri.instances, versions=dict(ri.versions))
 
-    def start(self, record: RequestRecord, prompt_ids: list[int], t0: float, on_done: Callable[[], None]) -> None:
-        threading.Thread(target=self._serve, args=(record, prompt_ids, t0, on_done), daemon=True,
-                         name=f"bench-{record.request_id}").start()
-
-    def _serve(self, record: RequestRecord, prompt_ids: list[int], t0: float, on_done: Callable[[], None]) -> None:
-        from kunjax.api import GenerateRequest, InvalidRequest, Overloaded
-        from kunjax.sampling_params import SamplingParams
-
-        rid = record.request_id
+    def start(self, record: RequestRecord, prompt_ids: list[int], t0: float) -> None:
         params = SamplingParams(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True)
         try:
-            self.runtime.submit(GenerateRequest(request_id=rid, prompt=None, prompt_ids=tuple(prompt_ids),
-                                                params=params))
-        except (InvalidRequest, Overloaded) as e:
-            finish_record(record, since(t0), "rejected", str(e))
-            on_done()
+            self.engine.add_request(prompt_ids, params, request_id=record.request_id)
+        except ValueError as e:
+            finish_record(record, since(t0, self.clock), "rejected", str(e))
             return
-        record.submit_s = since(t0)
-        try:
-            for ev in self.runtime.events(rid):
-                now = since(t0)
-                if ev.token_ids:
-                    if record.first_token_s is None:
-                        record.first_token_s = now
-                    record.output_tokens += len(ev.token_ids)
-                if ev.finished:
-                    scheduled_from_queue(record, ev.queue_s)
-                    finish_record(record, now, ev.finish_reason or "error", ev.error or "")
-        finally:
-            if record.finish_reason is None:
-                finish_record(record, since(t0), "error", "the event stream ended without a final event")
-            on_done()
+        record.submit_s = since(t0, self.clock)
+        self._records[record.request_id] = (record, t0)
+
+    def advance(self, until: float) -> None:
+        e, clock = self.engine, self.clock
+        if e.has_requests():
+            self._record(e.step())
+        elif e.has_unfinished():  # only idle pipeline units: pace their steps (a restore window means idle time)
+            e.step()
+            clock.sleep(min(IDLE_STEP_S, until - clock.now()))
+        else:
+            clock.sleep(until - clock.now())
+
+    def _record(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            entry = self._records.get(out.request_id)
+            if entry is None:
+                continue
+            record, t0 = entry
+            now = since(t0, self.clock)
+            n = len(out.outputs[0].delta_token_ids)
+            if n:
+                if record.first_token_s is None:
+                    record.first_token_s = now
+                record.output_tokens += n
+            if out.finished:
+                m = out.metrics
+                if "first_scheduled_time" in m:
+                    scheduled_from_queue(record, max(0.0, m["first_scheduled_time"] - m["arrival_time"]))
+                finish_record(record, now, out.outputs[0].finish_reason or "error")
+                del self._records[out.request_id]
 
     def abort(self, request_id: str) -> None:
-        self.runtime.abort(request_id)
+        out = self.engine.abort(request_id)
+        if out is not None:
+            self._record([out])
 
     def load(self) -> list[LoadRow]:
-        return self.runtime.load()
+        return instance_loads(self.engine)
 
-    def elastic_events(self) -> list:
-        return list(self.runtime.elastic().events)
+    def policy_events(self) -> list:
+        return list(policy_status(self.engine, self._events).events)
 
     def policy_stats(self) -> dict[str, int]:
-        return dict(self.runtime.elastic().policy_stats)
+        return dict(policy_status(self.engine, self._events).counters)
 
     def close(self) -> None:
-        self.runtime.shutdown(0.0)
+        for rid in list(self._records):
+            self.abort(rid)

@@ -9,7 +9,7 @@ import sys
 
 import grpc
 
-from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
+from serving._generated.kunjax.serving.v2 import generate_pb2_grpc as pb_grpc
 from serving.client import FINISH_REASON_NAMES, build_request
 
 

@@ -1,6 +1,6 @@
 """`migrate` (Llumnix live migration): under an imbalanced load, running requests move from the loaded instance to
 the idle one while they decode, over at least two copy rounds, missing at most one step; their greedy outputs equal
-the naive oracle; a migration cancelled mid-way frees its reservation; the events reach `EngineThread.elastic()`.
+the naive oracle; a migration cancelled mid-way frees its reservation; the events reach the runtime's policy status.
 
 The load is made imbalanced through the public API: a burst is routed over both instances, then every request the
 router sent to instance 1 is aborted, leaving instance 0 overloaded (queue, preemptions) and instance 1 empty.
@@ -105,7 +105,7 @@ def test_abort_mid_migration_frees_the_reservation(engine, prompts_and_expected)
     assert not pol.inflight and all(u.stages[0].num_used == 0 for u in engine.units.values())
 
 
-def test_migration_events_reach_the_runtime_elastic_status(engine, prompts_and_expected):  # noqa: F811
+def test_migration_events_reach_the_runtime_policy_status(engine, prompts_and_expected):  # noqa: F811
     from kunjax.engine_thread import EngineThread
 
     prompts, _ = prompts_and_expected
@@ -115,15 +115,15 @@ def test_migration_events_reach_the_runtime_elastic_status(engine, prompts_and_e
             engine.step()
     runtime = EngineThread(engine, warmup=False)
     try:
-        status = runtime.elastic()
-        assert status.policy == "migrate" and status.drops == 0
+        status = runtime.policy_status()
+        assert status.policy == "migrate" and "drops" not in status.counters
         kinds = collections.Counter(ev.kind for ev in status.events)
         assert kinds["migration"] >= 1, kinds
         ev = next(ev for ev in status.events if ev.kind == "migration")
         assert ev.group == -1 and ev.members == (0, 1) and int(ev.detail["rounds"]) >= 2
         assert [e.seq for e in status.events] == list(range(1, len(status.events) + 1))
-        assert runtime.elastic().events == status.events, "events are numbered once"
-        stats = status.policy_stats  # the policy's counters, as GetLoad and the metrics carry them
+        assert runtime.policy_status().events == status.events, "events are numbered once"
+        stats = status.counters  # the policy's counters, as GetLoad and the metrics carry them
         assert stats["migrations"] == sum(ev.kind == "migration" for ev in engine.policy.events) >= 1
         assert stats["migration_blocks_copied"] > 0 and "preemptions" in stats
     finally:

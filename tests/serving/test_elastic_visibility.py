@@ -1,7 +1,7 @@
 """Parameter-centric elasticity as a client and Prometheus see it: a real 2-instance kunserve engine over loopback gRPC.
 
 What an operator can rely on: after a drop, `GetLoad` reports both instances as stages of one pipeline group
-with their stage's KV books, its `elastic` status counts the drop and carries the event with its timing, and
+with their stage's KV books, the policy status counts the drop and carries the event with its timing, and
 `GetServerInfo` names each instance's stage; after a restore both are replicas again and the restore is counted
 and timed; the metrics endpoint counts both transitions and times each exactly once; and requests in flight
 across both transitions finish with every token they asked for.
@@ -21,7 +21,7 @@ from kunjax.config import EngineConfig
 from kunjax.engine import LLMEngine
 from kunjax.engine_thread import EngineThread
 from kunjax.policies.base import FuseUnits
-from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving.client import KunjaxClient
 from serving.server import ServerHandle, serve
 from tests.helpers import write_tiny_model
@@ -82,13 +82,17 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     engine = rt.engine
 
     info = client.info()
-    assert info.policy == "kunserve" and list(info.group_sizes) == [2]
-    assert (info.drop_demand_ratio, info.restore_demand_ratio, info.restore_window_steps) == pytest.approx(
+    settings = dict(info.policy_settings)
+    assert info.policy == "kunserve" and settings["group_sizes"] == "(2,)"
+    assert (float(settings["drop_demand_ratio"]), float(settings["restore_demand_ratio"]),
+            int(settings["restore_window_steps"])) == pytest.approx(
         (CONFIG.drop_demand_ratio, CONFIG.restore_demand_ratio, CONFIG.restore_window_steps))
     assert [s.split(",")[0] for s in info.instances] == ["instance 0: replica", "instance 1: replica"]
     zeros = {k: 0 for k in ("preemptions", "drops", "restores", "groups", "remote_dependent", "blocks_exchanged",
                             "remote_ticks")}
-    assert client.elastic() == pb.ElasticStatus(policy="kunserve", policy_stats=zeros)
+    status = client.policy_status()
+    assert (status.policy, dict(status.counters), list(status.events)) == ("kunserve", zeros, [])
+    assert [(u.unit, u.mode, list(u.members)) for u in status.units] == [(0, "replica", [0]), (1, "replica", [1])]
 
     # Requests generating when the instances fuse, and one that arrives at the group.
     calls = {f"before{i}": start(client, f"before{i}", 3 + 7 * i) for i in range(4)}
@@ -104,9 +108,11 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     assert [x.kv_total for x in load] == stage_totals
     assert stage_totals[0] > CONFIG.num_blocks  # a stage holds half of every block of both pools, plus the extension
     assert all(x.kv_free + x.kv_used == x.kv_total and x.kv_cached == 0 for x in load)
-    elastic = client.elastic()
-    assert (elastic.policy, elastic.drops, elastic.restores, elastic.active_groups) == ("kunserve", 1, 0, 1)
-    (drop,) = [ev for ev in elastic.events if ev.kind == "drop"]
+    status = client.policy_status()
+    assert (status.counters["drops"], status.counters["restores"], status.counters["groups"]) == (1, 0, 1)
+    (unit,) = status.units
+    assert (unit.unit, unit.mode, list(unit.members), unit.detail["admitting"]) == (gid, "pipeline", [0, 1], "True")
+    (drop,) = [ev for ev in status.events if ev.kind == "drop"]
     assert (drop.seq, drop.group, list(drop.members)) == (1, gid, [0, 1])
     assert drop.seconds > 0 and drop.detail["k"] == "2" and int(drop.detail["extension_blocks"]) > 0
     assert [s.split(",")[0] for s in client.info().instances] == [
@@ -118,16 +124,18 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     calls["draining"] = start(client, "draining", 70)
 
     def restored() -> bool:
-        return client.elastic().restores == 1 and all(x.mode == "replica" for x in client.load())
-    assert wait_for(restored, timeout_s=30), (client.load(), client.elastic())
+        return client.policy_status().counters["restores"] == 1 and all(x.mode == "replica" for x in client.load())
+    assert wait_for(restored, timeout_s=30), (client.load(), client.policy_status())
     load = client.load()
     assert [(x.mode, x.group, x.stage) for x in load] == [("replica", -1, -1)] * 2
     assert all(x.kv_total == CONFIG.num_blocks - 1 for x in load)
-    elastic = client.elastic()
-    assert (elastic.drops, elastic.restores, elastic.active_groups, elastic.remote_dependent) == (1, 1, 0, 0)
-    (restore,) = [ev for ev in elastic.events if ev.kind == "restore"]
+    status = client.policy_status()
+    c = status.counters
+    assert (c["drops"], c["restores"], c["groups"], c["remote_dependent"]) == (1, 1, 0, 0)
+    assert [u.mode for u in status.units] == ["replica", "replica"]
+    (restore,) = [ev for ev in status.events if ev.kind == "restore"]
     assert restore.group == gid and restore.seconds > 0 and restore.seq > drop.seq
-    seqs = [ev.seq for ev in elastic.events]
+    seqs = [ev.seq for ev in status.events]
     assert seqs == list(range(1, len(seqs) + 1))  # every event once, oldest first
     assert [s.split(",")[0] for s in client.info().instances] == ["instance 0: replica", "instance 1: replica"]
 
@@ -138,11 +146,11 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
 
     for _ in range(2):  # every scrape reports each transition once
         text = scrape_text(handle).splitlines()
-        for line in ("kunjax_elastic_drops_total 1.0", "kunjax_elastic_restores_total 1.0",
-                     "kunjax_pipeline_groups 0.0", "kunjax_remote_attention_requests 0.0",
-                     f"kunjax_kv_blocks_exchanged_total {float(elastic.blocks_exchanged)}",
-                     'kunjax_elastic_transition_seconds_count{kind="drop"} 1.0',
-                     'kunjax_elastic_transition_seconds_count{kind="restore"} 1.0'):
+        for line in ('kunjax_policy_stat{name="drops"} 1.0', 'kunjax_policy_stat{name="restores"} 1.0',
+                     "kunjax_pipeline_units 0.0", "kunjax_remote_attention_requests 0.0",
+                     f'kunjax_policy_stat{{name="blocks_exchanged"}} {float(c["blocks_exchanged"])}',
+                     'kunjax_policy_event_seconds_count{kind="drop"} 1.0',
+                     'kunjax_policy_event_seconds_count{kind="restore"} 1.0'):
             assert line in text, line
         assert any(x.startswith('kunjax_policy_stat{name="preemptions"}') for x in text)
     assert wait_for(lambda: all(x.kv_used == 0 and x.running == 0 for x in client.load()), timeout_s=10)

@@ -19,7 +19,7 @@ import pytest
 
 from serving._generated.jetstream_proto import jetstream_pb2 as js
 from serving._generated.jetstream_proto import jetstream_pb2_grpc as js_grpc
-from serving._generated.kunjax.serving.v1 import generate_pb2_grpc as pb_grpc
+from serving._generated.kunjax.serving.v2 import generate_pb2_grpc as pb_grpc
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer

@@ -2,7 +2,7 @@
 
 What an operator can rely on: latency histograms count every finished request, outcomes are counted by finish
 reason and refusals by status code, the per-instance load gauges show KV blocks in use while a request runs
-and back at zero after, and elasticity metrics count drops / restores and time each transition exactly once,
+and back at zero after, and the policy's metrics carry its counters and units and time each event exactly once,
 however often Prometheus scrapes. (The real engine's drops and restores: `test_elastic_visibility.py`.)
 """
 
@@ -17,7 +17,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kunjax.api import ElasticEvent, ElasticStatus
+from kunjax.api import PolicyEvent, PolicyStatus, UnitStatus
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.server import ServerHandle, serve
@@ -138,71 +138,75 @@ def test_two_servers_keep_separate_books_and_no_endpoint_without_a_port() -> Non
             r.shutdown(grace_s=0.0)
 
 
-# ---- elasticity ------------------------------------------------------------------------------------------
-class ScriptedElasticRuntime(FakeRuntime):
-    """`FakeRuntime` whose `elastic()` reports what the test last set (`None`: it fails)."""
+# ---- the memory policy --------------------------------------------------------------------------------
+class ScriptedPolicyRuntime(FakeRuntime):
+    """`FakeRuntime` whose `policy_status()` reports what the test last set (`None`: it fails)."""
 
     def __init__(self, **kwargs: object):
         super().__init__(**kwargs)
-        self.status: ElasticStatus | None = ElasticStatus(policy="scripted")
+        self.status: PolicyStatus | None = PolicyStatus(policy="scripted")
 
-    def elastic(self) -> ElasticStatus:
+    def policy_status(self) -> PolicyStatus:
         if self.status is None:
-            raise RuntimeError("elastic status unavailable")
+            raise RuntimeError("policy status unavailable")
         return self.status
 
 
-def event(seq: int, kind: str, seconds: float, group: int = 0) -> ElasticEvent:
-    return ElasticEvent(seq=seq, kind=kind, group=group, members=(0, 1), step=10 * seq, seconds=seconds,
-                        detail={})
+def event(seq: int, kind: str, seconds: float, group: int = 0) -> PolicyEvent:
+    return PolicyEvent(seq=seq, kind=kind, group=group, members=(0, 1), step=10 * seq, seconds=seconds,
+                       detail={})
 
 
-def test_elastic_metrics_are_zero_without_elasticity(served: Served) -> None:
+def units(pipelines: int, remote: int) -> tuple[UnitStatus, ...]:
+    return tuple(UnitStatus(unit=9 + i, mode="pipeline", members=(2 * i, 2 * i + 1), running=4, waiting=0,
+                            remote_dependent=remote if i == 0 else 0) for i in range(pipelines))
+
+
+def test_policy_metrics_without_a_pipeline(served: Served) -> None:
     _, handle, _ = served
     m = scrape(handle)
-    for name in ("kunjax_elastic_drops_total", "kunjax_elastic_restores_total", "kunjax_kv_blocks_exchanged_total",
-                 "kunjax_pipeline_groups", "kunjax_remote_attention_requests"):
+    for name in ("kunjax_pipeline_units", "kunjax_remote_attention_requests"):
         assert m[(name, ())] == 0, name
-    assert not [k for k in m if k[0].startswith("kunjax_elastic_transition_seconds")]
+    assert not [k for k in m if k[0].startswith("kunjax_policy_event_seconds")]
 
 
-def test_each_transition_is_timed_once_across_scrapes() -> None:
-    runtime = ScriptedElasticRuntime(vocab_size=100, max_model_len=64)
+def test_each_event_is_timed_once_across_scrapes() -> None:
+    runtime = ScriptedPolicyRuntime(vocab_size=100, max_model_len=64)
     handle = serve(runtime, metrics_port=0)
     try:
         drop = event(1, "drop", 0.2)
-        runtime.status = ElasticStatus(policy="scripted", drops=1, active_groups=1, remote_dependent=3,
-                                       blocks_exchanged=5, events=(drop,))
+        runtime.status = PolicyStatus(policy="scripted", counters={"drops": 1, "blocks_exchanged": 5},
+                                      events=(drop,), units=units(1, 3))
         for _ in range(3):  # the same event in every scrape's window counts once
             m = scrape(handle)
-        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "drop"),))] == 1
-        assert m[("kunjax_elastic_transition_seconds_sum", (("kind", "drop"),))] == pytest.approx(0.2)
-        assert m[("kunjax_elastic_transition_seconds_bucket", (("kind", "drop"), ("le", "0.25")))] == 1
-        assert m[("kunjax_elastic_transition_seconds_bucket", (("kind", "drop"), ("le", "0.1")))] == 0
-        assert (m[("kunjax_elastic_drops_total", ())], m[("kunjax_pipeline_groups", ())],
-                m[("kunjax_remote_attention_requests", ())], m[("kunjax_kv_blocks_exchanged_total", ())]) == (
-            1, 1, 3, 5)
+        assert m[("kunjax_policy_event_seconds_count", (("kind", "drop"),))] == 1
+        assert m[("kunjax_policy_event_seconds_sum", (("kind", "drop"),))] == pytest.approx(0.2)
+        assert m[("kunjax_policy_event_seconds_bucket", (("kind", "drop"), ("le", "0.25")))] == 1
+        assert m[("kunjax_policy_event_seconds_bucket", (("kind", "drop"), ("le", "0.1")))] == 0
+        assert (m[("kunjax_policy_stat", (("name", "drops"),))], m[("kunjax_pipeline_units", ())],
+                m[("kunjax_remote_attention_requests", ())],
+                m[("kunjax_policy_stat", (("name", "blocks_exchanged"),))]) == (1, 1, 3, 5)
 
-        runtime.status = ElasticStatus(
-            policy="scripted", drops=2, restores=1, active_groups=1, blocks_exchanged=9,
+        runtime.status = PolicyStatus(
+            policy="scripted", counters={"drops": 2, "restores": 1, "blocks_exchanged": 9}, units=units(1, 0),
             events=(drop, event(2, "exchange_done", 1.5), event(3, "restore", 0.05), event(4, "drop", 0.3, 1)))
         m = scrape(handle)
-        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "drop"),))] == 2
-        assert m[("kunjax_elastic_transition_seconds_sum", (("kind", "drop"),))] == pytest.approx(0.5)
-        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "exchange_done"),))] == 1
-        assert m[("kunjax_elastic_transition_seconds_count", (("kind", "restore"),))] == 1
-        assert (m[("kunjax_elastic_drops_total", ())], m[("kunjax_elastic_restores_total", ())],
+        assert m[("kunjax_policy_event_seconds_count", (("kind", "drop"),))] == 2
+        assert m[("kunjax_policy_event_seconds_sum", (("kind", "drop"),))] == pytest.approx(0.5)
+        assert m[("kunjax_policy_event_seconds_count", (("kind", "exchange_done"),))] == 1
+        assert m[("kunjax_policy_event_seconds_count", (("kind", "restore"),))] == 1
+        assert (m[("kunjax_policy_stat", (("name", "drops"),))], m[("kunjax_policy_stat", (("name", "restores"),))],
                 m[("kunjax_remote_attention_requests", ())]) == (2, 1, 0)
 
         runtime.status = dataclasses.replace(runtime.status, events=runtime.status.events[2:])  # older ones aged out
-        assert scrape(handle)[("kunjax_elastic_transition_seconds_count", (("kind", "drop"),))] == 2
+        assert scrape(handle)[("kunjax_policy_event_seconds_count", (("kind", "drop"),))] == 2
     finally:
         handle.stop(grace=0.1)
         runtime.shutdown(grace_s=0.0)
 
 
-def test_a_failing_elastic_status_leaves_out_only_the_elasticity_metrics() -> None:
-    runtime = ScriptedElasticRuntime(vocab_size=100, max_model_len=64)
+def test_a_failing_policy_status_leaves_out_only_the_policy_metrics() -> None:
+    runtime = ScriptedPolicyRuntime(vocab_size=100, max_model_len=64)
     handle = serve(runtime, metrics_port=0)
     try:
         runtime.status = None
@@ -211,7 +215,8 @@ def test_a_failing_elastic_status_leaves_out_only_the_elasticity_metrics() -> No
         m = scrape(handle)
         assert m[("kunjax_requests_total", (("finish_reason", "length"),))] == 1
         assert m[("kunjax_kv_blocks_total", (("instance", "0"), ("mode", "replica")))] == runtime.kv_total
-        assert not [k for k in m if "elastic" in k[0] or k[0] == "kunjax_pipeline_groups"]
+        assert not [k for k in m if "policy" in k[0] or k[0] in ("kunjax_pipeline_units",
+                                                                  "kunjax_remote_attention_requests")]
     finally:
         handle.stop(grace=0.1)
         runtime.shutdown(grace_s=0.0)

@@ -1,6 +1,6 @@
 """The gRPC server end to end over a real loopback channel, against `FakeRuntime`'s hand-computable outputs.
 
-What a client of `kunjax.serving.v1.KunjaxService` can rely on: streamed ids and text, a final message with usage
+What a client of `kunjax.serving.v2.KunjaxService` can rely on: streamed ids and text, a final message with usage
 and finish reason, aborts and cancellations that free the request's blocks, INVALID_ARGUMENT / RESOURCE_EXHAUSTED
 with useful messages, health that turns SERVING only after warm-up, reflection, and info / load that say when
 there is no elasticity (drops and restores of a real engine: `test_elastic_visibility.py`).
@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving import build_protos
-from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.server import RETRY_AFTER_KEY, SERVICE_NAME, ServerHandle, serve
@@ -241,7 +241,7 @@ def test_reflection_lists_the_services(served: Served) -> None:
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                         timeout=RPC_TIMEOUT_S)
     names = {svc.name for reply in replies for svc in reply.list_services_response.service}
-    assert {"kunjax.serving.v1.KunjaxService", "grpc.health.v1.Health"} <= names
+    assert {"kunjax.serving.v2.KunjaxService", "grpc.health.v1.Health"} <= names
 
 
 def test_server_info_and_load_round_trip(make_served: Callable[..., Served]) -> None:
@@ -255,13 +255,12 @@ def test_server_info_and_load_round_trip(make_served: Callable[..., Served]) -> 
     assert (load.group, load.stage) == (-1, -1)
 
 
-def test_a_runtime_without_elasticity_reports_its_policy_and_zeros(served: Served) -> None:
+def test_a_runtime_without_elasticity_reports_its_policy_and_one_unit(served: Served) -> None:
     info = served.client.info()
-    assert (list(info.group_sizes), info.drop_demand_ratio, info.restore_demand_ratio,
-            info.restore_window_steps) == ([], 0.0, 0.0, 0)
+    assert dict(info.policy_settings) == {}
     served.client.generate_text([1], max_tokens=2)
-    elastic = served.client.elastic()
-    assert elastic == pb.ElasticStatus(policy="fake")  # every counter zero, no events
+    status = served.client.policy_status()
+    assert status == pb.PolicyStatus(policy="fake", units=[pb.UnitStatus(unit=0, mode="replica", members=[0])])
 
 
 def test_load_counts_one_block_per_four_tokens_of_a_running_request(make_served: Callable[..., Served]) -> None:
@@ -284,6 +283,6 @@ def test_check_reports_a_stale_generated_file(tmp_path, monkeypatch: pytest.Monk
     pytest.importorskip("grpc_tools")
     copy = tmp_path / "_generated"
     shutil.copytree(build_protos.OUT_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "kunjax/serving/v1/generate_pb2.py").write_text("# edited by hand\n")
+    (copy / "kunjax/serving/v2/generate_pb2.py").write_text("# edited by hand\n")
     monkeypatch.setattr(build_protos, "OUT_ROOT", copy)
-    assert build_protos.check() == ["stale: kunjax/serving/v1/generate_pb2.py"]
+    assert build_protos.check() == ["stale: kunjax/serving/v2/generate_pb2.py"]

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.server import ServerHandle, serve
@@ -184,7 +184,7 @@ def test_random_overlapping_requests_with_duplicate_ids_and_overload(
 
 def test_raw_bytes_get_a_status_never_a_crash(server: tuple[FakeRuntime, ServerHandle, KunjaxClient]) -> None:
     runtime, handle, client = server
-    service = "/kunjax.serving.v1.KunjaxService/"
+    service = "/kunjax.serving.v2.KunjaxService/"
     with grpc.insecure_channel(handle.target) as channel:  # no serializers: bytes go out as they are
         streams = {"Generate": channel.unary_stream(service + "Generate"),
                    "Decode": channel.unary_stream("/jetstream_proto.Orchestrator/Decode")}

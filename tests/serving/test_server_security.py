@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving._generated.jetstream_proto import jetstream_pb2 as js
 from serving._generated.jetstream_proto import jetstream_pb2_grpc as js_grpc
-from serving._generated.kunjax.serving.v1 import generate_pb2 as pb
+from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.server import ServerHandle, serve
@@ -63,7 +63,7 @@ def test_calls_without_the_right_token_are_unauthenticated(authed: ServerHandle,
 
 def test_a_non_bearer_scheme_is_refused_by_name(authed: ServerHandle) -> None:
     with grpc.insecure_channel(authed.target) as channel, pytest.raises(grpc.RpcError) as err:
-        channel.unary_unary("/kunjax.serving.v1.KunjaxService/GetLoad")(
+        channel.unary_unary("/kunjax.serving.v2.KunjaxService/GetLoad")(
             b"", metadata=(("authorization", f"Basic {TOKEN}"),), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "unsupported authorization scheme 'Basic'" in err.value.details()
@@ -79,7 +79,7 @@ def test_the_right_token_works_for_every_method(authed: ServerHandle) -> None:
 
 def test_unauthenticated_malformed_bytes_are_refused_before_parsing(authed: ServerHandle) -> None:
     with grpc.insecure_channel(authed.target) as channel:
-        generate = channel.unary_stream("/kunjax.serving.v1.KunjaxService/Generate")
+        generate = channel.unary_stream("/kunjax.serving.v2.KunjaxService/Generate")
         with pytest.raises(grpc.RpcError) as err:
             list(generate(b"\xff\xff\xff", timeout=10))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -94,7 +94,7 @@ def test_health_and_reflection_need_no_token(authed: ServerHandle) -> None:
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                             timeout=10)
         names = {svc.name for reply in replies for svc in reply.list_services_response.service}
-    assert "kunjax.serving.v1.KunjaxService" in names
+    assert "kunjax.serving.v2.KunjaxService" in names
 
 
 @pytest.mark.parametrize("token", ["", "has space", "naïve"])

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving._generated.kunjax.serving.v1 import generate_pb2 as kunjax_dot_serving_dot_v1_dot_generate__pb2
+from serving._generated.kunjax.serving.v2 import generate_pb2 as kunjax_dot_serving_dot_v2_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kunjax/serving/v1/generate_pb2_grpc.py depends on'
+        + ' but the generated code in kunjax/serving/v2/generate_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,24 +36,24 @@ class KunjaxServiceStub:
             channel: A grpc.Channel.
         """
         self.Generate = channel.unary_stream(
-                '/kunjax.serving.v1.KunjaxService/Generate',
-                request_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+                '/kunjax.serving.v2.KunjaxService/Generate',
+                request_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
-                '/kunjax.serving.v1.KunjaxService/Abort',
-                request_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.AbortRequest.SerializeToString,
-                response_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.AbortResponse.FromString,
+                '/kunjax.serving.v2.KunjaxService/Abort',
+                request_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.AbortRequest.SerializeToString,
+                response_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
-                '/kunjax.serving.v1.KunjaxService/GetServerInfo',
-                request_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetServerInfoResponse.FromString,
+                '/kunjax.serving.v2.KunjaxService/GetServerInfo',
+                request_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
         self.GetLoad = channel.unary_unary(
-                '/kunjax.serving.v1.KunjaxService/GetLoad',
-                request_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetLoadRequest.SerializeToString,
-                response_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetLoadResponse.FromString,
+                '/kunjax.serving.v2.KunjaxService/GetLoad',
+                request_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
 
 
@@ -84,8 +84,8 @@ class KunjaxServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLoad(self, request, context):
-        """The current load of every instance (KV blocks, running and waiting requests, pipeline group membership)
-        and the state of parameter-centric elasticity: drops, restores and their recent transitions.
+        """The current load of every instance (KV blocks, running and waiting requests, pipeline membership) and the
+        memory policy's status: its counters, its recent events and every serving unit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,29 +96,29 @@ def add_KunjaxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
-                    response_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.AbortRequest.FromString,
-                    response_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.AbortRequest.FromString,
+                    response_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.AbortResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetServerInfoResponse.SerializeToString,
+                    request_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetServerInfoResponse.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
-                    request_deserializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetLoadRequest.FromString,
-                    response_serializer=kunjax_dot_serving_dot_v1_dot_generate__pb2.GetLoadResponse.SerializeToString,
+                    request_deserializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetLoadRequest.FromString,
+                    response_serializer=kunjax_dot_serving_dot_v2_dot_generate__pb2.GetLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'kunjax.serving.v1.KunjaxService', rpc_method_handlers)
+            'kunjax.serving.v2.KunjaxService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('kunjax.serving.v1.KunjaxService', rpc_method_handlers)
+    server.add_registered_method_handlers('kunjax.serving.v2.KunjaxService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -140,9 +140,9 @@ class KunjaxService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/kunjax.serving.v1.KunjaxService/Generate',
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            '/kunjax.serving.v2.KunjaxService/Generate',
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.GenerateRequest.SerializeToString,
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -167,9 +167,9 @@ class KunjaxService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/kunjax.serving.v1.KunjaxService/Abort',
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.AbortRequest.SerializeToString,
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.AbortResponse.FromString,
+            '/kunjax.serving.v2.KunjaxService/Abort',
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.AbortRequest.SerializeToString,
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,9 +194,9 @@ class KunjaxService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/kunjax.serving.v1.KunjaxService/GetServerInfo',
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.GetServerInfoRequest.SerializeToString,
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.GetServerInfoResponse.FromString,
+            '/kunjax.serving.v2.KunjaxService/GetServerInfo',
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.GetServerInfoRequest.SerializeToString,
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -221,9 +221,9 @@ class KunjaxService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/kunjax.serving.v1.KunjaxService/GetLoad',
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.GetLoadRequest.SerializeToString,
-            kunjax_dot_serving_dot_v1_dot_generate__pb2.GetLoadResponse.FromString,
+            '/kunjax.serving.v2.KunjaxService/GetLoad',
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.GetLoadRequest.SerializeToString,
+            kunjax_dot_serving_dot_v2_dot_generate__pb2.GetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -137,8 +137,15 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions", "group_sizes", "drop_demand_ratio", "restore_demand_ratio", "restore_window_steps", "block_size", "eos_token_ids")
+    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions", "block_size", "eos_token_ids", "policy_settings")
     class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class PolicySettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -153,12 +160,9 @@ class GetServerInfoResponse(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
-    GROUP_SIZES_FIELD_NUMBER: _ClassVar[int]
-    DROP_DEMAND_RATIO_FIELD_NUMBER: _ClassVar[int]
-    RESTORE_DEMAND_RATIO_FIELD_NUMBER: _ClassVar[int]
-    RESTORE_WINDOW_STEPS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -167,13 +171,10 @@ class GetServerInfoResponse(_message.Message):
     instances: _containers.RepeatedScalarFieldContainer[str]
     policy: str
     versions: _containers.ScalarMap[str, str]
-    group_sizes: _containers.RepeatedScalarFieldContainer[int]
-    drop_demand_ratio: float
-    restore_demand_ratio: float
-    restore_window_steps: int
     block_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., group_sizes: _Optional[_Iterable[int]] = ..., drop_demand_ratio: _Optional[float] = ..., restore_demand_ratio: _Optional[float] = ..., restore_window_steps: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    policy_settings: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., policy_settings: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
@@ -209,7 +210,7 @@ class InstanceLoad(_message.Message):
     swapped: int
     def __init__(self, instance: _Optional[int] = ..., mode: _Optional[str] = ..., kv_free: _Optional[int] = ..., kv_used: _Optional[int] = ..., kv_cached: _Optional[int] = ..., kv_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., group: _Optional[int] = ..., stage: _Optional[int] = ..., demand_blocks: _Optional[int] = ..., swapped: _Optional[int] = ...) -> None: ...
 
-class ElasticEvent(_message.Message):
+class PolicyEvent(_message.Message):
     __slots__ = ("seq", "kind", "group", "members", "step", "seconds", "detail", "time_unix_s")
     class DetailEntry(_message.Message):
         __slots__ = ("key", "value")
@@ -236,9 +237,34 @@ class ElasticEvent(_message.Message):
     time_unix_s: float
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., group: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., detail: _Optional[_Mapping[str, str]] = ..., time_unix_s: _Optional[float] = ...) -> None: ...
 
-class ElasticStatus(_message.Message):
-    __slots__ = ("policy", "drops", "restores", "active_groups", "remote_dependent", "blocks_exchanged", "events", "policy_stats")
-    class PolicyStatsEntry(_message.Message):
+class UnitStatus(_message.Message):
+    __slots__ = ("unit", "mode", "members", "running", "waiting", "remote_dependent", "detail")
+    class DetailEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_DEPENDENT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    unit: int
+    mode: str
+    members: _containers.RepeatedScalarFieldContainer[int]
+    running: int
+    waiting: int
+    remote_dependent: int
+    detail: _containers.ScalarMap[str, str]
+    def __init__(self, unit: _Optional[int] = ..., mode: _Optional[str] = ..., members: _Optional[_Iterable[int]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., remote_dependent: _Optional[int] = ..., detail: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class PolicyStatus(_message.Message):
+    __slots__ = ("policy", "events", "counters", "units")
+    class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -246,27 +272,19 @@ class ElasticStatus(_message.Message):
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     POLICY_FIELD_NUMBER: _ClassVar[int]
-    DROPS_FIELD_NUMBER: _ClassVar[int]
-    RESTORES_FIELD_NUMBER: _ClassVar[int]
-    ACTIVE_GROUPS_FIELD_NUMBER: _ClassVar[int]
-    REMOTE_DEPENDENT_FIELD_NUMBER: _ClassVar[int]
-    BLOCKS_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
-    POLICY_STATS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
     policy: str
-    drops: int
-    restores: int
-    active_groups: int
-    remote_dependent: int
-    blocks_exchanged: int
-    events: _containers.RepeatedCompositeFieldContainer[ElasticEvent]
-    policy_stats: _containers.ScalarMap[str, int]
-    def __init__(self, policy: _Optional[str] = ..., drops: _Optional[int] = ..., restores: _Optional[int] = ..., active_groups: _Optional[int] = ..., remote_dependent: _Optional[int] = ..., blocks_exchanged: _Optional[int] = ..., events: _Optional[_Iterable[_Union[ElasticEvent, _Mapping]]] = ..., policy_stats: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[PolicyEvent]
+    counters: _containers.ScalarMap[str, int]
+    units: _containers.RepeatedCompositeFieldContainer[UnitStatus]
+    def __init__(self, policy: _Optional[str] = ..., events: _Optional[_Iterable[_Union[PolicyEvent, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., units: _Optional[_Iterable[_Union[UnitStatus, _Mapping]]] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("instances", "elastic")
+    __slots__ = ("instances", "policy")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
-    ELASTIC_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceLoad]
-    elastic: ElasticStatus
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ..., elastic: _Optional[_Union[ElasticStatus, _Mapping]] = ...) -> None: ...
+    policy: PolicyStatus
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ...) -> None: ...
