@@ -368,7 +368,7 @@ def main() -> int:
 
     from kunjax import checkpoint
     from kunjax.config import EngineConfig
-    from kunjax.engine import LLMEngine, resolve_model_path
+    from kunjax.engine import LLMEngine, config_from_kwargs, resolve_model_path
     from kunjax.memory import param_shapes
 
     compiles = [0]
@@ -390,11 +390,11 @@ def main() -> int:
     device_bytes = int(weight_bytes / args.weight_fraction) + args.activation_reserve_bytes
 
     def engine_config(policy: str) -> EngineConfig:
-        return EngineConfig(num_instances=args.devices, dtype=args.dtype, block_size=args.block_size,
-                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            max_model_len=args.max_model_len, device_memory_bytes=device_bytes,
-                            activation_reserve_bytes=args.activation_reserve_bytes, policy=policy,
-                            microbatch_tokens=args.microbatch_tokens)
+        own = {"microbatch_tokens": args.microbatch_tokens} if policy == "kunserve" else {}
+        return config_from_kwargs(num_instances=args.devices, dtype=args.dtype, block_size=args.block_size,
+                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len, device_memory_bytes=device_bytes,
+                                  activation_reserve_bytes=args.activation_reserve_bytes, policy=policy, **own)
 
     workload: list[Arrival] | None = None
     setup: dict = {}

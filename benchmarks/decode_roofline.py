@@ -145,7 +145,8 @@ def main() -> int:
     import numpy as np
 
     import pallas_kernels
-    from kunjax.config import ConfigError, EngineConfig, ModelConfig
+    from kunjax.config import ConfigError, ModelConfig
+    from kunjax.engine import config_from_kwargs
     from kunjax.executor.step import compile_tick
     from kunjax.memory import flatten_params, param_shapes
     from kunjax.plan import StepInputs, UnitShape
@@ -158,9 +159,10 @@ def main() -> int:
     blocks_per_seq = math.ceil((context + 1) / bs)  # the cached tokens and the one being decoded
     extra = {} if args.max_logprobs is None else {"max_logprobs": args.max_logprobs}
     try:
-        ecfg = EngineConfig(num_instances=1, dtype=dtype_name, block_size=bs, num_blocks=1 + batch * blocks_per_seq,
-                            max_num_seqs=batch, max_num_batched_tokens=batch, min_token_bucket=batch,
-                            max_model_len=blocks_per_seq * bs, attention_backend=args.attention_backend, **extra)
+        ecfg = config_from_kwargs(num_instances=1, dtype=dtype_name, block_size=bs,
+                                  num_blocks=1 + batch * blocks_per_seq,
+                                  max_num_seqs=batch, max_num_batched_tokens=batch, min_token_bucket=batch,
+                                  max_model_len=blocks_per_seq * bs, attention_backend=args.attention_backend, **extra)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -196,7 +198,7 @@ def main() -> int:
                       num_base=ecfg.num_blocks)
     t0 = time.perf_counter()
     compiled = compile_tick(cfg, shape, mesh, params, (state["pool"],), StepInputs.empty(shape, batch), False,
-                            num_logprobs=ecfg.max_logprobs, backend=resolved, transport=ecfg.remote_transport)
+                            num_logprobs=ecfg.max_logprobs, backend=resolved, transport=shape.remote_transport)
     compile_s = time.perf_counter() - t0
     inp = decode_inputs(shape, cfg.vocab_size, bs, batch, context, np.random.default_rng(args.seed))
 

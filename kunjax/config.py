@@ -1,9 +1,11 @@
 """Typed configuration: one dataclass per concern, defaults in one place.
 
 `ModelConfig` describes the decoder architecture (read from an HF `config.json` or from kunjax's own
-checkpoint); `EngineConfig` describes how it is served (instances, KV budget, batching limits, compile
-buckets). Invalid values and unsupported features fail here, at load time, with a message that names them —
-never later inside a jitted step.
+checkpoint); `EngineConfig` describes how it is served (instances, KV budget, the model context, the kernel),
+with the scheduler's options (`SchedulerConfig`: batching limits, compile buckets, prefix caching) and the
+memory policy's (its own `Options` class, in its module under `kunjax.policies`). Every field is a CLI flag
+(`kunjax.options` generates them). Invalid values and unsupported features fail here, at load time, with a
+message that names the flag — never later inside a jitted step.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pallas_kernels import BACKENDS as ATTENTION_BACKENDS
-from pallas_kernels.remote_attention import TRANSPORTS as REMOTE_TRANSPORTS
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -189,10 +190,57 @@ def _opt(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """How a model is served. Every field is a CLI flag of the same name (dashes for underscores)."""
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and not v > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
 
+
+class Options:
+    """Base of every concern's options (engine, scheduler, each policy): a frozen dataclass whose fields are CLI
+    flags of the same name (dashes for underscores), help text in field metadata, validated in `__post_init__`
+    with messages that name the flag. A policy's options live in its own module (`kunjax.policies`)."""
+
+    concern: ClassVar[str] = ""  # CLI help group
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig(Options):
+    """How a serving unit batches: the step's rows and token budget, its compiled buckets, prefix reuse."""
+
+    concern: ClassVar[str] = "scheduler"
+    max_num_seqs: int = _opt(16, "most sequences in one engine step (rows of the batch)")
+    max_num_batched_tokens: int = _opt(
+        128, "token budget of one engine step: decodes plus prefill chunks (long prompts are chunked)")
+    min_token_bucket: int = _opt(16, "smallest padded token count compiled; buckets double up to the budget")
+    enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode in one step")
+
+    def token_buckets(self) -> tuple[int, ...]:
+        """Padded token counts compiled ahead of time: powers of two up to the step budget."""
+        out: list[int] = []
+        b = max(self.min_token_bucket, 1)
+        while b < self.max_num_batched_tokens:
+            out.append(b)
+            b *= 2
+        out.append(self.max_num_batched_tokens)
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig(Options):
+    """How a model is served: devices, memory, the model context, the attention kernel, and the scheduler's and
+    the policy's options (`scheduler`, `policy_options`). Build one from flat options (every flag's name) with
+    `kunjax.engine.config_from_kwargs`, which sends each to its concern."""
+
+    concern: ClassVar[str] = "engine"
     num_instances: int | None = _opt(None, "data-parallel instances (model replicas); default: one per --tp devices")
     tp: int = _opt(1, "tensor-parallel degree inside an instance (devices per replica)")
     dtype: str = _opt("float32", "weight and KV dtype: float32, bfloat16 or float16 (CPU: float32 is ~3x faster)")
@@ -201,13 +249,8 @@ class EngineConfig:
         None, "KV-cache bytes per device; default: from device memory stats on GPU/TPU, 64 MiB on CPU")
     kv_memory_fraction: float = _opt(0.85, "GPU/TPU: share of device memory for weights + KV cache")
     num_blocks: int | None = _opt(None, "KV blocks per instance, overriding the byte budget")
-    max_num_seqs: int = _opt(16, "most sequences in one engine step (rows of the batch)")
-    max_num_batched_tokens: int = _opt(
-        128, "token budget of one engine step: decodes plus prefill chunks (long prompts are chunked)")
     max_model_len: int | None = _opt(
         None, "longest sequence (prompt + output); default: min(model max positions, 2048)")
-    min_token_bucket: int = _opt(16, "smallest padded token count compiled; buckets double up to the budget")
-    enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
     max_logprobs: int = _opt(20, "most top logprobs a request may ask for (computed every step)")
     seed: int = _opt(0, "seed from which requests without their own seed draw one (reproducible runs)")
     policy: str = _opt("recompute", "memory-overload policy: recompute (preempt the latest arrival, re-prefill "
@@ -215,26 +258,8 @@ class EngineConfig:
                        "migrate (Llumnix: move running requests' KV to the least loaded instance while they decode), "
                        "layerkv (admit a prefill with only some layer groups on device, the rest on host) "
                        "or kunserve (drop replicated weights into pipeline groups, restore after the burst)")
-    host_kv_bytes: int | None = _opt(None, "swap, layerkv: host-memory KV bytes per instance; default: 4x the "
-                                           "instance's device KV pool")
-    swap_blocks_per_step: int = _opt(64, "swap: most KV blocks moved between device and host in one step "
-                                         "(InferCept's cap; a victim beyond it is recomputed)")
-    migrate_freeness_gap: float = _opt(2.0, "migrate: start a live migration when the most loaded instance's "
-                                            "freeness (Llumnix: free KV blocks, queued demand counted as used, per "
-                                            "running request) is below the least loaded one's by at least this")
-    migrate_final_blocks: int = _opt(1, "migrate: KV blocks left to copy at which the migrating request stops for "
-                                        "the final round (earlier rounds copy while it keeps decoding)")
-    migrate_max_concurrent: int = _opt(2, "migrate: most live migrations in flight at once")
-    layerkv_layer_groups: int = _opt(2, "layerkv: layer groups G (G divides the model's layers); a request may "
-                                        "hold some groups of its KV on device and the others on the host tier")
-    layerkv_min_resident_groups: int = _opt(1, "layerkv: fewest layer groups of a request on device for a partial "
-                                               "admission (G: never admit partially)")
-    layerkv_staging_blocks: int | None = _opt(
-        None, "layerkv: KV blocks reserved from each instance's pool at start-up as the staging region into which "
-              "offloaded groups are reloaded for one step; default: one longest sequence, at most a quarter of "
-              "the pool")
-    layerkv_tpot_slo_s: float = _opt(1.0, "layerkv: refuse a partial admission when the projected seconds per "
-                                          "step of the running decodes (with its reload traffic) exceed this")
+    host_kv_bytes: int | None = _opt(None, "host-memory KV bytes per instance for the policies that use the host "
+                                           "tier (swap, layerkv); default: 4x the instance's device KV pool")
     attention_backend: str = _opt("auto", "paged-attention kernel: auto (the platform's kernel, gpu or tpu, if it "
                                           "passes a self-test on the device at start-up, else the reference; the "
                                           "reference on CPU), reference, gpu (Pallas Mosaic GPU, Hopper), tpu "
@@ -246,37 +271,15 @@ class EngineConfig:
               "leave. GPU/TPU read it from memory stats")
     activation_reserve_bytes: int = _opt(8 * 2**20, "per-device bytes kept free for activations when the KV pool "
                                                      "is sized from a device budget")
-    kunserve_max_group: int = _opt(2, "kunserve: largest pipeline group (instances fused); groups are aligned "
-                                      "power-of-two blocks of instances, compiled ahead of time")
-    drop_demand_ratio: float = _opt(0.95, "kunserve: drop when KV demand / capacity reaches this and the queued "
-                                          "blocks are at least the free blocks")
-    restore_demand_ratio: float = _opt(0.5, "kunserve: restore a group when its demand stays below this share of "
-                                            "the replicas' own capacity (and nothing is queued)")
-    restore_window_steps: int = _opt(16, "kunserve: engine steps the low demand must last before a restore")
-    min_group_steps: int = _opt(8, "kunserve: fewest engine steps a group lives before it may restore")
-    exchange_blocks_per_step: int = _opt(16, "kunserve: KV blocks moved per step by the live KV exchange")
-    remote_rows: int = _opt(16, "kunserve: query rows per stage and destination sent to remote attention per tick")
-    remote_transport: str = _opt("all_to_all", "kunserve: how query rows reach their KV's home device and results "
-                                               "come back: all_to_all (one collective each way), ppermute (k-1 "
-                                               "shifts each way), tpu-fused (one Pallas kernel with remote DMA; TPU "
-                                               "only, not yet measured on hardware) or tpu-fused-interpret")
-    microbatch_tokens: int | None = _opt(None, "kunserve: padded tokens of one pipeline micro-batch (one tick); "
-                                               "default: --max-num-batched-tokens")
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig, metadata={"nested": True})
+    # The policy's own options (its module's `Options` class); None: that policy's defaults.
+    policy_options: Options | None = dataclasses.field(default=None, metadata={"nested": True})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("tp", "block_size", "max_num_seqs", "max_num_batched_tokens", "min_token_bucket"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.num_instances is not None and self.num_instances <= 0:
-            raise ConfigError(f"--num-instances must be positive, got {self.num_instances}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ConfigError(
-                f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
-                f"({self.max_num_seqs}) so every running sequence can decode in one step")
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
-            raise ConfigError(f"--kv-cache-bytes must be positive, got {self.kv_cache_bytes}")
+        _positive(self, "tp", "block_size", "num_instances", "kv_cache_bytes", "device_memory_bytes",
+                  "host_kv_bytes")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ConfigError(f"--num-blocks must be >= 2, got {self.num_blocks}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
@@ -284,40 +287,10 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")
-        if self.remote_transport not in REMOTE_TRANSPORTS:
-            raise ConfigError(f"--remote-transport must be one of {', '.join(REMOTE_TRANSPORTS)}, "
-                              f"got {self.remote_transport!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("device_memory_bytes", "microbatch_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("layerkv_layer_groups", "layerkv_min_resident_groups", "layerkv_staging_blocks"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.layerkv_min_resident_groups > self.layerkv_layer_groups:
-            raise ConfigError(f"--layerkv-min-resident-groups ({self.layerkv_min_resident_groups}) must be at most "
-                              f"--layerkv-layer-groups ({self.layerkv_layer_groups})")
-        if not self.layerkv_tpot_slo_s > 0:
-            raise ConfigError(f"--layerkv-tpot-slo-s must be positive, got {self.layerkv_tpot_slo_s}")
-        if self.host_kv_bytes is not None and self.host_kv_bytes <= 0:
-            raise ConfigError(f"--host-kv-bytes must be positive, got {self.host_kv_bytes}")
-        for name in ("restore_window_steps", "exchange_blocks_per_step", "remote_rows", "swap_blocks_per_step"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not self.migrate_freeness_gap > 0:
-            raise ConfigError(f"--migrate-freeness-gap must be positive, got {self.migrate_freeness_gap}")
-        for name in ("migrate_final_blocks", "migrate_max_concurrent"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.min_group_steps < 0 or self.activation_reserve_bytes < 0:
-            raise ConfigError("--min-group-steps and --activation-reserve-bytes must be >= 0")
-        k = self.kunserve_max_group
-        if k < 2 or k & (k - 1):
-            raise ConfigError(f"--kunserve-max-group must be a power of two >= 2, got {k}")
-        if not 0.0 < self.restore_demand_ratio < self.drop_demand_ratio <= 1.0:
-            raise ConfigError(f"need 0 < --restore-demand-ratio ({self.restore_demand_ratio}) < --drop-demand-ratio "
-                              f"({self.drop_demand_ratio}) <= 1 (the gap is the hysteresis)")
+        if self.activation_reserve_bytes < 0:
+            raise ConfigError("--activation-reserve-bytes must be >= 0")
         if not 0 <= self.max_logprobs <= 64:
             raise ConfigError(f"--max-logprobs must be in [0, 64], got {self.max_logprobs}")
 
@@ -330,13 +303,3 @@ class EngineConfig:
 
     def max_blocks_per_seq(self, model: ModelConfig) -> int:
         return math.ceil(self.resolved_max_model_len(model) / self.block_size)
-
-    def token_buckets(self) -> tuple[int, ...]:
-        """Padded token counts compiled ahead of time: powers of two up to the step budget."""
-        out: list[int] = []
-        b = max(self.min_token_bucket, 1)
-        while b < self.max_num_batched_tokens:
-            out.append(b)
-            b *= 2
-        out.append(self.max_num_batched_tokens)
-        return tuple(out)

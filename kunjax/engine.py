@@ -31,7 +31,7 @@ import numpy as np
 from kunjax import checkpoint, policies
 from kunjax.blocks import BlockAllocator
 from kunjax.clock import WALL, Clock
-from kunjax.config import ConfigError, EngineConfig, ModelConfig
+from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
 from kunjax.detokenizer import IncrementalDetokenizer
 from kunjax.executor import Executor
 from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
@@ -109,8 +109,8 @@ class LLMEngine:
         self.caps = self.policy.capabilities()
         self.mempool = MemoryPool(n, self.caps.host_blocks)
         self.replica_shape = UnitShape(
-            k=1, tp=ecfg.tp, tokens=ecfg.max_num_batched_tokens, buckets=ecfg.token_buckets(),
-            seqs=ecfg.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg), num_base=nb,
+            k=1, tp=ecfg.tp, tokens=ecfg.scheduler.max_num_batched_tokens, buckets=ecfg.scheduler.token_buckets(),
+            seqs=ecfg.scheduler.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg), num_base=nb,
             layer_groups=self.caps.layer_groups)
         self.replica_blocks = nb - self.caps.staging_blocks  # the allocator's range; staging stays outside it
         self.units: dict[int, ServingUnit] = {}
@@ -130,7 +130,7 @@ class LLMEngine:
     def _replica(self, i: int) -> ServingUnit:
         return ServingUnit(i, (i,), self.replica_shape, [BlockAllocator(self.replica_blocks)], self.policy,
                            block_size=self.config.block_size,
-                           enable_prefix_caching=self.config.enable_prefix_caching, now=self.clock.now)
+                           enable_prefix_caching=self.config.scheduler.enable_prefix_caching, now=self.clock.now)
 
     def _add_unit(self, unit: ServingUnit) -> None:
         self.units[unit.uid] = unit
@@ -160,17 +160,18 @@ class LLMEngine:
             return None
         ecfg, cfg = self.config, self.model_config
         k = len(members)
-        tokens = max(ecfg.max_num_seqs, opts.microbatch_tokens)
+        tokens = max(ecfg.scheduler.max_num_seqs, opts.microbatch_tokens)
         num_ext = extension_blocks(cfg, ecfg, k, tokens)
         if num_ext < 1:
             return None
         # Two tick shapes: a decode-sized one (the smallest step bucket with a row per sequence) and the full
         # micro-batch; a decode tick padded to the full budget ran ~4x slower on CPU.
-        small = min((b for b in ecfg.token_buckets() if b >= ecfg.max_num_seqs), default=tokens)
+        small = min((b for b in ecfg.scheduler.token_buckets() if b >= ecfg.scheduler.max_num_seqs), default=tokens)
         return UnitShape(k=k, tp=ecfg.tp, tokens=tokens, buckets=tuple(sorted({min(small, tokens), tokens})),
-                         seqs=ecfg.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg),
+                         seqs=ecfg.scheduler.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg),
                          num_base=self.executor.num_blocks * k, num_ext=num_ext, remote_rows=opts.remote_rows,
-                         copy_blocks=opts.exchange_blocks, split_vocab=split_vocab(cfg, k))
+                         copy_blocks=opts.exchange_blocks, split_vocab=split_vocab(cfg, k),
+                         remote_transport=opts.remote_transport)
 
     def warmup(self) -> float:
         """Prepare (compile) every replica's step and every group the policy may fuse; returns seconds."""
@@ -232,7 +233,7 @@ class LLMEngine:
         replicas = [u for u in units if u.k == 1]
         pipes = [u for u in units if u.k > 1 and u.admitting] or ([] if replicas else [u for u in units if u.k > 1])
         new = -(-(len(req.token_ids) + 1) // self.config.block_size)
-        cached = self.mempool.match(req.token_ids) if self.config.enable_prefix_caching else {}
+        cached = self.mempool.match(req.token_ids) if self.config.scheduler.enable_prefix_caching else {}
         unit = min(replicas + pipes, key=lambda u: (
             (u.demand_blocks() + new - cached.get(u.uid, 0)) / u.total_blocks, len(u.waiting), u.uid))
         req.tables = [[] for _ in range(unit.k)]
@@ -367,7 +368,7 @@ class LLMEngine:
         uid = next(self._uids)
         self.executor.apply([Fuse(uid, members, shape)])
         unit = fuse_books(uid, olds, shape, self.policy, block_size=self.config.block_size,
-                          enable_prefix_caching=self.config.enable_prefix_caching, now=self.clock.now)
+                          enable_prefix_caching=self.config.scheduler.enable_prefix_caching, now=self.clock.now)
         for u in olds:
             self._drop_unit(u)
         self._add_unit(unit)
@@ -380,7 +381,7 @@ class LLMEngine:
         """Restore a drained pipeline unit into its members' replicas; None (nothing changed) when its requests'
         KV does not fit the members' own pools yet."""
         assert not unit.in_flight and not unit.num_remote_dependent, f"unit {unit.uid} is not drained"
-        plan = plan_move_home(unit, self.executor.num_blocks, self.config.max_num_seqs)
+        plan = plan_move_home(unit, self.executor.num_blocks, self.config.scheduler.max_num_seqs)
         if plan is None:
             return None
         t0 = time.perf_counter()
@@ -456,7 +457,7 @@ class EngineView:
         return self._engine.group_shape(members)
 
     def can_split(self, unit: ServingUnit) -> bool:
-        return plan_move_home(unit, self._engine.executor.num_blocks, self.config.max_num_seqs) is not None
+        return plan_move_home(unit, self._engine.executor.num_blocks, self.config.scheduler.max_num_seqs) is not None
 
     def exchange_round(self, unit: ServingUnit) -> int:
         """One bounded batch of a pipeline unit's live KV exchange (its copies queued); returns blocks moved."""
@@ -474,8 +475,37 @@ class EngineView:
 
 
 def config_from_kwargs(**kwargs) -> EngineConfig:
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    unknown = set(kwargs) - names
-    if unknown:
-        raise TypeError(f"unknown engine options {sorted(unknown)}; valid: {sorted(names)}")
-    return EngineConfig(**kwargs)
+    """An `EngineConfig` from flat options (every flag's name): each goes to its concern — the engine, the
+    scheduler, or the chosen policy's own options; an option of another policy is refused, naming it."""
+    policy = kwargs.get("policy", EngineConfig.policy)
+    if policy not in policies.REGISTRY:
+        EngineConfig(policy=policy)  # raises the message that names --policy
+    concerns = {"scheduler": SchedulerConfig, "policy_options": policies.options_class(policy)}
+    nested = {name: {} for name in concerns}
+    engine: dict[str, object] = {}
+    for name, value in kwargs.items():
+        owner = next((c for c, cls in concerns.items() if cls is not None and name in option_names(cls)), None)
+        if owner is not None:
+            nested[owner][name] = value
+        elif name in option_names(EngineConfig):
+            engine[name] = value
+        else:
+            other = next((p for p in policies.REGISTRY if name in option_names(policies.options_class(p))), None)
+            if other is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} is an option of --policy {other}, not of {policy}")
+            raise TypeError(f"unknown engine option {name!r}; valid: {sorted(all_option_names())}")
+    opts_cls = concerns["policy_options"]
+    return EngineConfig(**engine, scheduler=SchedulerConfig(**nested["scheduler"]),
+                        policy_options=opts_cls(**nested["policy_options"]) if opts_cls is not None else None)
+
+
+def option_names(cls: type | None) -> set[str]:
+    """The flag names of one concern's options (nested concerns excluded)."""
+    if cls is None:
+        return set()
+    return {f.name for f in dataclasses.fields(cls) if not f.metadata.get("nested")}
+
+
+def all_option_names() -> set[str]:
+    return (option_names(EngineConfig) | option_names(SchedulerConfig)
+            | {n for p in policies.REGISTRY for n in option_names(policies.options_class(p))})

@@ -22,8 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-
-import jax
+from importlib.metadata import version
 
 from kunjax import __version__
 from kunjax.api import (
@@ -112,7 +111,7 @@ class EngineThread:
 
     def info(self) -> RuntimeInfo:
         with self._lock:
-            return runtime_info(self.engine, {"kunjax": __version__, "jax": jax.__version__})
+            return runtime_info(self.engine, {"kunjax": __version__, "jax": version("jax")})
 
     def load(self) -> list[InstanceLoad]:
         with self._lock:

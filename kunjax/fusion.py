@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 from kunjax.blocks import NULL_BLOCK, BlockAllocator, PrefixNode
 from kunjax.plan import UnitShape
-from kunjax.request import Request, RequestStatus
-from kunjax.unit import SchedulerHooks, ServingUnit, StaleKV
+from kunjax.request import Request, RequestStatus, StaleKV
+from kunjax.unit import SchedulerHooks, ServingUnit
 
 
 def fuse_books(uid: int, members: Sequence[ServingUnit], shape: UnitShape, hooks: SchedulerHooks, *,

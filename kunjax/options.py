@@ -1,5 +1,6 @@
-"""Command-line options shared by the `kunjax` commands: engine flags generated from `EngineConfig` (one source of
-truth for options), model and device flags, and the messages that name a bad flag.
+"""Command-line options shared by the `kunjax` commands: flags generated from the options of every concern
+(`EngineConfig`, `SchedulerConfig`, each policy's own `Options`: one source of truth for options), model and device
+flags, and the messages that name a bad flag.
 
 Owns turning argv into configs and configuring JAX before it initialises; never serves or benchmarks anything
 (`kunjax.cli` wires the commands, `kunjax.bench.command` runs the bench).
@@ -15,7 +16,7 @@ import types
 import typing
 from pathlib import Path
 
-from kunjax.config import EngineConfig
+from kunjax.config import ConfigError, EngineConfig, Options, SchedulerConfig
 
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -29,30 +30,64 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(EngineConfig)[f.name]
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
     if isinstance(hint, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
+def _flag_fields(cls: type[Options]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("nested")]
+
+
+def policy_option_classes() -> dict[str, type[Options]]:
+    """Each policy's own options class, by policy name (the policies without options left out)."""
+    from kunjax import policies
+
+    return {name: cls for name in policies.REGISTRY if (cls := policies.options_class(name)) is not None}
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine (kunjax.EngineConfig)")
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=help_)
-        else:
-            conv = parse_bytes if f.name.endswith("_bytes") else kind
-            group.add_argument(flag, dest=f.name, type=conv, default=f.default, metavar=kind.__name__.upper(),
-                               help=help_)
+    """One flag per option of every concern: the engine, the scheduler, and each policy (its flags apply to it
+    only; they default to None here so that a flag given for another policy can be refused by name)."""
+    concerns: list[tuple[type[Options], bool]] = [(EngineConfig, False), (SchedulerConfig, False)]
+    concerns += [(cls, True) for cls in policy_option_classes().values()]
+    for cls, of_policy in concerns:
+        group = parser.add_argument_group(f"{cls.concern} ({cls.__module__}.{cls.__name__})")
+        for f in _flag_fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _field_type(cls, f)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f"{f.metadata.get('help', '')} (default: {default})"
+            if kind is bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=None if of_policy else default, help=help_)
+            else:
+                conv = parse_bytes if f.name.endswith("_bytes") else kind
+                group.add_argument(flag, dest=f.name, type=conv, default=None if of_policy else default,
+                                   metavar=kind.__name__.upper(), help=help_)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+def engine_config_from_args(args: argparse.Namespace, policy: str | None = None,
+                            allowed_policies: tuple[str, ...] = ()) -> EngineConfig:
+    """The `EngineConfig` of the parsed flags, for `policy` (default: `--policy`). A policy flag given for another
+    policy is refused by name, unless that policy is in `allowed_policies` (the bench runs several)."""
+    from kunjax.engine import config_from_kwargs
+
+    policy = policy or args.policy
+    flat = {f.name: getattr(args, f.name) for cls in (EngineConfig, SchedulerConfig) for f in _flag_fields(cls)}
+    flat["policy"] = policy
+    for name, cls in policy_option_classes().items():
+        for f in _flag_fields(cls):
+            value = getattr(args, f.name)
+            if value is None:
+                continue
+            if name == policy:
+                flat[f.name] = value
+            elif name not in allowed_policies:
+                raise ConfigError(f"--{f.name.replace('_', '-')} is an option of --policy {name}, not of {policy}")
+    return config_from_kwargs(**flat)
 
 
 def model_flags(p: argparse.ArgumentParser) -> None:

@@ -43,6 +43,7 @@ class UnitShape:
     remote_rows: int = 1  # R: remote-attention rows per (stage, destination) per tick (k > 1)
     copy_blocks: int = 1  # X: blocks per (source, destination) per block-copy call (k > 1)
     split_vocab: bool = False  # the embedding and LM head are split over the stages (k > 1, k | V)
+    remote_transport: str = "all_to_all"  # how remote-attention rows travel (pallas_kernels.remote_attention)
 
     def bucket(self, num_tokens: int) -> int:
         for b in self.buckets:

@@ -21,7 +21,6 @@ from kunjax.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kunjax.blocks import PrefixNode
-    from kunjax.unit import StaleKV
 
 
 class RequestStatus(enum.Enum):
@@ -29,6 +28,21 @@ class RequestStatus(enum.Enum):
     RUNNING = "running"
     SWAPPED = "swapped"  # KV on the host tier (swap policy); comes back before new admissions
     FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class StaleKV:
+    """Pre-drop history of a request that was running when its replicas fused."""
+
+    home: int  # stage index of its home device
+    old_blocks: list[int]  # full-layer block ids on the home device (before the reshape)
+    length: int  # tokens of history
+    pending: set[int]  # stages != home whose layers are still read remotely
+    copied: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> history blocks copied so far
+
+    def history_ids(self, k: int, stage: int) -> list[int]:
+        """Pipeline ids on the home device holding stage `stage`'s layers of the history."""
+        return [b * k + stage for b in self.old_blocks]
 
 
 @dataclasses.dataclass(eq=False)

@@ -45,21 +45,6 @@ from kunjax.request import Request, RequestStatus
 from kunjax.sampling_params import SamplingArrays, pack_sampling
 
 
-@dataclasses.dataclass(eq=False)
-class StaleKV:
-    """Pre-drop history of a request that was running when its replicas fused."""
-
-    home: int  # stage index of its home device
-    old_blocks: list[int]  # full-layer block ids on the home device (before the reshape)
-    length: int  # tokens of history
-    pending: set[int]  # stages != home whose layers are still read remotely
-    copied: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> history blocks copied so far
-
-    def history_ids(self, k: int, stage: int) -> list[int]:
-        """Pipeline ids on the home device holding stage `stage`'s layers of the history."""
-        return [b * k + stage for b in self.old_blocks]
-
-
 @dataclasses.dataclass
 class Scheduled:
     req: Request

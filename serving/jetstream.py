@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import grpc
 
@@ -30,8 +30,14 @@ from serving._generated.jetstream_proto import jetstream_pb2 as js
 from serving._generated.jetstream_proto import jetstream_pb2_grpc as js_grpc
 from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 
-if TYPE_CHECKING:  # imported lazily below, so `serving.server` may import this module at its top
-    from serving.server import KunjaxServicer
+
+class GenerateServicer(Protocol):
+    """What this module needs of `serving.server.KunjaxServicer`: its streaming `Generate` and its thread pool."""
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext  # noqa: N802 (gRPC name)
+                 ) -> AsyncIterator[pb.GenerateResponse]: ...
+
+    async def _call(self, fn, *args) -> Any: ...
 
 JETSTREAM_SERVICE_NAME = js.DESCRIPTOR.services_by_name["Orchestrator"].full_name  # "jetstream_proto.Orchestrator"
 
@@ -68,24 +74,12 @@ def decode_response_from_chunk(chunk: pb.GenerateResponse, *, with_text: bool) -
 
 
 class JetStreamServicer(js_grpc.OrchestratorServicer):
-    """`jetstream_proto.Orchestrator` over a blocking runtime, by way of `KunjaxServicer.Generate`.
+    """`jetstream_proto.Orchestrator` over a blocking runtime, by way of the server's `KunjaxServicer.Generate`
+    (`kunjax`, whose control thread pool it shares; its owner closes it)."""
 
-    Pass the server's `KunjaxServicer` as `kunjax` to share its control thread pool (its owner closes it);
-    without one, this servicer makes and owns its own.
-    """
-
-    def __init__(self, runtime: Runtime, *, kunjax: KunjaxServicer | None = None):
+    def __init__(self, runtime: Runtime, *, kunjax: GenerateServicer):
         self.runtime = runtime
-        self._owns_kunjax = kunjax is None
-        if kunjax is None:
-            from serving.server import KunjaxServicer
-
-            kunjax = KunjaxServicer(runtime)
         self._kunjax = kunjax
-
-    def close(self) -> None:
-        if self._owns_kunjax:
-            self._kunjax.close()
 
     async def Decode(self, request: js.DecodeRequest, context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[js.DecodeResponse]:
@@ -115,7 +109,7 @@ class JetStreamServicer(js_grpc.OrchestratorServicer):
 
 
 def add_jetstream_servicer(server: grpc.aio.Server, runtime: Runtime, *,
-                           kunjax: KunjaxServicer | None = None) -> JetStreamServicer:
+                           kunjax: GenerateServicer) -> JetStreamServicer:
     """Registers `jetstream_proto.Orchestrator` on `server` (before it starts) and returns its servicer.
 
     Add `JETSTREAM_SERVICE_NAME` to the server's reflection list yourself; see `serving.server.start_server`.

@@ -387,14 +387,15 @@ class BenchRun:
         """Each policy on its own engine over the configured devices, one after another."""
         from kunjax.bench.targets import InProcessTarget
         from kunjax.config import ConfigError
-        from kunjax.options import configure_jax, flag_message, make_engine
+        from kunjax.options import configure_jax, engine_config_from_args, flag_message, make_engine
 
         jax = configure_jax(self.parser, self.args)
         budget, budget_info = _memory_budget(self.parser, self.args, jax)
         configs = {}
         for name in policies:  # every policy's options are checked before the first engine is built
             try:
-                configs[name] = dataclasses.replace(base, policy=name, **(
+                cfg = engine_config_from_args(self.args, policy=name, allowed_policies=tuple(policies))
+                configs[name] = dataclasses.replace(cfg, **(
                     {"device_memory_bytes": budget} if budget is not None else {}))
             except (ConfigError, ValueError) as e:
                 self.parser.error(f"--policies {name}: {flag_message(str(e))}")
@@ -503,8 +504,8 @@ def cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace,
     policies = _policies(parser, args)
     _check_flags(parser, args)
     workload = _load_workload(parser, args)
-    try:
-        base = engine_config_from_args(args)
+    try:  # the engine and scheduler options (each policy's own are checked per policy, before any engine)
+        base = engine_config_from_args(args, allowed_policies=tuple(policies) or (args.policy,))
     except (ConfigError, ValueError) as e:
         parser.error(flag_message(str(e)))
     try:

@@ -166,7 +166,7 @@ class ArithmeticExecutor:
 
     def _replica(self, i: int) -> _Unit:
         return _Unit((i,), [self.pools[i]], [np.zeros((0, *self.pools[i].shape[1:]), np.int64)],
-                      self.ecfg.max_num_batched_tokens)
+                      self.ecfg.scheduler.max_num_batched_tokens)
 
     # ---- memory operations --------------------------------------------------------------------------
     def _view(self, i: int, groups: int) -> np.ndarray:

@@ -247,7 +247,7 @@ class JaxExecutor:
             if key not in rep.ticks:
                 rep.ticks[key] = compile_tick(
                     self.cfg, shape, rep.mesh, rep.params, (rep.pool,), StepInputs.empty(shape, t), False,
-                    num_logprobs=self.ecfg.max_logprobs, backend=self.backend, transport=self.ecfg.remote_transport)
+                    num_logprobs=self.ecfg.max_logprobs, backend=self.backend, transport=shape.remote_transport)
 
     def _candidate(self, members: tuple[int, ...], shape: UnitShape) -> Candidate:
         cand = self.candidates.get(members)
@@ -277,7 +277,7 @@ class JaxExecutor:
             for remote in (False, True):
                 cand.ticks[(remote, rows)] = compile_tick(
                     self.cfg, shape, mesh, params, (pool, ext, acts), StepInputs.empty(shape, rows), remote,
-                    num_logprobs=self.ecfg.max_logprobs, backend=self.backend, transport=self.ecfg.remote_transport)
+                    num_logprobs=self.ecfg.max_logprobs, backend=self.backend, transport=shape.remote_transport)
         cand.copy = compile_copy_blocks(shape, mesh, pool, ext)
         cand.acts_zeros = jax.jit(lambda: jnp.zeros(acts_shape, self.dtype), out_shardings=stage).lower().compile()
         cand.compile_seconds = time.perf_counter() - t0

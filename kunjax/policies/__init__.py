@@ -18,7 +18,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kunjax.config import EngineConfig, ModelConfig
+    from kunjax.config import EngineConfig, ModelConfig, Options
     from kunjax.policies.base import MemoryPolicy
 
 # Policy name -> "module:class".
@@ -31,8 +31,17 @@ REGISTRY = {
 }
 
 
+def policy_class(name: str) -> type[MemoryPolicy]:
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def options_class(name: str) -> type[Options] | None:
+    """The policy's own options dataclass (its flags), None when it has none."""
+    return policy_class(name).Options
+
+
 def create(config: EngineConfig, model: ModelConfig, *, num_instances: int, num_blocks: int,
            block_bytes: int) -> MemoryPolicy:
-    module, cls = REGISTRY[config.policy].split(":")
-    return getattr(importlib.import_module(module), cls)(config, model, num_instances=num_instances,
-                                                         num_blocks=num_blocks, block_bytes=block_bytes)
+    return policy_class(config.policy)(config, model, num_instances=num_instances, num_blocks=num_blocks,
+                                       block_bytes=block_bytes)

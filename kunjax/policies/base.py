@@ -20,8 +20,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from kunjax.config import ConfigError, Options
 from kunjax.request import Request
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class PipelineOptions:
     microbatch_tokens: int  # padded tokens of one micro-batch (one tick)
     remote_rows: int  # remote-attention rows per stage and destination per tick
     exchange_blocks: int  # blocks the live KV exchange moves per step and (source, destination) pair
+    remote_transport: str = "all_to_all"  # pallas_kernels.remote_attention.TRANSPORTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +114,27 @@ class PolicyView(Protocol):
 
 
 class MemoryPolicy:
-    """The base of every policy: recompute preemption and nothing after the step (module docstring)."""
+    """The base of every policy: recompute preemption and nothing after the step (module docstring).
+
+    `Options` is the policy's own options class (a `kunjax.config.Options` dataclass in its module; None when it
+    has none); `self.options` is the instance the engine config carries, or its defaults."""
 
     name = "recompute"
+    Options: ClassVar[type[Options] | None] = None
 
     def __init__(self, config: EngineConfig, model: ModelConfig, *, num_instances: int, num_blocks: int,
                  block_bytes: int):
         self.config = config
         self.model = model
+        given = config.policy_options
+        if self.Options is None:
+            if given is not None:
+                raise ConfigError(f"--policy {self.name} takes no options, got {type(given).__name__}")
+            self.options = None
+        else:
+            if given is not None and not isinstance(given, self.Options):
+                raise ConfigError(f"--policy {self.name} takes {self.Options.__name__}, got {type(given).__name__}")
+            self.options = given if given is not None else self.Options()
         self.events: collections.deque[PolicyEvent] = collections.deque(maxlen=256)
         self.view: PolicyView | None = None
 

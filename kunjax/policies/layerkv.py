@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from kunjax.config import ConfigError
+from kunjax.config import ConfigError, Options
 from kunjax.policies.base import Capabilities, MemoryPolicy, PolicyView
 from kunjax.policies.layer_slots import SlotBook
 from kunjax.policies.swap import host_blocks
@@ -352,18 +352,46 @@ class LayeredUnit:
         assert self.host_reserved == sum(lk.host_reserved for lk in self.layered.values())
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerKVOptions(Options):
+    concern: ClassVar[str] = "policy layerkv"
+    layerkv_layer_groups: int = dataclasses.field(default=2, metadata={"help": (
+        "layer groups G (G divides the model's layers); a request may hold some groups of its KV on device and "
+        "the others on the host tier")})
+    layerkv_min_resident_groups: int = dataclasses.field(default=1, metadata={"help": (
+        "fewest layer groups of a request on device for a partial admission (G: never admit partially)")})
+    layerkv_staging_blocks: int | None = dataclasses.field(default=None, metadata={"help": (
+        "KV blocks reserved from each instance's pool at start-up as the staging region into which offloaded "
+        "groups are reloaded for one step; default: one longest sequence, at most a quarter of the pool")})
+    layerkv_tpot_slo_s: float = dataclasses.field(default=1.0, metadata={"help": (
+        "refuse a partial admission when the projected seconds per step of the running decodes (with its reload "
+        "traffic) exceed this")})
+
+    def __post_init__(self) -> None:
+        for name in ("layerkv_layer_groups", "layerkv_min_resident_groups", "layerkv_staging_blocks"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.layerkv_min_resident_groups > self.layerkv_layer_groups:
+            raise ConfigError(f"--layerkv-min-resident-groups ({self.layerkv_min_resident_groups}) must be at most "
+                              f"--layerkv-layer-groups ({self.layerkv_layer_groups})")
+        if not self.layerkv_tpot_slo_s > 0:
+            raise ConfigError(f"--layerkv-tpot-slo-s must be positive, got {self.layerkv_tpot_slo_s}")
+
+
 class LayerKV(MemoryPolicy):
     """The `layerkv` policy: per replica a `LayeredUnit`; the step-time model fed from every measured tick."""
 
     name = "layerkv"
+    Options = LayerKVOptions
 
     def __init__(self, config: EngineConfig, model: ModelConfig, *, num_instances: int, num_blocks: int,
                  block_bytes: int):
         super().__init__(config, model, num_instances=num_instances, num_blocks=num_blocks, block_bytes=block_bytes)
-        g = config.layerkv_layer_groups
+        opts = self.options
+        g = opts.layerkv_layer_groups
         if model.num_layers % g:
             raise ConfigError(f"--layerkv-layer-groups {g} must divide the model's {model.num_layers} layers")
-        staging = config.layerkv_staging_blocks
+        staging = opts.layerkv_staging_blocks
         if staging is None:
             staging = max(1, min(config.max_blocks_per_seq(model), (num_blocks - 1) // 4))
         if staging > num_blocks - 2:
@@ -373,8 +401,8 @@ class LayerKV(MemoryPolicy):
         self.num_blocks = num_blocks
         self.staging = staging
         self.host_slots = host_blocks(config, num_blocks * g, block_bytes // g, "layer group of a KV block")
-        self.min_resident_groups = config.layerkv_min_resident_groups
-        self.tpot_slo_s = config.layerkv_tpot_slo_s
+        self.min_resident_groups = opts.layerkv_min_resident_groups
+        self.tpot_slo_s = opts.layerkv_tpot_slo_s
         self.model_time = StepTimeModel()
         self.units: dict[int, LayeredUnit] = {}
 

@@ -48,8 +48,9 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from kunjax.config import ConfigError, Options
 from kunjax.policies.base import MemoryPolicy, PolicyView, Transition
 from kunjax.request import Request, RequestStatus
 from kunjax.unit import ServingUnit
@@ -77,18 +78,38 @@ class Migration:
         return len(self.dst_blocks)
 
 
+@dataclasses.dataclass(frozen=True)
+class MigrateOptions(Options):
+    concern: ClassVar[str] = "policy migrate"
+    migrate_freeness_gap: float = dataclasses.field(default=2.0, metadata={"help": (
+        "start a live migration when the most loaded instance's freeness (Llumnix: free KV blocks, queued demand "
+        "counted as used, per running request) is below the least loaded one's by at least this")})
+    migrate_final_blocks: int = dataclasses.field(default=1, metadata={"help": (
+        "KV blocks left to copy at which the migrating request stops for the final round (earlier rounds copy "
+        "while it keeps decoding)")})
+    migrate_max_concurrent: int = dataclasses.field(default=2, metadata={"help": "most live migrations in flight"})
+
+    def __post_init__(self) -> None:
+        if not self.migrate_freeness_gap > 0:
+            raise ConfigError(f"--migrate-freeness-gap must be positive, got {self.migrate_freeness_gap}")
+        for name in ("migrate_final_blocks", "migrate_max_concurrent"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
 class Migrate(MemoryPolicy):
     """Recompute inside scheduling, plus cancelling a request's migration when it leaves its source; the
     migrations themselves after every step."""
 
     name = "migrate"
+    Options = MigrateOptions
 
     def __init__(self, config: EngineConfig, model: ModelConfig, *, num_instances: int, num_blocks: int,
                  block_bytes: int):
         super().__init__(config, model, num_instances=num_instances, num_blocks=num_blocks, block_bytes=block_bytes)
-        self.freeness_gap = config.migrate_freeness_gap
-        self.final_blocks = config.migrate_final_blocks
-        self.max_concurrent = config.migrate_max_concurrent
+        self.freeness_gap = self.options.migrate_freeness_gap
+        self.final_blocks = self.options.migrate_final_blocks
+        self.max_concurrent = self.options.migrate_max_concurrent
         self.inflight: dict[str, Migration] = {}  # by request id
         self.counts = collections.Counter(migrations=0, cancelled=0, blocks_copied=0, rounds=0)
         self._seen_preemptions = [0] * num_instances

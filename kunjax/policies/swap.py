@@ -17,9 +17,10 @@ lost or recomputed on this path: its greedy output equals an unpreempted run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
 
-from kunjax.config import ConfigError
+from kunjax.config import ConfigError, Options
 from kunjax.policies.base import Capabilities, MemoryPolicy
 from kunjax.request import Request, RequestStatus
 from kunjax.unit import Scheduled, ServingUnit, insert_by_arrival
@@ -38,14 +39,27 @@ def host_blocks(config: EngineConfig, num_blocks: int, unit_bytes: int, what: st
     return n
 
 
+@dataclasses.dataclass(frozen=True)
+class SwapOptions(Options):
+    concern: ClassVar[str] = "policy swap"
+    swap_blocks_per_step: int = dataclasses.field(default=64, metadata={"help": (
+        "most KV blocks moved between device and host in one step (InferCept's cap; a victim beyond it is "
+        "recomputed)")})
+
+    def __post_init__(self) -> None:
+        if self.swap_blocks_per_step <= 0:
+            raise ConfigError(f"--swap-blocks-per-step must be positive, got {self.swap_blocks_per_step}")
+
+
 class Swap(MemoryPolicy):
     name = "swap"
+    Options = SwapOptions
 
     def __init__(self, config: EngineConfig, model: ModelConfig, *, num_instances: int, num_blocks: int,
                  block_bytes: int):
         super().__init__(config, model, num_instances=num_instances, num_blocks=num_blocks, block_bytes=block_bytes)
         self.host = host_blocks(config, num_blocks, block_bytes, "KV block")
-        self.blocks_per_step = config.swap_blocks_per_step
+        self.blocks_per_step = self.options.swap_blocks_per_step
         self.volume: dict[int, int] = {}  # per unit: blocks moved over the host link in this step
         self.swap_outs = 0
         self.swap_ins = 0

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import jax
 
-from kunjax.config import EngineConfig
 from kunjax.demo import ensure_demo_model, recitation_prompts
-from kunjax.engine import LLMEngine
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.engine_thread import EngineThread
 from serving.client import KunjaxClient
 from serving.server import serve
@@ -23,8 +22,8 @@ MAX_TOKENS = 24
 
 
 def test_256_concurrent_streams_half_cancelled_leak_nothing():
-    engine = LLMEngine(ensure_demo_model(), EngineConfig(num_instances=2, max_num_seqs=32,
-                                                         max_num_batched_tokens=128, max_model_len=256),
+    engine = LLMEngine(ensure_demo_model(), config_from_kwargs(num_instances=2, max_num_seqs=32,
+                                                               max_num_batched_tokens=128, max_model_len=256),
                        devices=jax.devices()[:2])
     runtime = EngineThread(engine, max_queued=2 * STREAMS)
     handle = serve(runtime)

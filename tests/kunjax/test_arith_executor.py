@@ -13,8 +13,7 @@ import random
 import pytest
 
 import kunjax.unit as unit_mod
-from kunjax.config import EngineConfig
-from kunjax.engine import LLMEngine
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.plan import DropHost, SwapIn, SwapOut
 from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
@@ -57,13 +56,15 @@ def burst(n: int, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
 
 
 CONFIG = dict(num_instances=8, block_size=8, num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128,
-              max_model_len=128, min_token_bucket=16, restore_window_steps=8, min_group_steps=4,
-              kunserve_max_group=4, exchange_blocks_per_step=4)
+              max_model_len=128, min_token_bucket=16)
+KUNSERVE = dict(CONFIG, policy="kunserve", restore_window_steps=8, min_group_steps=4, kunserve_max_group=4,
+                exchange_blocks_per_step=4)
 
 
 @pytest.mark.parametrize("policy", ["recompute", "swap", "migrate", "layerkv", "kunserve"])
 def test_a_thousand_request_burst_under_every_policy(policy):
-    engine = LLMEngine(MODEL, EngineConfig(policy=policy, **CONFIG), executor="arith")
+    options = KUNSERVE if policy == "kunserve" else dict(CONFIG, policy=policy)
+    engine = LLMEngine(MODEL, config_from_kwargs(**options), executor="arith")
     engine.warmup()
     arrivals = burst(1000, seed=3, vocab=MODEL.vocab_size)
     got = run(engine, arrivals)
@@ -91,7 +92,7 @@ def test_a_thousand_request_burst_under_every_policy(policy):
 
 
 def test_the_oracle_notices_a_wrong_block_table(monkeypatch):
-    engine = LLMEngine(MODEL, EngineConfig(policy="recompute", **CONFIG), executor="arith")
+    engine = LLMEngine(MODEL, config_from_kwargs(policy="recompute", **CONFIG), executor="arith")
     real = unit_mod.ServingUnit.tick_inputs
 
     def shifted(self):
@@ -107,7 +108,7 @@ def test_the_oracle_notices_a_wrong_block_table(monkeypatch):
 
 
 def test_the_oracle_notices_a_lost_swap_in(monkeypatch):
-    engine = LLMEngine(MODEL, EngineConfig(policy="swap", **{**CONFIG, "num_blocks": 12}), executor="arith")
+    engine = LLMEngine(MODEL, config_from_kwargs(policy="swap", **{**CONFIG, "num_blocks": 12}), executor="arith")
     real = engine.executor.apply
     swapped_out: dict[str, tuple[int, ...]] = {}
     moved = []  # swap-ins whose blocks are not the ones the request left (so their data must really move)
@@ -130,8 +131,8 @@ def test_the_oracle_notices_a_lost_swap_in(monkeypatch):
 
 
 def test_an_eight_stage_pipeline_with_remote_attention_the_exchange_and_a_restore():
-    cfg = EngineConfig(policy="kunserve", **{**CONFIG, "kunserve_max_group": 8, "exchange_blocks_per_step": 1,
-                                             "remote_rows": 4, "restore_window_steps": 10_000})
+    cfg = config_from_kwargs(**{**KUNSERVE, "kunserve_max_group": 8, "exchange_blocks_per_step": 1, "remote_rows": 4,
+                                "restore_window_steps": 10_000})
     engine = LLMEngine(MODEL, cfg, executor="arith")
     arrivals = burst(120, seed=6, vocab=MODEL.vocab_size)
     ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
@@ -165,8 +166,8 @@ def test_prefix_caching_across_a_drop_and_a_restore():
     """Prompts sharing prefixes in waves around a manual fuse and a restore: the replicas' cached blocks become the
     pipeline's (stale, then healed or exchanged), the pipeline's go home at the restore, every wave reuses them,
     and every output equals the oracle with the books balanced after every step."""
-    cfg = EngineConfig(policy="kunserve", enable_prefix_caching=True,
-                       **{**CONFIG, "num_instances": 2, "num_blocks": 400, "restore_window_steps": 100_000})
+    cfg = config_from_kwargs(**{**KUNSERVE, "enable_prefix_caching": True, "num_instances": 2, "num_blocks": 400,
+                                "restore_window_steps": 100_000})
     engine = LLMEngine(MODEL, cfg, executor="arith")
     rng = random.Random(1)
     heads = [[rng.randrange(1, MODEL.vocab_size) for _ in range(24)] for _ in range(5)]

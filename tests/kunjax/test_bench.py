@@ -18,6 +18,7 @@ from kunjax.bench.metrics import RequestRecord, Slo, percentile, summarize
 from kunjax.bench.replay import timeline_row
 from kunjax.bench.report import comparison, diagnose, queue_pressure
 from kunjax.cli import main
+from kunjax.engine import config_from_kwargs
 
 
 def _rec(i: int, arrival: float, first: float | None, end: float | None, out: int, reason: str,
@@ -199,14 +200,14 @@ def test_the_replay_runs_on_a_virtual_clock_with_the_arithmetic_executor():
 
     from kunjax.bench.replay import SAMPLE_PERIOD_S, replay
     from kunjax.bench.targets import InProcessTarget
-    from kunjax.config import EngineConfig
     from kunjax.engine import LLMEngine
     from kunjax.workloads import synthesize_prompts, synthetic
     from tests.helpers import SPLIT
 
     def run() -> tuple[list[RequestRecord], list[dict], float]:
-        cfg = EngineConfig(num_instances=2, policy="kunserve", block_size=8, num_blocks=40, max_num_seqs=16,
-                           max_num_batched_tokens=128, max_model_len=128, restore_window_steps=8, min_group_steps=4)
+        cfg = config_from_kwargs(num_instances=2, policy="kunserve", block_size=8, num_blocks=40, max_num_seqs=16,
+                                 max_num_batched_tokens=128, max_model_len=128, restore_window_steps=8,
+                                 min_group_steps=4)
         engine = LLMEngine(dataclasses.replace(SPLIT, num_layers=8), cfg, executor="arith")
         w = synthetic(num_requests=400, rate=2000.0, prompt_len="uniform:8:48", output_len="uniform:4:24", seed=3)
         res = replay(InProcessTarget(engine), w, synthesize_prompts(w, SPLIT.vocab_size, seed=3), label="arith",

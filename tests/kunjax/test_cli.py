@@ -10,8 +10,12 @@ import sys
 import pytest
 
 from kunjax.cli import build_parser
-from kunjax.config import EngineConfig
+from kunjax.config import EngineConfig, SchedulerConfig
 from kunjax.options import parse_bytes
+from kunjax.policies.kunserve import KunServeOptions
+from kunjax.policies.layerkv import LayerKVOptions
+from kunjax.policies.migrate import MigrateOptions
+from kunjax.policies.swap import SwapOptions
 from tests.helpers import write_tiny_model
 
 
@@ -24,8 +28,10 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_explains_every_engine_and_sampling_option():
     sub = build_parser()._subparsers._group_actions[0].choices["generate"]
     text = sub.format_help()
-    for f in dataclasses.fields(EngineConfig):
-        assert "--" + f.name.replace("_", "-") in text
+    for cls in (EngineConfig, SchedulerConfig, SwapOptions, MigrateOptions, LayerKVOptions, KunServeOptions):
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("nested"):
+                assert "--" + f.name.replace("_", "-") in text, f.name
     for flag in ("--temperature", "--top-k", "--top-p", "--min-p", "--seed", "--stop", "--stop-token-id",
                  "--max-tokens", "--logprobs", "--model", "--stream"):
         assert flag in text
@@ -39,6 +45,7 @@ def test_help_explains_every_engine_and_sampling_option():
     (["--temperature", "-1"], "--temperature must be finite and >= 0"),
     (["--max-num-batched-tokens", "4"], "--max-num-batched-tokens (4) must be >= --max-num-seqs"),
     (["--kv-cache-bytes", "lots"], "--kv-cache-bytes"),
+    (["--swap-blocks-per-step", "8"], "--swap-blocks-per-step is an option of --policy swap, not of recompute"),
     (["--model", "/nonexistent/model"], "no such directory"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(args, message):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import kunjax.unit as unit_mod
-from kunjax.config import ConfigError, EngineConfig
-from kunjax.engine import LLMEngine
+from kunjax.config import ConfigError
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.executor.jax_executor import tree_bytes_per_device
 from kunjax.memory import flatten_params as flatten
 from kunjax.memory import kv_block_bytes
@@ -43,9 +43,9 @@ def oracle(model_dir):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     """Two instances; one KV block moves per exchange round, so remote attention lasts several steps."""
-    cfg = EngineConfig(num_instances=2, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
-                       max_num_batched_tokens=32, max_model_len=128, exchange_blocks_per_step=1, remote_rows=8,
-                       restore_window_steps=1000)  # transitions in this module are driven by the tests
+    cfg = config_from_kwargs(num_instances=2, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
+                             max_num_batched_tokens=32, max_model_len=128, exchange_blocks_per_step=1, remote_rows=8,
+                             restore_window_steps=1000)  # transitions in this module are driven by the tests
     eng = LLMEngine(model_dir, cfg, devices=jax.devices()[:2])
     eng.warmup()
     return eng
@@ -248,16 +248,22 @@ def test_twenty_drop_restore_cycles_under_load_leak_nothing(engine, oracle):
 
 # ---- configuration --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, flag", [
-    (dict(kunserve_max_group=3), "--kunserve-max-group"),
+    (dict(kunserve_max_group=3), "--kunserve-max-group must be a power of two"),
     (dict(restore_demand_ratio=0.96), "--restore-demand-ratio"),
-    (dict(exchange_blocks_per_step=0), "--exchange-blocks-per-step"),
-    (dict(device_memory_bytes=-1), "--device-memory-bytes"),
-    (dict(attention_backend="cuda"), "--attention-backend"),
-    (dict(remote_transport="tcp"), "--remote-transport"),
+    (dict(exchange_blocks_per_step=0), "--exchange-blocks-per-step must be positive"),
+    (dict(device_memory_bytes=-1), "--device-memory-bytes must be positive"),
+    (dict(attention_backend="cuda"), "--attention-backend must be one of"),
+    (dict(remote_transport="tcp"), "--remote-transport must be one of"),
 ])
 def test_bad_kunserve_options_name_the_flag(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):
-        EngineConfig(**kwargs)
+        config_from_kwargs(policy="kunserve", **kwargs)
+
+
+def test_an_option_of_another_policy_is_refused_by_name():
+    with pytest.raises(ConfigError, match="--restore-window-steps is an option of --policy kunserve, not of swap"):
+        config_from_kwargs(policy="swap", restore_window_steps=3)
+    assert config_from_kwargs(policy="kunserve", restore_window_steps=3).policy_options.restore_window_steps == 3
 
 
 # ---- more paths through a group -------------------------------------------------------------------------------
@@ -324,9 +330,9 @@ def test_abort_in_flight_and_seeded_sampling_through_a_drop(engine):
 
 def test_prefix_shared_blocks_cross_a_drop(model_dir, oracle):
     """Requests sharing prefix-cache blocks at the drop share their history (refcounted) and stay exact."""
-    cfg = EngineConfig(num_instances=2, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
-                       max_num_batched_tokens=32, max_model_len=128, exchange_blocks_per_step=2,
-                       enable_prefix_caching=True, restore_window_steps=1000)
+    cfg = config_from_kwargs(num_instances=2, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
+                             max_num_batched_tokens=32, max_model_len=128, exchange_blocks_per_step=2,
+                             enable_prefix_caching=True, restore_window_steps=1000)
     eng = LLMEngine(model_dir, cfg, devices=jax.devices()[2:4])
     eng.warmup()
     rng = random.Random(9)
@@ -369,8 +375,8 @@ def test_restore_waits_while_the_kv_does_not_fit_the_replicas(engine, oracle):
 
 
 def test_instances_outside_the_plan_are_untouched(model_dir, oracle):
-    cfg = EngineConfig(num_instances=4, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
-                       max_num_batched_tokens=32, max_model_len=128, restore_window_steps=1000)
+    cfg = config_from_kwargs(num_instances=4, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
+                             max_num_batched_tokens=32, max_model_len=128, restore_window_steps=1000)
     eng = LLMEngine(model_dir, cfg, devices=jax.devices()[4:8])
     # The replicas only: the pair dropped below compiles at its drop.
     eng.executor.warmup([(u.uid, u.members, u.shape) for u in eng.units.values()], [])

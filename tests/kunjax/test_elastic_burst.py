@@ -14,7 +14,7 @@ import random
 import pytest
 
 from kunjax.config import EngineConfig
-from kunjax.engine import LLMEngine
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.executor.jax_executor import tree_bytes_per_device
 from kunjax.memory import kv_block_bytes
 from kunjax.sampling_params import SamplingParams
@@ -39,10 +39,10 @@ def burst_config() -> EngineConfig:
     weights = fp32_weight_bytes(SPLIT)
     device = int(weights / 0.45)  # weights are 45% of each device
     kv = KV_BLOCKS * kv_block_bytes(SPLIT, BS, "float32")
-    return EngineConfig(num_instances=8, policy="kunserve", device_memory_bytes=device,
-                        activation_reserve_bytes=device - weights - kv, block_size=BS, max_num_seqs=8,
-                        max_num_batched_tokens=32, max_model_len=128, restore_window_steps=4, min_group_steps=4,
-                        exchange_blocks_per_step=4, remote_rows=8)
+    return config_from_kwargs(num_instances=8, policy="kunserve", device_memory_bytes=device,
+                              activation_reserve_bytes=device - weights - kv, block_size=BS, max_num_seqs=8,
+                              max_num_batched_tokens=32, max_model_len=128, restore_window_steps=4, min_group_steps=4,
+                              exchange_blocks_per_step=4, remote_rows=8)
 
 
 def test_burst_drops_serves_every_request_and_restores(model_dir, oracle_params):
@@ -87,7 +87,8 @@ def test_burst_drops_serves_every_request_and_restores(model_dir, oracle_params)
     else:
         pytest.fail("the burst did not finish")
     # Quiet time after the burst: the groups restore.
-    for _ in range(ecfg.restore_window_steps + ecfg.min_group_steps + 8):
+    opts = ecfg.policy_options
+    for _ in range(opts.restore_window_steps + opts.min_group_steps + 8):
         if not eng.groups:
             break
         eng.step()

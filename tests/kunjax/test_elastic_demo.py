@@ -9,16 +9,15 @@ from __future__ import annotations
 import jax
 
 import kunjax.demo as demo
-from kunjax.config import EngineConfig
-from kunjax.engine import LLMEngine
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
 
 
 def test_demo_recites_through_a_four_stage_drop_exchange_and_restore():
-    cfg = EngineConfig(num_instances=4, policy="kunserve", kunserve_max_group=4, num_blocks=48, block_size=16,
-                       max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256, exchange_blocks_per_step=2,
-                       restore_window_steps=1000)
+    cfg = config_from_kwargs(num_instances=4, policy="kunserve", kunserve_max_group=4, num_blocks=48, block_size=16,
+                             max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256, exchange_blocks_per_step=2,
+                             restore_window_steps=1000)
     eng = LLMEngine("demo", cfg, devices=jax.devices()[:4])
     # The replicas only: the group used below compiles at its drop; the others are never needed here.
     eng.executor.warmup([(u.uid, u.members, u.shape) for u in eng.units.values()], [])
@@ -81,9 +80,10 @@ def assert_recited(ids: list[str], pairs, texts: dict[str, str]) -> None:
 def test_demo_recites_through_stage_by_tp_pipelines():
     """Four instances of two devices each (`--tp 2`) fuse into one 4-stage x 2-way pipeline (all 8 devices), serve
     with remote attention and the exchange, and restore; every passage exact."""
-    cfg = EngineConfig(num_instances=4, tp=2, policy="kunserve", kunserve_max_group=4, num_blocks=48, block_size=16,
-                       max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, exchange_blocks_per_step=2,
-                       restore_window_steps=1000)
+    cfg = config_from_kwargs(num_instances=4, tp=2, policy="kunserve", kunserve_max_group=4, num_blocks=48,
+                             block_size=16,
+                             max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, exchange_blocks_per_step=2,
+                             restore_window_steps=1000)
     eng = LLMEngine("demo", cfg)
     eng.executor.warmup([(u.uid, u.members, u.shape) for u in eng.units.values()], [])
     pairs = demo.recitation_prompts(8)[:16]
@@ -113,9 +113,9 @@ def test_demo_recites_with_prefix_caching_and_the_cache_survives_a_drop_and_a_re
     """The same passages in three waves: before a drop (the cache fills), during it (the replicas' cached blocks,
     reinterpreted in pipeline format, are healed or exchanged and reused), and after the restore (the pipeline's
     cached blocks went home and are reused again). Every recitation exact."""
-    cfg = EngineConfig(num_instances=2, policy="kunserve", num_blocks=160, block_size=16, max_num_seqs=16,
-                       max_num_batched_tokens=128, max_model_len=256, exchange_blocks_per_step=4,
-                       enable_prefix_caching=True, restore_window_steps=1000)
+    cfg = config_from_kwargs(num_instances=2, policy="kunserve", num_blocks=160, block_size=16, max_num_seqs=16,
+                             max_num_batched_tokens=128, max_model_len=256, exchange_blocks_per_step=4,
+                             enable_prefix_caching=True, restore_window_steps=1000)
     eng = LLMEngine("demo", cfg, devices=jax.devices()[4:6])
     eng.warmup()
     pairs = demo.recitation_prompts(20)[:8]  # prompts of several full blocks

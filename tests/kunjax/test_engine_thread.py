@@ -10,8 +10,7 @@ import pytest
 
 from kunjax.api import GenerateRequest, InvalidRequest, Overloaded
 from kunjax.checkpoint import load_params
-from kunjax.config import EngineConfig
-from kunjax.engine import LLMEngine
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.engine_thread import EngineThread
 from kunjax.memory import param_shapes
 from kunjax.sampling_params import SamplingParams
@@ -25,8 +24,8 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
     path = write_tiny_model(tmp_path_factory.mktemp("tiny"))
-    engine = LLMEngine(path, EngineConfig(num_instances=2, block_size=4, num_blocks=40, max_num_seqs=4,
-                                          max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16),
+    engine = LLMEngine(path, config_from_kwargs(num_instances=2, block_size=4, num_blocks=40, max_num_seqs=4,
+                                                max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16),
                        devices=jax.devices()[4:6])
     rt = EngineThread(engine, max_queued=8)
     deadline = time.monotonic() + 300

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kunjax.config import EngineConfig
+from kunjax.engine import config_from_kwargs
 from kunjax.memory import extension_blocks, kv_block_bytes, num_kv_blocks, weight_bytes_per_device
 from tests.helpers import SPLIT, TINY, fp32_weight_bytes
 
@@ -15,14 +15,14 @@ def test_block_bytes_counts_all_layers_k_and_v_per_tp_shard():
 
 
 def test_cpu_budget_decides_the_block_count():
-    ecfg = EngineConfig(block_size=16, kv_cache_bytes=10 * kv_block_bytes(TINY, 16, "float32") + 5)
+    ecfg = config_from_kwargs(block_size=16, kv_cache_bytes=10 * kv_block_bytes(TINY, 16, "float32") + 5)
     assert num_kv_blocks(TINY, ecfg, weight_bytes=123, bytes_limit=None) == 10
 
 
 def test_device_memory_stats_minus_weights_and_reserve():
     block = kv_block_bytes(TINY, 16, "float32")
     limit = 2**30
-    ecfg = EngineConfig(block_size=16, kv_memory_fraction=0.5)
+    ecfg = config_from_kwargs(block_size=16, kv_memory_fraction=0.5)
     weights = 100 * 2**20
     n = num_kv_blocks(TINY, ecfg, weight_bytes=weights, bytes_limit=limit)
     assert n == (limit // 2 - weights - 256 * 2**20) // block
@@ -30,7 +30,7 @@ def test_device_memory_stats_minus_weights_and_reserve():
 
 def test_a_budget_too_small_for_two_blocks_is_a_clear_error():
     with pytest.raises(ValueError, match="--kv-cache-bytes"):
-        num_kv_blocks(TINY, EngineConfig(kv_cache_bytes=100), weight_bytes=0, bytes_limit=None)
+        num_kv_blocks(TINY, config_from_kwargs(kv_cache_bytes=100), weight_bytes=0, bytes_limit=None)
 
 
 def test_weights_per_device_of_a_replica_and_of_a_stage():
@@ -42,7 +42,7 @@ def test_weights_per_device_of_a_replica_and_of_a_stage():
 
 
 def test_the_extension_is_the_freed_weights_minus_the_activations_in_pipeline_blocks():
-    ecfg = EngineConfig(block_size=4)
+    ecfg = config_from_kwargs(block_size=4)
     freed = weight_bytes_per_device(SPLIT, "float32", 1) - weight_bytes_per_device(SPLIT, "float32", 1, k=2)
     acts = 32 * SPLIT.hidden_size * 4
     assert extension_blocks(SPLIT, ecfg, 2, 32) == (freed - acts) // (kv_block_bytes(SPLIT, 4, "float32") // 2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kunjax.blocks import BlockAllocator
-from kunjax.config import EngineConfig
+from kunjax.engine import config_from_kwargs
 from kunjax.fusion import fuse_books, plan_move_home
 from kunjax.plan import UnitShape
 from kunjax.policies.base import MemoryPolicy
@@ -22,7 +22,7 @@ BS = 4
 
 
 def hooks() -> MemoryPolicy:
-    return MemoryPolicy(EngineConfig(), TINY, num_instances=1, num_blocks=2, block_bytes=1)
+    return MemoryPolicy(config_from_kwargs(), TINY, num_instances=1, num_blocks=2, block_bytes=1)
 
 
 def make_req(i: int, prompt_len: int, max_tokens: int, t: float) -> Request:

@@ -12,7 +12,8 @@ import jax
 import pytest
 
 import pallas_kernels
-from kunjax.config import ATTENTION_BACKENDS, ConfigError, EngineConfig
+from kunjax.config import ATTENTION_BACKENDS, ConfigError
+from kunjax.engine import config_from_kwargs
 from pallas_kernels.paged_attention import reference
 
 
@@ -97,9 +98,9 @@ def test_a_kernel_that_fails_to_compile_is_rejected(fake_gpu):
 def test_config_accepts_every_backend_and_rejects_others():
     assert ATTENTION_BACKENDS == pallas_kernels.BACKENDS
     for name in ATTENTION_BACKENDS:
-        assert EngineConfig(attention_backend=name).attention_backend == name
+        assert config_from_kwargs(attention_backend=name).attention_backend == name
     with pytest.raises(ConfigError, match="--attention-backend"):
-        EngineConfig(attention_backend="triton")
+        config_from_kwargs(attention_backend="triton")
 
 
 @pytest.mark.slow

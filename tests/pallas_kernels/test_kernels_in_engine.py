@@ -8,8 +8,7 @@ import jax
 import pytest
 
 from kunjax import LLM
-from kunjax.config import EngineConfig
-from kunjax.engine import LLMEngine
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
 from tests.helpers import SPLIT, TINY, load_single_device_params, naive_greedy, write_tiny_model
@@ -45,8 +44,8 @@ def test_replicas_on_the_gpu_kernel_match_the_oracle(tmp_path):
 @pytest.mark.timeout(600)
 def test_a_pipeline_group_on_the_tpu_kernel_matches_the_oracle(tmp_path):
     path = write_tiny_model(tmp_path / "split", SPLIT, seed=5)
-    cfg = EngineConfig(num_instances=2, policy="kunserve", num_blocks=32, exchange_blocks_per_step=1,
-                       remote_rows=8, restore_window_steps=1000, **SMALL)
+    cfg = config_from_kwargs(num_instances=2, policy="kunserve", num_blocks=32, exchange_blocks_per_step=1,
+                             remote_rows=8, restore_window_steps=1000, **SMALL)
     eng = LLMEngine(path, cfg, devices=jax.devices()[:2])
     eng.executor.warmup([(u.uid, u.members, u.shape) for u in eng.units.values()], [])  # the group: at its drop
     ids = [eng.add_request(p, GREEDY) for p in PROMPTS]

@@ -17,8 +17,7 @@ import grpc
 import jax
 import pytest
 
-from kunjax.config import EngineConfig
-from kunjax.engine import LLMEngine
+from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.engine_thread import EngineThread
 from kunjax.policies.base import FuseUnits
 from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
@@ -30,8 +29,9 @@ pytestmark = pytest.mark.timeout(180)
 
 # The automatic restore watch is pushed out of reach (restore_window_steps): the test decides when the group
 # restores, so what it reads between the drop and the restore cannot race the policy.
-CONFIG = EngineConfig(num_instances=2, policy="kunserve", num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64,
-                      block_size=4, max_model_len=128, restore_window_steps=10_000)
+CONFIG = config_from_kwargs(num_instances=2, policy="kunserve", num_blocks=64, max_num_seqs=8,
+                            max_num_batched_tokens=64,
+                            block_size=4, max_model_len=128, restore_window_steps=10_000)
 MAX_TOKENS = 30
 SAMPLING = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
 
@@ -86,7 +86,8 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
     assert info.policy == "kunserve" and settings["group_sizes"] == "(2,)"
     assert (float(settings["drop_demand_ratio"]), float(settings["restore_demand_ratio"]),
             int(settings["restore_window_steps"])) == pytest.approx(
-        (CONFIG.drop_demand_ratio, CONFIG.restore_demand_ratio, CONFIG.restore_window_steps))
+        (CONFIG.policy_options.drop_demand_ratio, CONFIG.policy_options.restore_demand_ratio,
+         CONFIG.policy_options.restore_window_steps))
     assert [s.split(",")[0] for s in info.instances] == ["instance 0: replica", "instance 1: replica"]
     zeros = {k: 0 for k in ("preemptions", "drops", "restores", "groups", "remote_dependent", "blocks_exchanged",
                             "remote_ticks")}

@@ -66,7 +66,6 @@ class Served:
         self.kunjax.close()
         self.channel.close()
         self._on_loop(self.server.stop(0.5))
-        self.jetstream_servicer.close()
         self.kunjax_servicer.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from kunjax.config import ConfigError, Options
 from kunjax.policies.base import (
     Capabilities,
     FuseUnits,
@@ -40,6 +41,7 @@ from kunjax.policies.base import (
 from kunjax.policies.kunserve.monitor import RestoreWatch, Thresholds, needs_drop
 from kunjax.policies.kunserve.planner import InstanceLoad, PipelineCostModel, candidate_groups, plan_drop
 from kunjax.unit import ServingUnit
+from pallas_kernels.remote_attention import TRANSPORTS as REMOTE_TRANSPORTS
 
 if TYPE_CHECKING:
     from kunjax.config import EngineConfig, ModelConfig
@@ -56,6 +58,47 @@ def group_sizes(num_instances: int, num_layers: int, max_group: int) -> list[int
     return out
 
 
+def _opt(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class KunServeOptions(Options):
+    concern: ClassVar[str] = "policy kunserve"
+    kunserve_max_group: int = _opt(2, "largest pipeline group (instances fused); groups are aligned power-of-two "
+                                      "blocks of instances, compiled ahead of time")
+    drop_demand_ratio: float = _opt(0.95, "drop when KV demand / capacity reaches this and the queued blocks are "
+                                          "at least the free blocks")
+    restore_demand_ratio: float = _opt(0.5, "restore a group when its demand stays below this share of the "
+                                            "replicas' own capacity (and nothing is queued)")
+    restore_window_steps: int = _opt(16, "engine steps the low demand must last before a restore")
+    min_group_steps: int = _opt(8, "fewest engine steps a group lives before it may restore")
+    exchange_blocks_per_step: int = _opt(16, "KV blocks moved per step by the live KV exchange")
+    remote_rows: int = _opt(16, "query rows per stage and destination sent to remote attention per tick")
+    remote_transport: str = _opt("all_to_all", "how query rows reach their KV's home device and results come "
+                                               "back: all_to_all (one collective each way), ppermute (k-1 shifts "
+                                               "each way), tpu-fused (one Pallas kernel with remote DMA; TPU only, "
+                                               "not yet measured on hardware) or tpu-fused-interpret")
+    microbatch_tokens: int | None = _opt(None, "padded tokens of one pipeline micro-batch (one tick); default: "
+                                               "--max-num-batched-tokens")
+
+    def __post_init__(self) -> None:
+        k = self.kunserve_max_group
+        if k < 2 or k & (k - 1):
+            raise ConfigError(f"--kunserve-max-group must be a power of two >= 2, got {k}")
+        if not 0.0 < self.restore_demand_ratio < self.drop_demand_ratio <= 1.0:
+            raise ConfigError(f"need 0 < --restore-demand-ratio ({self.restore_demand_ratio}) < --drop-demand-ratio "
+                              f"({self.drop_demand_ratio}) <= 1 (the gap is the hysteresis)")
+        for name in ("restore_window_steps", "exchange_blocks_per_step", "remote_rows", "microbatch_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.min_group_steps < 0:
+            raise ConfigError(f"--min-group-steps must be >= 0, got {self.min_group_steps}")
+        if self.remote_transport not in REMOTE_TRANSPORTS:
+            raise ConfigError(f"--remote-transport must be one of {', '.join(REMOTE_TRANSPORTS)}, "
+                              f"got {self.remote_transport!r}")
+
+
 @dataclasses.dataclass
 class GroupState:
     """What the policy keeps about one pipeline unit."""
@@ -69,24 +112,26 @@ class GroupState:
 
 class KunServe(MemoryPolicy):
     name = "kunserve"
+    Options = KunServeOptions
 
     def __init__(self, config: EngineConfig, model: ModelConfig, *, num_instances: int, num_blocks: int,
                  block_bytes: int):
         super().__init__(config, model, num_instances=num_instances, num_blocks=num_blocks, block_bytes=block_bytes)
-        self.th = Thresholds(config.drop_demand_ratio, config.restore_demand_ratio, config.restore_window_steps,
-                             config.min_group_steps)
+        o = self.options
+        self.th = Thresholds(o.drop_demand_ratio, o.restore_demand_ratio, o.restore_window_steps, o.min_group_steps)
         self.num_instances = num_instances
-        self.sizes = group_sizes(num_instances, model.num_layers, config.kunserve_max_group)
-        self.options = PipelineOptions(
-            microbatch_tokens=config.microbatch_tokens or config.max_num_batched_tokens,
-            remote_rows=config.remote_rows, exchange_blocks=config.exchange_blocks_per_step)
+        self.sizes = group_sizes(num_instances, model.num_layers, o.kunserve_max_group)
+        budget = config.scheduler.max_num_batched_tokens
+        self.pipeline = PipelineOptions(microbatch_tokens=o.microbatch_tokens or budget, remote_rows=o.remote_rows,
+                                        exchange_blocks=o.exchange_blocks_per_step,
+                                        remote_transport=o.remote_transport)
         self.cost_model = PipelineCostModel(num_layers=model.num_layers, hidden_size=model.hidden_size,
-                                            microbatch_tokens=config.max_num_batched_tokens)
+                                            microbatch_tokens=budget)
         self.groups: dict[int, GroupState] = {}
         self.counts = dict(drops=0, restores=0, blocks_exchanged_done=0, remote_ticks_done=0)
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(pipeline=self.options)
+        return Capabilities(pipeline=self.pipeline)
 
     def candidates(self) -> list[tuple[int, ...]]:
         view = self.view
