@@ -92,8 +92,8 @@ MAX_POLICY_EVENTS = 32  # most recent events a `PolicyStatus` carries
 
 @dataclasses.dataclass(frozen=True)
 class PolicyEvent:
-    """One transition the memory policy made (kunserve: drop, restore, exchange_done, restore_deferred; migrate:
-    migration, migration_cancelled; ...)."""
+    """One transition the memory policy made (e.g. drop, restore, exchange_done for a policy that fuses replicas;
+    migration, migration_cancelled for one that migrates; ...)."""
 
     seq: int  # 1-based position among all events of this runtime: new events have higher seq
     kind: str

@@ -3,7 +3,7 @@
 Owns request admission (validation, tokenization, routing), the step loop over units, applying sampled tokens
 (stop conditions, detokenization, finish), and carrying out the policy's transitions. A serving unit
 (`kunjax.unit`) is a pipeline of k stages: a replica is k = 1, a group fused from k replicas under a policy that
-fuses (kunserve) is k > 1; the engine treats both alike.
+fuses replicas is k > 1; the engine treats both alike.
 
 One `step()`: every unit runs its k ticks (tick t of every unit is launched before any unit's tick t is read,
 so units overlap on their own devices, and a unit's tokens are applied before its next tick is scheduled); the

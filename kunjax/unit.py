@@ -15,7 +15,7 @@ or the next chunk of a prefill), then the policy's own returning requests (`Sche
 then waiting requests FCFS, each with as large a prefill chunk as the micro-batch's token budget leaves. When a
 running request needs a block and none is allocatable, the latest arrival that is not in the pipe is preempted,
 the way the policy says (`SchedulerHooks.preempt`: recompute by default). In a pipeline (k > 1) a prefill chunk is
-capped at the typical prompt length while other prefills wait (KunServe's micro-batch balance).
+capped at the typical prompt length while other prefills wait (the micro-batch balance of the paper's pipeline).
 
 Requests that were running when their replicas fused are *stale* (`StaleKV`): their pre-drop history stays on
 their home device, in the old full-layer blocks b, which after the reshape are the pipeline blocks `b·k + s`; for
@@ -294,8 +294,8 @@ class ServingUnit:
 
     def chunk_cap(self) -> int:
         """Longest prefill chunk while others wait: in a pipeline, the typical (median recent) prompt length, so
-        one long prompt does not fill whole micro-batches while short ones queue behind it (KunServe's
-        micro-batch balance). A replica has one micro-batch at a time: no cap."""
+        one long prompt does not fill whole micro-batches while short ones queue behind it (micro-batch
+        balance). A replica has one micro-batch at a time: no cap."""
         if self.k == 1:
             return self.shape.tokens
         prefilling = sum(1 for r in self.running if len(r.token_ids) - r.num_computed > 1)

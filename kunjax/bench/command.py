@@ -4,13 +4,13 @@ Owns the command's flags, the order of a run and every choice it prints and reco
 
 1. loads the workload (a trace file, a bundled trace's short name, or the synthetic generator);
 2. in-process (default): configures the devices, sets a CPU device-memory budget when none is given (weights are
-   `--weight-fraction` of it, as in `benchmarks/burst_kunserve.py`, so a burst overloads the KV pool), and for
-   each policy builds an engine, compiles it (warm-up, not measured), sends one short request per instance,
+   `--weight-fraction` of it, as the burst benchmark under `benchmarks/` does, so a burst overloads the KV pool),
+   and for each policy builds an engine, compiles it (warm-up, not measured), sends one short request per instance,
    replays, and shuts it down; with `--server`, replays against that server once (its policy is the label);
 3. fits the workload to the KV capacity the first runtime reports (`kunjax.workloads.fit`), and synthesizes the
    prompts once, so every policy gets the same requests at the same times with the same token ids;
 4. writes `OUT/summary.json`, `OUT/requests_<policy>.csv`, `OUT/timeline_<policy>.csv` and the PNG plots, and
-   prints the table and kunserve's P99 TTFT ratio against the best baseline.
+   prints the table and the subject policy's (`--subject`) P99 TTFT ratio against the best baseline.
 
 Never leaves a half-configured run: every flag is checked before JAX starts, and a bad value exits with status
 2 and a message naming the flag.
@@ -57,6 +57,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--policies", default=None, metavar="LIST",
                      help=f"comma-separated policies to replay in this order, each on its own engine with identical "
                           f"inputs (default: all of {','.join(POLICIES)}; --policy is ignored)")
+    run.add_argument("--subject", default=POLICIES[-1], choices=POLICIES,
+                     help=f"the policy compared against the best of the others (lowest P99 TTFT) in the summary and "
+                          f"the printed ratio (default: {POLICIES[-1]})")
     run.add_argument("--out", type=Path, default=Path("out/bench"),
                      help="directory for summary.json, the CSVs and the PNGs (default: out/bench)")
     run.add_argument("--server", default=None, metavar="HOST:PORT",
@@ -454,11 +457,11 @@ class BenchRun:
         from kunjax.bench.report import comparison, diagnose, format_comparison, format_table, write_plots
 
         args = self.args
-        cmp = comparison(self.summaries)
-        diagnosis = diagnose({k: s.get("queue_pressure") for k, s in self.summaries.items()})
+        cmp = comparison(self.summaries, args.subject)
+        diagnosis = diagnose({k: s.get("queue_pressure") for k, s in self.summaries.items()}, args.subject)
         plots: list[str] = []
         try:
-            plots = write_plots(args.out, self.runs, self.summaries) if self.runs else []
+            plots = write_plots(args.out, self.runs, self.summaries, args.subject) if self.runs else []
         except ImportError:
             _say("note: matplotlib is not installed (pip install 'kunjax[bench]'): the PNG plots were skipped")
         wall = time.monotonic() - t_start

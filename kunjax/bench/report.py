@@ -1,9 +1,9 @@
 """What a bench run leaves behind: per-request and timeline CSVs, the plots, the table and the comparison.
 
 Owns the file formats under `--out` and the one figure of merit printed at the end: the ratio of the best
-baseline's P99 TTFT (the non-kunserve policy with the lowest one) to kunserve's, with kunserve's P99 TPOT
-relative to that baseline's (its cost). matplotlib is imported only here and only when plotting (Agg backend),
-so nothing else needs it; without it the PNGs are skipped with a note.
+baseline's P99 TTFT (among the policies other than the subject, `--subject`, the lowest one) to the subject's,
+with the subject's P99 TPOT relative to that baseline's (its cost). matplotlib is imported only here and only
+when plotting (Agg backend), so nothing else needs it; without it the PNGs are skipped with a note.
 """
 
 from __future__ import annotations
@@ -65,19 +65,19 @@ def format_table(summaries: Mapping[str, Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def comparison(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, object] | None:
-    """kunserve against the best baseline (lowest P99 TTFT among the others); None without both."""
-    if "kunserve" not in summaries:
+def comparison(summaries: Mapping[str, Mapping[str, float]], subject: str) -> dict[str, object] | None:
+    """The `subject` policy against the best baseline (lowest P99 TTFT among the others); None without both."""
+    if subject not in summaries:
         return None
-    baselines = {k: v for k, v in summaries.items() if k != "kunserve" and not math.isnan(v["ttft_p99_s"])}
+    baselines = {k: v for k, v in summaries.items() if k != subject and not math.isnan(v["ttft_p99_s"])}
     if not baselines:
         return None
     best = min(baselines, key=lambda k: baselines[k]["ttft_p99_s"])
-    ks, b = summaries["kunserve"], baselines[best]
+    ks, b = summaries[subject], baselines[best]
     ratio = b["ttft_p99_s"] / ks["ttft_p99_s"] if ks["ttft_p99_s"] > 0 else math.nan
     cost = ks["tpot_p99_s"] / b["tpot_p99_s"] if b["tpot_p99_s"] > 0 else math.nan
-    return {"best_baseline": best, "ttft_p99_ratio_best_baseline_over_kunserve": ratio,
-            "tpot_p99_ratio_kunserve_over_best_baseline": cost}
+    return {"subject": subject, "best_baseline": best, "ttft_p99_ratio_best_baseline_over_subject": ratio,
+            "tpot_p99_ratio_subject_over_best_baseline": cost}
 
 
 COMPUTE_BOUND_FREE_SHARE = 0.2  # mean free KV share while requests queue above which a run is compute-bound
@@ -95,9 +95,10 @@ def queue_pressure(timeline: Sequence[Mapping[str, object]]) -> dict[str, float]
     return {"queued_samples": len(rows), "mean_free_kv_share_while_queued": sum(shares) / len(shares)}
 
 
-def diagnose(pressure: Mapping[str, Mapping[str, float] | None]) -> str | None:
-    """A warning when the baselines' queues formed with KV to spare: the window overloads compute, not memory."""
-    shares = {k: p["mean_free_kv_share_while_queued"] for k, p in pressure.items() if p and k != "kunserve"}
+def diagnose(pressure: Mapping[str, Mapping[str, float] | None], subject: str) -> str | None:
+    """A warning when the baselines' queues (every policy's but `subject`'s) formed with KV to spare: the window
+    overloads compute, not memory."""
+    shares = {k: p["mean_free_kv_share_while_queued"] for k, p in pressure.items() if p and k != subject}
     if not shares or min(shares.values()) <= COMPUTE_BOUND_FREE_SHARE:
         return None
     worst = min(shares, key=shares.__getitem__)
@@ -108,17 +109,17 @@ def diagnose(pressure: Mapping[str, Mapping[str, float] | None]) -> str | None:
 
 
 def format_comparison(c: Mapping[str, object]) -> str:
-    return (f"P99 TTFT, best baseline ({c['best_baseline']}) / kunserve: "
-            f"{c['ttft_p99_ratio_best_baseline_over_kunserve']:.2f}x; P99 TPOT cost, kunserve / "
-            f"{c['best_baseline']}: {c['tpot_p99_ratio_kunserve_over_best_baseline']:.2f}x")
+    return (f"P99 TTFT, best baseline ({c['best_baseline']}) / {c['subject']}: "
+            f"{c['ttft_p99_ratio_best_baseline_over_subject']:.2f}x; P99 TPOT cost, {c['subject']} / "
+            f"{c['best_baseline']}: {c['tpot_p99_ratio_subject_over_best_baseline']:.2f}x")
 
 
 # ---- plots ---------------------------------------------------------------------------------------------------
 def write_plots(out: Path, runs: Mapping[str, tuple[Sequence[RequestRecord], Sequence[Mapping[str, object]],
                                                     Sequence[Mapping[str, object]]]],
-                summaries: Mapping[str, Mapping[str, object]]) -> list[str]:
-    """`ttft_cdf.png`, `ttft_p99.png`, `timeline.png` from {policy: (records, timeline rows, events)}; returns the
-    files written, or raises ImportError when matplotlib is missing."""
+                summaries: Mapping[str, Mapping[str, object]], subject: str) -> list[str]:
+    """`ttft_cdf.png`, `ttft_p99.png` (the subject's bar in red), `timeline.png` from {policy: (records, timeline
+    rows, events)}; returns the files written, or raises ImportError when matplotlib is missing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +143,7 @@ def write_plots(out: Path, runs: Mapping[str, tuple[Sequence[RequestRecord], Seq
     names = list(summaries)
     vals = [float(summaries[n]["ttft_p99_s"]) for n in names]
     bars = ax.bar(names, [0.0 if math.isnan(v) else v for v in vals],
-                  color=["tab:red" if n == "kunserve" else "tab:blue" for n in names])
+                  color=["tab:red" if n == subject else "tab:blue" for n in names])
     for b, v in zip(bars, vals, strict=True):
         ax.annotate("n/a" if math.isnan(v) else f"{v:.2f}s", (b.get_x() + b.get_width() / 2, b.get_height()),
                     ha="center", va="bottom", fontsize=9)

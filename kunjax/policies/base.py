@@ -208,7 +208,7 @@ class MemoryPolicy:
         return {}
 
     def unit_state(self, unit: ServingUnit) -> dict[str, Any]:
-        """Policy-specific facts about a unit for its status line (e.g. kunserve: draining, restore watch)."""
+        """Policy-specific facts about a unit for its status line (e.g. draining, a restore watch)."""
         return {}
 
     def record(self, kind: str, group: int, members: Sequence[int], seconds: float,

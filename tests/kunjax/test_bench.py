@@ -69,10 +69,11 @@ def test_summary_by_hand():
 def test_comparison_uses_the_baseline_with_the_lowest_p99_ttft():
     base = {"ttft_p99_s": 8.0, "tpot_p99_s": 0.2}
     c = comparison({"recompute": base, "swap": {"ttft_p99_s": 6.0, "tpot_p99_s": 0.25},
-                    "kunserve": {"ttft_p99_s": 3.0, "tpot_p99_s": 0.3}})
-    assert c == {"best_baseline": "swap", "ttft_p99_ratio_best_baseline_over_kunserve": pytest.approx(2.0),
-                 "tpot_p99_ratio_kunserve_over_best_baseline": pytest.approx(1.2)}
-    assert comparison({"recompute": base}) is None
+                    "kunserve": {"ttft_p99_s": 3.0, "tpot_p99_s": 0.3}}, "kunserve")
+    assert c == {"subject": "kunserve", "best_baseline": "swap",
+                 "ttft_p99_ratio_best_baseline_over_subject": pytest.approx(2.0),
+                 "tpot_p99_ratio_subject_over_best_baseline": pytest.approx(1.2)}
+    assert comparison({"recompute": base}, "kunserve") is None
 
 
 def test_queue_pressure_tells_a_compute_bound_window_from_a_memory_bound_one():
@@ -84,8 +85,8 @@ def test_queue_pressure_tells_a_compute_bound_window_from_a_memory_bound_one():
     assert memory_bound == {"queued_samples": 3, "mean_free_kv_share_while_queued": pytest.approx(0.02)}
     assert compute_bound["mean_free_kv_share_while_queued"] == pytest.approx(0.4)
     assert queue_pressure(rows((0, 100))) is None
-    assert diagnose({"recompute": memory_bound, "kunserve": compute_bound}) is None
-    note = diagnose({"recompute": compute_bound, "swap": compute_bound, "kunserve": memory_bound})
+    assert diagnose({"recompute": memory_bound, "kunserve": compute_bound}, "kunserve") is None
+    note = diagnose({"recompute": compute_bound, "swap": compute_bound, "kunserve": memory_bound}, "kunserve")
     assert note is not None and "40%" in note and "compute" in note
 
 
