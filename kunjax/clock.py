@@ -7,9 +7,9 @@
   modelled hardware would give.
 
 Never reads the wall clock outside `WallClock`: code that stamps or decides by time takes a clock (arrival,
-queue, first-token and finish stamps; restore pacing; layerkv's step-time model; migration timings; event times).
-Durations of host work that are reported, not decided on (compile times, a drop's wall time in its event), may
-use `time.perf_counter` directly.
+queue, first-token and finish stamps; restore pacing; layerkv's step-time model; migration timings; event times
+and the duration of a fuse or split, which the executor charges on a virtual clock). Durations of host work that
+are reported, not decided on and not simulated (compile and load times), may use `time.perf_counter` directly.
 """
 
 from __future__ import annotations

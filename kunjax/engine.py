@@ -363,7 +363,7 @@ class LLMEngine:
         olds = [self.unit_of_instance(i) for i in members]
         if any(u.k != 1 for u in olds):
             raise RuntimeError(f"instances {members} are already in a group")
-        t0 = time.perf_counter()
+        t0 = self.clock.now()  # a transition stops the engine: on a virtual clock the executor charges it
         self._issue()
         uid = next(self._uids)
         self.executor.apply([Fuse(uid, members, shape)])
@@ -372,7 +372,7 @@ class LLMEngine:
         for u in olds:
             self._drop_unit(u)
         self._add_unit(unit)
-        seconds = time.perf_counter() - t0
+        seconds = self.clock.now() - t0
         return TransitionOutcome("fuse", uid, members, seconds, {
             "reason": reason, "k": shape.k, "extension_blocks": shape.num_ext,
             "stale_requests": unit.num_remote_dependent, "queued": len(unit.waiting)})
@@ -384,7 +384,7 @@ class LLMEngine:
         plan = plan_move_home(unit, self.executor.num_blocks, self.config.scheduler.max_num_seqs)
         if plan is None:
             return None
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         copies = move_home_copies(unit, plan)
         placed, prefix_copies = plan_prefix_home(unit, plan, self.executor.num_blocks)
         self.mempool.copy_blocks(unit, copies + prefix_copies)
@@ -396,7 +396,7 @@ class LLMEngine:
         self._drop_unit(unit)
         for r in replicas:
             self._add_unit(r)
-        seconds = time.perf_counter() - t0
+        seconds = self.clock.now() - t0
         return TransitionOutcome("split", unit.uid, unit.members, seconds, {
             "reason": reason, "moved_requests": len(plan), "moved_blocks": len(copies),
             "cached_blocks_kept": len(placed),

@@ -18,8 +18,9 @@ is checked by the tokens that come out:
   tokens alone: `expected_greedy(prompt, n)` computes it directly. A wrong block table, a lost copy, a stale read
   or a misplaced write changes a layer's sum and the tokens stop matching.
 * **Time.** On a `VirtualClock`, each tick costs `ArithCost` seconds (a fixed cost, per token, per remote row;
-  per block for moves) and `end_step` advances the clock by the slowest unit's ticks of the step. This is a
-  stand-in for the calibrated cost model, not a hardware model.
+  per block for moves) and `end_step` advances the clock by the slowest unit's ticks of the step; a fuse or
+  split stops the engine, so it advances the clock at once (a fixed cost, plus the weights a split gathers back).
+  This is a stand-in for the calibrated cost model, not a hardware model.
 
 Tensor parallelism changes nothing here (one array per instance).
 """
@@ -119,6 +120,8 @@ class ArithCost:
     token_s: float = 0.00005
     remote_row_s: float = 0.00002
     block_move_s: float = 0.00001
+    transition_s: float = 0.002  # a fuse or split's fixed cost (stopping the engine, rebuilding the unit)
+    weight_byte_s: float = 1e-11  # per weight byte a device gathers back at a split (about 100 GB/s)
 
 
 @dataclasses.dataclass
@@ -143,6 +146,8 @@ class ArithmeticExecutor:
 
     def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, clock: Clock, cost: ArithCost | None = None,
                  num_instances: int | None = None):
+        if not clock.virtual:
+            raise ValueError("the arithmetic executor needs a virtual clock (it advances it by modelled time)")
         self.cfg, self.ecfg, self.clock = cfg, ecfg, clock
         self.cost = cost or ArithCost()
         self.num_instances = num_instances or ecfg.num_instances or 8
@@ -207,10 +212,14 @@ class ArithmeticExecutor:
                     for i in op.members:
                         del self.units[i]
                     self.units[op.unit] = _Unit(op.members, pools, exts, op.shape.tokens)
+                    self.clock.advance(self.cost.transition_s)  # each device frees copies it holds: no traffic
                 case Split():
-                    del self.units[op.unit]
+                    k = self.units.pop(op.unit).k
                     for i in op.members:
                         self.units[i] = self._replica(i)
+                    # each device gathers the (k-1)/k of the weights it dropped
+                    self.clock.advance(self.cost.transition_s
+                                       + self.weight_bytes * (k - 1) / k * self.cost.weight_byte_s)
                 case _:
                     raise TypeError(f"unknown memory operation {op!r}")
 

@@ -210,3 +210,25 @@ def test_prefix_caching_across_a_drop_and_a_restore():
     assert sum(u.index.hits for u in engine.units.values()) > before
     assert {rid: out[rid] for rid in prompts} == {rid: engine.executor.expected_greedy(p, m)
                                                   for rid, (p, m) in prompts.items()}
+
+
+def test_a_fuse_and_a_split_cost_modelled_time_on_the_virtual_clock():
+    """A transition stops the engine: the arithmetic executor charges it on the virtual clock at once (a fixed
+    cost; a split also gathers back the weights each device dropped), and the policy's events report that time,
+    not the host's wall time."""
+    cfg = config_from_kwargs(**{**KUNSERVE, "num_instances": 2, "restore_window_steps": 1, "min_group_steps": 1})
+    engine = LLMEngine(MODEL, cfg, executor="arith")
+    ex, clock = engine.executor, engine.clock
+    t0 = clock.now()
+    engine.transition(FuseUnits((0, 1), "test"))
+    assert clock.now() - t0 == pytest.approx(ex.cost.transition_s)
+    for _ in range(50):  # idle: the restore watch sees no demand and splits
+        engine.step()
+        engine.check_books()
+        if not engine.groups:
+            break
+    assert not engine.groups
+    drop, restore = [(e.kind, e.seconds) for e in engine.policy.events if e.kind in ("drop", "restore")]
+    assert drop == ("drop", pytest.approx(ex.cost.transition_s))
+    gathered = ex.weight_bytes / 2 * ex.cost.weight_byte_s
+    assert gathered > 0 and restore == ("restore", pytest.approx(ex.cost.transition_s + gathered))
