@@ -402,3 +402,36 @@ def test_instances_outside_the_plan_are_untouched(model_dir, oracle):
     run_until_done(eng, outputs)
     restore_all(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
+
+
+def test_logprobs_stop_tokens_and_min_tokens_in_a_pipeline_unit_match_the_replicas(engine):
+    """A request served whole by a pipeline unit gets the same tokens, finish and logprobs as on a replica."""
+    eng = engine
+    prompts = prompts_for(11, 4)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, min_tokens=2 * i, stop_token_ids=[7, 11])
+              for i in range(len(prompts))]
+
+    def serve() -> list:
+        ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        done = {}
+        for _ in range(200):
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0]
+            eng.check_books()
+            if len(done) == len(ids):
+                return [done[i] for i in ids]
+        pytest.fail("requests did not finish")
+
+    replica = serve()
+    g = drop(eng)
+    piped = serve()
+    assert g.k == 2 and not eng.requests
+    restore_all(eng, {})
+    for a, b in zip(replica, piped, strict=True):
+        assert (a.token_ids, a.finish_reason, a.stop_reason) == (b.token_ids, b.finish_reason, b.stop_reason)
+        assert len(b.logprobs) == len(b.token_ids) > 0
+        for ea, eb in zip(a.logprobs, b.logprobs, strict=True):
+            assert ea.keys() == eb.keys()
+            assert [eb[t] for t in ea] == pytest.approx([ea[t] for t in ea], abs=1e-4)
+        assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-3)
