@@ -100,7 +100,7 @@ class PolicyEvent:
     group: int  # the pipeline unit concerned, -1 when none
     members: tuple[int, ...]  # instances concerned (a pipeline's, by stage)
     step: int  # engine step after which it happened
-    seconds: float  # time it took
+    seconds: float  # time it took, on the engine's clock (modelled time on a virtual clock)
     detail: dict[str, str]  # kind-specific facts (e.g. "reason", "moved_blocks"), values as text
     time_unix_s: float = 0.0  # when it happened (the engine clock's wall time)
 
