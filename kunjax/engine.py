@@ -30,11 +30,12 @@ import numpy as np
 
 from kunjax import checkpoint, policies
 from kunjax.blocks import BlockAllocator
-from kunjax.clock import WALL, Clock
+from kunjax.clock import WALL, Clock, VirtualClock
 from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
 from kunjax.detokenizer import IncrementalDetokenizer
 from kunjax.executor import Executor
 from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
+from kunjax.hardware import HardwareProfile
 from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
 from kunjax.mempool import MemoryPool
 from kunjax.plan import MAX_SUPPRESSED, Fuse, Split, UnitShape
@@ -74,11 +75,14 @@ def _jax_executor(model_path: Path, cfg: ModelConfig, ecfg: EngineConfig, device
 
 class LLMEngine:
     def __init__(self, model: str | Path | ModelConfig = "demo", config: EngineConfig | None = None,
-                 devices: Sequence | None = None, *, executor: str | Executor = "jax", clock: Clock | None = None):
-        """`model`: a Hugging Face or kunjax checkpoint directory, "demo", or (for the arithmetic executor) just a
-        `ModelConfig`. `executor`: "jax" (the model on `devices`, default all), "arith" (tokens by arithmetic, no
-        model; `kunjax.executor.arith`), or an `Executor` built for the same configs. `clock`: the wall clock,
-        except a virtual one by default for "arith"."""
+                 devices: Sequence | None = None, *, executor: str | Executor = "jax", clock: Clock | None = None,
+                 profile: HardwareProfile | None = None, time_shape: ModelConfig | None = None):
+        """`model`: a Hugging Face or kunjax checkpoint directory, "demo", or (for the arithmetic and cost-model
+        executors) just a `ModelConfig`. `executor`: "jax" (the model on `devices`, default all), "arith" (tokens
+        by arithmetic, no model; `kunjax.executor.arith`), "sim" (durations from `profile`, no model;
+        `kunjax.executor.sim`), or an `Executor` built for the same configs. `profile` with "jax": the real model,
+        but time advanced by the cost model of `profile` for the shape `time_shape` (default: the model's own) on
+        a virtual clock. `clock`: the wall clock, except a virtual one by default whenever time is modelled."""
         self.config = config or EngineConfig()
         if isinstance(model, ModelConfig):
             self.model_path, self.model_config, self.tokenizer = None, model, None
@@ -88,18 +92,31 @@ class LLMEngine:
             self.tokenizer: Tokenizer | None = checkpoint.load_tokenizer(self.model_path)
         ecfg, cfg = self.config, self.model_config
         self.max_model_len = ecfg.resolved_max_model_len(cfg)
+        modelled = executor in ("arith", "sim") or (executor == "jax" and profile is not None)
+        self.clock: Clock = clock or (VirtualClock() if modelled else WALL)
         if executor == "arith":
-            from kunjax.clock import VirtualClock
             from kunjax.executor.arith import ArithmeticExecutor
 
-            self.clock: Clock = clock or VirtualClock()
             executor = ArithmeticExecutor(cfg, ecfg, self.clock)
-        else:
-            self.clock = clock or WALL
-            if executor == "jax":
-                if self.model_path is None:
-                    raise ConfigError("the JAX executor needs a checkpoint directory or 'demo', not a ModelConfig")
-                executor = _jax_executor(self.model_path, cfg, ecfg, devices)
+        elif executor == "sim":
+            from kunjax.executor.sim import CostModelExecutor
+
+            if profile is None:
+                raise ConfigError("the cost-model executor needs a hardware profile")
+            executor = CostModelExecutor(cfg, ecfg, self.clock, profile)
+        elif executor == "jax":
+            if self.model_path is None:
+                raise ConfigError("the JAX executor needs a checkpoint directory or 'demo', not a ModelConfig")
+            executor = _jax_executor(self.model_path, cfg, ecfg, devices)
+            if profile is not None:
+                from kunjax.cost_model import CostModel
+                from kunjax.executor.sim import ModelledTimeExecutor
+
+                cost = CostModel(time_shape or cfg, profile, dtype=ecfg.dtype, tp=ecfg.tp,
+                                 block_size=ecfg.block_size)
+                executor = ModelledTimeExecutor(executor, cost, self.clock)
+        elif isinstance(executor, str):
+            raise ConfigError(f"unknown executor {executor!r}: jax, arith or sim")
         self.executor: Executor = executor
         self.load_seconds = executor.load_seconds
         self.warmup_seconds = 0.0

@@ -1,9 +1,11 @@
-"""Test oracles shared across test folders: a random tiny model on disk and a naive generation loop."""
+"""Test oracles shared across test folders: a random tiny model on disk, a naive generation loop, and an open-loop
+driver for engines on a virtual clock."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from kunjax.checkpoint import load_params, save_checkpoint
 from kunjax.config import ModelConfig
 from kunjax.memory import flatten_params, param_shapes
 from kunjax.model import forward_dense, init_params
+from kunjax.sampling_params import SamplingParams
 
 TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=256, eos_token_ids=())
@@ -83,3 +86,35 @@ def wait_until(pred, timeout_s: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return pred()
+
+
+def run_open_loop(engine, arrivals: list[tuple[float, list[int], int]], max_steps: int = 100_000
+                  ) -> dict[str, list[int]]:
+    """Open loop on the engine's virtual clock: each request arrives at its time; between arrivals an idle engine
+    jumps the clock. Checks the books after every step; returns the outputs by request id (a virtual clock)."""
+    clock = engine.clock
+    out: dict[str, list[int]] = {}
+    ids: list[str] = []
+    i = 0
+    for _ in range(max_steps):
+        while i < len(arrivals) and arrivals[i][0] <= clock.now():
+            _, prompt, n = arrivals[i]
+            ids.append(engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
+            i += 1
+        if engine.has_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+            engine.check_books()
+        elif i < len(arrivals):
+            clock.advance_to(arrivals[i][0])
+        else:
+            return {rid: out[rid] for rid in ids}
+    raise AssertionError("the workload did not finish")
+
+
+def burst(n: int, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
+    """`n` requests arriving within one second (open loop), prompts 8-48 tokens, 4-24 output tokens."""
+    rng = random.Random(seed)
+    return sorted((rng.random(), [rng.randrange(1, vocab) for _ in range(rng.randint(8, 48))], rng.randint(4, 24))
+                  for _ in range(n))

@@ -13,7 +13,9 @@ Executors:
   whole engine (router, scheduler, every policy with drops, exchanges and restores) runs with the same books and
   invariants in seconds, and a wrong block table or a lost copy changes the tokens. On a virtual clock it
   advances by a per-tick cost formula.
-* A cost-model executor (simulated GPU time at any scale) is the next one; it implements the same protocol.
+* `CostModelExecutor` (`sim.py`) — no model: durations from a hardware profile through the cost model
+  (`kunjax.cost_model`), tokens synthesized, so the engine runs at any scale (70B on 32 GPUs) on a virtual
+  clock; `ModelledTimeExecutor` (`sim.py`) wraps the JAX executor to keep its real tokens but the modelled time.
 
 Protocol (`Executor`), all of it called from the engine's one thread:
 * `num_instances`, `num_blocks` (KV blocks per instance pool, equal for all), `weight_bytes` (per device),

@@ -17,42 +17,10 @@ from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.plan import DropHost, SwapIn, SwapOut
 from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
-from tests.helpers import SPLIT
+from tests.helpers import SPLIT, burst, run_open_loop
 
 # 8 layers, so pipelines of 2, 4 and 8 stages split them evenly.
 MODEL = dataclasses.replace(SPLIT, num_layers=8)
-
-
-def run(engine: LLMEngine, arrivals: list[tuple[float, list[int], int]], max_steps: int = 100_000
-        ) -> dict[str, list[int]]:
-    """Open loop on the engine's virtual clock: each request arrives at its time; between arrivals an idle engine
-    jumps the clock. Checks the books after every step; returns the outputs by request id."""
-    clock = engine.clock
-    out: dict[str, list[int]] = {}
-    ids: list[str] = []
-    i = 0
-    for _ in range(max_steps):
-        while i < len(arrivals) and arrivals[i][0] <= clock.now():
-            _, prompt, n = arrivals[i]
-            ids.append(engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
-            i += 1
-        if engine.has_requests():
-            for o in engine.step():
-                if o.finished:
-                    out[o.request_id] = o.outputs[0].token_ids
-            engine.check_books()
-        elif i < len(arrivals):
-            clock.advance_to(arrivals[i][0])
-        else:
-            return {rid: out[rid] for rid in ids}
-    raise AssertionError("the workload did not finish")
-
-
-def burst(n: int, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
-    """`n` requests arriving within one second (open loop), prompts 8-48 tokens, 4-24 output tokens."""
-    rng = random.Random(seed)
-    return sorted((rng.random(), [rng.randrange(1, vocab) for _ in range(rng.randint(8, 48))], rng.randint(4, 24))
-                  for _ in range(n))
 
 
 CONFIG = dict(num_instances=8, block_size=8, num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128,
@@ -67,7 +35,7 @@ def test_a_thousand_request_burst_under_every_policy(policy):
     engine = LLMEngine(MODEL, config_from_kwargs(**options), executor="arith")
     engine.warmup()
     arrivals = burst(1000, seed=3, vocab=MODEL.vocab_size)
-    got = run(engine, arrivals)
+    got = run_open_loop(engine, arrivals)
     assert len(got) == 1000, "a request was lost"
     expected = [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
     wrong = [i for i, (g, e) in enumerate(zip(got.values(), expected, strict=True)) if g != e]
@@ -102,7 +70,7 @@ def test_the_oracle_notices_a_wrong_block_table(monkeypatch):
 
     monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", shifted)
     arrivals = burst(20, seed=4, vocab=MODEL.vocab_size)
-    got = run(engine, arrivals)
+    got = run_open_loop(engine, arrivals)
     expected = [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
     assert sum(g != e for g, e in zip(got.values(), expected, strict=True)) > 10
 
@@ -124,7 +92,7 @@ def test_the_oracle_notices_a_lost_swap_in(monkeypatch):
 
     monkeypatch.setattr(engine.executor, "apply", without_swap_ins)
     arrivals = burst(200, seed=5, vocab=MODEL.vocab_size)
-    got = run(engine, arrivals)
+    got = run_open_loop(engine, arrivals)
     expected = [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
     assert moved, "every swap-in happened to land in the blocks it left"
     assert sum(g != e for g, e in zip(got.values(), expected, strict=True)) > 0

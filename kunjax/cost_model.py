@@ -1,0 +1,208 @@
+"""The cost model: seconds for a serving unit's tick and for each memory operation, from a hardware profile.
+
+Pure arithmetic over a model's shape (`ModelConfig`, no weights), the engine's dtype, tensor parallelism and block
+size, and a `kunjax.hardware.HardwareProfile`. It reads the same step plan the JAX executor runs
+(`kunjax.plan.StepInputs`), so what it charges follows what the compiled step computes:
+
+* **Dense layers** (QKV, output, gated MLP) over the padded bucket T of the stage's micro-batch: a roofline,
+  `max(FLOPs / (peak · eff(T)), weight bytes / (HBM · memory_efficiency))` per layer, with
+  `eff(M) = matmul_efficiency · M / (M + matmul_half_tokens)`. Decode batches are memory-bound (the weights are
+  read whatever T is); long prefill chunks become compute-bound.
+* **Attention** per layer: the KV bytes each row reads (its local history plus this tick's tokens) against
+  `attention_efficiency` of HBM, or the query-key FLOPs of prefill chunks, whichever is longer.
+* **The LM head** over the S sampled rows (the compiled step samples S rows; split over the stages when the
+  group splits the vocabulary), on the last stage.
+* **Tensor parallelism**: each device holds 1/tp of every layer; two all-reduces of T·E activations per layer
+  (ring: `2(tp-1)/tp` of the bytes over the link, plus the link latency).
+* **Pipelines**: a tick runs every stage at once on its own micro-batch and lasts as long as the slowest stage;
+  the activations hop to the next stage over the link. Bubbles are the scheduler's: a stage with nothing to do
+  costs its fixed overhead only. **Remote attention**: a stale row's home device reads that row's history there
+  (its time is added to the home device's stage) and the query and partial results cross the link per layer.
+* **Memory operations**: block copies inside a device at HBM speed (read and write), between devices over the
+  link; transfers between instances over the link (the network across hosts); swaps over the host link; a
+  fuse copies each device's kept layer slice and a split gathers the dropped (k-1)/k of the weights back, each
+  plus the profile's transition overhead.
+* A fixed `step_overhead_s` per tick and `layer_overhead_s` per layer.
+
+It knows nothing of the engine's books: the executor (`kunjax.executor.sim`) calls it and keeps the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kunjax.config import ModelConfig
+from kunjax.hardware import HardwareProfile
+from kunjax.memory import dtype_bytes, split_vocab, weight_bytes_per_device
+from kunjax.plan import CopyBlocks, DropHost, Fuse, MemoryOp, SlotCopy, Split, StepInputs, SwapIn, SwapOut, Transfer
+
+
+@dataclasses.dataclass(frozen=True)
+class StageWork:
+    """What one stage computes in one tick, read off the plan (for the breakdown and the calibration fit)."""
+
+    layers: int  # layers this stage runs (L/k)
+    tokens: int  # T: the padded bucket the dense layers run over
+    valid_tokens: int
+    sample_rows: int  # rows the LM head runs over (0 unless the micro-batch leaves here)
+    vocab_share: float  # the share of the vocabulary this stage's head computes (1/k when a group splits it)
+    kv_tokens: int  # KV entries read per layer (local history + this tick's tokens, summed over rows)
+    attn_pairs: int  # query-key pairs per layer (the FLOPs of attention)
+    prefill_tokens: int  # tokens of rows with more than one new token
+    remote_rows_out: int  # rows whose history another device reads for this stage
+
+
+class CostModel:
+    def __init__(self, cfg: ModelConfig, profile: HardwareProfile, *, dtype: str, tp: int, block_size: int,
+                 devices_per_host: int = 8):
+        self.cfg, self.profile, self.dtype, self.tp, self.block_size = cfg, profile, dtype, tp, block_size
+        self.devices_per_host = devices_per_host
+        b = self.bytes = dtype_bytes(dtype)
+        e, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+        kv_heads = max(cfg.num_kv_heads // tp, 1)  # fewer KV heads than devices: each holds one copy
+        self.layer_weight_bytes = (e * q + 2 * e * kv + q * e + 3 * e * f) * b / tp
+        self.layer_flops_per_token = 2 * self.layer_weight_bytes / b
+        self.kv_bytes_per_token_layer = 2 * kv_heads * cfg.head_dim * b
+        self.attn_flops_per_pair = 4 * (cfg.num_heads / tp) * cfg.head_dim
+        self.head_bytes = cfg.vocab_size * e * b / tp
+        self.head_flops_per_row = 2 * cfg.vocab_size * e / tp
+        self.activation_bytes_per_token = e * b
+        self.replica_weight_bytes = weight_bytes_per_device(cfg, dtype, tp)
+        self.peak = profile.flops(dtype)
+
+    # ---- compute --------------------------------------------------------------------------------------------
+    def matmul_seconds(self, m: float, flops: float, weight_bytes: float) -> float:
+        p = self.profile
+        if m <= 0:
+            return 0.0
+        eff = p.matmul_efficiency * m / (m + p.matmul_half_tokens)
+        return max(flops / (self.peak * eff), weight_bytes / (p.hbm_bytes_per_s * p.memory_efficiency))
+
+    def stage_seconds(self, w: StageWork) -> float:
+        """One stage's share of a tick, excluding remote reads it serves for other stages and the step overhead."""
+        p = self.profile
+        t = w.layers * p.layer_overhead_s
+        if w.valid_tokens == 0:
+            return t
+        per_layer = self.matmul_seconds(w.tokens, w.tokens * self.layer_flops_per_token, self.layer_weight_bytes)
+        attn_read = w.kv_tokens * self.kv_bytes_per_token_layer / (p.hbm_bytes_per_s * p.attention_efficiency)
+        attn_flops = w.attn_pairs * self.attn_flops_per_pair
+        attn_compute = (attn_flops / (self.peak * p.matmul_efficiency * w.prefill_tokens
+                                      / (w.prefill_tokens + p.matmul_half_tokens))) if w.prefill_tokens else 0.0
+        per_layer += max(attn_read, attn_compute)
+        if self.tp > 1:  # two all-reduces of the activations per layer (ring)
+            ar = 2 * (self.tp - 1) / self.tp * w.tokens * self.activation_bytes_per_token / p.link_bytes_per_s
+            per_layer += 2 * (p.link_latency_s + ar)
+        if w.remote_rows_out:  # queries out and partial results back, per layer
+            msg = w.remote_rows_out * self.cfg.q_size * self.bytes / self.tp
+            per_layer += 2 * (p.link_latency_s + msg / p.link_bytes_per_s)
+        t += w.layers * per_layer
+        if w.sample_rows:
+            t += self.matmul_seconds(w.sample_rows, w.sample_rows * self.head_flops_per_row * w.vocab_share,
+                                     self.head_bytes * w.vocab_share)
+        return t
+
+    def remote_read_seconds(self, layers: int, kv_tokens: int) -> float:
+        """A home device reading stale rows' history for another stage's `layers`."""
+        p = self.profile
+        return layers * kv_tokens * self.kv_bytes_per_token_layer / (p.hbm_bytes_per_s * p.attention_efficiency)
+
+    def stage_work(self, k: int, inputs: StepInputs, leaving: bool = True) -> list[StageWork]:
+        """Per stage, what the plan makes it compute (see `StageWork`)."""
+        layers = self.cfg.num_layers // k
+        sample_rows = int(inputs.logits_indices.shape[0]) if leaving else 0
+        vocab_split = split_vocab(self.cfg, k)
+        out = []
+        for s in range(k):
+            valid = inputs.valid[s]
+            seq = inputs.seq_ids[s][valid]
+            n_valid = int(valid.sum())
+            if n_valid:
+                rows, n_new = np.unique(seq, return_counts=True)
+                local = (inputs.context_lens[s][rows] - inputs.context_starts[s][rows]).astype(np.int64)
+                n_new = n_new.astype(np.int64)
+                kv_tokens = int((local + n_new).sum())
+                pairs = int((n_new * local + n_new * (n_new + 1) // 2).sum())
+                prefill = int(n_new[n_new > 1].sum())
+            else:
+                kv_tokens = pairs = prefill = 0
+            rows_here = sample_rows if vocab_split or s == k - 1 else 0
+            out.append(StageWork(layers, int(inputs.positions.shape[1]), n_valid, rows_here,
+                                 1 / k if vocab_split else 1.0, kv_tokens, pairs, prefill,
+                                 int((inputs.send_rows[s] >= 0).sum()) if k > 1 else 0))
+        return out
+
+    def tick_seconds(self, k: int, inputs: StepInputs, leaving: bool = True) -> float:
+        """One tick of a k-stage unit: every stage at once, as long as the slowest (with the remote reads each
+        device serves), plus the activations' hop to the next stage and the fixed step overhead."""
+        return self.profile.step_overhead_s + max(self.device_seconds(k, inputs, leaving))
+
+    def device_seconds(self, k: int, inputs: StepInputs, leaving: bool = True) -> list[float]:
+        """Each stage's device's busy time in one tick (its stage, the remote reads it serves, the hop out)."""
+        p = self.profile
+        per_stage = [self.stage_seconds(w) for w in self.stage_work(k, inputs, leaving)]
+        if k > 1:
+            layers = self.cfg.num_layers // k
+            for d in range(k):  # device d reads the history of the rows other stages send it
+                kv = int(inputs.recv_lens[d][inputs.send_rows[:, d] >= 0].sum())
+                if kv:
+                    per_stage[d] += self.remote_read_seconds(layers, kv)
+            hop = p.link_latency_s + inputs.positions.shape[1] * self.activation_bytes_per_token / p.link_bytes_per_s
+            per_stage = [t + hop for t in per_stage]
+        return per_stage
+
+    # ---- memory operations ----------------------------------------------------------------------------------
+    def _link(self, a: int, b: int) -> float:
+        """Bytes/s between the devices of instances a and b: the interconnect in one host, else the network."""
+        same_host = (a * self.tp) // self.devices_per_host == (b * self.tp) // self.devices_per_host
+        return self.profile.link_bytes_per_s if same_host else self.profile.network_bytes_per_s
+
+    def op_seconds(self, op: MemoryOp, members: tuple[int, ...] = ()) -> dict[int, float]:
+        """Seconds each instance's devices spend on `op` (`members`: the unit's instances, for `CopyBlocks`).
+        A fuse or split is not here: it stops the engine (`transition_seconds`)."""
+        p, L, bs = self.profile, self.cfg.num_layers, self.block_size
+        block_bytes = bs * self.kv_bytes_per_token_layer * L
+        hbm = p.hbm_bytes_per_s * p.memory_efficiency
+        match op:
+            case CopyBlocks():
+                k = len(members)
+                busy = dict.fromkeys(members, 0.0)
+                pairs: dict[tuple[int, int], float] = {}
+                for src, _, dst, _, lo, hi in op.copies:
+                    nbytes = (hi - lo) * self.kv_bytes_per_token_layer * (L // k)
+                    pairs[(src, dst)] = pairs.get((src, dst), 0.0) + nbytes
+                for (src, dst), nbytes in pairs.items():
+                    a, b = members[src], members[dst]
+                    if src == dst:
+                        busy[a] += 2 * nbytes / hbm
+                    else:
+                        t = p.link_latency_s + nbytes / self._link(a, b)
+                        busy[a] += t
+                        busy[b] += t
+                return busy
+            case Transfer():
+                t = p.link_latency_s + len(op.src_blocks) * block_bytes / self._link(op.src, op.dst)
+                return {op.src: t, op.dst: t}
+            case SwapOut() | SwapIn():
+                return {op.instance: p.host_latency_s + len(op.blocks) * block_bytes / op.groups
+                        / p.host_bytes_per_s}
+            case SlotCopy():
+                return {op.instance: 2 * len(op.src) * block_bytes / op.groups / hbm}
+            case DropHost():
+                return {}
+            case Fuse() | Split():
+                raise ValueError("a fuse or split stops the engine: use transition_seconds")
+            case _:
+                raise TypeError(f"unknown memory operation {op!r}")
+
+    def transition_seconds(self, op: Fuse | Split, k: int) -> float:
+        """A fuse copies each device's kept 1/k of the weights into the group's layout (HBM, read and write);
+        a split gathers the (k-1)/k each device dropped from the others over the link. Devices work in
+        parallel; plus the profile's fixed transition overhead."""
+        p = self.profile
+        w = self.replica_weight_bytes
+        if isinstance(op, Fuse):
+            return p.transition_overhead_s + 2 * (w / k) / (p.hbm_bytes_per_s * p.memory_efficiency)
+        return p.transition_overhead_s + p.link_latency_s * (k - 1) + w * (k - 1) / k / p.link_bytes_per_s

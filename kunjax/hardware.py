@@ -1,0 +1,131 @@
+"""Hardware profiles: the coefficients the cost model (`kunjax.cost_model`) turns a step plan into seconds with.
+
+A profile is one JSON file (`kunjax/profiles/<name>.json`, or any path) describing one device kind and the links
+around it. Every coefficient names where it came from in `sources`: a vendor specification, a measurement (what
+`kunjax calibrate` fits on the device at hand, or a measurement recorded in this workspace), or an assumption
+stated as such. `kind` is "measured" when the throughput and efficiency coefficients were fitted on the device,
+"spec" when they come from datasheets.
+
+Coefficients (seconds, bytes, FLOP):
+* `peak_flops` per dtype, `hbm_bytes_per_s`, `memory_bytes` — the device;
+* `matmul_efficiency`, `matmul_half_tokens` — the share of peak a GEMM of M rows reaches:
+  `matmul_efficiency · M / (M + matmul_half_tokens)` (small batches do not fill the machine);
+* `memory_efficiency` — the share of `hbm_bytes_per_s` streaming weights reaches; `attention_efficiency` — the
+  share a paged-attention read of KV blocks reaches;
+* `link_bytes_per_s`, `link_latency_s` — device-to-device interconnect, per direction (NVLink, ICI);
+  `network_bytes_per_s` — between hosts; `host_bytes_per_s`, `host_latency_s` — device to host memory (swap);
+* `step_overhead_s` — a tick's fixed cost (dispatch, sampling, host work); `layer_overhead_s` — per layer
+  (kernel launches);
+* `transition_overhead_s` — the fixed cost of a fuse or split (rebuilding the unit, freeing or allocating).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from kunjax.config import ConfigError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+KINDS = ("spec", "measured")
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    device: str  # what it describes, for humans
+    kind: str  # "spec" | "measured"
+    memory_bytes: int
+    peak_flops: dict[str, float]  # dtype name -> dense FLOP/s
+    hbm_bytes_per_s: float
+    matmul_efficiency: float
+    matmul_half_tokens: float
+    memory_efficiency: float
+    attention_efficiency: float
+    link_bytes_per_s: float
+    link_latency_s: float
+    network_bytes_per_s: float
+    host_bytes_per_s: float
+    host_latency_s: float
+    step_overhead_s: float
+    layer_overhead_s: float
+    transition_overhead_s: float
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)  # coefficient -> where it came from
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"profile {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"profile {self.name}: {f.name} must be >= 0, got {v}")
+        for name in ("hbm_bytes_per_s", "link_bytes_per_s", "network_bytes_per_s", "host_bytes_per_s",
+                     "memory_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"profile {self.name}: {name} must be positive")
+        for name in ("matmul_efficiency", "memory_efficiency", "attention_efficiency"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"profile {self.name}: {name} must be in (0, 1], got {getattr(self, name)}")
+        if not self.peak_flops or any(v <= 0 for v in self.peak_flops.values()):
+            raise ConfigError(f"profile {self.name}: peak_flops needs a positive FLOP/s per dtype")
+        unsourced = [f.name for f in dataclasses.fields(self)
+                     if f.name not in ("name", "device", "kind", "sources") and f.name not in self.sources]
+        if unsourced:
+            raise ConfigError(f"profile {self.name}: no source for {', '.join(unsourced)}")
+
+    def flops(self, dtype: str) -> float:
+        try:
+            return self.peak_flops[dtype]
+        except KeyError:
+            raise ConfigError(f"profile {self.name} has no peak FLOP/s for {dtype} "
+                              f"(it has {', '.join(self.peak_flops)})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HardwareProfile:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(d) - known, {f.name for f in dataclasses.fields(cls)
+                                            if f.default is dataclasses.MISSING
+                                            and f.default_factory is dataclasses.MISSING} - set(d)
+        if unknown or missing:
+            raise ConfigError(f"profile {d.get('name', '?')}: unknown fields {sorted(unknown)}, "
+                              f"missing fields {sorted(missing)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+
+    def scaled(self, **factors: float) -> HardwareProfile:
+        """A copy with throughput coefficients multiplied (sensitivity runs: `scaled(link_bytes_per_s=0.5)`)."""
+        changes = {}
+        for name, f in factors.items():
+            if not hasattr(self, name):
+                raise ConfigError(f"profile has no coefficient {name!r}")
+            changes[name] = getattr(self, name) * f
+        sources = dict(self.sources)
+        for name, f in factors.items():
+            sources[name] = f"{sources.get(name, '')} (x{f:g} for a sensitivity run)".strip()
+        return dataclasses.replace(self, **changes, sources=sources, name=f"{self.name}-scaled")
+
+
+def bundled_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A bundled profile by name (`bundled_profiles()`), or a profile JSON file (what `kunjax calibrate` wrote)."""
+    path = PROFILE_DIR / f"{str(name_or_path).lower()}.json"
+    if not path.is_file():
+        path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"unknown hardware profile {str(name_or_path)!r}: give one of "
+                          f"{', '.join(bundled_profiles())}, or a profile JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    return HardwareProfile.from_dict(data)
