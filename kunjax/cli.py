@@ -15,7 +15,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kunjax.options import add_engine_flags, engine_config_from_args, flag_message, make_engine, model_flags
+from kunjax.options import (
+    add_engine_flags,
+    engine_config_from_args,
+    flag_message,
+    make_engine,
+    model_flags,
+    time_flags,
+)
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "instances' KV capacity.")
     add_bench_arguments(bench)
     model_flags(bench)
+    time_flags(bench)
     add_engine_flags(bench)
     bench.set_defaults(handler=lambda p, a: cmd_bench(p, a, remote_target=_grpc_target), subparser=bench)
     return parser

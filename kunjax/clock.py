@@ -29,6 +29,9 @@ class Clock(Protocol):
     def sleep(self, seconds: float) -> None:
         """Let `seconds` pass (a virtual clock advances by them instead of waiting)."""
 
+    def sleep_until(self, t: float) -> None:
+        """Let time pass until `now() >= t` (a virtual clock is then exactly at `t` if it was before it)."""
+
     @property
     def virtual(self) -> bool:
         """True when time moves only when advanced (simulation); False for the wall clock."""
@@ -46,6 +49,9 @@ class WallClock:
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds)
+
+    def sleep_until(self, t: float) -> None:
+        self.sleep(t - self.now())
 
 
 class VirtualClock:
@@ -78,6 +84,9 @@ class VirtualClock:
 
     def sleep(self, seconds: float) -> None:
         self.advance(max(0.0, seconds))
+
+    def sleep_until(self, t: float) -> None:
+        self.advance_to(t)
 
 
 WALL = WallClock()

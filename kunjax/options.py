@@ -99,6 +99,55 @@ def model_flags(p: argparse.ArgumentParser) -> None:
                         "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
 
 
+def time_flags(p: argparse.ArgumentParser) -> None:
+    """Simulated time (`kunjax.cost_model`): which executor runs the engine and which clock it is timed on."""
+    from kunjax.hardware import bundled_profiles
+    from kunjax.model_shapes import SHAPES
+
+    g = p.add_argument_group("simulated time (kunjax.cost_model, kunjax.executor.sim)")
+    g.add_argument("--executor", choices=("jax", "sim"), default="jax",
+                   help="jax (default): the real model on the devices here; sim: no model and no weights, "
+                        "durations from --profile for the model --model-shape, at any scale (--num-instances, "
+                        "--tp), deterministic")
+    g.add_argument("--clock", choices=("wall", "simulated"), default="wall",
+                   help="wall (default): time as measured here; simulated: the real model and its tokens, but time "
+                        "advanced by --profile's cost model, so this machine shows the profiled device's schedule "
+                        "(implied by --executor sim)")
+    g.add_argument("--profile", default=None,
+                   help=f"hardware profile for simulated time: {', '.join(bundled_profiles())}, or a profile JSON "
+                        f"file (default with simulated time: h100-sxm)")
+    g.add_argument("--model-shape", default=None,
+                   help=f"model shape whose time is modelled, no weights: {', '.join(SHAPES)}, or a Hugging Face "
+                        f"config.json; --executor sim: the model simulated (default: llama-3-8b); --clock "
+                        f"simulated: default the --model's own shape")
+
+
+def time_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(executor, profile or None, model shape or None) from the time flags; a bad combination exits 2."""
+    from kunjax.hardware import load_profile
+    from kunjax.model_shapes import model_shape
+
+    executor = getattr(args, "executor", "jax")
+    simulated = executor == "sim" or getattr(args, "clock", "wall") == "simulated"
+    profile_name, shape_name = getattr(args, "profile", None), getattr(args, "model_shape", None)
+    if not simulated:
+        for flag, v in (("--profile", profile_name), ("--model-shape", shape_name)):
+            if v is not None:
+                parser.error(f"{flag} needs simulated time (--executor sim or --clock simulated)")
+        return executor, None, None
+    try:
+        profile = load_profile(profile_name or "h100-sxm")
+    except ConfigError as e:
+        parser.error(f"--profile: {e}")
+    shape = None
+    if shape_name is not None or executor == "sim":
+        try:
+            shape = model_shape(shape_name or "llama-3-8b")
+        except ConfigError as e:
+            parser.error(f"--model-shape: {e}")
+    return executor, profile, shape
+
+
 def configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Simulated CPU devices and the compile cache, set before JAX initialises; returns the `jax` module."""
     if args.cpu_devices < 1:
@@ -116,16 +165,23 @@ def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg)
     """Configure JAX (devices, compile cache) before it initialises, then load the model; bad values exit 2."""
     from kunjax.config import ConfigError
 
+    executor, profile, shape = time_settings(parser, args)
     jax = configure_jax(parser, args)
     from kunjax.engine import LLMEngine
 
     try:
-        engine = LLMEngine(args.model, ecfg)
+        if executor == "sim":
+            engine = LLMEngine(shape, ecfg, executor="sim", profile=profile)
+        else:
+            engine = LLMEngine(args.model, ecfg, profile=profile, time_shape=shape)
     except (ConfigError, ValueError) as e:
         parser.error(flag_message(str(e)))
-    print(f"kunjax: model {engine.model_path} ({engine.model_config.architecture}, "
-          f"{engine.model_config.num_layers} layers) on {engine.num_instances} instance(s) x tp {ecfg.tp}, "
-          f"{jax.devices()[0].platform}; loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
+    cfg = engine.model_config
+    where = (f"simulated {profile.name} ({profile.kind} profile)" if executor == "sim"
+             else jax.devices()[0].platform + (f", time modelled on {profile.name}" if profile else ""))
+    print(f"kunjax: model {engine.model_path or 'shape only, no weights'} ({cfg.architecture}, {cfg.num_layers} "
+          f"layers) on {engine.num_instances} instance(s) x tp {ecfg.tp}, {where}; loaded in "
+          f"{engine.load_seconds:.1f}s", file=sys.stderr)
     return engine
 
 

@@ -27,7 +27,7 @@ def runtime_info(engine: LLMEngine, versions: dict[str, str]) -> RuntimeInfo:
     cfg = engine.model_config
     layouts = tuple(f"instance {i}: {role(engine.unit_of_instance(i), i)}, tp={engine.config.tp} on "
                     f"{engine.executor.describe(i)}" for i in range(engine.num_instances))
-    return RuntimeInfo(model=str(engine.model_path or "(arithmetic)"), architecture=cfg.architecture,
+    return RuntimeInfo(model=str(engine.model_path or "(model shape only, no weights)"), architecture=cfg.architecture,
                        num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, max_model_len=engine.max_model_len,
                        instances=layouts, policy=engine.config.policy, versions=versions,
                        block_size=engine.config.block_size, eos_token_ids=tuple(sorted(engine.eos_token_ids)),

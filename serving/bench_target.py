@@ -59,7 +59,7 @@ class GrpcTarget:
         asyncio.run_coroutine_threadsafe(self._serve(record, prompt_ids, t0), self._loop)
 
     def advance(self, until: float) -> None:
-        self.clock.sleep(min(POLL_S, until - self.clock.now()))
+        self.clock.sleep_until(min(self.clock.now() + POLL_S, until))
 
     async def _serve(self, record: RequestRecord, prompt_ids: list[int], t0: float) -> None:
         import grpc

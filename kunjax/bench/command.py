@@ -9,7 +9,9 @@ Owns the command's flags, the order of a run and every choice it prints and reco
    replays, and shuts it down; with `--server`, replays against that server once (its policy is the label);
 3. fits the workload to the KV capacity the first runtime reports (`kunjax.workloads.fit`), and synthesizes the
    prompts once, so every policy gets the same requests at the same times with the same token ids;
-4. writes `OUT/summary.json`, `OUT/requests_<policy>.csv`, `OUT/timeline_<policy>.csv` and the PNG plots, and
+4. writes `OUT/summary.json` (on simulated time, only simulated figures: the same command gives the same bytes),
+   `OUT/host.json` (this host's wall times), `OUT/requests_<policy>.csv`, `OUT/timeline_<policy>.csv` and the
+   PNG plots, and
    prints the table and the subject policy's (`--subject`) P99 TTFT ratio against the best baseline.
 
 Never leaves a half-configured run: every flag is checked before JAX starts, and a bad value exits with status
@@ -213,6 +215,10 @@ def _load_workload(parser: argparse.ArgumentParser, args: argparse.Namespace):
 LEVELS = ("host_used", "host_total", "migrations_in_flight", "layered")
 
 
+# Per-policy figures measured on this host's wall clock: not part of a simulated run's summary (host.json).
+HOST_FIELDS = ("wall_s", "warmup_s", "load_s")
+
+
 def _is_count(name: str) -> bool:
     return name not in LEVELS
 
@@ -390,10 +396,15 @@ class BenchRun:
         """Each policy on its own engine over the configured devices, one after another."""
         from kunjax.bench.targets import InProcessTarget
         from kunjax.config import ConfigError
-        from kunjax.options import configure_jax, engine_config_from_args, flag_message, make_engine
+        from kunjax.options import configure_jax, engine_config_from_args, flag_message, make_engine, time_settings
 
+        executor, profile, shape = time_settings(self.parser, self.args)
         jax = configure_jax(self.parser, self.args)
-        budget, budget_info = _memory_budget(self.parser, self.args, jax)
+        if executor == "sim":
+            budget, budget_info = None, {"rule": f"KV pool from profile {profile.name}'s device memory "
+                                                 f"(--kv-memory-fraction of {profile.memory_bytes} bytes)"}
+        else:
+            budget, budget_info = _memory_budget(self.parser, self.args, jax)
         configs = {}
         for name in policies:  # every policy's options are checked before the first engine is built
             try:
@@ -405,8 +416,17 @@ class BenchRun:
         if budget is not None:
             _say(f"device memory budget {budget / 2**20:.2f} MiB per device ({budget_info['rule']}; "
                  f"--device-memory-bytes to change)")
-        self.setup["devices"] = {"platform": jax.devices()[0].platform, "count": len(jax.devices()),
-                                 "memory": budget_info, "engine": dataclasses.asdict(base)}
+        if executor == "sim":
+            self.setup["devices"] = {"platform": "simulated", "memory": budget_info, "engine": dataclasses.asdict(base)}
+        else:
+            self.setup["devices"] = {"platform": jax.devices()[0].platform, "count": len(jax.devices()),
+                                     "memory": budget_info, "engine": dataclasses.asdict(base)}
+        if profile is not None:
+            self.setup["time"] = {"executor": executor, "clock": "simulated", "profile": profile.to_dict(),
+                                  "model_shape": shape.to_dict() if shape is not None else "the --model's own"}
+            _say(f"simulated time: {profile.name} ({profile.kind} profile"
+                 + (f"; model shape {self.args.model_shape or 'llama-3-8b'}" if shape is not None else "")
+                 + "); summary.json holds only simulated figures (host timings go to host.json)")
         for name in policies:
             t_policy = time.monotonic()
             engine = target = None
@@ -465,10 +485,17 @@ class BenchRun:
         except ImportError:
             _say("note: matplotlib is not installed (pip install 'kunjax[bench]'): the PNG plots were skipped")
         wall = time.monotonic() - t_start
+        host = {"cpus": os.cpu_count(), "loadavg_1min_start": load0, "loadavg_1min_end": os.getloadavg()[0],
+                "wall_s": wall, "policies": {k: {h: s[h] for h in HOST_FIELDS if h in s}
+                                             for k, s in self.summaries.items()}}
+        simulated = "time" in self.setup
+        summaries = ({k: {f: v for f, v in s.items() if f not in HOST_FIELDS} for k, s in self.summaries.items()}
+                     if simulated else self.summaries)
         summary = {
-            "policies": self.summaries,
+            "policies": summaries,
             "workload": {"trace": args.trace, **self.setup.get("fit", {}), "prompts": self.setup.get("prompts")},
             "devices": self.setup.get("devices"),
+            "time": self.setup.get("time", {"clock": "wall"}),
             "model": self.setup.get("model"),
             "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
             "comparison": cmp,
@@ -478,11 +505,13 @@ class BenchRun:
             "command": shlex.join(sys.argv),
             "versions": {"kunjax": __version__, "python": platform.python_version(),
                          **self.setup.get("versions", {})},
-            "host": {"cpus": os.cpu_count(), "loadavg_1min_start": load0, "loadavg_1min_end": os.getloadavg()[0]},
             "plots": plots,
-            "wall_s": wall,
         }
+        if not simulated:
+            summary.update(host={k: host[k] for k in ("cpus", "loadavg_1min_start", "loadavg_1min_end")},
+                           wall_s=wall)
         (args.out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+        (args.out / "host.json").write_text(json.dumps(_clean(host), indent=2) + "\n")
         print(format_table(self.summaries))
         if cmp is not None:
             print(format_comparison(cmp))

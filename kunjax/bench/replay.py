@@ -120,12 +120,15 @@ def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, 
     bar = _Progress(label, len(records), workload.duration_s, progress)
     timed_out = 0
     while True:
-        now = clock.now() - t0
-        while sent < len(records) and records[sent].arrival_s <= now:
+        # Compare on the clock's own values (t0 + offset), exactly what `advance` was asked to reach: a virtual
+        # clock stops at that value, and `clock.now() - t0` may round below the offset.
+        at = clock.now()
+        now = at - t0
+        while sent < len(records) and t0 + records[sent].arrival_s <= at:
             target.start(records[sent], list(prompts[sent]), t0)
             sent += 1
         done = sum(r.done for r in records[:sent])
-        if now >= next_sample:
+        if t0 + next_sample <= at:
             try:
                 loads = target.load()
                 new = [_event_dict(ev, now, wall0) for ev in target.policy_events() if ev.seq > last_seq]
@@ -141,7 +144,7 @@ def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, 
         bar.show(now, sent, done)
         if sent == len(records) and done == len(records):
             break
-        if now > deadline:
+        if at > t0 + deadline:
             late = [r for r in records if not r.done]
             for r in late:
                 target.abort(r.request_id)

@@ -147,9 +147,9 @@ class InProcessTarget:
             self._record(e.step())
         elif e.has_unfinished():  # only idle pipeline units: pace their steps (a restore window means idle time)
             e.step()
-            clock.sleep(min(IDLE_STEP_S, until - clock.now()))
+            clock.sleep_until(min(clock.now() + IDLE_STEP_S, until))
         else:
-            clock.sleep(until - clock.now())
+            clock.sleep_until(until)
 
     def _record(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -223,8 +223,11 @@ class Migrate(MemoryPolicy):
         self.view.move_running(req, src, dst, [m.dst_blocks])
         done = time.perf_counter()
         self.counts["migrations"] += 1
-        self._event("migration", m, {"request": req.request_id, "blocks": m.copied, "rounds": m.rounds,
-                                     "stop_s": f"{done - t0:.6f}", "start_step": m.start_step})
+        detail: dict[str, Any] = {"request": req.request_id, "blocks": m.copied, "rounds": m.rounds,
+                                  "start_step": m.start_step}
+        if not self.view.clock.virtual:  # host time of the stop-and-copy; modelled time books the copy in its step
+            detail["stop_s"] = f"{done - t0:.6f}"
+        self._event("migration", m, detail)
 
     def cancel(self, req: Request, reason: str) -> None:
         """Drop `req`'s in-flight migration, if any, and free its reservation on the destination."""

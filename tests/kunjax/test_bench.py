@@ -114,7 +114,8 @@ def test_help_explains_every_bench_option():
     sub = build_parser()._subparsers._group_actions[0].choices["bench"]
     text = sub.format_help()
     for flag in ("--trace", "--policies", "--out", "--server", "--slo-ttft-s", "--slo-tpot-s", "--duration-s",
-                 "--target-peak-ratio", "--device-memory-bytes", "--policy"):
+                 "--target-peak-ratio", "--device-memory-bytes", "--policy", "--executor", "--clock", "--profile",
+                 "--model-shape"):
         assert flag in text
     for action in sub._actions:
         assert action.help, f"{action.option_strings} has no help"
@@ -130,6 +131,9 @@ def test_help_explains_every_bench_option():
     (["--length-scale", "big"], "--length-scale must be 'auto' or a number"),
     (["--weight-fraction", "1.5"], "--weight-fraction must be in (0, 1)"),
     (["--max-num-batched-tokens", "4"], "--max-num-batched-tokens (4) must be >= --max-num-seqs"),
+    (["--profile", "h100-sxm"], "--profile needs simulated time (--executor sim or --clock simulated)"),
+    (["--executor", "sim", "--profile", "b300"], "--profile: unknown hardware profile 'b300'"),
+    (["--executor", "sim", "--model-shape", "gpt-5"], "--model-shape: unknown model shape 'gpt-5'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -223,3 +227,40 @@ def test_the_replay_runs_on_a_virtual_clock_with_the_arithmetic_executor():
     assert len(timeline) >= int(replay_s / SAMPLE_PERIOD_S)
     again, _, replay_again = run()
     assert replay_again == replay_s and [r.ttft_s for r in again] == [r.ttft_s for r in records]
+
+
+SIM_RUN = ["--executor", "sim", "--profile", "h100-sxm", "--model-shape", "llama-3-8b", "--num-instances", "4",
+           "--dtype", "bfloat16", "--max-num-seqs", "64", "--max-num-batched-tokens", "1024",
+           "--max-model-len", "4096", "--num-requests", "300", "--rate", "400", "--prompt-len", "uniform:256:2048",
+           "--output-len", "uniform:32:256", "--max-requests", "300", "--no-progress"]
+
+
+def test_a_simulated_run_at_gpu_scale_is_byte_identical_when_repeated(tmp_path):
+    """--executor sim: an 8B model on 4 simulated H100s, no weights, every policy; the same command twice writes
+    the same summary.json (host timings go to host.json)."""
+    policies = ["recompute", "swap", "migrate", "layerkv", "kunserve"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        res = run_bench("--out", str(out), *SIM_RUN)
+        assert res.returncode == 0, res.stderr[-3000:]
+    summary = check_outputs(a, policies)
+    assert summary["time"]["profile"]["name"] == "h100-sxm" and summary["devices"]["platform"] == "simulated"
+    assert summary["model"]["path"] == "(model shape only, no weights)"
+    assert "wall_s" not in summary and all("wall_s" not in s for s in summary["policies"].values())
+    assert set(json.loads((a / "host.json").read_text())["policies"]) == set(policies)
+    text_a = (a / "summary.json").read_text().replace(str(a), "OUT")
+    assert text_a == (b / "summary.json").read_text().replace(str(b), "OUT")
+    # GPU scale: an 8B model's pools hold hundreds of thousands of tokens, and decode steps take milliseconds
+    assert summary["policies"]["recompute"]["kv_capacity_tokens"] > 1e6
+    assert 0.005 < summary["policies"]["recompute"]["tpot_p99_s"] < 0.5
+
+
+def test_the_real_model_on_a_simulated_clock(tmp_path):
+    """--clock simulated: the demo model's real tokens on this CPU, timed as an H100 would run an 8B model."""
+    res = run_bench("--policies", "recompute", "--out", str(tmp_path), "--clock", "simulated", "--profile",
+                    "h100-sxm", "--model-shape", "llama-3-8b", *SMALL_RUN)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = check_outputs(tmp_path, ["recompute"])
+    assert summary["devices"]["platform"] == "cpu" and summary["time"]["clock"] == "simulated"
+    s = summary["policies"]["recompute"]
+    assert 0.004 < s["tpot_p99_s"] < 0.1  # an H100's 8B decode step, not the CPU's

@@ -77,13 +77,31 @@ def test_concurrent_streams_match_offline_generation(runtime):
     wait_idle(runtime)
 
 
-def test_abort_mid_stream_frees_blocks(runtime):
+def test_abort_mid_stream_frees_blocks(runtime, monkeypatch):
+    # Hold the engine thread between two steps (outside its lock) from the first token until the abort is in, so a
+    # loaded machine cannot let the request run to its length first.
+    started, aborted = threading.Event(), threading.Event()
+    has_requests, deliver = runtime.engine.has_requests, runtime._deliver
+
+    def gated() -> bool:
+        if started.is_set():
+            aborted.wait(timeout=30)
+        return has_requests()
+
+    def delivered(out) -> None:
+        deliver(out)
+        if out.request_id == "long":
+            started.set()
+
+    monkeypatch.setattr(runtime.engine, "has_requests", gated)
+    monkeypatch.setattr(runtime, "_deliver", delivered)
     runtime.submit(req("long", random_prompts(1, 22)[0], SamplingParams(max_tokens=40, temperature=0,
                                                                         ignore_eos=True)))
     it = runtime.events("long", timeout_s=60)
     first = next(it)
     assert not first.finished
     runtime.abort("long")
+    aborted.set()
     rest = list(it)
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
     runtime.abort("long")  # idempotent
