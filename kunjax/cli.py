@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     time_flags(bench)
     add_engine_flags(bench)
     bench.set_defaults(handler=lambda p, a: cmd_bench(p, a, remote_target=_grpc_target), subparser=bench)
+
+    from kunjax.calibrate import add_calibrate_arguments, cmd_calibrate
+
+    cal = sub.add_parser(
+        "calibrate", help="measure the engine's steps on this device and fit a hardware profile",
+        description="Run the real engine's compiled steps over a grid of batch sizes, contexts and prefill "
+                    "chunks on the device at hand (CPU, GPU or TPU), fit the cost model's coefficients on 70% "
+                    "of them, report the error on the rest, and write the hardware profile JSON that "
+                    "`kunjax bench --profile FILE` simulates time with.")
+    add_calibrate_arguments(cal)
+    model_flags(cal)
+    cal.set_defaults(handler=cmd_calibrate, subparser=cal)
     return parser
 
 

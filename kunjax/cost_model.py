@@ -9,7 +9,9 @@ size, and a `kunjax.hardware.HardwareProfile`. It reads the same step plan the J
   `eff(M) = matmul_efficiency · M / (M + matmul_half_tokens)`. Decode batches are memory-bound (the weights are
   read whatever T is); long prefill chunks become compute-bound.
 * **Attention** per layer: the KV bytes each row reads (its local history plus this tick's tokens) against
-  `attention_efficiency` of HBM, or the query-key FLOPs of prefill chunks, whichever is longer.
+  `attention_efficiency` of HBM, or the query-key FLOPs of prefill chunks, whichever is longer. With a profile
+  whose `attention_reads` is "table" (the pure-JAX reference backend, what runs on CPU) every query token of the
+  padded bucket gathers its row's whole block table instead, whatever the row's history.
 * **The LM head** over the S sampled rows (the compiled step samples S rows; split over the stages when the
   group splits the vocabulary), on the last stage.
 * **Tensor parallelism**: each device holds 1/tp of every layer; two all-reduces of T·E activations per layer
@@ -52,6 +54,7 @@ class StageWork:
     attn_pairs: int  # query-key pairs per layer (the FLOPs of attention)
     prefill_tokens: int  # tokens of rows with more than one new token
     remote_rows_out: int  # rows whose history another device reads for this stage
+    table_tokens: int = 0  # KV entries one block-table row spans (MB * BS)
 
 
 class CostModel:
@@ -87,7 +90,8 @@ class CostModel:
         if w.valid_tokens == 0:
             return t
         per_layer = self.matmul_seconds(w.tokens, w.tokens * self.layer_flops_per_token, self.layer_weight_bytes)
-        attn_read = w.kv_tokens * self.kv_bytes_per_token_layer / (p.hbm_bytes_per_s * p.attention_efficiency)
+        read = w.tokens * w.table_tokens if p.attention_reads == "table" else w.kv_tokens
+        attn_read = read * self.kv_bytes_per_token_layer / (p.hbm_bytes_per_s * p.attention_efficiency)
         attn_flops = w.attn_pairs * self.attn_flops_per_pair
         attn_compute = (attn_flops / (self.peak * p.matmul_efficiency * w.prefill_tokens
                                       / (w.prefill_tokens + p.matmul_half_tokens))) if w.prefill_tokens else 0.0
@@ -131,7 +135,8 @@ class CostModel:
             rows_here = sample_rows if vocab_split or s == k - 1 else 0
             out.append(StageWork(layers, int(inputs.positions.shape[1]), n_valid, rows_here,
                                  1 / k if vocab_split else 1.0, kv_tokens, pairs, prefill,
-                                 int((inputs.send_rows[s] >= 0).sum()) if k > 1 else 0))
+                                 int((inputs.send_rows[s] >= 0).sum()) if k > 1 else 0,
+                                 int(inputs.block_tables.shape[-1]) * self.block_size))
         return out
 
     def tick_seconds(self, k: int, inputs: StepInputs, leaving: bool = True) -> float:

@@ -11,7 +11,9 @@ Coefficients (seconds, bytes, FLOP):
 * `matmul_efficiency`, `matmul_half_tokens` — the share of peak a GEMM of M rows reaches:
   `matmul_efficiency · M / (M + matmul_half_tokens)` (small batches do not fill the machine);
 * `memory_efficiency` — the share of `hbm_bytes_per_s` streaming weights reaches; `attention_efficiency` — the
-  share a paged-attention read of KV blocks reaches;
+  share a paged-attention read of KV blocks reaches; `attention_reads` — what attention reads per layer: "kv"
+  (a paged kernel: each row's own history) or "table" (the pure-JAX reference, the CPU backend: every query
+  token of the padded bucket gathers its row's whole block table);
 * `link_bytes_per_s`, `link_latency_s` — device-to-device interconnect, per direction (NVLink, ICI);
   `network_bytes_per_s` — between hosts; `host_bytes_per_s`, `host_latency_s` — device to host memory (swap);
 * `step_overhead_s` — a tick's fixed cost (dispatch, sampling, host work); `layer_overhead_s` — per layer
@@ -30,6 +32,7 @@ from kunjax.config import ConfigError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 KINDS = ("spec", "measured")
+ATTENTION_READS = ("kv", "table")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,7 @@ class HardwareProfile:
     step_overhead_s: float
     layer_overhead_s: float
     transition_overhead_s: float
+    attention_reads: str = "kv"  # "kv" | "table" (see the module docstring)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # coefficient -> where it came from
 
     def __post_init__(self) -> None:
@@ -68,6 +72,9 @@ class HardwareProfile:
         for name in ("matmul_efficiency", "memory_efficiency", "attention_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"profile {self.name}: {name} must be in (0, 1], got {getattr(self, name)}")
+        if self.attention_reads not in ATTENTION_READS:
+            raise ConfigError(f"profile {self.name}: attention_reads must be one of {ATTENTION_READS}, "
+                              f"got {self.attention_reads!r}")
         if not self.peak_flops or any(v <= 0 for v in self.peak_flops.values()):
             raise ConfigError(f"profile {self.name}: peak_flops needs a positive FLOP/s per dtype")
         unsourced = [f.name for f in dataclasses.fields(self)

@@ -379,6 +379,7 @@ class JaxExecutor:
 
     # ---- ticks --------------------------------------------------------------------------------------
     def launch(self, uid: int, inputs: StepInputs, remote: bool) -> Launched:
+        started = time.perf_counter()  # before the dispatch: a small CPU step may run inside the call
         t = inputs.tokens_in.shape[0]
         g = self.groups.get(uid)
         if g is None:
@@ -391,7 +392,7 @@ class JaxExecutor:
         else:
             compiled = g.candidate.ticks[(remote, t)]
             g.pool, g.ext, g.acts, outputs = compiled(g.params, g.pool, g.ext, g.acts, inputs)
-        return Launched(uid, outputs, time.perf_counter())
+        return Launched(uid, outputs, started)
 
     def collect(self, launched: Launched, leaving: bool) -> TickResult:
         if not leaving:
