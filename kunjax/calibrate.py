@@ -4,8 +4,9 @@
    grid of workloads — decode batches of 1 to `max_num_seqs` rows at short and long contexts, prefills of one to
    several chunks — under two scheduler shapes (token budget, rows, block-table width), so the held-out steps
    differ from the fitted ones in the compiled shapes too, not only in their contents. Each tick is recorded as
-   what the cost model reads off its plan (`kunjax.cost_model.StageWork`) and the seconds the executor measured
-   between launch and the sampled tokens on the host. The first pass over the grid is thrown away (first runs).
+   what the cost model reads off its plan (`kunjax.cost_model.StageWork`) and the wall time of the engine step
+   that ran it (the host's scheduling, packing and token handling included: what serving sees, and what
+   `step_overhead_s` then carries). The first pass over the grid is thrown away (first runs).
 2. **Microbenchmarks** give the reference rates the efficiencies are relative to: a large GEMM per dtype (peak
    FLOP/s), a device copy (memory bandwidth), a device-to-device `device_put` (link) and a device-to-host read
    (host link), each the best of a few runs.
@@ -131,8 +132,12 @@ def record_steps(model: str, shapes: Sequence[dict[str, int]], *, dtype: str, re
                 params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
                 for _ in range(rows):
                     engine.add_request(rng.integers(0, cfg.vocab_size, ctx).tolist(), params)
-                while engine.has_unfinished():
+                while engine.has_unfinished():  # a step's time, host work included: what serving sees
+                    n = len(rec.records)
+                    t0 = time.perf_counter()
                     engine.step()
+                    if len(rec.records) == n + 1:
+                        rec.records[-1] = dataclasses.replace(rec.records[-1], seconds=time.perf_counter() - t0)
         log(f"calibrate: {tag}: {sum(x.shape == tag for x in rec.records)} steps recorded")
         records += rec.records
     return records, cfg, backend
@@ -190,6 +195,8 @@ def microbench(devices, dtypes: Sequence[str], mib: int = 64) -> dict[str, Any]:
     out["host_bytes_per_s"] = nbytes / _best(lambda: np.asarray(cp(x)), 3)
     small = jax.device_put(jnp.ones((16,), jnp.float32), d0)
     out["host_latency_s"] = _best(lambda: np.asarray(small + 1), 20)
+    if d0.platform == "cpu":
+        out["concurrent_devices"] = 1
     if len(devices) > 1:
         out["link_bytes_per_s"] = nbytes / _best(lambda: jax.device_put(x, devices[1]).block_until_ready(), 3)
         out["link_latency_s"] = _best(lambda: jax.device_put(small, devices[1]).block_until_ready(), 20)
@@ -293,6 +300,10 @@ def fit_profile(cfg: ModelConfig, records: Sequence[StepRecord], *, dtype: str, 
     sources["layer_overhead_s"] = ("not separable from step_overhead_s when one model is measured: folded into "
                                    "it (0)")
     sources["attention_reads"] = f"the attention backend that ran here: {reads!r}"
+    if "concurrent_devices" in rates:
+        changes["concurrent_devices"] = rates["concurrent_devices"]
+        sources["concurrent_devices"] = ("JAX CPU devices share this host's cores and a tick already uses them all "
+                                         "(intra-op threads): their ticks take turns")
     prof = dataclasses.replace(base, **changes, sources=sources)
     held_err = np.abs(relative_errors(prof, cfg, held, dtype=dtype, block_size=block_size))
     summary = f"{100 * np.median(held_err):.1f}% (P90 {100 * np.percentile(held_err, 90):.1f}%)"
@@ -353,7 +364,7 @@ def base_profile(device, name: str) -> HardwareProfile:
         hbm_bytes_per_s=1.0, matmul_efficiency=1.0, matmul_half_tokens=1.0, memory_efficiency=1.0,
         attention_efficiency=1.0, link_bytes_per_s=1e10, link_latency_s=1e-5, network_bytes_per_s=1e10,
         host_bytes_per_s=1e10, host_latency_s=1e-5, step_overhead_s=0.0, layer_overhead_s=0.0,
-        transition_overhead_s=5e-3, sources=sources)
+        transition_overhead_s=5e-3, concurrent_devices=1, sources=sources)
 
 
 def add_calibrate_arguments(p) -> None:

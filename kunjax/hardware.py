@@ -18,7 +18,9 @@ Coefficients (seconds, bytes, FLOP):
   `network_bytes_per_s` — between hosts; `host_bytes_per_s`, `host_latency_s` — device to host memory (swap);
 * `step_overhead_s` — a tick's fixed cost (dispatch, sampling, host work); `layer_overhead_s` — per layer
   (kernel launches);
-* `transition_overhead_s` — the fixed cost of a fuse or split (rebuilding the unit, freeing or allocating).
+* `transition_overhead_s` — the fixed cost of a fuse or split (rebuilding the unit, freeing or allocating);
+* `concurrent_devices` — how many devices compute at once: 0 (every one: GPUs, TPUs), or e.g. 1 when the
+  "devices" are JAX CPU devices sharing one host's cores, whose ticks then take turns.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class HardwareProfile:
     layer_overhead_s: float
     transition_overhead_s: float
     attention_reads: str = "kv"  # "kv" | "table" (see the module docstring)
+    concurrent_devices: int = 0  # 0: every device computes at once
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # coefficient -> where it came from
 
     def __post_init__(self) -> None:

@@ -289,6 +289,11 @@ def _fit_lines(c: dict) -> list[str]:
         if abs(c["peak_ratio"] / c["target_peak_ratio"] - 1) > 0.2:
             lines.append(f"the peak is {c['peak_ratio']:.2f}x, not the target {c['target_peak_ratio']:g}x: the "
                          f"workload holds too few tokens, or --time-scale / --window-start-s fix the choice")
+        if c["requests"] > c.get("max_requests", c["requests"]):
+            lines.append(f"the window holds {c['requests']} requests, more than --max-requests "
+                         f"{c['max_requests']}: a {c['target_peak_ratio']:g}x peak within {c['demand_window_s']:g}s "
+                         f"needs that many, so the window shrank to {c['duration_s']:g}s of arrivals; raise "
+                         f"--max-requests or lower --target-peak-ratio")
     return lines
 
 

@@ -2,8 +2,9 @@
 
 * `ModelledTime` keeps the time: which instances each serving unit runs on, how long each instance's devices
   are busy in the current engine step (its units' ticks plus the memory operations on it), and the clock. A step
-  lasts as long as its busiest device (units run in parallel on their own devices); a fuse or split stops the
-  engine, so it advances the clock at once.
+  lasts as long as its busiest device (units run in parallel on their own devices), or, when the profile's
+  devices share compute (`concurrent_devices`, CPU devices on one host's cores), at least their total busy
+  time over that many; a fuse or split stops the engine, so it advances the clock at once.
 * `CostModelExecutor` — no model, no weights: the engine's host code (router, scheduler, books, every policy with
   its drops, exchanges and restores) runs against durations from a hardware profile, at any scale. Tokens are
   synthesized from each row's sampling seed and counter (never an EOS or a suppressed id), so a request ends at
@@ -75,7 +76,9 @@ class ModelledTime:
 
     def end_step(self) -> None:
         if self.busy:
-            self.clock.advance(max(self.busy.values()))
+            c = self.cost.profile.concurrent_devices  # devices sharing compute take turns
+            busy = max(self.busy.values())
+            self.clock.advance(max(busy, sum(self.busy.values()) / c) if c else busy)
         self.busy.clear()
 
 

@@ -220,6 +220,7 @@ def fit(w: Workload, capacity_tokens: int, *, target_peak_ratio: float = 2.0, ma
         time_scale=round(s, 6), rate_multiplier=round(1 / s, 4),
         time_scale_rule="given" if time_scale_factor is not None else
         f"bisection: peak KV demand {target_peak_ratio:g}x capacity",
+        max_requests=max_requests,
         window_rule="given start" if window_start_s is not None else "burstiest by requested tokens",
         window_start_trace_s=round(start, 3), window_trace_s=round(duration / s, 3), duration_s=round(duration, 3),
         requests=len(fitted), prompt_tokens=fitted.prompt_tokens, output_tokens=fitted.output_tokens,

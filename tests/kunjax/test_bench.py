@@ -255,12 +255,40 @@ def test_a_simulated_run_at_gpu_scale_is_byte_identical_when_repeated(tmp_path):
     assert 0.005 < summary["policies"]["recompute"]["tpot_p99_s"] < 0.5
 
 
-def test_the_real_model_on_a_simulated_clock(tmp_path):
-    """--clock simulated: the demo model's real tokens on this CPU, timed as an H100 would run an 8B model."""
-    res = run_bench("--policies", "recompute", "--out", str(tmp_path), "--clock", "simulated", "--profile",
-                    "h100-sxm", "--model-shape", "llama-3-8b", *SMALL_RUN)
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = check_outputs(tmp_path, ["recompute"])
+def test_the_real_model_on_a_simulated_clock_gives_identical_figures_twice(tmp_path):
+    """--clock simulated: the demo model's real tokens on this CPU, timed as an H100 would run an 8B model;
+    twice the same summary, per-request and timeline CSVs (kunserve's drops included)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    burst = ["--cpu-devices", "2", "--num-instances", "2", "--num-requests", "80", "--rate", "40", "--prompt-len",
+             "uniform:64:200", "--output-len", "uniform:16:64", "--target-peak-ratio", "3", "--max-requests", "80",
+             "--duration-s", "5", "--drain-timeout-s", "60", "--no-progress"]
+    for out in (a, b):
+        res = run_bench("--policies", "recompute,kunserve", "--out", str(out), "--clock", "simulated", "--profile",
+                        "h100-sxm", "--model-shape", "llama-3-8b", *burst)
+        assert res.returncode == 0, res.stderr[-3000:]
+    summary = check_outputs(a, ["recompute", "kunserve"])
+    assert "drop" in {e["kind"] for e in summary["policies"]["kunserve"]["events"]}
     assert summary["devices"]["platform"] == "cpu" and summary["time"]["clock"] == "simulated"
     s = summary["policies"]["recompute"]
     assert 0.004 < s["tpot_p99_s"] < 0.1  # an H100's 8B decode step, not the CPU's
+    for name in ("summary.json", "requests_kunserve.csv", "timeline_kunserve.csv", "requests_recompute.csv"):
+        assert (a / name).read_text().replace(str(a), "OUT") == (b / name).read_text().replace(str(b), "OUT"), name
+
+
+def test_the_fit_says_when_max_requests_cannot_hold_the_target_peak():
+    from kunjax.bench.command import _fit_lines
+    from kunjax.workloads.synthetic import synthetic
+    from kunjax.workloads.transforms import fit
+
+    w = synthetic(num_requests=2000, rate=10.0, prompt_len="fixed:100", output_len="fixed:100")
+    ok = fit(w, capacity_tokens=20_000, target_peak_ratio=2.0, max_requests=1000, demand_window_s=5.0)
+    assert ok.choices["requests"] <= 1000 and not any("--max-requests" in x for x in _fit_lines(ok.choices))
+    # 2x a 200k-token capacity within 5 s takes 2000 requests of 200 tokens: 300 cannot hold it.
+    short = fit(w, capacity_tokens=200_000, target_peak_ratio=2.0, max_requests=300, demand_window_s=5.0)
+    lines = _fit_lines(short.choices)
+    if short.choices["requests"] > 300:  # the window kept the requests by compressing time further
+        assert any("more than --max-requests 300" in x for x in lines)
+    else:  # or it kept the limit and missed the peak
+        assert any("not the target 2x" in x for x in lines)
+    over = {**ok.choices, "requests": 1500}
+    assert any("more than --max-requests 1000" in x for x in _fit_lines(over))

@@ -1,0 +1,100 @@
+"""Simulated time against measured time on this machine: the same `kunjax bench` twice, once on the wall clock and
+once on the simulated clock with a measured profile (default: the bundled `cpu` profile from `kunjax calibrate`).
+
+    python benchmarks/sim_validation.py --out sim-validation          # demo model, bundled trace, five policies
+    python benchmarks/sim_validation.py --profile my-cpu.json -- --target-peak-ratio 3
+
+Both runs use identical inputs (the bench fits the workload to the KV capacity, which does not depend on the
+clock), the real JAX engine and its real tokens; only the clock differs. The table compares, per policy, P50
+and P99 TTFT and P99 TPOT (simulated / measured - 1) and writes OUT/validation.json and OUT/validation.png.
+The wall run is as noisy as the machine (the host's load average before and after is printed), so run it on a
+quiet machine; flags after `--` go to both bench runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ("recompute", "swap", "migrate", "layerkv", "kunserve")
+METRICS = (("ttft_p50_s", "P50 TTFT"), ("ttft_p99_s", "P99 TTFT"), ("tpot_p99_s", "P99 TPOT"))
+
+
+def bench(out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "kunjax", "bench", "--no-progress", "--out", str(out), *extra]
+    print("$", " ".join(cmd), f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    res = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    (out.parent / f"{out.name}.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise SystemExit(f"kunjax bench failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "", flush=True)
+    return json.loads((out / "summary.json").read_text())
+
+
+def compare(wall: dict, sim: dict) -> dict[str, dict[str, dict[str, float]]]:
+    out = {}
+    for p in POLICIES:
+        if p not in wall["policies"] or p not in sim["policies"]:
+            continue
+        w, s = wall["policies"][p], sim["policies"][p]
+        out[p] = {m: {"measured": w[m], "simulated": s[m], "error": s[m] / w[m] - 1 if w[m] else float("nan")}
+                  for m, _ in METRICS}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: no plot")
+        return
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(13, 3.8))
+    pols = list(result)
+    for ax, (m, label) in zip(axes, METRICS, strict=True):
+        x = range(len(pols))
+        ax.bar([i - 0.2 for i in x], [result[p][m]["measured"] for p in pols], 0.4, label="measured (wall)")
+        ax.bar([i + 0.2 for i in x], [result[p][m]["simulated"] for p in pols], 0.4, label="simulated (cpu profile)")
+        ax.set_xticks(list(x), pols, rotation=20)
+        ax.set(title=label, ylabel="seconds")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("sim-validation"))
+    p.add_argument("--profile", default="cpu")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    wall = bench(args.out / "wall", extra)
+    sim = bench(args.out / "simulated", ["--clock", "simulated", "--profile", args.profile, *extra])
+    if wall["workload"]["requests"] != sim["workload"]["requests"]:
+        raise SystemExit("the two runs replayed different workloads")
+    result = compare(wall, sim)
+    (args.out / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out / "validation.png")
+    print(f"{'policy':10}" + "".join(f" {label + ' measured':>17} {'simulated':>10} {'error':>7}"
+                                     for _, label in METRICS))
+    for pol, r in result.items():
+        print(f"{pol:10}" + "".join(f" {r[m]['measured']:>16.2f}s {r[m]['simulated']:>9.2f}s "
+                                     f"{100 * r[m]['error']:>+6.0f}%" for m, _ in METRICS))
+    errs = [abs(r[m]["error"]) for r in result.values() for m in ("ttft_p50_s", "tpot_p99_s")]
+    print(f"largest |error| of P50 TTFT and P99 TPOT over the policies: {100 * max(errs):.0f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
