@@ -317,10 +317,11 @@ class LLMEngine:
         if leaving is None:
             return
         s = result.sampled
+        finished = RequestStatus.FINISHED
         for req, token, logprob, top_ids, top_lps in unit.exit(leaving, s.tokens, s.logprobs, s.top_ids,
                                                                  s.top_logprobs):
             outputs.append(self._append_token(unit, req, token, logprob, top_ids, top_lps))
-            if req.finished:
+            if req.status is finished:
                 self.requests.pop(req.request_id, None)
 
     def _append_token(self, unit: ServingUnit, req: Request, token: int, logprob: float, top_ids: np.ndarray,
@@ -345,12 +346,13 @@ class LLMEngine:
             text, hit = detok.add(token)
             if hit:  # a stop string completed (min_tokens already applied)
                 reason = ("stop", detok.stop_reason)
-        if reason is None and req.num_output_tokens >= p.min_tokens:
+        num_tokens = len(req.token_ids)
+        if reason is None and num_tokens - req.num_prompt_tokens >= p.min_tokens:
             if token in p.stop_token_ids:
                 reason = ("stop", token)
             elif not p.ignore_eos and token in req.eos_token_ids:
                 reason = ("stop", None)
-        if reason is None and len(req.token_ids) >= req.max_total_len:
+        if reason is None and num_tokens >= req.max_total_len:
             reason = ("length", None)
         if reason is not None:
             if detok is not None:

@@ -136,19 +136,25 @@ class RequestOutput:
 def delta_output(req: Request, new_ids: list[int], new_text: str, new_logprobs: list[dict[int, float]]
                  ) -> RequestOutput:
     """What `req` produced since its previous output; the cumulative fields too if it has finished."""
-    final = req.finished
+    final = req.status is RequestStatus.FINISHED
     metrics = {"arrival_time": req.arrival_time}
-    for name in ("first_scheduled_time", "first_token_time", "finish_time"):
-        if getattr(req, name) is not None:
-            metrics[name] = getattr(req, name)
-    completion = CompletionOutput(
-        index=0, text=req.text if final else "", token_ids=list(req.output_ids) if final else [],
-        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-        logprobs=list(req.logprobs) if final and req.logprobs is not None else None,
-        finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-        delta_text=new_text, delta_token_ids=new_ids, delta_logprobs=new_logprobs)
-    return RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                         prompt_token_ids=req.token_ids[:req.num_prompt_tokens] if final else [],
-                         outputs=[completion], finished=final, num_cached_tokens=req.num_cached_tokens,
-                         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
-                         metrics=metrics)
+    if req.first_scheduled_time is not None:
+        metrics["first_scheduled_time"] = req.first_scheduled_time
+    if req.first_token_time is not None:
+        metrics["first_token_time"] = req.first_token_time
+    if req.finish_time is not None:
+        metrics["finish_time"] = req.finish_time
+    lps = req.logprobs
+    cumulative = req.cumulative_logprob if lps is not None else None
+    num_prompt = req.num_prompt_tokens
+    if final:
+        completion = CompletionOutput(0, req.text, req.token_ids[num_prompt:], cumulative,
+                                      list(lps) if lps is not None else None, req.finish_reason, req.stop_reason,
+                                      new_text, new_ids, new_logprobs)
+        prompt_ids = req.token_ids[:num_prompt]
+    else:
+        completion = CompletionOutput(0, "", [], cumulative, None, req.finish_reason, req.stop_reason, new_text,
+                                      new_ids, new_logprobs)
+        prompt_ids = []
+    return RequestOutput(req.request_id, req.prompt, prompt_ids, [completion], final, req.num_cached_tokens,
+                         num_prompt, len(req.token_ids) - num_prompt, metrics)

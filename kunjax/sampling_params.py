@@ -9,6 +9,7 @@ arrays, and `kunjax.detokenizer` applies the stop strings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -106,6 +107,7 @@ def _is_real(x: object) -> bool:
 
 
 _MASK64 = (1 << 64) - 1
+@functools.lru_cache(maxsize=1 << 16)  # a request's seed is packed again every step it runs
 def seed_to_uint32(seed: int) -> int:
     """The 32-bit device seed of a request seed in [0, 2**63).
 
@@ -152,11 +154,11 @@ def pack_sampling(params: Sequence[SamplingParams], seeds: Sequence[int], counte
         seeds=np.zeros(num_rows, np.uint32),
         counters=np.zeros(num_rows, np.int32),
     )
-    for i, (p, seed, counter) in enumerate(zip(params, seeds, counters, strict=True)):
-        out.temperature[i] = 0.0 if p.greedy else p.temperature
-        out.top_k[i] = max(p.top_k, 0)
-        out.top_p[i] = p.top_p
-        out.min_p[i] = p.min_p
-        out.seeds[i] = seed_to_uint32(seed)
-        out.counters[i] = counter
+    if n:  # one conversion per array (a row at a time costs a numpy call per value)
+        out.temperature[:n] = [0.0 if p.greedy else p.temperature for p in params]
+        out.top_k[:n] = [max(p.top_k, 0) for p in params]
+        out.top_p[:n] = [p.top_p for p in params]
+        out.min_p[:n] = [p.min_p for p in params]
+        out.seeds[:n] = [seed_to_uint32(seed) for seed in seeds]
+        out.counters[:n] = counters
     return out

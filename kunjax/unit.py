@@ -55,21 +55,18 @@ class Scheduled:
 
 @dataclasses.dataclass
 class MicroBatch:
-    """What one micro-batch carries through the pipe (the stage-independent part of its tick inputs)."""
+    """What one micro-batch carries through the pipe (the stage-independent part of its tick inputs). The token
+    arrays hold its N tokens only (a tick pads them to its bucket); the row arrays are padded to S."""
 
     items: list[Scheduled]
-    tokens: np.ndarray  # [T] int32
-    positions: np.ndarray  # [T] int32
-    seq_ids: np.ndarray  # [T] int32
-    valid: np.ndarray  # [T] bool
+    num_tokens: int  # N
+    tokens: np.ndarray  # [N] int32
+    positions: np.ndarray  # [N] int32
+    seq_ids: np.ndarray  # [N] int32
     context_lens: np.ndarray  # [S] int32
     logits_indices: np.ndarray  # [S] int32
     suppress_ids: np.ndarray  # [S, MAX_SUPPRESSED] int32
     sampling: SamplingArrays  # [S] each
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(it.num_tokens for it in self.items)
 
 
 def suppressed_ids(req: Request) -> list[int]:
@@ -261,7 +258,7 @@ class ServingUnit:
         own = self.hooks.grow(self, req, num_tokens)
         if own is not None:
             return own
-        need = self.blocks_for(req.num_computed + num_tokens) - len(req.tables[0])
+        need = -(-(req.num_computed + num_tokens) // self.block_size) - len(req.tables[0])  # blocks_for, inlined
         if need <= 0:
             return True
         return self.extend(req, need)
@@ -381,26 +378,43 @@ class ServingUnit:
         return self._pack(items)
 
     def _pack(self, items: list[Scheduled]) -> MicroBatch:
-        t, s = self.shape.tokens, self.shape.seqs
-        mb = MicroBatch(items, np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(t, np.int32),
-                        np.zeros(t, bool), np.zeros(s, np.int32), np.zeros(s, np.int32),
-                        np.full((s, MAX_SUPPRESSED), -1, np.int32), None)  # type: ignore[arg-type]
-        row = 0
+        s = self.shape.seqs
+        suppress = np.full((s, MAX_SUPPRESSED), -1, np.int32)
+        tokens: list[int] = []
+        starts, counts, counters = [], [], []
         for i, it in enumerate(items):
-            req, n = it.req, it.num_tokens
-            mb.tokens[row:row + n] = req.token_ids[it.start:it.start + n]
-            mb.positions[row:row + n] = np.arange(it.start, it.start + n)
-            mb.seq_ids[row:row + n] = i
-            mb.valid[row:row + n] = True
-            mb.context_lens[i] = it.start
-            mb.logits_indices[i] = row + n - 1
-            banned = suppressed_ids(req)
-            mb.suppress_ids[i, :len(banned)] = banned
-            row += n
+            req, n, start = it.req, it.num_tokens, it.start
+            if n == 1:
+                tokens.append(req.token_ids[start])
+            else:
+                tokens += req.token_ids[start:start + n]
+            starts.append(start)
+            counts.append(n)
+            generated = len(req.token_ids) - req.num_prompt_tokens
+            counters.append(generated)
+            if generated < req.params.min_tokens:
+                banned = suppressed_ids(req)
+                suppress[i, :len(banned)] = banned
+        num, total = len(items), len(tokens)
+        start_a = np.array(starts, np.int32)
+        if total == num:  # one token each (decodes): row i is item i
+            positions, seq_ids = start_a, np.arange(num, dtype=np.int32)
+            last = seq_ids
+        else:
+            count_a = np.array(counts, np.int64)
+            ends = np.cumsum(count_a)
+            seq_ids = np.repeat(np.arange(num, dtype=np.int32), count_a)
+            # token j of item i sits at row ends[i] - counts[i] + j and position starts[i] + j
+            positions = (np.arange(total) + np.repeat(start_a - (ends - count_a), count_a)).astype(np.int32)
+            last = ends - 1
+        context_lens = np.zeros(s, np.int32)
+        context_lens[:num] = start_a
+        logits_indices = np.zeros(s, np.int32)
+        logits_indices[:num] = last
         reqs = [it.req for it in items]
-        mb.sampling = pack_sampling([r.params for r in reqs], [r.seed for r in reqs],
-                                    [r.num_output_tokens for r in reqs], s)
-        return mb
+        sampling = pack_sampling([r.params for r in reqs], [r.seed for r in reqs], counters, s)
+        return MicroBatch(items, total, np.array(tokens, np.int32), positions, seq_ids, context_lens,
+                          logits_indices, suppress, sampling)
 
     # ---- ticks --------------------------------------------------------------------------------------
     def advance(self) -> tuple[MicroBatch | None, bool]:
@@ -414,62 +428,93 @@ class ServingUnit:
     def tick_inputs(self) -> tuple[StepInputs, bool]:
         """Host arrays of the tick about to run (after `advance`); also whether any row needs remote attention."""
         shape, k, bs = self.shape, self.k, self.block_size
-        rows = shape.bucket(max((mb.num_tokens for mb in self.at_stage if mb is not None), default=0))
+        in_pipe = [mb for mb in self.at_stage if mb is not None]
+        rows = shape.bucket(max((mb.num_tokens for mb in in_pipe), default=0))
         inp = StepInputs.empty(shape, rows)
         g_count = shape.layer_groups
         remote = False
         for stage, mb in enumerate(self.at_stage):
             if mb is None:
                 continue
-            inp.positions[stage], inp.seq_ids[stage] = mb.positions[:rows], mb.seq_ids[:rows]
-            inp.valid[stage] = mb.valid[:rows]
+            n = mb.num_tokens
+            inp.positions[stage, :n], inp.seq_ids[stage, :n] = mb.positions, mb.seq_ids
+            inp.valid[stage, :n] = True
             inp.context_lens[stage] = mb.context_lens
-            filled: collections.Counter[int] = collections.Counter()
-            row = 0
-            for i, it in enumerate(mb.items):
-                req, n = it.req, it.num_tokens
-                pos = mb.positions[row:row + n]
-                table = np.asarray(req.tables[stage], np.int32)
-                if g_count == 1:
-                    inp.slot_mapping[stage, row:row + n] = table[pos // bs] * bs + pos % bs
-                    inp.block_tables[stage, i, :len(table)] = table
-                else:
-                    groups = self.hooks.group_tables(self, req)
-                    if groups is None:  # whole blocks: group g of block p is slot p * G + g of the slot view
-                        groups = [table * g_count + g for g in range(g_count)]
-                    for g, slots in enumerate(groups):
-                        slots = np.asarray(slots, np.int32)
-                        inp.slot_mapping[stage, g, row:row + n] = slots[pos // bs] * bs + pos % bs
-                        inp.block_tables[stage, g, i, :len(slots)] = slots
-                st = req.stale
-                if st is not None and stage in st.pending:
-                    remote = True
-                    inp.context_starts[stage, i] = st.length
-                    hist = st.history_ids(k, stage)
-                    for p_row in range(row, row + n):
-                        j = filled[st.home]
-                        filled[st.home] += 1
-                        inp.send_rows[stage, st.home, j] = p_row
-                        inp.recv_tables[st.home, stage, j, :len(hist)] = hist
-                        inp.recv_lens[st.home, stage, j] = st.length
-                        inp.recv_pos[st.home, stage, j] = mb.positions[p_row]
-                row += n
+            reqs = [it.req for it in mb.items]
+            tables = [r.tables[stage] for r in reqs]
+            counts = [it.num_tokens for it in mb.items]
+            if g_count == 1:
+                fill_tables(inp.slot_mapping[stage], inp.block_tables[stage], tables, counts, mb.positions,
+                            mb.seq_ids, bs)
+            else:
+                self._fill_group_tables(inp, stage, reqs, tables, counts, mb)
+            if k > 1:
+                remote |= self._fill_remote(inp, stage, mb)
         if self.at_stage[0] is not None:
-            inp.tokens_in = self.at_stage[0].tokens[:rows]
+            inp.tokens_in[:self.at_stage[0].num_tokens] = self.at_stage[0].tokens
         last = self.at_stage[k - 1]
         if last is not None:
             inp.logits_indices, inp.suppress_ids = last.logits_indices, last.suppress_ids
             (inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.seeds, inp.counters) = last.sampling
         self.ticks += 1
         self.remote_ticks += int(remote)
-        self.last_tick = (sum(mb.num_tokens for mb in self.at_stage if mb is not None), rows)
+        self.last_tick = (sum(mb.num_tokens for mb in in_pipe), rows)
         return inp, remote
+
+    def _fill_group_tables(self, inp: StepInputs, stage: int, reqs: list[Request], tables: list[list[int]],
+                           counts: list[int], mb: MicroBatch) -> None:
+        """Per layer group g, each row's slots (the policy's `group_tables`, or whole blocks: group g of block p is
+        slot p * G + g of the slot view)."""
+        g_count = self.shape.layer_groups
+        own = [self.hooks.group_tables(self, r) for r in reqs]
+        small = len(tables) <= SMALL_BATCH_ROWS
+        if not small:
+            flat = flat_tables(tables)
+            lens = [len(t) for t in tables]
+            offsets = np.cumsum(lens).tolist()
+        for g in range(g_count):
+            flat_g = None
+            if small:
+                pieces = [np.asarray(t, np.int32) * g_count + g if o is None else o[g]
+                          for t, o in zip(tables, own, strict=True)]
+            else:
+                base = flat * g_count + g
+                pieces = [base[end - n:end] if o is None else o[g]
+                          for o, end, n in zip(own, offsets, lens, strict=True)]
+                flat_g = base if all(o is None for o in own) else np.concatenate(
+                    [np.asarray(p, np.int32) for p in pieces])
+            fill_tables(inp.slot_mapping[stage, g], inp.block_tables[stage, g], pieces, counts, mb.positions,
+                        mb.seq_ids, self.block_size, flat_g)
+
+    def _fill_remote(self, inp: StepInputs, stage: int, mb: MicroBatch) -> bool:
+        """The remote-attention work of `stage`'s rows whose pre-drop history it does not hold yet; True if any."""
+        k = self.k
+        remote = False
+        filled: collections.Counter[int] = collections.Counter()
+        row = 0
+        for i, it in enumerate(mb.items):
+            req, n = it.req, it.num_tokens
+            st = req.stale
+            if st is not None and stage in st.pending:
+                remote = True
+                inp.context_starts[stage, i] = st.length
+                hist = st.history_ids(k, stage)
+                for p_row in range(row, row + n):
+                    j = filled[st.home]
+                    filled[st.home] += 1
+                    inp.send_rows[stage, st.home, j] = p_row
+                    inp.recv_tables[st.home, stage, j, :len(hist)] = hist
+                    inp.recv_lens[st.home, stage, j] = st.length
+                    inp.recv_pos[st.home, stage, j] = mb.positions[p_row]
+            row += n
+        return remote
 
     def exit(self, mb: MicroBatch, tokens: np.ndarray, logprobs: np.ndarray, top_ids: np.ndarray,
              top_lps: np.ndarray) -> list[tuple[Request, int, float, np.ndarray, np.ndarray]]:
         """The micro-batch left the last stage: commit its KV, return its samples (in micro-batch order)."""
         self.at_stage[-1] = None
         out = []
+        token_list, logprob_list = tokens.tolist(), logprobs.tolist()
         for i, it in enumerate(mb.items):
             req = it.req
             req.in_flight = False
@@ -479,7 +524,7 @@ class ServingUnit:
                 continue
             self.commit(req, it.start + it.num_tokens)
             if it.sample:
-                out.append((req, int(tokens[i]), float(logprobs[i]), top_ids[i], top_lps[i]))
+                out.append((req, int(token_list[i]), float(logprob_list[i]), top_ids[i], top_lps[i]))
         return out
 
     def commit(self, req: Request, computed: int) -> None:
@@ -608,6 +653,53 @@ class ServingUnit:
         for req in self.running:
             assert req.unit == self.uid and req.status is RequestStatus.RUNNING, f"{req.request_id} misfiled"
             assert all(len(t) == len(req.tables[0]) for t in req.tables), f"{req.request_id}: ragged tables"
+
+
+# Up to this many rows, a micro-batch's tables are written row by row; above, in a few whole-array operations
+# (a fixed cost of some numpy calls, repaid once a row by row loop would make as many).
+SMALL_BATCH_ROWS = 4
+
+
+def flat_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """Rows' block tables end to end: [sum of lengths] int32."""
+    flat: list[int] = []
+    for t in tables:
+        flat += t
+    return np.array(flat, np.int32)
+
+
+def fill_tables(slot_mapping: np.ndarray,  # [T] int32, written: each token's KV slot
+                block_tables: np.ndarray,  # [S, MB] int32, written: row i's table, zero padded
+                tables: Sequence[Sequence[int]],  # [R] each row's block ids
+                counts: Sequence[int],  # [R] each row's tokens
+                positions: np.ndarray,  # [N] int32 each token's position (rows' tokens in row order)
+                seq_ids: np.ndarray,  # [N] int32 each token's row
+                block_size: int,
+                flat: np.ndarray | None = None) -> None:  # [sum of lengths] int32 `tables` end to end, if known
+    """A micro-batch's KV slots and block tables (R rows, N tokens) of one stage (and layer group)."""
+    bs = block_size
+    if len(tables) <= SMALL_BATCH_ROWS:
+        row = 0
+        for i, (t, n) in enumerate(zip(tables, counts, strict=True)):
+            if n == 1:  # a decode: its slot in plain ints
+                p = int(positions[row])
+                slot_mapping[row] = t[p // bs] * bs + p % bs
+            else:
+                pos = positions[row:row + n]
+                slot_mapping[row:row + n] = np.asarray(t, np.int32)[pos // bs] * bs + pos % bs
+            block_tables[i, :len(t)] = t
+            row += n
+        return
+    if flat is None:
+        flat = flat_tables(tables)
+    lens = np.array([len(t) for t in tables], np.int64)
+    logical = positions // bs
+    if (logical >= lens[seq_ids]).any():
+        raise IndexError("a token's position is past its block table")
+    n = len(positions)
+    slot_mapping[:n] = flat[(np.cumsum(lens) - lens)[seq_ids] + logical] * bs + positions % bs
+    mask = np.arange(block_tables.shape[-1]) < lens[:, None]  # [R, MB]
+    block_tables[:len(lens)][mask] = flat
 
 
 def insert_by_arrival(queue: collections.deque[Request] | list[Request], req: Request) -> None:
