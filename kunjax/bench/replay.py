@@ -115,6 +115,7 @@ def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, 
     events: list[dict[str, object]] = []
     last_seq = 0
     sent = 0
+    open_: list[RequestRecord] = []  # started and not seen done yet (pruned when a count is needed)
     next_sample = 0.0
     deadline = workload.duration_s + drain_timeout_s
     bar = _Progress(label, len(records), workload.duration_s, progress)
@@ -126,9 +127,13 @@ def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, 
         now = at - t0
         while sent < len(records) and t0 + records[sent].arrival_s <= at:
             target.start(records[sent], list(prompts[sent]), t0)
+            open_.append(records[sent])
             sent += 1
-        done = sum(r.done for r in records[:sent])
-        if t0 + next_sample <= at:
+        sample = t0 + next_sample <= at
+        if sample or sent == len(records):  # counting every loop would cost O(requests) per arrival
+            open_ = [r for r in open_ if not r.done]
+        done = sent - len(open_)
+        if sample:
             try:
                 loads = target.load()
                 new = [_event_dict(ev, now, wall0) for ev in target.policy_events() if ev.seq > last_seq]

@@ -82,29 +82,39 @@ class ModelledTime:
         self.busy.clear()
 
 
+def leaving_rows(inputs: StepInputs) -> int:
+    """How many rows the leaving micro-batch has: its rows come first, each sampling at a later token of the
+    bucket than the one before (`logits_indices` strictly increasing); padding rows follow."""
+    li = inputs.logits_indices
+    stops = np.flatnonzero(li[1:] <= li[:-1])
+    return int(stops[0]) + 1 if len(stops) else len(li)
+
+
 def synthesize(inputs: StepInputs, vocab: int, forbidden: frozenset[int], top_n: int) -> Sampled:
     """Tokens for the leaving rows from (seed, counter) alone: the same request gets the same tokens in any batch,
-    under any policy. Never an id in `forbidden` (EOS) or a row's `suppress_ids`."""
-    seeds = inputs.seeds.astype(np.uint64)
-    counters = inputs.counters.astype(np.uint64)
+    under any policy. Never an id in `forbidden` (EOS) or a row's `suppress_ids`. Padding rows get zeros."""
+    m, rows = leaving_rows(inputs), len(inputs.logits_indices)
+    seeds = inputs.seeds[:m].astype(np.uint64)
+    counters = inputs.counters[:m].astype(np.uint64)
     with np.errstate(over="ignore"):
         x = seeds * np.uint64(0x9E3779B97F4A7C15) + counters * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(1)
         x ^= x >> np.uint64(31)
         x *= np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(29)
-    tokens = (1 + (x % np.uint64(vocab - 1))).astype(np.int64)
-    clash = (inputs.suppress_ids == tokens[:, None]).any(axis=1)
-    if forbidden:
-        clash |= np.isin(tokens, np.fromiter(forbidden, np.int64))
+    tokens = np.zeros(rows, np.int64)
+    tokens[:m] = 1 + (x % np.uint64(vocab - 1))
+    suppress = inputs.suppress_ids[:m]
+    clash = (suppress == tokens[:m, None]).any(axis=1) if (suppress >= 0).any() else np.zeros(m, bool)
+    for f in forbidden:
+        clash |= tokens[:m] == f
     for r in np.nonzero(clash)[0]:
-        banned = forbidden | {int(t) for t in inputs.suppress_ids[r] if t >= 0}
+        banned = forbidden | {int(t) for t in suppress[r] if t >= 0}
         while int(tokens[r]) in banned:
             tokens[r] = 1 + tokens[r] % (vocab - 1)
     n = max(top_n, 1)
     top_ids = (tokens[:, None] + np.arange(n)[None, :]) % vocab
-    top_lps = -np.broadcast_to(np.arange(n, dtype=np.float32), top_ids.shape) * 0.5
-    return Sampled(tokens.astype(np.int32), np.zeros(len(tokens), np.float32), top_ids.astype(np.int32),
-                   top_lps.astype(np.float32))
+    top_lps = np.broadcast_to(np.arange(n, dtype=np.float32) * np.float32(-0.5), top_ids.shape)
+    return Sampled(tokens.astype(np.int32), np.zeros(rows, np.float32), top_ids.astype(np.int32), top_lps)
 
 
 class CostModelExecutor:
