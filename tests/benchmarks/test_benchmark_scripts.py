@@ -130,3 +130,18 @@ def test_the_acceptance_row_is_judged_against_both_targets_on_an_h100_only():
     assert acceptance([dict(row)], h100, "float32")["applies"] is False
     other = acceptance([dict(row)], {"platform": "gpu", "device_kind": "NVIDIA A100-SXM4-80GB"}, "bfloat16")
     assert other["applies"] is False and other["pass"] is None
+
+
+def test_sim_scale_quick_runs_every_policy_on_simulated_h100s_and_prints_the_table(tmp_path):
+    res = subprocess.run([sys.executable, "benchmarks/sim_scale.py", "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (tmp_path / "8b.md").read_text()
+    assert table == res.stdout.strip() + "\n" or table.strip() in res.stdout
+    (line,) = [x for x in table.splitlines() if x.startswith("| 8b-azure-2x")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert int(cells[1]) > 0 and cells[2] in ("recompute", "swap", "migrate", "layerkv")
+    assert float(cells[5].strip("*x")) > 0
+    summary = json.loads((tmp_path / "8b-azure-2x" / "summary.json").read_text())
+    assert set(summary["policies"]) == {"recompute", "swap", "migrate", "layerkv", "kunserve"}
+    assert summary["time"]["profile"]["name"] == "h100-sxm"
