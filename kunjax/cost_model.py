@@ -124,7 +124,9 @@ class CostModel:
             seq = inputs.seq_ids[s][valid]
             n_valid = int(valid.sum())
             if n_valid:
-                rows, n_new = np.unique(seq, return_counts=True)
+                counts = np.bincount(seq, minlength=inputs.context_lens.shape[1])  # rows' new tokens
+                rows = np.flatnonzero(counts)
+                n_new = counts[rows]
                 local = (inputs.context_lens[s][rows] - inputs.context_starts[s][rows]).astype(np.int64)
                 n_new = n_new.astype(np.int64)
                 kv_tokens = int((local + n_new).sum())
