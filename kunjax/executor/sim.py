@@ -112,9 +112,10 @@ def synthesize(inputs: StepInputs, vocab: int, forbidden: frozenset[int], top_n:
         while int(tokens[r]) in banned:
             tokens[r] = 1 + tokens[r] % (vocab - 1)
     n = max(top_n, 1)
-    top_ids = (tokens[:, None] + np.arange(n)[None, :]) % vocab
+    top_ids = np.zeros((rows, n), np.int32)
+    top_ids[:m] = (tokens[:m, None] + np.arange(n)[None, :]) % vocab
     top_lps = np.broadcast_to(np.arange(n, dtype=np.float32) * np.float32(-0.5), top_ids.shape)
-    return Sampled(tokens.astype(np.int32), np.zeros(rows, np.float32), top_ids.astype(np.int32), top_lps)
+    return Sampled(tokens.astype(np.int32), np.zeros(rows, np.float32), top_ids, top_lps)
 
 
 class CostModelExecutor:
