@@ -392,6 +392,7 @@ def cmd_calibrate(parser, args) -> int:
             parser.error(f"--from-records: no such file {args.from_records}")
         cfg, records, meta = load_records(args.from_records)
         rates, reads, device, dtype = meta["rates"], meta["attention_reads"], meta["device"], meta["dtype"]
+        block_size = int(meta.get("block_size", 16))
         name = args.name or meta["name"]
         base = HardwareProfile.from_dict(meta["base_profile"])
     else:
@@ -399,19 +400,27 @@ def cmd_calibrate(parser, args) -> int:
         devices = jax.devices()
         name, dtype = args.name or devices[0].platform, args.dtype
         device = _describe(devices[0])
-        records, cfg, backend = record_steps(args.model, scheduler_shapes(devices[0].platform), dtype=dtype,
-                                             repeats=args.repeats, devices=devices)
+        from kunjax.config import ConfigError
+        from kunjax.options import flag_message
+
+        try:
+            records, cfg, backend = record_steps(args.model, scheduler_shapes(devices[0].platform), dtype=dtype,
+                                                 repeats=args.repeats, devices=devices)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            parser.error(f"--model {args.model}: {flag_message(str(e))}")
         reads = "table" if backend == "reference" else "kv"
+        block_size = 16  # the engine's default, which record_steps runs with
         print(f"calibrate: microbenchmarks on {device}")
         rates = microbench(devices, sorted({"float32", dtype}))
         base = base_profile(devices[0], name)
-    profile, report = fit_profile(cfg, records, dtype=dtype, block_size=16, reads=reads, rates=rates, base=base,
-                                  name=name, device=device)
+    profile, report = fit_profile(cfg, records, dtype=dtype, block_size=block_size, reads=reads, rates=rates,
+                                  base=base, name=name, device=device)
     out = args.out or Path(f"kunjax-profile-{name}.json")
     profile.save(out)
     if args.records is not None:
         save_records(args.records, cfg, records, {"rates": rates, "attention_reads": reads, "device": device,
-                                                  "dtype": dtype, "name": name, "base_profile": base.to_dict()})
+                                                  "dtype": dtype, "name": name, "block_size": block_size,
+                                                  "base_profile": base.to_dict()})
     print(f"{'coefficient':24} value")
     for key in ("peak_flops", "matmul_efficiency", "matmul_half_tokens", "hbm_bytes_per_s", "memory_efficiency",
                 "attention_efficiency", "attention_reads", "step_overhead_s", "link_bytes_per_s",
@@ -422,13 +431,13 @@ def cmd_calibrate(parser, args) -> int:
           f"{report['held_out_steps']}: median {100 * report['held_out_median_error']:.1f}%, P90 "
           f"{100 * report['held_out_p90_error']:.1f}%")
     if args.plot is not None:
-        plot_fit(profile, cfg, records, args.plot, dtype=dtype)
+        plot_fit(profile, cfg, records, args.plot, dtype=dtype, block_size=block_size)
     print(f"wrote {out}" + (f", {args.records}" if args.records else ""))
     return 0
 
 
 def plot_fit(profile: HardwareProfile, cfg: ModelConfig, records: Sequence[StepRecord], path: Path, *,
-             dtype: str) -> bool:
+             dtype: str, block_size: int = 16) -> bool:
     """Predicted vs measured step time, fitted and held-out steps apart; False when matplotlib is missing."""
     try:
         import matplotlib
@@ -439,7 +448,7 @@ def plot_fit(profile: HardwareProfile, cfg: ModelConfig, records: Sequence[StepR
         print("calibrate: matplotlib is not installed; no plot (pip install 'kunjax[bench]')")
         return False
     fit, held = split(records)
-    cost = CostModel(cfg, profile, dtype=dtype, tp=1, block_size=16)
+    cost = CostModel(cfg, profile, dtype=dtype, tp=1, block_size=block_size)
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for part, label, marker in ((fit, "fitted", "."), (held, "held out", "x")):
         ms = 1e3 * np.array([r.seconds for r in part])

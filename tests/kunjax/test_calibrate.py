@@ -109,3 +109,6 @@ def test_calibrate_from_records_writes_a_profile_the_bench_simulates_with(tmp_pa
     bad = subprocess.run([sys.executable, "-m", "kunjax", "calibrate", "--from-records", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--from-records" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "kunjax", "calibrate", "--model", str(tmp_path / "no-model"),
+                              "--cpu-devices", "1"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "--model" in missing.stderr and "Traceback" not in missing.stderr
