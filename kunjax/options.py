@@ -118,8 +118,8 @@ def time_flags(p: argparse.ArgumentParser) -> None:
                         f"file (default with simulated time: h100-sxm)")
     g.add_argument("--model-shape", default=None,
                    help=f"model shape whose time is modelled, no weights: {', '.join(SHAPES)}, or a Hugging Face "
-                        f"config.json; --executor sim: the model simulated (default: llama-3-8b); --clock "
-                        f"simulated: default the --model's own shape")
+                        f"config.json; --executor sim: the model simulated (default: --model's config.json, else "
+                        f"llama-3-8b); --clock simulated: default the --model's own shape")
 
 
 def time_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -139,12 +139,14 @@ def time_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         profile = load_profile(profile_name or "h100-sxm")
     except ConfigError as e:
         parser.error(f"--profile: {e}")
-    shape = None
+    shape, flag = None, "--model-shape"
+    if executor == "sim" and shape_name is None and getattr(args, "model", "demo") != "demo":
+        shape_name, flag = args.model, "--model"  # no weights are loaded: its config.json gives the shape
     if shape_name is not None or executor == "sim":
         try:
             shape = model_shape(shape_name or "llama-3-8b")
         except ConfigError as e:
-            parser.error(f"--model-shape: {e}")
+            parser.error(f"{flag}: {e}")
     return executor, profile, shape
 
 

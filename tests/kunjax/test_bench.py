@@ -134,6 +134,7 @@ def test_help_explains_every_bench_option():
     (["--profile", "h100-sxm"], "--profile needs simulated time (--executor sim or --clock simulated)"),
     (["--executor", "sim", "--profile", "b300"], "--profile: unknown hardware profile 'b300'"),
     (["--executor", "sim", "--model-shape", "gpt-5"], "--model-shape: unknown model shape 'gpt-5'"),
+    (["--executor", "sim", "--model", "/nonexistent/model"], "--model: unknown model shape '/nonexistent/model'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -292,3 +293,19 @@ def test_the_fit_says_when_max_requests_cannot_hold_the_target_peak():
         assert any("not the target 2x" in x for x in lines)
     over = {**ok.choices, "requests": 1500}
     assert any("more than --max-requests 1000" in x for x in _fit_lines(over))
+
+
+def test_the_cost_model_executor_takes_the_shape_of_a_model_directory(tmp_path):
+    """--executor sim --model DIR: no weights are loaded, the directory's config.json is the simulated shape."""
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 256,
+        "intermediate_size": 688, "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}))
+    res = run_bench("--executor", "sim", "--model", str(model), "--policies", "recompute", "--out",
+                    str(tmp_path / "out"), "--num-instances", "2", "--num-requests", "8", "--rate", "8",
+                    "--prompt-len", "uniform:8:24", "--output-len", "uniform:2:6", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    shape = json.loads((tmp_path / "out" / "summary.json").read_text())["time"]["model_shape"]
+    assert shape["hidden_size"] == 256 and shape["num_layers"] == 6 and shape["vocab_size"] == 4096
