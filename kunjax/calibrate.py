@@ -61,15 +61,14 @@ class StepRecord:
 
 
 class RecordingExecutor:
-    """Wraps an executor; records each replica tick's `StageWork` and measured seconds (`kunjax.executor`)."""
+    """Wraps an executor; keeps what each replica tick computes (`StageWork`) for the step loop to time
+    (`kunjax.executor` is the protocol)."""
 
     def __init__(self, inner: Executor, cost: CostModel):
         self.inner, self.cost = inner, cost
         self.num_instances, self.num_blocks = inner.num_instances, inner.num_blocks
         self.weight_bytes, self.load_seconds = inner.weight_bytes, inner.load_seconds
-        self.records: list[StepRecord] = []
-        self.shape = ""
-        self.recording = True
+        self.works: list[StageWork] = []  # this step's replica ticks
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -79,11 +78,9 @@ class RecordingExecutor:
 
     def collect(self, launched: tuple[Any, StepInputs], leaving: bool) -> TickResult:
         handle, inputs = launched
-        result = self.inner.collect(handle, leaving)
-        if self.recording and inputs.positions.shape[0] == 1:
-            (work,) = self.cost.stage_work(1, inputs, leaving)
-            self.records.append(StepRecord(work, result.seconds, self.shape))
-        return result
+        if inputs.positions.shape[0] == 1:
+            self.works.extend(self.cost.stage_work(1, inputs, leaving))
+        return self.inner.collect(handle, leaving)
 
 
 # ---- recording ------------------------------------------------------------------------------------------------
@@ -124,22 +121,20 @@ def record_steps(model: str, shapes: Sequence[dict[str, int]], *, dtype: str, re
         engine.warmup()
         tag = f"S{shape['max_num_seqs']}-T{shape['max_num_batched_tokens']}-MB{ecfg.max_blocks_per_seq(cfg)}"
         log(f"calibrate: {tag}: compiled in {time.perf_counter() - t0:.1f}s")
-        rec.shape = tag
         work = grid(shape["max_num_seqs"], shape["max_num_batched_tokens"], ecfg.resolved_max_model_len(cfg))
-        for r in range(repeats + 1):
-            rec.recording = r > 0  # the first pass runs everything once
+        n = len(records)
+        for r in range(repeats + 1):  # the first pass runs everything once, unrecorded
             for rows, ctx, out in work:
                 params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
                 for _ in range(rows):
                     engine.add_request(rng.integers(0, cfg.vocab_size, ctx).tolist(), params)
                 while engine.has_unfinished():  # a step's time, host work included: what serving sees
-                    n = len(rec.records)
+                    rec.works.clear()
                     t0 = time.perf_counter()
                     engine.step()
-                    if len(rec.records) == n + 1:
-                        rec.records[-1] = dataclasses.replace(rec.records[-1], seconds=time.perf_counter() - t0)
-        log(f"calibrate: {tag}: {sum(x.shape == tag for x in rec.records)} steps recorded")
-        records += rec.records
+                    if r > 0 and len(rec.works) == 1:  # one replica, one tick
+                        records.append(StepRecord(rec.works[0], time.perf_counter() - t0, tag))
+        log(f"calibrate: {tag}: {len(records) - n} steps recorded")
     return records, cfg, backend
 
 
@@ -211,14 +206,13 @@ _PARAMS = ("large-GEMM FLOP/s", "matmul_half_tokens", "weight-streaming bytes/s"
 def _profile_with(theta: np.ndarray, reads: str, dtype: str) -> HardwareProfile:
     """A fitting-time profile: rates against `_BIG_RATE`, so every efficiency is the fitted rate's share of it."""
     flops, half, weights, attn, step = (float(v) for v in np.exp(theta))
-    fields = {f.name for f in dataclasses.fields(HardwareProfile)} - {"name", "device", "kind", "sources"}
     return HardwareProfile(
         name="fitting", device="", kind="measured", memory_bytes=1, peak_flops={dtype: _BIG_RATE},
         hbm_bytes_per_s=_BIG_RATE, matmul_efficiency=min(flops / _BIG_RATE, 1.0), matmul_half_tokens=half,
         memory_efficiency=min(weights / _BIG_RATE, 1.0), attention_efficiency=min(attn / _BIG_RATE, 1.0),
         link_bytes_per_s=1.0, link_latency_s=0.0, network_bytes_per_s=1.0, host_bytes_per_s=1.0,
         host_latency_s=0.0, step_overhead_s=step, layer_overhead_s=0.0, transition_overhead_s=0.0,
-        attention_reads=reads, sources=dict.fromkeys(fields, "fitting"))
+        attention_reads=reads, sources=dict.fromkeys(HardwareProfile.coefficients(), "fitting"))
 
 
 def predict(cost: CostModel, records: Sequence[StepRecord]) -> np.ndarray:  # [N] seconds
@@ -357,8 +351,7 @@ def base_profile(device, name: str) -> HardwareProfile:
         "network_bytes_per_s": assumed + "no network between simulated devices; as the link",
         "transition_overhead_s": assumed + "5 ms to rebuild a unit at a fuse or split (not measured)",
     }
-    fields = {f.name for f in dataclasses.fields(HardwareProfile)} - {"name", "device", "kind", "sources"}
-    sources.update({k: "replaced by calibration" for k in fields if k not in sources})
+    sources.update({k: "replaced by calibration" for k in HardwareProfile.coefficients() if k not in sources})
     return HardwareProfile(
         name=name, device=str(device), kind="measured", memory_bytes=mem, peak_flops={"float32": 1.0},
         hbm_bytes_per_s=1.0, matmul_efficiency=1.0, matmul_half_tokens=1.0, memory_efficiency=1.0,

@@ -80,10 +80,14 @@ class HardwareProfile:
                               f"got {self.attention_reads!r}")
         if not self.peak_flops or any(v <= 0 for v in self.peak_flops.values()):
             raise ConfigError(f"profile {self.name}: peak_flops needs a positive FLOP/s per dtype")
-        unsourced = [f.name for f in dataclasses.fields(self)
-                     if f.name not in ("name", "device", "kind", "sources") and f.name not in self.sources]
+        unsourced = [name for name in self.coefficients() if name not in self.sources]
         if unsourced:
             raise ConfigError(f"profile {self.name}: no source for {', '.join(unsourced)}")
+
+    @classmethod
+    def coefficients(cls) -> list[str]:
+        """The fields that need a source: every field but the name, description, kind and sources."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("name", "device", "kind", "sources")]
 
     def flops(self, dtype: str) -> float:
         try:
