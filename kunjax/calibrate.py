@@ -38,7 +38,7 @@ from kunjax.config import ModelConfig
 from kunjax.cost_model import CostModel, StageWork
 from kunjax.executor import Executor, TickResult
 from kunjax.hardware import HardwareProfile
-from kunjax.plan import StepInputs
+from kunjax.plan import StepInputs, TickWork
 
 FIT_SHARE = 0.7  # records used for fitting; the rest are held out
 _BIG_RATE = 1e18  # a reference rate far above any fitted one, so efficiencies stay in (0, 1] while fitting
@@ -53,7 +53,7 @@ class StepRecord:
     shape: str  # the scheduler shape it ran under ("S16-T128-MB32")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"work": dataclasses.asdict(self.work), "seconds": self.seconds, "shape": self.shape}
+        return {"work": self.work._asdict(), "seconds": self.seconds, "shape": self.shape}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepRecord:
@@ -73,13 +73,13 @@ class RecordingExecutor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def launch(self, uid: int, inputs: StepInputs, remote: bool) -> tuple[Any, StepInputs]:
-        return self.inner.launch(uid, inputs, remote), inputs
+    def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> tuple[Any, TickWork]:
+        return self.inner.launch(uid, work, inputs), work
 
-    def collect(self, launched: tuple[Any, StepInputs], leaving: bool) -> TickResult:
-        handle, inputs = launched
-        if inputs.positions.shape[0] == 1:
-            self.works.extend(self.cost.stage_work(1, inputs, leaving))
+    def collect(self, launched: tuple[Any, TickWork], leaving: bool) -> TickResult:
+        handle, work = launched
+        if len(work.stages) == 1:
+            self.works.extend(self.cost.stage_work(1, work, leaving))
         return self.inner.collect(handle, leaving)
 
 
@@ -216,7 +216,7 @@ def _profile_with(theta: np.ndarray, reads: str, dtype: str) -> HardwareProfile:
 
 
 def predict(cost: CostModel, records: Sequence[StepRecord]) -> np.ndarray:  # [N] seconds
-    return np.array([cost.profile.step_overhead_s + cost.stage_seconds(r.work) for r in records])
+    return np.array([cost.profile.step_overhead_s + cost.stage_seconds(*r.work) for r in records])
 
 
 def split(records: Sequence[StepRecord], seed: int = 0) -> tuple[list[StepRecord], list[StepRecord]]:

@@ -1,8 +1,9 @@
 """The cost model: seconds for a serving unit's tick and for each memory operation, from a hardware profile.
 
 Pure arithmetic over a model's shape (`ModelConfig`, no weights), the engine's dtype, tensor parallelism and block
-size, and a `kunjax.hardware.HardwareProfile`. It reads the same step plan the JAX executor runs
-(`kunjax.plan.StepInputs`), so what it charges follows what the compiled step computes:
+size, and a `kunjax.hardware.HardwareProfile`. It reads a tick's plan in counts (`kunjax.plan.TickWork`: what the
+padded `StepInputs` the JAX executor runs imply, stage by stage), so what it charges follows what the compiled
+step computes:
 
 * **Dense layers** (QKV, output, gated MLP) over the padded bucket T of the stage's micro-batch: a roofline,
   `max(FLOPs / (peak · eff(T)), weight bytes / (HBM · memory_efficiency))` per layer, with
@@ -31,19 +32,17 @@ It knows nothing of the engine's books: the executor (`kunjax.executor.sim`) cal
 
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
+from typing import NamedTuple
 
 from kunjax.config import ModelConfig
 from kunjax.hardware import HardwareProfile
 from kunjax.memory import dtype_bytes, split_vocab, weight_bytes_per_device
-from kunjax.plan import CopyBlocks, DropHost, Fuse, MemoryOp, SlotCopy, Split, StepInputs, SwapIn, SwapOut, Transfer
+from kunjax.plan import CopyBlocks, DropHost, Fuse, MemoryOp, SlotCopy, Split, SwapIn, SwapOut, TickWork, Transfer
 
 
-@dataclasses.dataclass(frozen=True)
-class StageWork:
-    """What one stage computes in one tick, read off the plan (for the breakdown and the calibration fit)."""
+class StageWork(NamedTuple):
+    """What one stage computes in one tick, read off the plan (for the breakdown and the calibration fit). A
+    NamedTuple: one is made per stage per tick."""
 
     layers: int  # layers this stage runs (L/k)
     tokens: int  # T: the padded bucket the dense layers run over
@@ -74,6 +73,8 @@ class CostModel:
         self.activation_bytes_per_token = e * b
         self.replica_weight_bytes = weight_bytes_per_device(cfg, dtype, tp)
         self.peak = profile.flops(dtype)
+        self._dense: dict[int, float] = {}
+        self._head: dict[tuple[int, float], float] = {}
 
     # ---- compute --------------------------------------------------------------------------------------------
     def matmul_seconds(self, m: float, flops: float, weight_bytes: float) -> float:
@@ -83,29 +84,52 @@ class CostModel:
         eff = p.matmul_efficiency * m / (m + p.matmul_half_tokens)
         return max(flops / (self.peak * eff), weight_bytes / (p.hbm_bytes_per_s * p.memory_efficiency))
 
-    def stage_seconds(self, w: StageWork) -> float:
-        """One stage's share of a tick, excluding remote reads it serves for other stages and the step overhead."""
+    def dense_layer_seconds(self, tokens: int) -> float:
+        """One layer's dense matmuls over a bucket of `tokens`, with the tensor-parallel all-reduces (memoized:
+        a run has a handful of buckets)."""
+        t = self._dense.get(tokens)
+        if t is None:
+            p = self.profile
+            t = self.matmul_seconds(tokens, tokens * self.layer_flops_per_token, self.layer_weight_bytes)
+            if self.tp > 1:  # two all-reduces of the activations per layer (ring)
+                ar = 2 * (self.tp - 1) / self.tp * tokens * self.activation_bytes_per_token / p.link_bytes_per_s
+                t += 2 * (p.link_latency_s + ar)
+            self._dense[tokens] = t
+        return t
+
+    def head_seconds(self, rows: int, vocab_share: float) -> float:
+        """The LM head over `rows` (memoized)."""
+        t = self._head.get((rows, vocab_share))
+        if t is None:
+            t = self.matmul_seconds(rows, rows * self.head_flops_per_row * vocab_share, self.head_bytes * vocab_share)
+            self._head[(rows, vocab_share)] = t
+        return t
+
+    def stage_seconds(self, layers: int, tokens: int, valid_tokens: int, sample_rows: int, vocab_share: float,
+                      kv_tokens: int, attn_pairs: int, prefill_tokens: int, remote_rows_out: int,
+                      table_tokens: int = 0) -> float:
+        """One stage's share of a tick (the fields of a `StageWork`: `stage_seconds(*work)`), excluding remote
+        reads it serves for other stages and the step overhead."""
         p = self.profile
-        t = w.layers * p.layer_overhead_s
-        if w.valid_tokens == 0:
+        t = layers * p.layer_overhead_s
+        if valid_tokens == 0:
             return t
-        per_layer = self.matmul_seconds(w.tokens, w.tokens * self.layer_flops_per_token, self.layer_weight_bytes)
-        read = w.tokens * w.table_tokens if p.attention_reads == "table" else w.kv_tokens
+        per_layer = self.dense_layer_seconds(tokens)
+        read = tokens * table_tokens if p.attention_reads == "table" else kv_tokens
         attn_read = read * self.kv_bytes_per_token_layer / (p.hbm_bytes_per_s * p.attention_efficiency)
-        attn_flops = w.attn_pairs * self.attn_flops_per_pair
-        attn_compute = (attn_flops / (self.peak * p.matmul_efficiency * w.prefill_tokens
-                                      / (w.prefill_tokens + p.matmul_half_tokens))) if w.prefill_tokens else 0.0
-        per_layer += max(attn_read, attn_compute)
-        if self.tp > 1:  # two all-reduces of the activations per layer (ring)
-            ar = 2 * (self.tp - 1) / self.tp * w.tokens * self.activation_bytes_per_token / p.link_bytes_per_s
-            per_layer += 2 * (p.link_latency_s + ar)
-        if w.remote_rows_out:  # queries out and partial results back, per layer
-            msg = w.remote_rows_out * self.cfg.q_size * self.bytes / self.tp
+        if prefill_tokens:
+            attn_compute = (attn_pairs * self.attn_flops_per_pair
+                            / (self.peak * p.matmul_efficiency * prefill_tokens
+                               / (prefill_tokens + p.matmul_half_tokens)))
+            per_layer += max(attn_read, attn_compute)
+        else:
+            per_layer += attn_read
+        if remote_rows_out:  # queries out and partial results back, per layer
+            msg = remote_rows_out * self.cfg.q_size * self.bytes / self.tp
             per_layer += 2 * (p.link_latency_s + msg / p.link_bytes_per_s)
-        t += w.layers * per_layer
-        if w.sample_rows:
-            t += self.matmul_seconds(w.sample_rows, w.sample_rows * self.head_flops_per_row * w.vocab_share,
-                                     self.head_bytes * w.vocab_share)
+        t += layers * per_layer
+        if sample_rows:
+            t += self.head_seconds(sample_rows, vocab_share)
         return t
 
     def remote_read_seconds(self, layers: int, kv_tokens: int) -> float:
@@ -113,50 +137,41 @@ class CostModel:
         p = self.profile
         return layers * kv_tokens * self.kv_bytes_per_token_layer / (p.hbm_bytes_per_s * p.attention_efficiency)
 
-    def stage_work(self, k: int, inputs: StepInputs, leaving: bool = True) -> list[StageWork]:
+    def stage_work(self, k: int, work: TickWork, leaving: bool = True) -> list[StageWork]:
         """Per stage, what the plan makes it compute (see `StageWork`)."""
-        layers = self.cfg.num_layers // k
-        sample_rows = int(inputs.logits_indices.shape[0]) if leaving else 0
-        vocab_split = split_vocab(self.cfg, k)
-        out = []
-        for s in range(k):
-            valid = inputs.valid[s]
-            seq = inputs.seq_ids[s][valid]
-            n_valid = int(valid.sum())
-            if n_valid:
-                counts = np.bincount(seq, minlength=inputs.context_lens.shape[1])  # rows' new tokens
-                rows = np.flatnonzero(counts)
-                n_new = counts[rows]
-                local = (inputs.context_lens[s][rows] - inputs.context_starts[s][rows]).astype(np.int64)
-                n_new = n_new.astype(np.int64)
-                kv_tokens = int((local + n_new).sum())
-                pairs = int((n_new * local + n_new * (n_new + 1) // 2).sum())
-                prefill = int(n_new[n_new > 1].sum())
-            else:
-                kv_tokens = pairs = prefill = 0
-            rows_here = sample_rows if vocab_split or s == k - 1 else 0
-            out.append(StageWork(layers, int(inputs.positions.shape[1]), n_valid, rows_here,
-                                 1 / k if vocab_split else 1.0, kv_tokens, pairs, prefill,
-                                 int((inputs.send_rows[s] >= 0).sum()) if k > 1 else 0,
-                                 int(inputs.block_tables.shape[-1]) * self.block_size))
-        return out
+        return [StageWork(*a) for a in self._stage_args(k, work, leaving)]
 
-    def tick_seconds(self, k: int, inputs: StepInputs, leaving: bool = True) -> float:
+    def _stage_args(self, k: int, work: TickWork, leaving: bool) -> list[tuple]:
+        """`StageWork`'s fields per stage (plain tuples: `device_seconds` runs every tick)."""
+        layers = self.cfg.num_layers // k
+        table = work.max_blocks * self.block_size
+        head = work.seqs if leaving else 0
+        if k == 1:
+            w = work.stages[0]
+            return [(layers, work.rows, w.valid_tokens, head, 1.0, w.kv_tokens, w.attn_pairs, w.prefill_tokens, 0,
+                     table)]
+        vocab_split = split_vocab(self.cfg, k)
+        share = 1 / k if vocab_split else 1.0
+        return [(layers, work.rows, w.valid_tokens, head if vocab_split or s == k - 1 else 0, share, w.kv_tokens,
+                 w.attn_pairs, w.prefill_tokens, w.remote_rows_out, table) for s, w in enumerate(work.stages)]
+
+    def tick_seconds(self, k: int, work: TickWork, leaving: bool = True) -> float:
         """One tick of a k-stage unit: every stage at once, as long as the slowest (with the remote reads each
         device serves), plus the activations' hop to the next stage and the fixed step overhead."""
-        return self.profile.step_overhead_s + max(self.device_seconds(k, inputs, leaving))
+        if k == 1:  # the common tick: one stage, nothing to hop
+            return self.profile.step_overhead_s + self.stage_seconds(*self._stage_args(1, work, leaving)[0])
+        return self.profile.step_overhead_s + max(self.device_seconds(k, work, leaving))
 
-    def device_seconds(self, k: int, inputs: StepInputs, leaving: bool = True) -> list[float]:
+    def device_seconds(self, k: int, work: TickWork, leaving: bool = True) -> list[float]:
         """Each stage's device's busy time in one tick (its stage, the remote reads it serves, the hop out)."""
         p = self.profile
-        per_stage = [self.stage_seconds(w) for w in self.stage_work(k, inputs, leaving)]
+        per_stage = [self.stage_seconds(*a) for a in self._stage_args(k, work, leaving)]
         if k > 1:
             layers = self.cfg.num_layers // k
-            for d in range(k):  # device d reads the history of the rows other stages send it
-                kv = int(inputs.recv_lens[d][inputs.send_rows[:, d] >= 0].sum())
-                if kv:
-                    per_stage[d] += self.remote_read_seconds(layers, kv)
-            hop = p.link_latency_s + inputs.positions.shape[1] * self.activation_bytes_per_token / p.link_bytes_per_s
+            for d, w in enumerate(work.stages):  # device d reads the history of the rows other stages send it
+                if w.remote_kv_in:
+                    per_stage[d] += self.remote_read_seconds(layers, w.remote_kv_in)
+            hop = p.link_latency_s + work.rows * self.activation_bytes_per_token / p.link_bytes_per_s
             per_stage = [t + hop for t in per_stage]
         return per_stage
 

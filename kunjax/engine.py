@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kunjax import checkpoint, policies
 from kunjax.blocks import BlockAllocator
 from kunjax.clock import WALL, Clock, VirtualClock
@@ -38,7 +36,7 @@ from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_mov
 from kunjax.hardware import HardwareProfile
 from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
 from kunjax.mempool import MemoryPool
-from kunjax.plan import MAX_SUPPRESSED, Fuse, Split, UnitShape
+from kunjax.plan import MAX_SUPPRESSED, Fuse, Sampled, Split, UnitShape
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
 from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
 from kunjax.sampling_params import SamplingParams
@@ -282,6 +280,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         units = list(self.units.values())
         pending: dict[int, tuple[MicroBatch | None, Any]] = {}
+        arrays = self.executor.needs_arrays
         for t in range(max((u.k for u in units), default=0)):
             for u in units:
                 if t >= u.k:
@@ -291,9 +290,10 @@ class LLMEngine:
                 leaving, active = u.advance()
                 if not active:
                     continue
-                inputs, remote = u.tick_inputs()
+                work = u.tick_work()
+                inputs = u.tick_inputs() if arrays else None
                 self._issue()  # what scheduling decided (swaps, reloads) goes before the tick
-                pending[u.uid] = (leaving, self.executor.launch(u.uid, inputs, remote))
+                pending[u.uid] = (leaving, self.executor.launch(u.uid, work, inputs))
                 if u.at_stage[0] is not None:
                     self.policy.after_launch(u, u.at_stage[0])
                 self._issue()  # what must follow the tick (layerkv's offloads)
@@ -318,14 +318,13 @@ class LLMEngine:
             return
         s = result.sampled
         finished = RequestStatus.FINISHED
-        for req, token, logprob, top_ids, top_lps in unit.exit(leaving, s.tokens, s.logprobs, s.top_ids,
-                                                                 s.top_logprobs):
-            outputs.append(self._append_token(unit, req, token, logprob, top_ids, top_lps))
+        for req, token, logprob, row in unit.exit(leaving, s.tokens, s.logprobs):
+            outputs.append(self._append_token(unit, req, token, logprob, s, row))
             if req.status is finished:
                 self.requests.pop(req.request_id, None)
 
-    def _append_token(self, unit: ServingUnit, req: Request, token: int, logprob: float, top_ids: np.ndarray,
-                      top_lps: np.ndarray) -> RequestOutput:
+    def _append_token(self, unit: ServingUnit, req: Request, token: int, logprob: float, sampled: Sampled,
+                      row: int) -> RequestOutput:
         now = self.clock.now()
         if req.first_token_time is None:
             req.first_token_time = now
@@ -334,7 +333,8 @@ class LLMEngine:
         new_lps = []
         if req.logprobs is not None:
             entry = {token: logprob}
-            for tid, lp in zip(top_ids[:p.logprobs].tolist(), top_lps[:p.logprobs].tolist(), strict=True):
+            for tid, lp in zip(sampled.top_ids[row, :p.logprobs].tolist(),
+                               sampled.top_logprobs[row, :p.logprobs].tolist(), strict=True):
                 entry.setdefault(int(tid), float(lp))
             req.logprobs.append(entry)
             new_lps.append(entry)

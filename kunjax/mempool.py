@@ -81,7 +81,9 @@ class MemoryPool:
         self._ops.append(op)
 
     def take_ops(self) -> list[MemoryOp]:
-        ops, self._ops = self._ops, []
+        ops = self._ops
+        if ops:
+            self._ops = []
         return ops
 
     # ---- device tier --------------------------------------------------------------------------------

@@ -4,9 +4,13 @@ Host code (router, scheduler, memory pool, policies) decides; an executor (`kunj
 crosses the seam is only what is defined here, all of it plain host data (numpy arrays, ints, tuples):
 
 * `UnitShape` — the static shapes of one serving unit's step (a replica: one stage; a pipeline group: k);
-* `StepInputs` — one tick of one unit: the entering micro-batch's tokens and, per stage, the metadata of the
-  micro-batch that stage processes (positions, block tables, KV slots, remote-attention work lists), plus the
-  sampling rows of the micro-batch leaving the last stage. Every per-stage field has a leading `[k]` axis;
+* `TickWork` — one tick of one unit in counts: per stage, the tokens and attention work it computes
+  (`StageLoad`), and the sampling rows of the micro-batch leaving the last stage. Every executor gets it; a
+  cost model charges it, and an executor without a model synthesizes tokens from it;
+* `StepInputs` — the same tick as the padded host arrays a compiled step reads: the entering micro-batch's
+  tokens and, per stage, the metadata of the micro-batch that stage processes (positions, block tables, KV slots,
+  remote-attention work lists), plus the sampling rows of the leaving micro-batch. Every per-stage field has a
+  leading `[k]` axis. Built only for an executor that reads arrays (`Executor.needs_arrays`);
 * `Sampled` — the leaving micro-batch's sampled ids and logprobs;
 * memory operations — block copies inside a unit, transfers between units, moves to and from the host tier,
   layer-group slot moves (layerkv), and the reshards that fuse replicas into a group and split it again.
@@ -18,6 +22,7 @@ groups, R remote rows per (stage, destination), X copies per (source, destinatio
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,6 +55,36 @@ class UnitShape:
             if b >= num_tokens:
                 return b
         raise ValueError(f"{num_tokens} tokens exceed the step budget {self.buckets[-1]}")
+
+
+class StageLoad(NamedTuple):
+    """What one stage computes in one tick, in counts (a unit's `StepInputs` for that stage imply the same).
+    NamedTuples, this and `TickWork`: the engine makes them every tick."""
+
+    valid_tokens: int = 0  # tokens of its micro-batch (the rest of the bucket is padding)
+    kv_tokens: int = 0  # per row, the tokens attention reads on this device (cached locally + new), summed
+    attn_pairs: int = 0  # causal (query, key) pairs over the local context, summed over rows
+    prefill_tokens: int = 0  # new tokens of rows that bring more than one
+    remote_rows_out: int = 0  # token rows whose older history is attended on another device (k > 1)
+    remote_kv_in: int = 0  # history tokens this stage's device reads for rows other stages send it (k > 1)
+
+
+class TickWork(NamedTuple):
+    """One tick of one unit in counts (module docstring). The leaving rows are in micro-batch order."""
+
+    rows: int  # T: the bucket every stage's tokens are padded to
+    seqs: int  # S: the rows a micro-batch is padded to (the LM head samples them all)
+    max_blocks: int  # MB: the block-table width
+    stages: tuple[StageLoad, ...]  # [k]
+    remote: bool  # some row needs remote attention (the step with the remote path runs)
+    leaving_seeds: tuple[int, ...] = ()  # uint32 sampling seed of each leaving row (`seed_to_uint32`)
+    leaving_counters: tuple[int, ...] = ()  # tokens each leaving row's request has generated so far
+    leaving_suppress: tuple[tuple[int, ...], ...] = ()  # ids each leaving row may not sample yet
+    leaving_top_n: int = 0  # most logprobs a leaving row asked for (0: an executor may leave the top-N empty)
+
+    @property
+    def valid_tokens(self) -> int:
+        return sum(s.valid_tokens for s in self.stages)
 
 
 @dataclasses.dataclass
@@ -104,7 +139,7 @@ class StepInputs:
 class Sampled:
     """What one tick returns for the micro-batch leaving the last stage (rows in micro-batch order)."""
 
-    tokens: np.ndarray  # [S] int32
+    tokens: np.ndarray  # [S] int32 (at least the leaving rows; the rest is padding)
     logprobs: np.ndarray  # [S] float32 of the sampled token
     top_ids: np.ndarray  # [S, N] int32
     top_logprobs: np.ndarray  # [S, N] float32

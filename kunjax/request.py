@@ -17,7 +17,7 @@ import dataclasses
 import enum
 from typing import TYPE_CHECKING, Any
 
-from kunjax.sampling_params import SamplingParams
+from kunjax.sampling_params import SamplingParams, seed_to_uint32
 
 if TYPE_CHECKING:
     from kunjax.blocks import PrefixNode
@@ -74,6 +74,10 @@ class Request:
     first_scheduled_time: float | None = None  # first admitted to a step (queue time = this - arrival_time)
     first_token_time: float | None = None
     finish_time: float | None = None
+    seed32: int = dataclasses.field(init=False)  # the device seed of `seed` (`seed_to_uint32`)
+
+    def __post_init__(self) -> None:
+        self.seed32 = seed_to_uint32(self.seed)
 
     @property
     def blocks(self) -> list[int]:

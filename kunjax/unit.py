@@ -4,7 +4,8 @@ One abstraction for both modes (DESIGN.md §4): a replica is the unit of one sta
 replicas is the unit of k stages. Each stage has a refcounted, segmented `BlockAllocator` (`kunjax.blocks`), and
 every logical block of a request has one block id on every stage (`Request.tables[s]`), holding that stage's
 layers. The unit owns what runs: the waiting, running and swapped queues, the scheduler (`schedule`), the
-micro-batches in the pipe (`at_stage`), the prefix index's use, and the host arrays of each tick (`tick_inputs`).
+micro-batches in the pipe (`at_stage`), the prefix index's use, and what each tick computes (`tick_work`; its host
+arrays, `tick_inputs`, for an executor that reads them).
 
 One engine step of a unit is k ticks. At each tick a micro-batch enters stage 0, every stage processes the
 micro-batch one stage behind, and the one leaving the last stage is sampled; its tokens are applied before the
@@ -32,15 +33,16 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import functools
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from kunjax.blocks import NULL_BLOCK, BlockAllocator, PrefixIndex
-from kunjax.plan import MAX_SUPPRESSED, StepInputs, UnitShape
+from kunjax.plan import MAX_SUPPRESSED, StageLoad, StepInputs, TickWork, UnitShape
 from kunjax.request import Request, RequestStatus
 from kunjax.sampling_params import SamplingArrays, pack_sampling
 
@@ -53,13 +55,10 @@ class Scheduled:
     sample: bool  # the chunk reaches the end of the known tokens: a token is sampled
 
 
-@dataclasses.dataclass
-class MicroBatch:
-    """What one micro-batch carries through the pipe (the stage-independent part of its tick inputs). The token
-    arrays hold its N tokens only (a tick pads them to its bucket); the row arrays are padded to S."""
+class MicroBatchArrays(NamedTuple):
+    """The stage-independent part of a micro-batch's tick inputs. The token arrays hold its N tokens only (a tick
+    pads them to its bucket); the row arrays are padded to S."""
 
-    items: list[Scheduled]
-    num_tokens: int  # N
     tokens: np.ndarray  # [N] int32
     positions: np.ndarray  # [N] int32
     seq_ids: np.ndarray  # [N] int32
@@ -67,6 +66,84 @@ class MicroBatch:
     logits_indices: np.ndarray  # [S] int32
     suppress_ids: np.ndarray  # [S, MAX_SUPPRESSED] int32
     sampling: SamplingArrays  # [S] each
+
+
+class MicroBatch:
+    """What one micro-batch carries through the pipe: its scheduled items, its attention work counted as if every
+    row's history were local (a stage adjusts for the stale rows it reads remotely), what sampling needs of each
+    item, and, built on first use (only for an executor that reads arrays), its `MicroBatchArrays`. Requests do
+    not change while in the pipe (they are in flight), so the arrays are the same whenever they are built."""
+
+    __slots__ = ("items", "num_tokens", "seqs", "kv_tokens", "attn_pairs", "prefill_tokens", "stale", "seeds",
+                 "counters", "suppress", "top_n", "__dict__")
+
+    def __init__(self, items: list[Scheduled], seqs: int):
+        self.items = items
+        self.seqs = seqs  # S
+        total = kv = pairs = prefill = top_n = 0
+        stale, seeds, counters, suppress = [], [], [], []
+        for i, it in enumerate(items):
+            req, n, start = it.req, it.num_tokens, it.start
+            total += n
+            kv += start + n
+            pairs += n * start + n * (n + 1) // 2
+            if n > 1:
+                prefill += n
+            if req.stale is not None:
+                stale.append(i)
+            seeds.append(req.seed32)
+            generated = len(req.token_ids) - req.num_prompt_tokens
+            counters.append(generated)
+            suppress.append(tuple(suppressed_ids(req)) if generated < req.params.min_tokens else ())
+            if req.logprobs is not None and req.params.logprobs > top_n:
+                top_n = req.params.logprobs
+        self.num_tokens = total  # N
+        self.kv_tokens, self.attn_pairs, self.prefill_tokens = kv, pairs, prefill  # see `StageLoad`
+        self.stale = tuple(stale)  # items whose pre-drop history may be read remotely
+        self.seeds = tuple(seeds)  # per item: its request's device seed
+        self.counters = tuple(counters)  # per item: tokens its request has generated so far
+        self.suppress = tuple(suppress)  # per item: ids it may not sample yet (below `min_tokens`)
+        self.top_n = top_n  # most logprobs an item asked for
+
+    @functools.cached_property
+    def arrays(self) -> MicroBatchArrays:
+        items, s = self.items, self.seqs
+        suppress = np.full((s, MAX_SUPPRESSED), -1, np.int32)
+        tokens: list[int] = []
+        starts, counts = [], []
+        for i, it in enumerate(items):
+            req, n, start = it.req, it.num_tokens, it.start
+            if n == 1:
+                tokens.append(req.token_ids[start])
+            else:
+                tokens += req.token_ids[start:start + n]
+            starts.append(start)
+            counts.append(n)
+            if self.suppress[i]:
+                suppress[i, :len(self.suppress[i])] = self.suppress[i]
+        num, total = len(items), len(tokens)
+        start_a = np.array(starts, np.int32)
+        if total == num:  # one token each (decodes): row i is item i
+            positions, seq_ids = start_a, np.arange(num, dtype=np.int32)
+            last = seq_ids
+        else:
+            count_a = np.array(counts, np.int64)
+            ends = np.cumsum(count_a)
+            seq_ids = np.repeat(np.arange(num, dtype=np.int32), count_a)
+            # token j of item i sits at row ends[i] - counts[i] + j and position starts[i] + j
+            positions = (np.arange(total) + np.repeat(start_a - (ends - count_a), count_a)).astype(np.int32)
+            last = ends - 1
+        context_lens = np.zeros(s, np.int32)
+        context_lens[:num] = start_a
+        logits_indices = np.zeros(s, np.int32)
+        logits_indices[:num] = last
+        reqs = [it.req for it in items]
+        sampling = pack_sampling([r.params for r in reqs], [r.seed for r in reqs], self.counters, s)
+        return MicroBatchArrays(np.array(tokens, np.int32), positions, seq_ids, context_lens, logits_indices,
+                                suppress, sampling)
+
+
+EMPTY_STAGE = StageLoad()
 
 
 def suppressed_ids(req: Request) -> list[int]:
@@ -174,7 +251,7 @@ class ServingUnit:
 
     @property
     def in_flight(self) -> bool:
-        return any(mb is not None for mb in self.at_stage)
+        return self.at_stage.count(None) < len(self.at_stage)
 
     @property
     def has_work(self) -> bool:
@@ -315,17 +392,22 @@ class ServingUnit:
         parked = self.hooks.begin_step(self)
         seqs = shape.seqs - len(parked)  # parked requests keep their rows' worth of the sequence limit
         cap = self.chunk_cap()
-        remote_rows: collections.Counter[int] = collections.Counter()
+        remote_rows: collections.Counter[int] | None = None
+        running = RequestStatus.RUNNING
         for req in list(self.running):
             if budget <= 0 or len(items) >= seqs:
                 break
-            if req.in_flight or req.status is not RequestStatus.RUNNING or req in parked:
+            if req.in_flight or req.status is not running or (parked and req in parked):
                 continue
-            n = min(len(req.token_ids) - req.num_computed, budget, cap)
+            n = len(req.token_ids) - req.num_computed
+            if n > 1:
+                n = min(n, budget, cap)
             if n <= 0:
                 continue
             st = req.stale
             if st is not None and st.pending:
+                if remote_rows is None:
+                    remote_rows = collections.Counter()
                 n = min(n, shape.remote_rows - remote_rows[st.home])  # its rows travel to the home device
                 if n <= 0:
                     continue
@@ -340,7 +422,7 @@ class ServingUnit:
                 if victim is req:
                     break
                 grown = self.grow(req, n)
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running:
                 break  # it preempted itself: nothing more fits this tick
             if not grown:
                 continue
@@ -375,46 +457,7 @@ class ServingUnit:
             return None
         for it in items:
             it.req.in_flight = True
-        return self._pack(items)
-
-    def _pack(self, items: list[Scheduled]) -> MicroBatch:
-        s = self.shape.seqs
-        suppress = np.full((s, MAX_SUPPRESSED), -1, np.int32)
-        tokens: list[int] = []
-        starts, counts, counters = [], [], []
-        for i, it in enumerate(items):
-            req, n, start = it.req, it.num_tokens, it.start
-            if n == 1:
-                tokens.append(req.token_ids[start])
-            else:
-                tokens += req.token_ids[start:start + n]
-            starts.append(start)
-            counts.append(n)
-            generated = len(req.token_ids) - req.num_prompt_tokens
-            counters.append(generated)
-            if generated < req.params.min_tokens:
-                banned = suppressed_ids(req)
-                suppress[i, :len(banned)] = banned
-        num, total = len(items), len(tokens)
-        start_a = np.array(starts, np.int32)
-        if total == num:  # one token each (decodes): row i is item i
-            positions, seq_ids = start_a, np.arange(num, dtype=np.int32)
-            last = seq_ids
-        else:
-            count_a = np.array(counts, np.int64)
-            ends = np.cumsum(count_a)
-            seq_ids = np.repeat(np.arange(num, dtype=np.int32), count_a)
-            # token j of item i sits at row ends[i] - counts[i] + j and position starts[i] + j
-            positions = (np.arange(total) + np.repeat(start_a - (ends - count_a), count_a)).astype(np.int32)
-            last = ends - 1
-        context_lens = np.zeros(s, np.int32)
-        context_lens[:num] = start_a
-        logits_indices = np.zeros(s, np.int32)
-        logits_indices[:num] = last
-        reqs = [it.req for it in items]
-        sampling = pack_sampling([r.params for r in reqs], [r.seed for r in reqs], counters, s)
-        return MicroBatch(items, total, np.array(tokens, np.int32), positions, seq_ids, context_lens,
-                          logits_indices, suppress, sampling)
+        return MicroBatch(items, shape.seqs)
 
     # ---- ticks --------------------------------------------------------------------------------------
     def advance(self) -> tuple[MicroBatch | None, bool]:
@@ -425,41 +468,74 @@ class ServingUnit:
         leaving = self.at_stage[-1]
         return leaving, self.in_flight
 
-    def tick_inputs(self) -> tuple[StepInputs, bool]:
-        """Host arrays of the tick about to run (after `advance`); also whether any row needs remote attention."""
+    def tick_work(self) -> TickWork:
+        """What the tick about to run (after `advance`) computes, in counts; counts the tick."""
+        shape, k = self.shape, self.k
+        tokens = widest = 0
+        remote_in = [0] * k
+        loads, remote = [], False
+        for stage, mb in enumerate(self.at_stage):
+            if mb is None:
+                loads.append(EMPTY_STAGE)
+                continue
+            n = mb.num_tokens
+            tokens += n
+            widest = max(widest, n)
+            kv, pairs, out = mb.kv_tokens, mb.attn_pairs, 0
+            for i in mb.stale:  # rows whose older history this stage reads on their home device
+                it = mb.items[i]
+                st = it.req.stale
+                if st is not None and stage in st.pending:
+                    kv -= st.length
+                    pairs -= it.num_tokens * st.length
+                    out += it.num_tokens
+                    remote_in[st.home] += it.num_tokens * st.length
+            remote |= out > 0
+            loads.append(StageLoad(n, kv, pairs, mb.prefill_tokens, out))
+        if remote:
+            loads = [w._replace(remote_kv_in=r) if r else w for w, r in zip(loads, remote_in, strict=True)]
+        rows = shape.bucket(widest)
+        self.ticks += 1
+        self.remote_ticks += int(remote)
+        self.last_tick = (tokens, rows)
+        last = self.at_stage[k - 1]
+        if last is None:
+            return TickWork(rows, shape.seqs, shape.max_blocks, tuple(loads), remote)
+        return TickWork(rows, shape.seqs, shape.max_blocks, tuple(loads), remote, last.seeds, last.counters,
+                        last.suppress, last.top_n)
+
+    def tick_inputs(self) -> StepInputs:
+        """Host arrays of the tick about to run (after `advance`): what a compiled step reads."""
         shape, k, bs = self.shape, self.k, self.block_size
         in_pipe = [mb for mb in self.at_stage if mb is not None]
         rows = shape.bucket(max((mb.num_tokens for mb in in_pipe), default=0))
         inp = StepInputs.empty(shape, rows)
         g_count = shape.layer_groups
-        remote = False
         for stage, mb in enumerate(self.at_stage):
             if mb is None:
                 continue
-            n = mb.num_tokens
-            inp.positions[stage, :n], inp.seq_ids[stage, :n] = mb.positions, mb.seq_ids
+            n, arr = mb.num_tokens, mb.arrays
+            inp.positions[stage, :n], inp.seq_ids[stage, :n] = arr.positions, arr.seq_ids
             inp.valid[stage, :n] = True
-            inp.context_lens[stage] = mb.context_lens
+            inp.context_lens[stage] = arr.context_lens
             reqs = [it.req for it in mb.items]
             tables = [r.tables[stage] for r in reqs]
             counts = [it.num_tokens for it in mb.items]
             if g_count == 1:
-                fill_tables(inp.slot_mapping[stage], inp.block_tables[stage], tables, counts, mb.positions,
-                            mb.seq_ids, bs)
+                fill_tables(inp.slot_mapping[stage], inp.block_tables[stage], tables, counts, arr.positions,
+                            arr.seq_ids, bs)
             else:
                 self._fill_group_tables(inp, stage, reqs, tables, counts, mb)
             if k > 1:
-                remote |= self._fill_remote(inp, stage, mb)
+                self._fill_remote(inp, stage, mb)
         if self.at_stage[0] is not None:
-            inp.tokens_in[:self.at_stage[0].num_tokens] = self.at_stage[0].tokens
+            inp.tokens_in[:self.at_stage[0].num_tokens] = self.at_stage[0].arrays.tokens
         last = self.at_stage[k - 1]
         if last is not None:
-            inp.logits_indices, inp.suppress_ids = last.logits_indices, last.suppress_ids
-            (inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.seeds, inp.counters) = last.sampling
-        self.ticks += 1
-        self.remote_ticks += int(remote)
-        self.last_tick = (sum(mb.num_tokens for mb in in_pipe), rows)
-        return inp, remote
+            arr = last.arrays
+            inp.logits_indices, inp.suppress_ids = arr.logits_indices, arr.suppress_ids
+            (inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.seeds, inp.counters) = arr.sampling
+        return inp
 
     def _fill_group_tables(self, inp: StepInputs, stage: int, reqs: list[Request], tables: list[list[int]],
                            counts: list[int], mb: MicroBatch) -> None:
@@ -483,20 +559,18 @@ class ServingUnit:
                           for o, end, n in zip(own, offsets, lens, strict=True)]
                 flat_g = base if all(o is None for o in own) else np.concatenate(
                     [np.asarray(p, np.int32) for p in pieces])
-            fill_tables(inp.slot_mapping[stage, g], inp.block_tables[stage, g], pieces, counts, mb.positions,
-                        mb.seq_ids, self.block_size, flat_g)
+            fill_tables(inp.slot_mapping[stage, g], inp.block_tables[stage, g], pieces, counts, mb.arrays.positions,
+                        mb.arrays.seq_ids, self.block_size, flat_g)
 
-    def _fill_remote(self, inp: StepInputs, stage: int, mb: MicroBatch) -> bool:
-        """The remote-attention work of `stage`'s rows whose pre-drop history it does not hold yet; True if any."""
+    def _fill_remote(self, inp: StepInputs, stage: int, mb: MicroBatch) -> None:
+        """The remote-attention work of `stage`'s rows whose pre-drop history it does not hold yet."""
         k = self.k
-        remote = False
         filled: collections.Counter[int] = collections.Counter()
         row = 0
         for i, it in enumerate(mb.items):
             req, n = it.req, it.num_tokens
             st = req.stale
             if st is not None and stage in st.pending:
-                remote = True
                 inp.context_starts[stage, i] = st.length
                 hist = st.history_ids(k, stage)
                 for p_row in range(row, row + n):
@@ -505,13 +579,12 @@ class ServingUnit:
                     inp.send_rows[stage, st.home, j] = p_row
                     inp.recv_tables[st.home, stage, j, :len(hist)] = hist
                     inp.recv_lens[st.home, stage, j] = st.length
-                    inp.recv_pos[st.home, stage, j] = mb.positions[p_row]
+                    inp.recv_pos[st.home, stage, j] = mb.arrays.positions[p_row]
             row += n
-        return remote
 
-    def exit(self, mb: MicroBatch, tokens: np.ndarray, logprobs: np.ndarray, top_ids: np.ndarray,
-             top_lps: np.ndarray) -> list[tuple[Request, int, float, np.ndarray, np.ndarray]]:
-        """The micro-batch left the last stage: commit its KV, return its samples (in micro-batch order)."""
+    def exit(self, mb: MicroBatch, tokens: np.ndarray, logprobs: np.ndarray) -> list[tuple[Request, int, float, int]]:
+        """The micro-batch left the last stage: commit its KV, return its samples `(request, token, logprob, row)`
+        in micro-batch order (`row` indexes the tick's sampled arrays, e.g. its top logprobs)."""
         self.at_stage[-1] = None
         out = []
         token_list, logprob_list = tokens.tolist(), logprobs.tolist()
@@ -524,7 +597,7 @@ class ServingUnit:
                 continue
             self.commit(req, it.start + it.num_tokens)
             if it.sample:
-                out.append((req, int(token_list[i]), float(logprob_list[i]), top_ids[i], top_lps[i]))
+                out.append((req, int(token_list[i]), float(logprob_list[i]), i))
         return out
 
     def commit(self, req: Request, computed: int) -> None:

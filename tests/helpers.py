@@ -17,6 +17,7 @@ from kunjax.checkpoint import load_params, save_checkpoint
 from kunjax.config import ModelConfig
 from kunjax.memory import flatten_params, param_shapes
 from kunjax.model import forward_dense, init_params
+from kunjax.plan import StageLoad, StepInputs, TickWork
 from kunjax.sampling_params import SamplingParams
 
 TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
@@ -25,6 +26,41 @@ TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_lay
 
 # A vocabulary every pipeline group size (2, 4, 8) divides, so the embedding and the LM head split over stages.
 SPLIT = dataclasses.replace(TINY, vocab_size=128)
+
+
+def tick_work_of(inputs: StepInputs) -> TickWork:
+    """A tick's counts read off the padded arrays a compiled step reads: the oracle of `ServingUnit.tick_work`
+    (without the leaving rows' sampling, which `check_tick_work` compares row by row)."""
+    k = inputs.positions.shape[0]
+    stages = []
+    for s in range(k):
+        valid = inputs.valid[s]
+        n_valid = int(valid.sum())
+        remote_in = int(inputs.recv_lens[s][inputs.send_rows[:, s] >= 0].sum()) if k > 1 else 0
+        out = int((inputs.send_rows[s] >= 0).sum()) if k > 1 else 0
+        if not n_valid:
+            stages.append(StageLoad(remote_kv_in=remote_in))
+            continue
+        counts = np.bincount(inputs.seq_ids[s][valid], minlength=inputs.context_lens.shape[1])  # rows' new tokens
+        rows = np.flatnonzero(counts)
+        n_new = counts[rows].astype(np.int64)
+        local = (inputs.context_lens[s][rows] - inputs.context_starts[s][rows]).astype(np.int64)
+        pairs = int((n_new * local + n_new * (n_new + 1) // 2).sum())
+        stages.append(StageLoad(n_valid, int((local + n_new).sum()), pairs, int(n_new[n_new > 1].sum()), out,
+                                remote_in))
+    return TickWork(int(inputs.positions.shape[1]), int(inputs.logits_indices.shape[0]),
+                    int(inputs.block_tables.shape[-1]), tuple(stages), bool((inputs.send_rows >= 0).any()))
+
+
+def check_tick_work(work: TickWork, inputs: StepInputs) -> None:
+    """`work` (what a unit says its tick computes) is what the tick's arrays make the compiled step compute."""
+    counts = work._replace(leaving_seeds=(), leaving_counters=(), leaving_suppress=())
+    assert counts == tick_work_of(inputs), (counts, tick_work_of(inputs))
+    m = len(work.leaving_seeds)
+    assert list(work.leaving_seeds) == inputs.seeds[:m].tolist()
+    assert list(work.leaving_counters) == inputs.counters[:m].tolist()
+    assert [list(s) for s in work.leaving_suppress] == [[t for t in row if t >= 0] for row in
+                                                       inputs.suppress_ids[:m].tolist()]
 
 
 def fp32_weight_bytes(cfg: ModelConfig) -> int:

@@ -1,8 +1,9 @@
 """The executor seam (DESIGN.md §14): host code decides, an executor computes.
 
 An executor owns whatever stands for devices — arrays, compiled functions, or nothing but arithmetic — and the
-time a step takes. The engine hands it, per serving unit, the plan of each tick (`kunjax.plan.StepInputs`) and
-the memory operations the host books decided (`kunjax.plan.MemoryOp`, in order); it hands back the sampled tokens
+time a step takes. The engine hands it, per serving unit, the plan of each tick (`kunjax.plan.TickWork`, and the
+padded host arrays `kunjax.plan.StepInputs` when the executor reads arrays) and the memory operations the host
+books decided (`kunjax.plan.MemoryOp`, in order); it hands back the sampled tokens
 of the micro-batch leaving the last stage and how long the tick took. Nothing else crosses: host code never sees
 a device array, and an executor never decides what runs.
 
@@ -19,13 +20,14 @@ Executors:
 
 Protocol (`Executor`), all of it called from the engine's one thread:
 * `num_instances`, `num_blocks` (KV blocks per instance pool, equal for all), `weight_bytes` (per device),
-  `describe(i)` (an instance's devices, for humans);
+  `describe(i)` (an instance's devices, for humans); `needs_arrays`: whether `launch` reads `StepInputs` (the
+  cost-model executor does not: building them would be most of its host time);
 * `warmup(units, candidates)` — prepare every replica unit `(uid, members, shape)` and every group the policy
   may fuse `(members, shape)`, so nothing prepares (compiles) while serving;
 * `apply(ops)` — issue memory operations in order; never waits for the device (a fuse or split may);
-* `launch(uid, inputs, remote)` — issue one tick; `collect(launched, leaving)` — wait for it and, when a
-  micro-batch leaves the pipe this tick, return its `Sampled`; both return the tick's seconds as measured or
-  modelled (`TickResult`);
+* `launch(uid, work, inputs)` — issue one tick (`inputs` is None unless `needs_arrays`);
+  `collect(launched, leaving)` — wait for it and, when a micro-batch leaves the pipe this tick, return its
+  `Sampled`; both return the tick's seconds as measured or modelled (`TickResult`);
 * `end_step()` — the engine step is over (a virtual clock advances here by the step's modelled duration).
 """
 
@@ -35,7 +37,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from kunjax.plan import MemoryOp, Sampled, StepInputs, UnitShape
+from kunjax.plan import MemoryOp, Sampled, StepInputs, TickWork, UnitShape
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class Executor(Protocol):
     num_blocks: int
     weight_bytes: int
     load_seconds: float
+    needs_arrays: bool
 
     def describe(self, instance: int) -> str: ...
 
@@ -57,7 +60,7 @@ class Executor(Protocol):
 
     def apply(self, ops: Sequence[MemoryOp]) -> None: ...
 
-    def launch(self, uid: int, inputs: StepInputs, remote: bool) -> Any: ...
+    def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> Any: ...
 
     def collect(self, launched: Any, leaving: bool) -> TickResult: ...
 

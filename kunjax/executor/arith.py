@@ -47,6 +47,7 @@ from kunjax.plan import (
     StepInputs,
     SwapIn,
     SwapOut,
+    TickWork,
     Transfer,
     UnitShape,
 )
@@ -154,6 +155,7 @@ class ArithmeticExecutor:
         self.weight_bytes = weight_bytes_per_device(cfg, ecfg.dtype, ecfg.tp)
         self.num_blocks = num_kv_blocks(cfg, ecfg, self.weight_bytes, None)
         self.load_seconds = 0.0
+        self.needs_arrays = True
         self.model = ArithModel(cfg, ecfg.resolved_max_model_len(cfg))
         L, bs = cfg.num_layers, ecfg.block_size
         self.pools = [np.zeros((self.num_blocks, L, bs), np.int64) for _ in range(self.num_instances)]
@@ -231,7 +233,7 @@ class ArithmeticExecutor:
         self._step_seconds[uid] = self._step_seconds.get(uid, 0.0) + blocks * self.cost.block_move_s
 
     # ---- ticks --------------------------------------------------------------------------------------
-    def launch(self, uid: int, inputs: StepInputs, remote: bool) -> tuple[int, Sampled]:
+    def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> tuple[int, Sampled]:
         u = self.units[uid]
         k = u.k
         lk = self.cfg.num_layers // k

@@ -47,6 +47,7 @@ from kunjax.plan import (
     StepInputs,
     SwapIn,
     SwapOut,
+    TickWork,
     Transfer,
     UnitShape,
 )
@@ -208,6 +209,7 @@ class JaxExecutor:
                          for m, p in zip(meshes, params, strict=True)]
         self.num_instances = len(self.replicas)
         self.load_seconds = time.perf_counter() - t0
+        self.needs_arrays = True
         self.groups: dict[int, Group] = {}
         self.candidates: dict[tuple[int, ...], Candidate] = {}
         self.backend = resolve_backend(ecfg.attention_backend, devices[:1])  # auto -> a validated kernel
@@ -378,7 +380,7 @@ class JaxExecutor:
         jax.block_until_ready([self.replicas[i].pool for i in op.members])
 
     # ---- ticks --------------------------------------------------------------------------------------
-    def launch(self, uid: int, inputs: StepInputs, remote: bool) -> Launched:
+    def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> Launched:
         started = time.perf_counter()  # before the dispatch: a small CPU step may run inside the call
         t = inputs.tokens_in.shape[0]
         g = self.groups.get(uid)
@@ -390,7 +392,7 @@ class JaxExecutor:
                 raise RuntimeError(f"instance {uid}: no step compiled for {t} tokens (G={groups})")
             rep.pool, outputs = compiled(rep.params, rep.pool, inputs)
         else:
-            compiled = g.candidate.ticks[(remote, t)]
+            compiled = g.candidate.ticks[(work.remote, t)]
             g.pool, g.ext, g.acts, outputs = compiled(g.params, g.pool, g.ext, g.acts, inputs)
         return Launched(uid, outputs, started)
 

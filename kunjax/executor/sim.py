@@ -9,7 +9,8 @@
   its drops, exchanges and restores) runs against durations from a hardware profile, at any scale. Tokens are
   synthesized from each row's sampling seed and counter (never an EOS or a suppressed id), so a request ends at
   its `max_tokens` (its trace output length); its KV is not simulated (the arithmetic executor does that), but
-  every memory operation is booked and timed as usual.
+  every memory operation is booked and timed as usual. It reads only each tick's `TickWork`: the padded host
+  arrays are never built.
 * `ModelledTimeExecutor` — wraps another executor (the JAX one: real tokens, real drops, real KV moves) and
   replaces its measured durations with modelled ones, so a CPU run keeps the schedule the profiled device would.
 
@@ -29,7 +30,7 @@ from kunjax.cost_model import CostModel
 from kunjax.executor import Executor, TickResult
 from kunjax.hardware import HardwareProfile
 from kunjax.memory import num_kv_blocks, weight_bytes_per_device
-from kunjax.plan import Fuse, MemoryOp, Sampled, Split, StepInputs, UnitShape
+from kunjax.plan import Fuse, MemoryOp, Sampled, Split, StepInputs, TickWork, UnitShape
 
 
 class ModelledTime:
@@ -66,9 +67,9 @@ class ModelledTime:
         self.transition_seconds += seconds
         self.clock.advance(seconds)
 
-    def tick(self, uid: int, inputs: StepInputs) -> float:
+    def tick(self, uid: int, work: TickWork) -> float:
         members = self.members[uid]
-        seconds = self.cost.tick_seconds(len(members), inputs)
+        seconds = self.cost.tick_seconds(len(members), work)
         for i in members:
             self.busy[i] = self.busy.get(i, 0.0) + seconds
         self.ticks += 1
@@ -82,40 +83,42 @@ class ModelledTime:
         self.busy.clear()
 
 
-def leaving_rows(inputs: StepInputs) -> int:
-    """How many rows the leaving micro-batch has: its rows come first, each sampling at a later token of the
-    bucket than the one before (`logits_indices` strictly increasing); padding rows follow."""
-    li = inputs.logits_indices
-    stops = np.flatnonzero(li[1:] <= li[:-1])
-    return int(stops[0]) + 1 if len(stops) else len(li)
+_M64 = (1 << 64) - 1
 
 
-def synthesize(inputs: StepInputs, vocab: int, forbidden: frozenset[int], top_n: int) -> Sampled:
+class Synthesizer:
     """Tokens for the leaving rows from (seed, counter) alone: the same request gets the same tokens in any batch,
-    under any policy. Never an id in `forbidden` (EOS) or a row's `suppress_ids`. Padding rows get zeros."""
-    m, rows = leaving_rows(inputs), len(inputs.logits_indices)
-    seeds = inputs.seeds[:m].astype(np.uint64)
-    counters = inputs.counters[:m].astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = seeds * np.uint64(0x9E3779B97F4A7C15) + counters * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(1)
-        x ^= x >> np.uint64(31)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(29)
-    tokens = np.zeros(rows, np.int64)
-    tokens[:m] = 1 + (x % np.uint64(vocab - 1))
-    suppress = inputs.suppress_ids[:m]
-    clash = (suppress == tokens[:m, None]).any(axis=1) if (suppress >= 0).any() else np.zeros(m, bool)
-    for f in forbidden:
-        clash |= tokens[:m] == f
-    for r in np.nonzero(clash)[0]:
-        banned = forbidden | {int(t) for t in suppress[r] if t >= 0}
-        while int(tokens[r]) in banned:
-            tokens[r] = 1 + tokens[r] % (vocab - 1)
-    n = max(top_n, 1)
-    top_ids = np.zeros((rows, n), np.int32)
-    top_ids[:m] = (tokens[:m, None] + np.arange(n)[None, :]) % vocab
-    top_lps = np.broadcast_to(np.arange(n, dtype=np.float32) * np.float32(-0.5), top_ids.shape)
-    return Sampled(tokens.astype(np.int32), np.zeros(rows, np.float32), top_ids, top_lps)
+    under any policy. Never an id in `forbidden` (EOS) or one the row may not sample yet (`leaving_suppress`).
+    Logprobs are 0 and the top-N ids follow the token (only when a leaving row asked for logprobs; constant arrays
+    sliced per tick otherwise)."""
+
+    def __init__(self, vocab: int, forbidden: frozenset[int], top_n: int, rows: int):
+        self.vocab, self.forbidden = vocab, forbidden
+        n = max(top_n, 1)
+        self.offsets = np.arange(n, dtype=np.int32)[None, :]
+        self.top_lps = np.tile(np.arange(n, dtype=np.float32) * np.float32(-0.5), (rows, 1))
+        self.logprobs = np.zeros(rows, np.float32)
+        self.no_ids = np.zeros((rows, n), np.int32)
+        self.no_ids.flags.writeable = False
+        self.top_lps.flags.writeable = self.logprobs.flags.writeable = False  # shared by every tick
+
+    def __call__(self, work: TickWork) -> Sampled:
+        vocab, forbidden = self.vocab, self.forbidden
+        tokens = []
+        for seed, counter, suppress in zip(work.leaving_seeds, work.leaving_counters, work.leaving_suppress,
+                                           strict=True):
+            x = (seed * 0x9E3779B97F4A7C15 + counter * 0xBF58476D1CE4E5B9 + 1) & _M64
+            x ^= x >> 31
+            x = (x * 0x94D049BB133111EB) & _M64
+            x ^= x >> 29
+            t = 1 + x % (vocab - 1)
+            while t in forbidden or t in suppress:
+                t = 1 + t % (vocab - 1)
+            tokens.append(t)
+        m = len(tokens)
+        ids = np.array(tokens, np.int32)
+        top_ids = (ids[:, None] + self.offsets) % vocab if work.leaving_top_n else self.no_ids[:m]
+        return Sampled(ids, self.logprobs[:m], top_ids, self.top_lps[:m])
 
 
 class CostModelExecutor:
@@ -132,10 +135,12 @@ class CostModelExecutor:
                               f"--kv-memory-fraction {ecfg.kv_memory_fraction}: raise --tp")
         self.num_blocks = num_kv_blocks(cfg, ecfg, self.weight_bytes, profile.memory_bytes)
         self.load_seconds = 0.0
+        self.needs_arrays = False
         self.cost = CostModel(cfg, profile, dtype=ecfg.dtype, tp=ecfg.tp, block_size=ecfg.block_size,
                               devices_per_host=devices_per_host)
         self.time = ModelledTime(self.cost, clock, self.num_instances)
-        self.forbidden = frozenset(cfg.eos_token_ids)
+        self.synthesize = Synthesizer(cfg.vocab_size, frozenset(cfg.eos_token_ids), ecfg.max_logprobs,
+                                      ecfg.scheduler.max_num_seqs)
 
     def describe(self, instance: int) -> str:
         tp = self.ecfg.tp
@@ -148,14 +153,14 @@ class CostModelExecutor:
     def apply(self, ops: Sequence[MemoryOp]) -> None:
         self.time.apply(ops)
 
-    def launch(self, uid: int, inputs: StepInputs, remote: bool) -> tuple[float, StepInputs]:
-        return self.time.tick(uid, inputs), inputs
+    def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> tuple[float, TickWork]:
+        return self.time.tick(uid, work), work
 
-    def collect(self, launched: tuple[float, StepInputs], leaving: bool) -> TickResult:
-        seconds, inputs = launched
+    def collect(self, launched: tuple[float, TickWork], leaving: bool) -> TickResult:
+        seconds, work = launched
         if not leaving:
             return TickResult(None, seconds)
-        return TickResult(synthesize(inputs, self.cfg.vocab_size, self.forbidden, self.ecfg.max_logprobs), seconds)
+        return TickResult(self.synthesize(work), seconds)
 
     def end_step(self) -> None:
         self.time.end_step()
@@ -169,6 +174,7 @@ class ModelledTimeExecutor:
         self.time = ModelledTime(cost, clock, inner.num_instances)
         self.num_instances, self.num_blocks = inner.num_instances, inner.num_blocks
         self.weight_bytes, self.load_seconds = inner.weight_bytes, inner.load_seconds
+        self.needs_arrays = inner.needs_arrays
 
     def __getattr__(self, name: str) -> Any:  # the inner executor's own API (e.g. the JAX executor's replicas)
         return getattr(self.inner, name)
@@ -184,8 +190,8 @@ class ModelledTimeExecutor:
         self.inner.apply(ops)
         self.time.apply(ops)
 
-    def launch(self, uid: int, inputs: StepInputs, remote: bool) -> tuple[Any, float]:
-        return self.inner.launch(uid, inputs, remote), self.time.tick(uid, inputs)
+    def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> tuple[Any, float]:
+        return self.inner.launch(uid, work, inputs), self.time.tick(uid, work)
 
     def collect(self, launched: tuple[Any, float], leaving: bool) -> TickResult:
         handle, seconds = launched

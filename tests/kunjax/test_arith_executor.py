@@ -17,7 +17,7 @@ from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.plan import DropHost, SwapIn, SwapOut
 from kunjax.policies.base import FuseUnits
 from kunjax.sampling_params import SamplingParams
-from tests.helpers import SPLIT, burst, run_open_loop
+from tests.helpers import SPLIT, burst, check_tick_work, run_open_loop
 
 # 8 layers, so pipelines of 2, 4 and 8 stages split them evenly.
 MODEL = dataclasses.replace(SPLIT, num_layers=8)
@@ -31,9 +31,17 @@ KUNSERVE = dict(CONFIG, policy="kunserve", restore_window_steps=8, min_group_ste
 
 @pytest.mark.parametrize("policy", ["recompute", "swap", "migrate", "layerkv", "kunserve"])
 def test_a_thousand_request_burst_under_every_policy(policy):
+    """Also: every tick's counts (`TickWork`, what the cost model charges) are what its arrays imply."""
     options = KUNSERVE if policy == "kunserve" else dict(CONFIG, policy=policy)
     engine = LLMEngine(MODEL, config_from_kwargs(**options), executor="arith")
     engine.warmup()
+    launch = engine.executor.launch
+
+    def checked(uid, work, inputs):
+        check_tick_work(work, inputs)
+        return launch(uid, work, inputs)
+
+    engine.executor.launch = checked
     arrivals = burst(1000, seed=3, vocab=MODEL.vocab_size)
     got = run_open_loop(engine, arrivals)
     assert len(got) == 1000, "a request was lost"
@@ -64,9 +72,9 @@ def test_the_oracle_notices_a_wrong_block_table(monkeypatch):
     real = unit_mod.ServingUnit.tick_inputs
 
     def shifted(self):
-        inp, remote = real(self)
+        inp = real(self)
         inp.block_tables[:, :, 0] = inp.block_tables[:, :, 1]  # every sequence reads its second block first
-        return inp, remote
+        return inp
 
     monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", shifted)
     arrivals = burst(20, seed=4, vocab=MODEL.vocab_size)

@@ -47,7 +47,7 @@ def test_the_fit_recovers_the_coefficients_that_made_the_steps():
                          vocab_share=1.0, kv_tokens=int(ctx.sum()) + rows + prefill,
                          attn_pairs=int(ctx.sum()) + prefill * prefill // 2, prefill_tokens=prefill,
                          remote_rows_out=0, table_tokens=4096)
-        seconds = (truth.step_overhead_s + cost.stage_seconds(work)) * float(np.exp(rng.normal(0, 0.03)))
+        seconds = (truth.step_overhead_s + cost.stage_seconds(*work)) * float(np.exp(rng.normal(0, 0.03)))
         records.append(StepRecord(work, seconds, "synthetic"))
     values, err = fit_coefficients(cfg, records, dtype="bfloat16", block_size=16, reads="kv")
     assert err < 0.05

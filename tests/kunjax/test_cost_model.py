@@ -15,7 +15,8 @@ from kunjax.cost_model import CostModel
 from kunjax.hardware import HardwareProfile, bundled_profiles, load_profile
 from kunjax.memory import kv_block_bytes, weight_bytes_per_device
 from kunjax.model_shapes import SHAPES, model_shape
-from kunjax.plan import CopyBlocks, Fuse, Split, StepInputs, SwapOut, Transfer, UnitShape
+from kunjax.plan import CopyBlocks, Fuse, Split, StepInputs, SwapOut, TickWork, Transfer, UnitShape
+from tests.helpers import tick_work_of
 
 H100 = load_profile("h100-sxm")
 L8B = model_shape("llama-3-8b")
@@ -26,7 +27,7 @@ def shape(k: int = 1, tokens: int = 4096, seqs: int = 256) -> UnitShape:
                      remote_rows=8)
 
 
-def decode(rows: int, ctx: int, k: int = 1, stage: int = 0, tokens: int = 256) -> StepInputs:
+def decode_inputs(rows: int, ctx: int, k: int = 1, stage: int = 0, tokens: int = 256) -> StepInputs:
     """`rows` decode rows of history `ctx` on `stage` of a k-stage unit, in a bucket of `tokens`."""
     inp = StepInputs.empty(shape(k, tokens), tokens)
     inp.positions[stage, :rows] = ctx
@@ -36,11 +37,15 @@ def decode(rows: int, ctx: int, k: int = 1, stage: int = 0, tokens: int = 256) -
     return inp
 
 
-def prefill(n: int) -> StepInputs:
+def decode(rows: int, ctx: int, k: int = 1, stage: int = 0, tokens: int = 256) -> TickWork:
+    return tick_work_of(decode_inputs(rows, ctx, k, stage, tokens))
+
+
+def prefill(n: int) -> TickWork:
     inp = StepInputs.empty(shape(tokens=n), n)
     inp.positions[0] = np.arange(n)
     inp.valid[0] = True
-    return inp
+    return tick_work_of(inp)
 
 
 @pytest.mark.parametrize(("name", "params"), [
@@ -109,13 +114,14 @@ def test_a_pipeline_tick_lasts_its_slowest_stage_and_remote_reads_load_the_home_
     busy1 = cm.tick_seconds(2, decode(32, 2048, k=2, stage=1))
     assert busy0 == pytest.approx(busy1, rel=0.05)
     assert busy0 < cm.tick_seconds(1, decode(32, 2048))  # half the layers per stage
-    inp = decode(32, 2048, k=2, stage=0)
+    inp = decode_inputs(32, 2048, k=2, stage=0)
     inp.context_starts[0, :8] = 2048  # 8 stale rows: their whole history lives on device 1
     inp.send_rows[0, 1, :8] = np.arange(8)
     inp.recv_lens[1, 0, :8] = 2048
-    works = cm.stage_work(2, inp)
+    stale = tick_work_of(inp)
+    works = cm.stage_work(2, stale)
     assert works[0].kv_tokens == 24 * 2049 + 8 and works[0].remote_rows_out == 8
-    before, after = cm.device_seconds(2, decode(32, 2048, k=2, stage=0)), cm.device_seconds(2, inp)
+    before, after = cm.device_seconds(2, decode(32, 2048, k=2, stage=0)), cm.device_seconds(2, stale)
     assert after[1] - before[1] == pytest.approx(cm.remote_read_seconds(16, 8 * 2048))
     assert after[0] < before[0]  # stage 0 reads less history itself (the messages cost less than the reads)
 

@@ -196,16 +196,23 @@ def test_without_remote_attention_stale_requests_go_wrong(engine, oracle, monkey
         step(eng, outputs)
     real = unit_mod.ServingUnit.tick_inputs
 
+    real_work = unit_mod.ServingUnit.tick_work
+
     def local_only(self):
-        inp, _ = real(self)
+        inp = real(self)
         inp.send_rows[:] = -1
-        return inp, False
+        return inp
+
+    def no_remote(self):
+        return real_work(self)._replace(remote=False)
 
     monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", local_only)
+    monkeypatch.setattr(unit_mod.ServingUnit, "tick_work", no_remote)
     drop(eng)
     for _ in range(3):
         step(eng, outputs)
     monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", real)
+    monkeypatch.setattr(unit_mod.ServingUnit, "tick_work", real_work)
     run_until_done(eng, outputs)
     restore_all(eng, outputs)
     assert [outputs[i] for i in ids] != oracle(prompts)

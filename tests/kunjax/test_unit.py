@@ -16,7 +16,7 @@ from kunjax.policies.base import MemoryPolicy
 from kunjax.request import Request, RequestStatus
 from kunjax.sampling_params import SamplingParams
 from kunjax.unit import ServingUnit
-from tests.helpers import TINY
+from tests.helpers import TINY, check_tick_work
 
 BS = 4
 
@@ -43,12 +43,13 @@ def tick(unit: ServingUnit, token: int = 7):
     leaving, active = unit.advance()
     if not active:
         return None
-    inputs, _ = unit.tick_inputs()
+    work, inputs = unit.tick_work(), unit.tick_inputs()
+    check_tick_work(work, inputs)
     assert inputs.valid.sum() == sum(mb.num_tokens for mb in unit.at_stage if mb is not None)
     if leaving is None:
         return None
     n = len(leaving.items)
-    for req, tok, *_ in unit.exit(leaving, np.full(n, token), np.zeros(n), np.zeros((n, 1)), np.zeros((n, 1))):
+    for req, tok, *_ in unit.exit(leaving, np.full(n, token), np.zeros(n)):
         req.token_ids.append(tok)
         if len(req.token_ids) >= req.max_total_len:
             unit.finish(req)
@@ -218,7 +219,7 @@ def test_abort_while_in_flight_releases_when_the_micro_batch_leaves():
     assert u.stages[1].num_used == used  # still being written by the micro-batch
     u.check(no_reservations)
     n = len(mb.items)
-    out = u.exit(mb, np.zeros(n, np.int32), np.zeros(n), np.zeros((n, 0)), np.zeros((n, 0)))
+    out = u.exit(mb, np.zeros(n, np.int32), np.zeros(n))
     assert [s[0].request_id for s in out] == ["b"]
     assert r0 not in u.running and not u.aborted_in_flight and u.stages[1].num_used < used
     u.check(no_reservations)
