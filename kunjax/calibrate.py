@@ -198,6 +198,72 @@ def microbench(devices, dtypes: Sequence[str], mib: int = 64) -> dict[str, Any]:
     return out
 
 
+def measure_memory_ops(model: str, *, dtype: str, devices, repeats: int = 20, log=print) -> dict[str, Any]:
+    """The real executor's memory operations of 1, 4 and 16 blocks (one compiled gather and scatter each) on
+    `devices`: a transfer between two instances (when there are two devices), a swap out to and in from the host
+    tier, a slot copy inside a pool. Per kind, a line `seconds = fixed + bytes / rate` through the best of
+    `repeats` runs per size (the fixed part clipped at 0); `memory_op_overhead_s` is the median fixed part: the
+    cost of issuing one operation, which bytes over bandwidth do not show on small copies."""
+    import jax
+
+    from kunjax.engine import LLMEngine, config_from_kwargs
+    from kunjax.memory import kv_block_bytes
+    from kunjax.plan import DropHost, SlotCopy, SwapIn, SwapOut, Transfer
+
+    n_inst = 2 if len(devices) > 1 else 1
+    ecfg = config_from_kwargs(num_instances=n_inst, dtype=dtype, policy="recompute", max_num_seqs=8,
+                              max_num_batched_tokens=64)
+    engine = LLMEngine(model, ecfg, devices=devices[:n_inst])
+    ex = engine.executor
+    sizes = [n for n in (1, 4, 16) if 2 * n + 1 < ex.num_blocks]
+    block = kv_block_bytes(engine.model_config, ecfg.block_size, dtype, 1)
+    reps = ex.replicas
+    keys = iter(range(10**9))
+
+    def best(ops_of, sync) -> float:
+        ex.apply(ops_of())  # compiles the copy size once
+        jax.block_until_ready(sync())
+        times = []
+        for _ in range(repeats):
+            ops = ops_of()
+            t0 = time.perf_counter()
+            ex.apply(ops)
+            jax.block_until_ready(sync())
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def swap_out(ids):
+        key = f"calibrate-{next(keys)}"
+        ex.apply([DropHost(0, k) for k in list(reps[0].host)])
+        return [SwapOut(0, key, ids)]
+
+    samples: dict[str, list[tuple[int, float]]] = {"swap_out": [], "swap_in": [], "slot_copy": []}
+    if n_inst > 1:
+        samples["transfer"] = []
+    for n in sizes:
+        src, dst = tuple(range(1, n + 1)), tuple(range(n + 1, 2 * n + 1))
+        samples["swap_out"].append((n, best(lambda src=src: swap_out(src), lambda: list(reps[0].host.values()))))
+        ex.apply([SwapOut(0, "calibrate-in", src)])
+        samples["swap_in"].append((n, best(lambda dst=dst: [SwapIn(0, "calibrate-in", dst, keep=True)],
+                                           lambda: reps[0].pool)))
+        ex.apply([DropHost(0, "calibrate-in")])
+        samples["slot_copy"].append((n, best(lambda src=src, dst=dst: [SlotCopy(0, src, dst, 1)],
+                                             lambda: reps[0].pool)))
+        if n_inst > 1:
+            samples["transfer"].append((n, best(lambda src=src, dst=dst: [Transfer(0, 1, src, dst)],
+                                                lambda: reps[1].pool)))
+    ex.apply([DropHost(0, k) for k in list(reps[0].host)])
+    kinds = {}
+    for kind, pts in samples.items():
+        x = np.array([n * block for n, _ in pts], float)
+        y = np.array([t for _, t in pts])
+        slope, fixed = np.polyfit(x, y, 1) if len(pts) > 1 else (0.0, y[0])
+        kinds[kind] = {"fixed_s": max(float(fixed), 0.0), "bytes_per_s": float(1 / slope) if slope > 0 else None,
+                       "seconds": {str(n): t for n, t in pts}}
+        log(f"calibrate: {kind}: {1e6 * kinds[kind]['fixed_s']:.0f} us fixed per operation")
+    return {"memory_op_overhead_s": float(np.median([k["fixed_s"] for k in kinds.values()])), "memory_ops": kinds}
+
+
 # ---- fitting --------------------------------------------------------------------------------------------------
 _PARAMS = ("large-GEMM FLOP/s", "matmul_half_tokens", "weight-streaming bytes/s", "attention-read bytes/s",
            "step_overhead_s")
@@ -288,6 +354,11 @@ def fit_profile(cfg: ModelConfig, records: Sequence[StepRecord], *, dtype: str, 
         if key in rates:
             changes[key] = rates[key]
             sources[key] = f"{measured}: best of a few transfers"
+    if "memory_op_overhead_s" in rates:
+        changes["memory_op_overhead_s"] = rates["memory_op_overhead_s"]
+        per_kind = ", ".join(f"{k} {1e6 * v['fixed_s']:.0f} us" for k, v in rates["memory_ops"].items())
+        sources["memory_op_overhead_s"] = (f"{measured}: the executor's own memory operations of 1 to 16 blocks, the "
+                                           f"median fixed part of seconds = fixed + bytes / rate ({per_kind})")
     sources["peak_flops"] = (f"{measured}: the best of 5 square GEMMs per dtype ({dtype}: at least the fitted "
                              f"large-GEMM rate)")
     sources["hbm_bytes_per_s"] = f"{measured}: a device copy (read + write), or the fitted rates if higher"
@@ -405,6 +476,7 @@ def cmd_calibrate(parser, args) -> int:
         block_size = 16  # the engine's default, which record_steps runs with
         print(f"calibrate: microbenchmarks on {device}")
         rates = microbench(devices, sorted({"float32", dtype}))
+        rates |= measure_memory_ops(args.model, dtype=dtype, devices=devices)
         base = base_profile(devices[0], name)
     profile, report = fit_profile(cfg, records, dtype=dtype, block_size=block_size, reads=reads, rates=rates,
                                   base=base, name=name, device=device)
@@ -417,7 +489,7 @@ def cmd_calibrate(parser, args) -> int:
     print(f"{'coefficient':24} value")
     for key in ("peak_flops", "matmul_efficiency", "matmul_half_tokens", "hbm_bytes_per_s", "memory_efficiency",
                 "attention_efficiency", "attention_reads", "step_overhead_s", "link_bytes_per_s",
-                "host_bytes_per_s"):
+                "host_bytes_per_s", "memory_op_overhead_s"):
         v = getattr(profile, key)
         print(f"{key:24} {json.dumps(v) if isinstance(v, dict | str) else f'{v:.4g}'}")
     print(f"fit on {report['fit_steps']} steps (median error {100 * report['fit_median_error']:.1f}%); held out "

@@ -22,9 +22,10 @@ step computes:
   costs its fixed overhead only. **Remote attention**: a stale row's home device reads that row's history there
   (its time is added to the home device's stage) and the query and partial results cross the link per layer.
 * **Memory operations**: block copies inside a device at HBM speed (read and write), between devices over the
-  link; transfers between instances over the link (the network across hosts); swaps over the host link; a
-  fuse copies each device's kept layer slice and a split gathers the dropped (k-1)/k of the weights back, each
-  plus the profile's transition overhead.
+  link; transfers between instances over the link (the network across hosts); swaps over the host link; each
+  plus the profile's fixed `memory_op_overhead_s` once, on the device that issues it. A fuse copies each device's kept
+  layer slice and a split gathers the dropped (k-1)/k of the weights back, each plus the profile's transition
+  overhead.
 * A fixed `step_overhead_s` per tick and `layer_overhead_s` per layer.
 
 It knows nothing of the engine's books: the executor (`kunjax.executor.sim`) calls it and keeps the time.
@@ -184,6 +185,21 @@ class CostModel:
     def op_seconds(self, op: MemoryOp, members: tuple[int, ...] = ()) -> dict[int, float]:
         """Seconds each instance's devices spend on `op` (`members`: the unit's instances, for `CopyBlocks`).
         A fuse or split is not here: it stops the engine (`transition_seconds`)."""
+        busy = self._op_busy(op, members)
+        fixed = self.profile.memory_op_overhead_s
+        if fixed and busy:  # once per operation, on the device that issues it (the source)
+            match op:
+                case Transfer():
+                    first = op.src
+                case CopyBlocks():
+                    first = members[op.copies[0][0]] if op.copies else None
+                case _:
+                    first = getattr(op, "instance", None)
+            if first is not None:
+                busy[first] = busy.get(first, 0.0) + fixed
+        return busy
+
+    def _op_busy(self, op: MemoryOp, members: tuple[int, ...]) -> dict[int, float]:
         p, L, bs = self.profile, self.cfg.num_layers, self.block_size
         block_bytes = bs * self.kv_bytes_per_token_layer * L
         hbm = p.hbm_bytes_per_s * p.memory_efficiency

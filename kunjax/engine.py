@@ -5,7 +5,7 @@ Owns request admission (validation, tokenization, routing), the step loop over u
 (`kunjax.unit`) is a pipeline of k stages: a replica is k = 1, a group fused from k replicas under a policy that
 fuses replicas is k > 1; the engine treats both alike.
 
-One `step()`: every unit runs its k ticks (tick t of every unit is launched before any unit's tick t is read,
+One `step()`: every unit with work runs its k ticks (tick t of every unit is launched before any unit's tick t is read,
 so units overlap on their own devices, and a unit's tokens are applied before its next tick is scheduled); the
 memory operations the books decided go to the executor before the tick that depends on them; pipeline units run
 one round of their live KV exchange; the policy looks at the units and returns transitions (fuse, split), which
@@ -271,16 +271,16 @@ class LLMEngine:
         return any(u.has_work for u in self.units.values())
 
     def _issue(self) -> None:
-        ops = self.mempool.take_ops()
-        if ops:
-            self.executor.apply(ops)
+        if self.mempool.has_ops:
+            self.executor.apply(self.mempool.take_ops())
 
     def step(self) -> list[RequestOutput]:
         """One step of every unit with work; returns an output (a delta) for every request that advanced."""
         outputs: list[RequestOutput] = []
-        units = list(self.units.values())
+        units = [u for u in self.units.values() if u.has_work]  # an idle unit has nothing to schedule or run
         pending: dict[int, tuple[MicroBatch | None, Any]] = {}
         arrays = self.executor.needs_arrays
+        launch, after_launch, issue = self.executor.launch, self.policy.after_launch, self._issue
         for t in range(max((u.k for u in units), default=0)):
             for u in units:
                 if t >= u.k:
@@ -292,11 +292,11 @@ class LLMEngine:
                     continue
                 work = u.tick_work()
                 inputs = u.tick_inputs() if arrays else None
-                self._issue()  # what scheduling decided (swaps, reloads) goes before the tick
-                pending[u.uid] = (leaving, self.executor.launch(u.uid, work, inputs))
+                issue()  # what scheduling decided (swaps, reloads) goes before the tick
+                pending[u.uid] = (leaving, launch(u.uid, work, inputs))
                 if u.at_stage[0] is not None:
-                    self.policy.after_launch(u, u.at_stage[0])
-                self._issue()  # what must follow the tick (layerkv's offloads)
+                    after_launch(u, u.at_stage[0])
+                issue()  # what must follow the tick (layerkv's offloads)
         for u in units:
             if u.uid in pending:
                 self._finish_tick(u, *pending.pop(u.uid), outputs)
@@ -318,14 +318,14 @@ class LLMEngine:
             return
         s = result.sampled
         finished = RequestStatus.FINISHED
+        now = self.clock.now()  # the tick's tokens all arrived when it was collected
         for req, token, logprob, row in unit.exit(leaving, s.tokens, s.logprobs):
-            outputs.append(self._append_token(unit, req, token, logprob, s, row))
+            outputs.append(self._append_token(unit, req, token, logprob, s, row, now))
             if req.status is finished:
                 self.requests.pop(req.request_id, None)
 
     def _append_token(self, unit: ServingUnit, req: Request, token: int, logprob: float, sampled: Sampled,
-                      row: int) -> RequestOutput:
-        now = self.clock.now()
+                      row: int, now: float) -> RequestOutput:
         if req.first_token_time is None:
             req.first_token_time = now
         req.token_ids.append(token)

@@ -19,6 +19,9 @@ Coefficients (seconds, bytes, FLOP):
 * `step_overhead_s` — a tick's fixed cost (dispatch, sampling, host work); `layer_overhead_s` — per layer
   (kernel launches);
 * `transition_overhead_s` — the fixed cost of a fuse or split (rebuilding the unit, freeing or allocating);
+* `memory_op_overhead_s` — the fixed cost of one memory operation (the executor's gather and scatter programs,
+  their dispatch and index uploads), on top of its bytes over the link it uses; charged once, to the device
+  that issues it;
 * `concurrent_devices` — how many devices compute at once: 0 (every one: GPUs, TPUs), or e.g. 1 when the
   "devices" are JAX CPU devices sharing one host's cores, whose ticks then take turns.
 """
@@ -57,6 +60,7 @@ class HardwareProfile:
     step_overhead_s: float
     layer_overhead_s: float
     transition_overhead_s: float
+    memory_op_overhead_s: float = 0.0
     attention_reads: str = "kv"  # "kv" | "table" (see the module docstring)
     concurrent_devices: int = 0  # 0: every device computes at once
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # coefficient -> where it came from
@@ -108,6 +112,9 @@ class HardwareProfile:
         if unknown or missing:
             raise ConfigError(f"profile {d.get('name', '?')}: unknown fields {sorted(unknown)}, "
                               f"missing fields {sorted(missing)}")
+        if "memory_op_overhead_s" not in d:  # a profile written before this coefficient existed
+            d = {**d, "sources": {**d.get("sources", {}), "memory_op_overhead_s":
+                                  "not in this profile file (written before kunjax measured it): 0"}}
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

@@ -80,10 +80,12 @@ class MemoryPool:
     def issue(self, op: MemoryOp) -> None:
         self._ops.append(op)
 
+    @property
+    def has_ops(self) -> bool:
+        return bool(self._ops)
+
     def take_ops(self) -> list[MemoryOp]:
-        ops = self._ops
-        if ops:
-            self._ops = []
+        ops, self._ops = self._ops, []
         return ops
 
     # ---- device tier --------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class Request:
         return self.detokenizer.text if self.detokenizer is not None else ""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str  # final output only: all generated text (stop string excluded unless requested); "" before
@@ -116,7 +116,7 @@ class CompletionOutput:
     delta_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)  # one per delta id
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

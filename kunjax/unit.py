@@ -47,7 +47,7 @@ from kunjax.request import Request, RequestStatus
 from kunjax.sampling_params import SamplingArrays, pack_sampling
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Scheduled:
     req: Request
     start: int  # first token computed (== req.num_computed when scheduled)
@@ -471,6 +471,14 @@ class ServingUnit:
     def tick_work(self) -> TickWork:
         """What the tick about to run (after `advance`) computes, in counts; counts the tick."""
         shape, k = self.shape, self.k
+        self.ticks += 1
+        if k == 1:  # a replica (the common tick): its one micro-batch enters and leaves, no stale history
+            mb = self.at_stage[0]
+            rows = shape.bucket(mb.num_tokens)
+            self.last_tick = (mb.num_tokens, rows)
+            return TickWork(rows, shape.seqs, shape.max_blocks,
+                            (StageLoad(mb.num_tokens, mb.kv_tokens, mb.attn_pairs, mb.prefill_tokens),), False,
+                            mb.seeds, mb.counters, mb.suppress, mb.top_n)
         tokens = widest = 0
         remote_in = [0] * k
         loads, remote = [], False
@@ -495,7 +503,6 @@ class ServingUnit:
         if remote:
             loads = [w._replace(remote_kv_in=r) if r else w for w, r in zip(loads, remote_in, strict=True)]
         rows = shape.bucket(widest)
-        self.ticks += 1
         self.remote_ticks += int(remote)
         self.last_tick = (tokens, rows)
         last = self.at_stage[k - 1]

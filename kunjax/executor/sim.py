@@ -90,17 +90,20 @@ class Synthesizer:
     """Tokens for the leaving rows from (seed, counter) alone: the same request gets the same tokens in any batch,
     under any policy. Never an id in `forbidden` (EOS) or one the row may not sample yet (`leaving_suppress`).
     Logprobs are 0 and the top-N ids follow the token (only when a leaving row asked for logprobs; constant arrays
-    sliced per tick otherwise)."""
+    otherwise)."""
 
     def __init__(self, vocab: int, forbidden: frozenset[int], top_n: int, rows: int):
         self.vocab, self.forbidden = vocab, forbidden
         n = max(top_n, 1)
         self.offsets = np.arange(n, dtype=np.int32)[None, :]
-        self.top_lps = np.tile(np.arange(n, dtype=np.float32) * np.float32(-0.5), (rows, 1))
-        self.logprobs = np.zeros(rows, np.float32)
-        self.no_ids = np.zeros((rows, n), np.int32)
-        self.no_ids.flags.writeable = False
-        self.top_lps.flags.writeable = self.logprobs.flags.writeable = False  # shared by every tick
+        top_lps = np.tile(np.arange(n, dtype=np.float32) * np.float32(-0.5), (rows, 1))
+        logprobs, no_ids = np.zeros(rows, np.float32), np.zeros((rows, n), np.int32)
+        for a in (top_lps, logprobs, no_ids):
+            a.flags.writeable = False  # shared by every tick
+        # Views of the first m rows for every m: indexing a list is cheaper than slicing each tick.
+        self.top_lps = [top_lps[:m] for m in range(rows + 1)]
+        self.logprobs = [logprobs[:m] for m in range(rows + 1)]
+        self.no_ids = [no_ids[:m] for m in range(rows + 1)]
 
     def __call__(self, work: TickWork) -> Sampled:
         vocab, forbidden = self.vocab, self.forbidden
@@ -117,8 +120,8 @@ class Synthesizer:
             tokens.append(t)
         m = len(tokens)
         ids = np.array(tokens, np.int32)
-        top_ids = (ids[:, None] + self.offsets) % vocab if work.leaving_top_n else self.no_ids[:m]
-        return Sampled(ids, self.logprobs[:m], top_ids, self.top_lps[:m])
+        top_ids = (ids[:, None] + self.offsets) % vocab if work.leaving_top_n else self.no_ids[m]
+        return Sampled(ids, self.logprobs[m], top_ids, self.top_lps[m])
 
 
 class CostModelExecutor:

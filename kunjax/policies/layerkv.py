@@ -94,20 +94,21 @@ class StepTimeModel:
     def __init__(self, decay: float = 0.9, min_obs: int = 3):
         self.decay = decay
         self.min_obs = min_obs
-        self.gram = np.zeros((3, 3))  # [3, 3] weighted sum of x xᵀ
-        self.rhs = np.zeros(3)  # [3] weighted sum of x·seconds
+        self.gram = [0.0] * 9  # [3, 3] row-major weighted sum of x xᵀ (plain floats: observed every tick)
+        self.rhs = [0.0] * 3  # [3] weighted sum of x·seconds
         self.observations = 0
 
     def observe(self, tokens: int, reloaded: int, seconds: float) -> None:
-        x = np.array([1.0, tokens, reloaded])
-        self.gram = self.decay * self.gram + np.outer(x, x)
-        self.rhs = self.decay * self.rhs + x * seconds
+        d = self.decay
+        x = (1.0, float(tokens), float(reloaded))
+        self.gram = [d * g + x[i // 3] * x[i % 3] for i, g in enumerate(self.gram)]
+        self.rhs = [d * r + xi * seconds for r, xi in zip(self.rhs, x, strict=True)]
         self.observations += 1
 
     def project(self, tokens: int, reloaded: int) -> float | None:
         if self.observations < self.min_obs:
             return None
-        coef = np.linalg.solve(self.gram + 1e-9 * np.eye(3), self.rhs)
+        coef = np.linalg.solve(np.reshape(self.gram, (3, 3)) + 1e-9 * np.eye(3), np.asarray(self.rhs))
         coef = np.maximum(coef, 0.0)  # a noisy fit may go negative; no term of a step's time does
         return float(coef @ np.array([1.0, tokens, reloaded]))
 

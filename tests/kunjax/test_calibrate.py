@@ -18,6 +18,7 @@ from kunjax.calibrate import (
     fit_coefficients,
     fit_profile,
     load_records,
+    measure_memory_ops,
     record_steps,
     relative_errors,
     split,
@@ -97,6 +98,22 @@ def test_record_steps_runs_the_real_engine(tmp_path):
     assert len(records) > 20 and all(r.seconds > 0 for r in records)
     assert {r.work.tokens for r in records} <= {16, 32} and max(r.work.valid_tokens for r in records) > 4
     assert any(r.work.prefill_tokens for r in records) and any(not r.work.prefill_tokens for r in records)
+
+
+def test_memory_operations_are_timed_on_the_real_executor_and_priced_per_operation(tmp_path):
+    """The executor's own transfers, swaps and slot copies, timed: each kind's fixed cost per operation is what
+    the profile charges once per operation on top of its bytes (what migrate and layerkv pay on small moves)."""
+    path = write_tiny_model(tmp_path / "tiny")
+    got = measure_memory_ops(str(path), dtype="float32", devices=jax.devices()[:2], repeats=3, log=lambda *_: None)
+    assert set(got["memory_ops"]) == {"transfer", "swap_out", "swap_in", "slot_copy"}
+    assert all(len(k["seconds"]) == 3 and min(k["seconds"].values()) > 0 for k in got["memory_ops"].values())
+    assert got["memory_op_overhead_s"] > 0
+    cfg, records, meta = load_records(RECORDS)
+    base = HardwareProfile.from_dict(meta["base_profile"])
+    prof, _ = fit_profile(cfg, records, dtype=meta["dtype"], block_size=16, reads=meta["attention_reads"],
+                          rates={**meta["rates"], **got}, base=base, name="t", device="here")
+    assert prof.memory_op_overhead_s == got["memory_op_overhead_s"]
+    assert "swap_out" in prof.sources["memory_op_overhead_s"]
 
 
 def test_calibrate_from_records_writes_a_profile_the_bench_simulates_with(tmp_path):

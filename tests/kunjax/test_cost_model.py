@@ -129,10 +129,13 @@ def test_a_pipeline_tick_lasts_its_slowest_stage_and_remote_reads_load_the_home_
 def test_memory_operations_move_the_bytes_the_books_count():
     cm = CostModel(L8B, H100, dtype="bfloat16", tp=1, block_size=16)
     block = kv_block_bytes(L8B, 16, "bfloat16", 1)
+    fixed = H100.memory_op_overhead_s
+    assert fixed > 0
     out = cm.op_seconds(SwapOut(3, "r", tuple(range(100))))
-    assert out == {3: pytest.approx(H100.host_latency_s + 100 * block / H100.host_bytes_per_s)}
+    assert out == {3: pytest.approx(fixed + H100.host_latency_s + 100 * block / H100.host_bytes_per_s)}
     t = cm.op_seconds(Transfer(0, 1, (1, 2), (3, 4)))
-    assert t[0] == t[1] == pytest.approx(H100.link_latency_s + 2 * block / H100.link_bytes_per_s)
+    wire = H100.link_latency_s + 2 * block / H100.link_bytes_per_s
+    assert t == {0: pytest.approx(fixed + wire), 1: pytest.approx(wire)}  # the fixed part once, where it is issued
     across = CostModel(L8B, H100, dtype="bfloat16", tp=4, block_size=16).op_seconds(Transfer(0, 2, (1,), (3,)))
     assert across[0] > t[0]  # instances 0 and 2 of tp 4 are on different hosts of 8 devices: the network
     local = cm.op_seconds(CopyBlocks(7, ((0, 5, 0, 6, 0, 16),)), members=(4, 5))

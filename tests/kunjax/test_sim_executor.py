@@ -15,6 +15,7 @@ from kunjax.hardware import load_profile
 from kunjax.model_shapes import model_shape
 from kunjax.plan import Fuse, Split
 from kunjax.policies.base import FuseUnits
+from kunjax.sampling_params import SamplingParams
 from tests.helpers import SPLIT, burst, load_single_device_params, naive_greedy, run_open_loop, write_tiny_model
 
 H100 = load_profile("h100-sxm")
@@ -59,6 +60,32 @@ def test_the_same_run_twice_is_identical():
 
     a, b = once(), once()
     assert a == b and a[2]
+
+
+def test_the_cost_model_executor_never_builds_host_arrays_and_still_serves_logprobs(monkeypatch):
+    """The executor reads each tick's counts (`TickWork`) only: the padded arrays (most of the host time of a
+    simulated tick) are never built, even through drops and restores. A request asking for logprobs still gets
+    its top-N (the sampled id first), and one that does not gets none."""
+    import kunjax.unit as unit_mod
+
+    def refuse(self):
+        raise AssertionError("StepInputs built for an executor that does not read them")
+
+    monkeypatch.setattr(unit_mod.ServingUnit, "tick_inputs", refuse)
+    engine = sim_engine("kunserve")
+    out = run_open_loop(engine, fast_burst(80, seed=5))
+    assert len(out) == 80 and [e.kind for e in engine.policy.events].count("drop") >= 1
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, logprobs=3), request_id="lp")
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=4), request_id="plain")
+    final = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+    lps = final["lp"].outputs[0].logprobs
+    assert len(lps) == 4 and all(len(e) == 3 and next(iter(e)) == t
+                                 for e, t in zip(lps, final["lp"].outputs[0].token_ids, strict=True))
+    assert final["plain"].outputs[0].logprobs is None
 
 
 def test_fuse_and_split_charge_the_cost_models_transition_time():

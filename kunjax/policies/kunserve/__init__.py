@@ -160,6 +160,8 @@ class KunServe(MemoryPolicy):
             if split is not None:
                 out.append(split)
         replicas = [u for u in view.units if u.k == 1]
+        if not any(u.waiting for u in replicas):  # no queue, no drop (`needs_drop`): the common step, kept cheap
+            return out
         loads = {u.uid: InstanceLoad(u.uid, u.total_blocks, u.num_allocatable, u.demand_blocks(), u.queued_blocks(),
                                      u.shape.seqs - len(u.running)) for u in replicas}
         if not any(needs_drop(ld, self.th) for ld in loads.values()):
