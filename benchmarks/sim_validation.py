@@ -2,13 +2,16 @@
 once on the simulated clock with a measured profile (default: the bundled `cpu` profile from `kunjax calibrate`).
 
     python benchmarks/sim_validation.py --out sim-validation          # demo model, bundled trace, five policies
+    python benchmarks/sim_validation.py --repeats 3 -- --trace azure-conv   # three measured runs: median, range
     python benchmarks/sim_validation.py --profile my-cpu.json -- --target-peak-ratio 3
 
 Both runs use identical inputs (the bench fits the workload to the KV capacity, which does not depend on the
 clock), the real JAX engine and its real tokens; only the clock differs. The table compares, per policy, P50
 and P99 TTFT and P99 TPOT (simulated / measured - 1) and writes OUT/validation.json and OUT/validation.png.
 The wall run is as noisy as the machine (the host's load average before and after is printed), so run it on a
-quiet machine; flags after `--` go to both bench runs.
+quiet machine, and with `--repeats N` run it N times: the error is then against the median of the measured
+runs, and their range is printed (the simulated run is deterministic: once is enough). Flags after `--` go to
+every bench run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,14 +40,20 @@ def bench(out: Path, extra: list[str]) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def compare(wall: dict, sim: dict) -> dict[str, dict[str, dict[str, float]]]:
+def compare(walls: list[dict], sim: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Per policy and metric: the median of the measured runs, their range, the simulated value and its error
+    against the median."""
     out = {}
     for p in POLICIES:
-        if p not in wall["policies"] or p not in sim["policies"]:
+        if any(p not in w["policies"] for w in walls) or p not in sim["policies"]:
             continue
-        w, s = wall["policies"][p], sim["policies"][p]
-        out[p] = {m: {"measured": w[m], "simulated": s[m], "error": s[m] / w[m] - 1 if w[m] else float("nan")}
-                  for m, _ in METRICS}
+        s = sim["policies"][p]
+        out[p] = {}
+        for m, _ in METRICS:
+            runs = sorted(w["policies"][p][m] for w in walls)
+            med = statistics.median(runs)
+            out[p][m] = {"measured": med, "measured_min": runs[0], "measured_max": runs[-1], "simulated": s[m],
+                         "error": s[m] / med - 1 if med else float("nan")}
     return out
 
 
@@ -60,7 +70,10 @@ def plot(result: dict, path: Path) -> None:
     pols = list(result)
     for ax, (m, label) in zip(axes, METRICS, strict=True):
         x = range(len(pols))
-        ax.bar([i - 0.2 for i in x], [result[p][m]["measured"] for p in pols], 0.4, label="measured (wall)")
+        med = [result[p][m]["measured"] for p in pols]
+        spread = [[v - result[p][m]["measured_min"] for v, p in zip(med, pols, strict=True)],
+                  [result[p][m]["measured_max"] - v for v, p in zip(med, pols, strict=True)]]
+        ax.bar([i - 0.2 for i in x], med, 0.4, yerr=spread, capsize=3, label="measured (wall: median, range)")
         ax.bar([i + 0.2 for i in x], [result[p][m]["simulated"] for p in pols], 0.4, label="simulated (cpu profile)")
         ax.set_xticks(list(x), pols, rotation=20)
         ax.set(title=label, ylabel="seconds")
@@ -77,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("sim-validation"))
     p.add_argument("--profile", default="cpu")
+    p.add_argument("--repeats", type=int, default=1, help="measured (wall-clock) runs; the error is against their "
+                                                          "median")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     args.out.mkdir(parents=True, exist_ok=True)
-    wall = bench(args.out / "wall", extra)
+    walls = [bench(args.out / ("wall" if args.repeats == 1 else f"wall{i + 1}"), extra) for i in range(args.repeats)]
     sim = bench(args.out / "simulated", ["--clock", "simulated", "--profile", args.profile, *extra])
-    if wall["workload"]["requests"] != sim["workload"]["requests"]:
-        raise SystemExit("the two runs replayed different workloads")
-    result = compare(wall, sim)
+    if any(w["workload"]["requests"] != sim["workload"]["requests"] for w in walls):
+        raise SystemExit("the runs replayed different workloads")
+    result = compare(walls, sim)
     (args.out / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "validation.png")
     print(f"{'policy':10}" + "".join(f" {label + ' measured':>17} {'simulated':>10} {'error':>7}"
@@ -91,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     for pol, r in result.items():
         print(f"{pol:10}" + "".join(f" {r[m]['measured']:>16.2f}s {r[m]['simulated']:>9.2f}s "
                                      f"{100 * r[m]['error']:>+6.0f}%" for m, _ in METRICS))
+    if args.repeats > 1:
+        print(f"measured range over {args.repeats} runs (min-max):")
+        for pol, r in result.items():
+            print(f"{pol:10}" + "".join(f" {label}: {r[m]['measured_min']:.2f}-{r[m]['measured_max']:.2f}s"
+                                         for m, label in METRICS))
     errs = [abs(r[m]["error"]) for r in result.values() for m in ("ttft_p50_s", "tpot_p99_s")]
     print(f"largest |error| of P50 TTFT and P99 TPOT over the policies: {100 * max(errs):.0f}%")
     return 0

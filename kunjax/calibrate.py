@@ -190,8 +190,6 @@ def microbench(devices, dtypes: Sequence[str], mib: int = 64) -> dict[str, Any]:
     out["host_bytes_per_s"] = nbytes / _best(lambda: np.asarray(cp(x)), 3)
     small = jax.device_put(jnp.ones((16,), jnp.float32), d0)
     out["host_latency_s"] = _best(lambda: np.asarray(small + 1), 20)
-    if d0.platform == "cpu":
-        out["concurrent_devices"] = 1
     if len(devices) > 1:
         out["link_bytes_per_s"] = nbytes / _best(lambda: jax.device_put(x, devices[1]).block_until_ready(), 3)
         out["link_latency_s"] = _best(lambda: jax.device_put(small, devices[1]).block_until_ready(), 20)
@@ -262,6 +260,42 @@ def measure_memory_ops(model: str, *, dtype: str, devices, repeats: int = 20, lo
                        "seconds": {str(n): t for n, t in pts}}
         log(f"calibrate: {kind}: {1e6 * kinds[kind]['fixed_s']:.0f} us fixed per operation")
     return {"memory_op_overhead_s": float(np.median([k["fixed_s"] for k in kinds.values()])), "memory_ops": kinds}
+
+
+def measure_parallelism(model: str, *, dtype: str, devices, rows: int = 8, steps: int = 30,
+                        log=print) -> dict[str, Any]:
+    """How many devices' steps run at once, when `devices` share one host (JAX CPU devices): the same decode
+    steps (`rows` sequences per replica) on one replica and on one replica per device, `n · t1 / tn`
+    (median step times), between 1 and n. Devices that do not share a host compute at once (0: not measured)."""
+    if devices[0].platform != "cpu" or len(devices) < 2:
+        return {}
+    from kunjax.engine import LLMEngine, config_from_kwargs
+    from kunjax.sampling_params import SamplingParams
+
+    n = len(devices)
+    per_step = {}
+    for m in (1, n):
+        ecfg = config_from_kwargs(num_instances=m, dtype=dtype, policy="recompute", max_num_seqs=rows,
+                                  max_num_batched_tokens=64)
+        engine = LLMEngine(model, ecfg, devices=devices[:m])
+        engine.warmup()
+        params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
+        for i in range(m * rows):
+            engine.add_request([1 + (i + j) % 100 for j in range(16)], params)
+        while any(u.waiting or any(len(r.token_ids) - r.num_computed > 1 for r in u.running)
+                  for u in engine.units.values()):
+            engine.step()  # the prefills
+        for _ in range(3):
+            engine.step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        per_step[m] = float(np.median(times))
+    parallel = min(max(n * per_step[1] / per_step[n], 1.0), float(n))
+    log(f"calibrate: {n} devices on one host run {parallel:.2f} steps' work at once")
+    return {"concurrent_devices": parallel, "parallel_steps": {str(m): t for m, t in per_step.items()}}
 
 
 # ---- fitting --------------------------------------------------------------------------------------------------
@@ -367,8 +401,13 @@ def fit_profile(cfg: ModelConfig, records: Sequence[StepRecord], *, dtype: str, 
     sources["attention_reads"] = f"the attention backend that ran here: {reads!r}"
     if "concurrent_devices" in rates:
         changes["concurrent_devices"] = rates["concurrent_devices"]
-        sources["concurrent_devices"] = ("JAX CPU devices share this host's cores and a tick already uses them all "
-                                         "(intra-op threads): their ticks take turns")
+        steps = rates.get("parallel_steps", {})
+        per = " and ".join(f"{1e3 * t:.1f} ms" for t in steps.values())
+        sources["concurrent_devices"] = (
+            f"{measured}: JAX CPU devices share this host's cores; the same decode steps on 1 replica and on "
+            f"{max(map(int, steps), default=0)} at once ({per} a step): n * t1 / tn" if steps else
+            "JAX CPU devices share this host's cores and a tick already uses them all (intra-op threads): their "
+            "ticks take turns")
     prof = dataclasses.replace(base, **changes, sources=sources)
     held_err = np.abs(relative_errors(prof, cfg, held, dtype=dtype, block_size=block_size))
     summary = f"{100 * np.median(held_err):.1f}% (P90 {100 * np.percentile(held_err, 90):.1f}%)"
@@ -421,6 +460,7 @@ def base_profile(device, name: str) -> HardwareProfile:
         "memory_bytes": "os.sysconf: this host's physical memory, shared by its simulated devices",
         "network_bytes_per_s": assumed + "no network between simulated devices; as the link",
         "transition_overhead_s": assumed + "5 ms to rebuild a unit at a fuse or split (not measured)",
+        "concurrent_devices": assumed + "their ticks take turns (1; measured when calibrating on several devices)",
     }
     sources.update({k: "replaced by calibration" for k in HardwareProfile.coefficients() if k not in sources})
     return HardwareProfile(
@@ -477,6 +517,7 @@ def cmd_calibrate(parser, args) -> int:
         print(f"calibrate: microbenchmarks on {device}")
         rates = microbench(devices, sorted({"float32", dtype}))
         rates |= measure_memory_ops(args.model, dtype=dtype, devices=devices)
+        rates |= measure_parallelism(args.model, dtype=dtype, devices=devices)
         base = base_profile(devices[0], name)
     profile, report = fit_profile(cfg, records, dtype=dtype, block_size=block_size, reads=reads, rates=rates,
                                   base=base, name=name, device=device)

@@ -5,11 +5,11 @@ Owns request admission (validation, tokenization, routing), the step loop over u
 (`kunjax.unit`) is a pipeline of k stages: a replica is k = 1, a group fused from k replicas under a policy that
 fuses replicas is k > 1; the engine treats both alike.
 
-One `step()`: every unit with work runs its k ticks (tick t of every unit is launched before any unit's tick t is read,
-so units overlap on their own devices, and a unit's tokens are applied before its next tick is scheduled); the
-memory operations the books decided go to the executor before the tick that depends on them; pipeline units run
-one round of their live KV exchange; the policy looks at the units and returns transitions (fuse, split), which
-the engine applies. Every stamp reads the injected clock; every device action goes through the executor.
+One `step()`: every unit with work runs its k ticks (tick t of every unit is launched before any unit's tick t is
+read, so units overlap on their own devices, and a unit's tokens are applied before its next tick is scheduled);
+the memory operations the books decided go to the executor before the tick that depends on them; pipeline units
+run one round of their live KV exchange; the policy looks at the units and returns transitions (fuse, split),
+which the engine applies. Every stamp reads the injected clock; every device action goes through the executor.
 
 The router sends a request to the unit with the least KV demand relative to its capacity among replicas and
 admitting pipelines, counting the prefix its index already holds as free when prefix caching is on.

@@ -22,8 +22,9 @@ Coefficients (seconds, bytes, FLOP):
 * `memory_op_overhead_s` — the fixed cost of one memory operation (the executor's gather and scatter programs,
   their dispatch and index uploads), on top of its bytes over the link it uses; charged once, to the device
   that issues it;
-* `concurrent_devices` — how many devices compute at once: 0 (every one: GPUs, TPUs), or e.g. 1 when the
-  "devices" are JAX CPU devices sharing one host's cores, whose ticks then take turns.
+* `concurrent_devices` — how many devices' work runs at once: 0 (every one: GPUs, TPUs), or, when the "devices"
+  are JAX CPU devices sharing one host's cores, the effective number `kunjax calibrate` measures (1: their
+  ticks take turns).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class HardwareProfile:
     transition_overhead_s: float
     memory_op_overhead_s: float = 0.0
     attention_reads: str = "kv"  # "kv" | "table" (see the module docstring)
-    concurrent_devices: int = 0  # 0: every device computes at once
+    concurrent_devices: float = 0  # 0: every device computes at once
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # coefficient -> where it came from
 
     def __post_init__(self) -> None:

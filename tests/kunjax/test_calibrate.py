@@ -19,6 +19,7 @@ from kunjax.calibrate import (
     fit_profile,
     load_records,
     measure_memory_ops,
+    measure_parallelism,
     record_steps,
     relative_errors,
     split,
@@ -114,6 +115,14 @@ def test_memory_operations_are_timed_on_the_real_executor_and_priced_per_operati
                           rates={**meta["rates"], **got}, base=base, name="t", device="here")
     assert prof.memory_op_overhead_s == got["memory_op_overhead_s"]
     assert "swap_out" in prof.sources["memory_op_overhead_s"]
+
+
+def test_parallelism_of_devices_sharing_a_host_is_measured_between_one_and_their_number(tmp_path):
+    path = write_tiny_model(tmp_path / "tiny")
+    got = measure_parallelism(str(path), dtype="float32", devices=jax.devices()[:2], rows=2, steps=5,
+                              log=lambda *_: None)
+    assert 1.0 <= got["concurrent_devices"] <= 2.0 and set(got["parallel_steps"]) == {"1", "2"}
+    assert measure_parallelism(str(path), dtype="float32", devices=jax.devices()[:1]) == {}  # nothing to share
 
 
 def test_calibrate_from_records_writes_a_profile_the_bench_simulates_with(tmp_path):
