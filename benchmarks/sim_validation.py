@@ -9,9 +9,10 @@ Both runs use identical inputs (the bench fits the workload to the KV capacity, 
 clock), the real JAX engine and its real tokens; only the clock differs. The table compares, per policy, P50
 and P99 TTFT and P99 TPOT (simulated / measured - 1) and writes OUT/validation.json and OUT/validation.png.
 The wall run is as noisy as the machine (the host's load average before and after is printed), so run it on a
-quiet machine, and with `--repeats N` run it N times: the error is then against the median of the measured
-runs, and their range is printed (the simulated run is deterministic: once is enough). Flags after `--` go to
-every bench run.
+quiet machine, and with `--repeats N` run it N times, each with the policies in a rotated order (a policy that
+runs first in a bench measured slower than the same schedule run later): the error is then against the median
+of the measured runs, and their range is printed (the simulated run is deterministic: once is enough). Flags
+after `--` go to every bench run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def bench(out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"kunjax bench failed ({res.returncode}):\n{res.stderr[-3000:]}")
     print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "", flush=True)
     return json.loads((out / "summary.json").read_text())
+
+
+def split_policies(extra: list[str]) -> tuple[list[str], list[str]]:
+    """The policies a bench flag list names (`--policies a,b` or `--policies=a,b`; default all) and the rest."""
+    policies, rest, it = list(POLICIES), [], iter(extra)
+    for flag in it:
+        if flag == "--policies":
+            policies = next(it, "").split(",")
+        elif flag.startswith("--policies="):
+            policies = flag.split("=", 1)[1].split(",")
+        else:
+            rest.append(flag)
+    return [p for p in policies if p], rest
 
 
 def compare(walls: list[dict], sim: dict) -> dict[str, dict[str, dict[str, float]]]:
@@ -96,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     args.out.mkdir(parents=True, exist_ok=True)
-    walls = [bench(args.out / ("wall" if args.repeats == 1 else f"wall{i + 1}"), extra) for i in range(args.repeats)]
+    policies, rest = split_policies(extra)
+    walls = [bench(args.out / ("wall" if args.repeats == 1 else f"wall{i + 1}"),
+                   [*rest, "--policies", ",".join(policies[i % len(policies):] + policies[:i % len(policies)])])
+             for i in range(args.repeats)]
     sim = bench(args.out / "simulated", ["--clock", "simulated", "--profile", args.profile, *extra])
     if any(w["workload"]["requests"] != sim["workload"]["requests"] for w in walls):
         raise SystemExit("the runs replayed different workloads")

@@ -143,6 +143,9 @@ class LayeredUnit:
     def begin_step(self) -> set[Request]:
         self.step += 1
         self.reloaded = 0
+        if not self.layered:  # no request partly on the host: nothing to promote or park (the common tick)
+            self.stage_left = len(self.book.staging)
+            return set()
         self.promote()
         return self.park()
 
