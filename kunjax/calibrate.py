@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -216,7 +217,7 @@ def measure_memory_ops(model: str, *, dtype: str, devices, repeats: int = 20, lo
     sizes = [n for n in (1, 4, 16) if 2 * n + 1 < ex.num_blocks]
     block = kv_block_bytes(engine.model_config, ecfg.block_size, dtype, 1)
     reps = ex.replicas
-    keys = iter(range(10**9))
+    keys = itertools.count()
 
     def best(ops_of, sync) -> float:
         ex.apply(ops_of())  # compiles the copy size once

@@ -23,9 +23,9 @@ step computes:
   (its time is added to the home device's stage) and the query and partial results cross the link per layer.
 * **Memory operations**: block copies inside a device at HBM speed (read and write), between devices over the
   link; transfers between instances over the link (the network across hosts); swaps over the host link; each
-  plus the profile's fixed `memory_op_overhead_s` once, on the device that issues it. A fuse copies each device's kept
-  layer slice and a split gathers the dropped (k-1)/k of the weights back, each plus the profile's transition
-  overhead.
+  plus the profile's fixed `memory_op_overhead_s` once, on the device that issues it. A fuse copies each
+  device's kept layer slice and a split gathers the dropped (k-1)/k of the weights back, each plus the
+  profile's transition overhead.
 * A fixed `step_overhead_s` per tick and `layer_overhead_s` per layer.
 
 It knows nothing of the engine's books: the executor (`kunjax.executor.sim`) calls it and keeps the time.
@@ -42,8 +42,8 @@ from kunjax.plan import CopyBlocks, DropHost, Fuse, MemoryOp, SlotCopy, Split, S
 
 
 class StageWork(NamedTuple):
-    """What one stage computes in one tick, read off the plan (for the breakdown and the calibration fit). A
-    NamedTuple: one is made per stage per tick."""
+    """What one stage computes in one tick, read off the plan (for the breakdown and the calibration fit); its
+    fields are `stage_seconds`'s arguments."""
 
     layers: int  # layers this stage runs (L/k)
     tokens: int  # T: the padded bucket the dense layers run over
@@ -147,10 +147,6 @@ class CostModel:
         layers = self.cfg.num_layers // k
         table = work.max_blocks * self.block_size
         head = work.seqs if leaving else 0
-        if k == 1:
-            w = work.stages[0]
-            return [(layers, work.rows, w.valid_tokens, head, 1.0, w.kv_tokens, w.attn_pairs, w.prefill_tokens, 0,
-                     table)]
         vocab_split = split_vocab(self.cfg, k)
         share = 1 / k if vocab_split else 1.0
         return [(layers, work.rows, w.valid_tokens, head if vocab_split or s == k - 1 else 0, share, w.kv_tokens,

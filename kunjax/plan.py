@@ -82,10 +82,6 @@ class TickWork(NamedTuple):
     leaving_suppress: tuple[tuple[int, ...], ...] = ()  # ids each leaving row may not sample yet
     leaving_top_n: int = 0  # most logprobs a leaving row asked for (0: an executor may leave the top-N empty)
 
-    @property
-    def valid_tokens(self) -> int:
-        return sum(s.valid_tokens for s in self.stages)
-
 
 @dataclasses.dataclass
 class StepInputs:
