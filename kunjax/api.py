@@ -142,6 +142,7 @@ class RuntimeInfo:
     block_size: int = 0  # tokens per KV block
     eos_token_ids: tuple[int, ...] = ()  # ids that end a generation unless ignore_eos
     policy_settings: dict[str, str] = dataclasses.field(default_factory=dict)  # the policy's thresholds, as text
+    kv_pool_blocks: int = 0  # usable KV blocks of all instances' device pools, what a policy sets aside included
 
 
 class Runtime(Protocol):

@@ -31,7 +31,8 @@ def runtime_info(engine: LLMEngine, versions: dict[str, str]) -> RuntimeInfo:
                        num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, max_model_len=engine.max_model_len,
                        instances=layouts, policy=engine.config.policy, versions=versions,
                        block_size=engine.config.block_size, eos_token_ids=tuple(sorted(engine.eos_token_ids)),
-                       policy_settings={k: str(v) for k, v in engine.policy.settings().items()})
+                       policy_settings={k: str(v) for k, v in engine.policy.settings().items()},
+                       kv_pool_blocks=(engine.executor.num_blocks - 1) * engine.num_instances)  # less the null block
 
 
 def instance_loads(engine: LLMEngine) -> list[InstanceLoad]:

@@ -49,9 +49,13 @@ class GrpcTarget:
             block_size = self.block_size
             notes.append(f"the server does not report its block size: --block-size {block_size} is assumed")
         excluded = set(range(min(3, ri.vocab_size))) | set(ri.eos_token_ids)
+        pool = ri.kv_pool_blocks
+        if not pool:  # a server older than the field: its allocators' blocks (less what its policy set aside)
+            pool = sum(x.kv_total for x in self.client.load())
+            notes.append("the server does not report its KV pool: the workload is fitted to its allocators' blocks")
         return TargetInfo(
             policy=ri.policy, model=ri.model, vocab_size=ri.vocab_size, max_model_len=ri.max_model_len,
-            block_size=block_size, kv_capacity_blocks=sum(x.kv_total for x in self.client.load()),
+            block_size=block_size, kv_capacity_blocks=pool,
             excluded_ids=tuple(sorted(excluded)), instances=tuple(ri.instances), versions=dict(ri.versions),
             notes=tuple(notes))
 

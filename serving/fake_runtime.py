@@ -126,7 +126,8 @@ class FakeRuntime:
     def info(self) -> RuntimeInfo:
         return RuntimeInfo(model="fake", architecture="FakeArithmetic", num_layers=0, vocab_size=self.vocab_size,
                            max_model_len=self.max_model_len, instances=("instance 0: fake on host",),
-                           policy="fake", versions={"fake_runtime": "1"})
+                           policy="fake", versions={"fake_runtime": "1"}, block_size=self.block_size,
+                           kv_pool_blocks=self.kv_total)
 
     def load(self) -> list[InstanceLoad]:
         with self._lock:

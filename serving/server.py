@@ -190,7 +190,8 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
             model=info.model, architecture=info.architecture, num_layers=info.num_layers,
             vocab_size=info.vocab_size, max_model_len=info.max_model_len, instances=list(info.instances),
             policy=info.policy, versions=dict(info.versions), block_size=info.block_size,
-            eos_token_ids=list(info.eos_token_ids), policy_settings=dict(info.policy_settings))
+            eos_token_ids=list(info.eos_token_ids), policy_settings=dict(info.policy_settings),
+            kv_pool_blocks=info.kv_pool_blocks)
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
         loads = await self._call(self.runtime.load)

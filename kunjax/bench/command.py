@@ -7,8 +7,9 @@ Owns the command's flags, the order of a run and every choice it prints and reco
    `--weight-fraction` of it, as the burst benchmark under `benchmarks/` does, so a burst overloads the KV pool),
    and for each policy builds an engine, compiles it (warm-up, not measured), sends one short request per instance,
    replays, and shuts it down; with `--server`, replays against that server once (its policy is the label);
-3. fits the workload to the KV capacity the first runtime reports (`kunjax.workloads.fit`), and synthesizes the
-   prompts once, so every policy gets the same requests at the same times with the same token ids;
+3. fits the workload to the instances' device KV pools (`kunjax.workloads.fit`; the pools are the same whatever
+   the policy, including the part one sets aside, so the order of `--policies` does not change the workload), and
+   synthesizes the prompts once, so every policy gets the same requests at the same times with the same token ids;
 4. writes `OUT/summary.json` (on simulated time, only simulated figures: the same command gives the same bytes),
    `OUT/host.json` (this host's wall times), `OUT/requests_<policy>.csv`, `OUT/timeline_<policy>.csv` and the
    PNG plots, and
@@ -327,7 +328,7 @@ class BenchRun:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # policy -> why it has no result
 
     def prepare(self, target: Target) -> None:
-        """Fit the workload to the first runtime's KV capacity and synthesize the prompts."""
+        """Fit the workload to the instances' KV pools and synthesize the prompts."""
         from kunjax.workloads import clip_lengths, fit, synthesize_prompts
 
         args, info = self.args, target.info()
@@ -371,6 +372,7 @@ class BenchRun:
         if self.fitted is None:
             self.prepare(target)
         info = target.info()
+        allocatable = sum(x.kv_total for x in target.load())  # the pool less what this policy sets aside
         _warm(target, max(1, len(info.instances)), self.vocab)
         before = target.policy_stats()
         res = replay(target, self.fitted, self.prompts, label=name, block_size=info.block_size,
@@ -383,7 +385,7 @@ class BenchRun:
         policy_stats = {k: v - before.get(k, 0) if _is_count(k) else v for k, v in sorted(after.items())}
         s.update(extra, replay_s=res.replay_s, timed_out=res.timed_out, events=res.events, policy_stats=policy_stats,
                  queue_pressure=queue_pressure(res.timeline),
-                 kv_capacity_tokens=info.kv_capacity_tokens, instances=list(info.instances))
+                 kv_capacity_tokens=allocatable * info.block_size, instances=list(info.instances))
         self.runs[name] = (res.records, res.timeline, res.events)
         self.summaries[name] = s
         write_requests_csv(self.args.out / f"requests_{name}.csv", res.records)

@@ -39,7 +39,7 @@ class TargetInfo:
     vocab_size: int
     max_model_len: int
     block_size: int
-    kv_capacity_blocks: int  # all instances' KV blocks (replica mode)
+    kv_capacity_blocks: int  # all instances' device KV pools at start, whatever the policy sets aside
     excluded_ids: tuple[int, ...]  # ids prompts avoid (special tokens)
     instances: tuple[str, ...]
     versions: dict[str, str]
@@ -128,7 +128,7 @@ class InProcessTarget:
         if e.model_config.bos_token_id is not None:
             special.add(e.model_config.bos_token_id)
         return TargetInfo(policy=ri.policy, model=ri.model, vocab_size=ri.vocab_size, max_model_len=ri.max_model_len,
-                          block_size=e.config.block_size, kv_capacity_blocks=sum(x.kv_total for x in self.load()),
+                          block_size=e.config.block_size, kv_capacity_blocks=ri.kv_pool_blocks,
                           excluded_ids=tuple(sorted(special)), instances=ri.instances, versions=dict(ri.versions))
 
     def start(self, record: RequestRecord, prompt_ids: list[int], t0: float) -> None:

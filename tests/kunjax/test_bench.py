@@ -256,6 +256,23 @@ def test_a_simulated_run_at_gpu_scale_is_byte_identical_when_repeated(tmp_path):
     assert 0.005 < summary["policies"]["recompute"]["tpot_p99_s"] < 0.5
 
 
+def test_the_workload_does_not_depend_on_which_policy_runs_first(tmp_path):
+    """The workload is fitted to the instances' KV pools, which layerkv's staging region is part of: listed first,
+    layerkv must not shrink everyone's workload (it once did: 139 requests instead of 172)."""
+    runs = {}
+    for order in ("layerkv,recompute", "recompute,layerkv"):
+        out = tmp_path / order.split(",")[0]
+        res = run_bench("--out", str(out), *SIM_RUN, "--policies", order)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[order] = json.loads((out / "summary.json").read_text())
+    a, b = runs.values()
+    assert a["workload"] == b["workload"]
+    assert a["workload"]["capacity_tokens"] == a["policies"]["recompute"]["kv_capacity_tokens"]
+    assert a["policies"]["layerkv"]["kv_capacity_tokens"] < a["workload"]["capacity_tokens"]  # its staging
+    for p in ("recompute", "layerkv"):
+        assert a["policies"][p] == b["policies"][p]
+
+
 def test_the_real_model_on_a_simulated_clock_gives_identical_figures_twice(tmp_path):
     """--clock simulated: the demo model's real tokens on this CPU, timed as an H100 would run an 8B model;
     twice the same summary, per-request and timeline CSVs (kunserve's drops included)."""

@@ -89,6 +89,7 @@ def test_drop_and_restore_are_visible_in_load_info_and_metrics(served: Served) -
         (CONFIG.policy_options.drop_demand_ratio, CONFIG.policy_options.restore_demand_ratio,
          CONFIG.policy_options.restore_window_steps))
     assert [s.split(",")[0] for s in info.instances] == ["instance 0: replica", "instance 1: replica"]
+    assert info.kv_pool_blocks == sum(x.kv_total for x in client.load()) > 0  # kunserve sets nothing aside
     zeros = {k: 0 for k in ("preemptions", "drops", "restores", "groups", "remote_dependent", "blocks_exchanged",
                             "remote_ticks")}
     status = client.policy_status()

@@ -253,6 +253,7 @@ def test_server_info_and_load_round_trip(make_served: Callable[..., Served]) -> 
     total = 3 * (MAX_LEN // 4)
     assert (load.instance, load.mode, load.kv_used, load.kv_free, load.kv_total) == (0, "replica", 0, total, total)
     assert (load.group, load.stage) == (-1, -1)
+    assert (info.block_size, info.kv_pool_blocks) == (4, total)
 
 
 def test_a_runtime_without_elasticity_reports_its_policy_and_one_unit(served: Served) -> None:

@@ -137,7 +137,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions", "block_size", "eos_token_ids", "policy_settings")
+    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "instances", "policy", "versions", "block_size", "eos_token_ids", "policy_settings", "kv_pool_blocks")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class GetServerInfoResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     POLICY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -174,7 +175,8 @@ class GetServerInfoResponse(_message.Message):
     block_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     policy_settings: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., policy_settings: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kv_pool_blocks: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instances: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., policy_settings: _Optional[_Mapping[str, str]] = ..., kv_pool_blocks: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
