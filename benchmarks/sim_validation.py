@@ -4,6 +4,7 @@ once on the simulated clock with a measured profile (default: the bundled `cpu` 
     python benchmarks/sim_validation.py --out sim-validation          # demo model, bundled trace, five policies
     python benchmarks/sim_validation.py --repeats 3 -- --trace azure-conv   # three measured runs: median, range
     python benchmarks/sim_validation.py --profile my-cpu.json -- --target-peak-ratio 3
+    python benchmarks/sim_validation.py --repeats 0 --with-measured run1 run2 -- --trace azure-conv  # pool runs
 
 Both runs use identical inputs (the bench fits the workload to the KV capacity, which does not depend on the
 clock), the real JAX engine and its real tokens; only the clock differs. The table compares, per policy, P50
@@ -106,17 +107,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="measured (wall-clock) runs; the error is against their "
                                                           "median")
+    p.add_argument("--with-measured", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="earlier validation OUT directories whose measured runs (DIR/wall*/summary.json) join this "
+                        "one's; only runs of the same workload are taken (--repeats 0: none measured now)")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.repeats < 0 or (args.repeats == 0 and not args.with_measured):
+        p.error(f"--repeats must be >= 1 (or 0 with --with-measured), got {args.repeats}")
     args.out.mkdir(parents=True, exist_ok=True)
     policies, rest = split_policies(extra)
     walls = [bench(args.out / ("wall" if args.repeats == 1 else f"wall{i + 1}"),
                    [*rest, "--policies", ",".join(policies[i % len(policies):] + policies[:i % len(policies)])])
              for i in range(args.repeats)]
     sim = bench(args.out / "simulated", ["--clock", "simulated", "--profile", args.profile, *extra])
-    if any(w["workload"]["requests"] != sim["workload"]["requests"] for w in walls):
+    if any(w["workload"] != sim["workload"] for w in walls):
         raise SystemExit("the runs replayed different workloads")
+    for d in args.with_measured:
+        found = sorted(d.glob("wall*/summary.json"))
+        same = [w for w in map(lambda f: json.loads(f.read_text()), found) if w["workload"] == sim["workload"]]
+        print(f"{d}: {len(same)} of {len(found)} measured runs replayed this workload")
+        walls.extend(same)
+    if not walls:
+        raise SystemExit("no measured run of this workload")
     result = compare(walls, sim)
     (args.out / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "validation.png")
@@ -125,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for pol, r in result.items():
         print(f"{pol:10}" + "".join(f" {r[m]['measured']:>16.2f}s {r[m]['simulated']:>9.2f}s "
                                      f"{100 * r[m]['error']:>+6.0f}%" for m, _ in METRICS))
-    if args.repeats > 1:
-        print(f"measured range over {args.repeats} runs (min-max):")
+    if len(walls) > 1:
+        print(f"measured range over {len(walls)} runs (min-max):")
         for pol, r in result.items():
             print(f"{pol:10}" + "".join(f" {label}: {r[m]['measured_min']:.2f}-{r[m]['measured_max']:.2f}s"
                                          for m, label in METRICS))
