@@ -94,21 +94,37 @@ class StepTimeModel:
     def __init__(self, decay: float = 0.9, min_obs: int = 3):
         self.decay = decay
         self.min_obs = min_obs
-        self.gram = [0.0] * 9  # [3, 3] row-major weighted sum of x xᵀ (plain floats: observed every tick)
-        self.rhs = [0.0] * 3  # [3] weighted sum of x·seconds
+        # The weighted sums of x xᵀ (x = [1, T, R]: six distinct entries, symmetric) and of x·seconds, as plain
+        # floats updated in place: observed every tick of every unit, projected only at a layered admission.
+        self.n = self.t = self.r = self.tt = self.tr = self.rr = 0.0
+        self.s = self.ts = self.rs = 0.0
         self.observations = 0
 
     def observe(self, tokens: int, reloaded: int, seconds: float) -> None:
-        d = self.decay
-        x = (1.0, float(tokens), float(reloaded))
-        self.gram = [d * g + x[i // 3] * x[i % 3] for i, g in enumerate(self.gram)]
-        self.rhs = [d * r + xi * seconds for r, xi in zip(self.rhs, x, strict=True)]
+        d, t, r = self.decay, float(tokens), float(reloaded)
+        self.n = d * self.n + 1.0
+        self.t = d * self.t + t
+        self.r = d * self.r + r
+        self.tt = d * self.tt + t * t
+        self.tr = d * self.tr + t * r
+        self.rr = d * self.rr + r * r
+        self.s = d * self.s + seconds
+        self.ts = d * self.ts + t * seconds
+        self.rs = d * self.rs + r * seconds
         self.observations += 1
+
+    @property
+    def gram(self) -> np.ndarray:  # [3, 3]
+        return np.array([[self.n, self.t, self.r], [self.t, self.tt, self.tr], [self.r, self.tr, self.rr]])
+
+    @property
+    def rhs(self) -> np.ndarray:  # [3]
+        return np.array([self.s, self.ts, self.rs])
 
     def project(self, tokens: int, reloaded: int) -> float | None:
         if self.observations < self.min_obs:
             return None
-        coef = np.linalg.solve(np.reshape(self.gram, (3, 3)) + 1e-9 * np.eye(3), np.asarray(self.rhs))
+        coef = np.linalg.solve(self.gram + 1e-9 * np.eye(3), self.rhs)
         coef = np.maximum(coef, 0.0)  # a noisy fit may go negative; no term of a step's time does
         return float(coef @ np.array([1.0, tokens, reloaded]))
 

@@ -175,3 +175,18 @@ def test_bad_layerkv_flags_are_named(tiny_dir):
         LLMEngine(tiny_dir, config_from_kwargs(**{**CONFIG, "layerkv_layer_groups": 3}), devices=jax.devices()[:1])
     with pytest.raises(ConfigError, match="--layerkv-staging-blocks"):
         LLMEngine(tiny_dir, config_from_kwargs(**{**CONFIG, "layerkv_staging_blocks": 15}), devices=jax.devices()[:1])
+
+
+def test_the_step_time_model_recovers_its_coefficients_and_follows_recent_steps():
+    from kunjax.policies.layerkv import StepTimeModel
+
+    m, rng = StepTimeModel(), random.Random(0)
+    assert m.project(1, 1) is None  # nothing projected before min_obs steps
+    for _ in range(100):
+        t, r = rng.randint(1, 500), rng.randint(0, 50)
+        m.observe(t, r, 0.002 + 1e-5 * t + 3e-4 * r)
+    assert m.project(100, 10) == pytest.approx(0.002 + 1e-3 + 3e-3, rel=1e-6)
+    for _ in range(200):  # the steps got twice as slow: the decayed fit forgets the old ones
+        t, r = rng.randint(1, 500), rng.randint(0, 50)
+        m.observe(t, r, 2 * (0.002 + 1e-5 * t + 3e-4 * r))
+    assert m.project(100, 10) == pytest.approx(2 * 0.006, rel=1e-6)
