@@ -186,8 +186,9 @@ class ModelConfig:
         return cfg
 
 
-def _opt(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
+    """An option field: its flag is `--name-with-dashes`, plus `aliases` (e.g. `--instances`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "aliases": aliases})
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -241,7 +242,8 @@ class EngineConfig(Options):
     `kunjax.engine.config_from_kwargs`, which sends each to its concern."""
 
     concern: ClassVar[str] = "engine"
-    num_instances: int | None = _opt(None, "data-parallel instances (model replicas); default: one per --tp devices")
+    num_instances: int | None = _opt(None, "data-parallel instances (model replicas); default: one per --tp devices",
+                                     aliases=("--instances",))
     tp: int = _opt(1, "tensor-parallel degree inside an instance (devices per replica)")
     dtype: str = _opt("float32", "weight and KV dtype: float32, bfloat16 or float16 (CPU: float32 is ~3x faster)")
     block_size: int = _opt(16, "tokens per KV-cache block")

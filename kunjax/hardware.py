@@ -138,14 +138,20 @@ def bundled_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
+PROFILE_ALIASES = {"h100": "h100-sxm", "a100": "a100-80gb", "v5e": "tpu-v5e", "v6e": "tpu-v6e"}
+
+
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
-    """A bundled profile by name (`bundled_profiles()`), or a profile JSON file (what `kunjax calibrate` wrote)."""
-    path = PROFILE_DIR / f"{str(name_or_path).lower()}.json"
+    """A bundled profile by name (`bundled_profiles()`, or a short name of `PROFILE_ALIASES`), or a profile JSON
+    file (what `kunjax calibrate` wrote)."""
+    name = str(name_or_path).lower()
+    path = PROFILE_DIR / f"{PROFILE_ALIASES.get(name, name)}.json"
     if not path.is_file():
         path = Path(name_or_path)
     if not path.is_file():
         raise ConfigError(f"unknown hardware profile {str(name_or_path)!r}: give one of "
-                          f"{', '.join(bundled_profiles())}, or a profile JSON file")
+                          f"{', '.join(bundled_profiles())} (or {', '.join(PROFILE_ALIASES)} for short), or a "
+                          f"profile JSON file")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -56,16 +56,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for cls, of_policy in concerns:
         group = parser.add_argument_group(f"{cls.concern} ({cls.__module__}.{cls.__name__})")
         for f in _flag_fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flags = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
             kind = _field_type(cls, f)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_ = f"{f.metadata.get('help', '')} (default: {default})"
             if kind is bool:
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=None if of_policy else default, help=help_)
             else:
                 conv = parse_bytes if f.name.endswith("_bytes") else kind
-                group.add_argument(flag, dest=f.name, type=conv, default=None if of_policy else default,
+                group.add_argument(*flags, dest=f.name, type=conv, default=None if of_policy else default,
                                    metavar=kind.__name__.upper(), help=help_)
 
 

@@ -102,8 +102,9 @@ def diagnose(pressure: Mapping[str, Mapping[str, float] | None], subject: str) -
     if not shares or min(shares.values()) <= COMPUTE_BOUND_FREE_SHARE:
         return None
     worst = min(shares, key=shares.__getitem__)
-    return (f"while requests queued, {shares[worst]:.0%} or more of the KV was free on average (least under "
-            f"{worst}): this window overloads compute (step token budget, sequence slots) before memory, so the "
+    amount = "nearly all" if shares[worst] >= 0.995 else f"{shares[worst]:.0%} or more"
+    return (f"while requests queued, {amount} of the KV was free on average (least under {worst}): this "
+            f"window overloads compute (step token budget, sequence slots) before memory, so the "
             f"memory policies can differ little; a memory-bound comparison needs a larger --target-peak-ratio or "
             f"longer requests, or more compute per step (--max-num-batched-tokens, --max-num-seqs)")
 

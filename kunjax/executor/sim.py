@@ -135,7 +135,8 @@ class CostModelExecutor:
         if self.weight_bytes >= profile.memory_bytes * ecfg.kv_memory_fraction:
             raise ConfigError(f"{cfg.num_layers}-layer model: {self.weight_bytes / 2**30:.1f} GiB of weights per "
                               f"device do not fit {profile.name}'s {profile.memory_bytes / 2**30:.0f} GiB at "
-                              f"--kv-memory-fraction {ecfg.kv_memory_fraction}: raise --tp")
+                              f"--kv-memory-fraction {ecfg.kv_memory_fraction} in {ecfg.dtype}: raise --tp"
+                              + (" or use --dtype bfloat16" if ecfg.dtype == "float32" else ""))
         self.num_blocks = num_kv_blocks(cfg, ecfg, self.weight_bytes, profile.memory_bytes)
         self.load_seconds = 0.0
         self.needs_arrays = False

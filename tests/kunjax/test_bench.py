@@ -88,6 +88,8 @@ def test_queue_pressure_tells_a_compute_bound_window_from_a_memory_bound_one():
     assert diagnose({"recompute": memory_bound, "kunserve": compute_bound}, "kunserve") is None
     note = diagnose({"recompute": compute_bound, "swap": compute_bound, "kunserve": memory_bound}, "kunserve")
     assert note is not None and "40%" in note and "compute" in note
+    idle = queue_pressure(rows((2, 999), (1, 1000)))  # queued for a moment, the KV nearly empty
+    assert "nearly all of the KV was free" in diagnose({"recompute": idle, "kunserve": idle}, "kunserve")
 
 
 def test_timeline_counts_a_pipeline_group_once():

@@ -39,6 +39,13 @@ def test_help_explains_every_engine_and_sampling_option():
         assert action.help, f"{action.option_strings} has no help"
 
 
+def test_instances_is_num_instances_for_short():
+    parser = build_parser()
+    a = parser.parse_args(["bench", "--instances", "4"])
+    b = parser.parse_args(["bench", "--num-instances", "4"])
+    assert a.num_instances == b.num_instances == 4
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tp", "0"], "--tp must be positive"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),

@@ -80,6 +80,11 @@ def test_every_bundled_profile_names_a_source_for_every_coefficient():
         load_profile("b300")
 
 
+def test_short_profile_names_are_the_bundled_ones():
+    assert load_profile("h100") == load_profile("H100-SXM") == H100
+    assert load_profile("a100").name == "a100-80gb" and load_profile("v6e").name == "tpu-v6e"
+
+
 def test_a_profile_round_trips_through_its_file(tmp_path):
     H100.save(tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == H100
