@@ -47,6 +47,7 @@ class GenerateRequest:
     prompt: str | None  # exactly one of prompt / prompt_ids
     prompt_ids: tuple[int, ...] | None
     params: SamplingParams
+    session_id: str | None = None  # the conversation it belongs to (`--routing session`)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 NULL_BLOCK = 0
 
@@ -203,6 +203,8 @@ class PrefixIndex:
         self.root = PrefixNode((), None, ())
         self._lru: collections.OrderedDict[PrefixNode, None] = collections.OrderedDict()  # evictable, oldest first
         self.hits = 0  # blocks served from the index (cumulative)
+        # Told of every node that becomes matchable (True) or stops being (False): the router's prompt tree.
+        self.listener: Callable[[bool, PrefixNode], None] | None = None
 
     def __len__(self) -> int:
         return sum(1 for _ in self.nodes())
@@ -291,6 +293,8 @@ class PrefixIndex:
             parent.children[chunk] = node
         for a, b in zip(self.allocators, blocks, strict=True):
             a.index(b)
+        if self.listener is not None:
+            self.listener(True, node)
         return node
 
     def adopt_stale(self, parent: PrefixNode | None, chunk: tuple[int, ...], home: int, old: int) -> PrefixNode:
@@ -312,6 +316,8 @@ class PrefixIndex:
         parent.children[chunk] = node
         self.allocators[0].keep([block])
         self._lru[node] = None
+        if self.listener is not None:
+            self.listener(True, node)
         return node
 
     def localize(self, node: PrefixNode, blocks: tuple[int, ...]) -> None:
@@ -327,6 +333,8 @@ class PrefixIndex:
             if s != home:
                 a.index(b)
                 a.free([b])
+        if self.listener is not None:
+            self.listener(True, node)
 
     # ---- eviction -----------------------------------------------------------------------------------
     def make_room(self, n: int) -> bool:
@@ -367,12 +375,16 @@ class PrefixIndex:
         del node.parent.children[node.tokens]
         self._lru.pop(node, None)
         self._unkeep(node)
+        if self.listener is not None and node.stale is None:
+            self.listener(False, node)
 
     def clear(self) -> None:
         """Drop every node (cached ones free their blocks; held ones stay with their holders, unindexed)."""
         for node in reversed(list(self.nodes())):
             del node.parent.children[node.tokens]
             self._unkeep(node)
+            if self.listener is not None and node.stale is None:
+                self.listener(False, node)
         self._lru.clear()
 
     def check(self) -> None:

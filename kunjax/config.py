@@ -216,9 +216,19 @@ class SchedulerConfig(Options):
         128, "token budget of one engine step: decodes plus prefill chunks (long prompts are chunked)")
     min_token_bucket: int = _opt(16, "smallest padded token count compiled; buckets double up to the budget")
     enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
+    routing: str = _opt("prompt-tree", "which unit a new request joins: prompt-tree (the least KV demand, a cached "
+                                       "prefix counted as free, from a global prompt tree), least-load (cached "
+                                       "prefixes ignored) or session (a request's session stays on its unit; new "
+                                       "sessions least-load); kunjax.routing")
+    routing_sync_steps: int = _opt(1, "the prompt tree applies the units' cache events every this many engine "
+                                      "steps (its bounded staleness)")
 
     def __post_init__(self) -> None:
-        _positive(self, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket")
+        _positive(self, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket", "routing_sync_steps")
+        from kunjax.routing import ROUTING_MODES
+
+        if self.routing not in ROUTING_MODES:
+            raise ConfigError(f"--routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
                 f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "

@@ -39,6 +39,7 @@ from kunjax.mempool import MemoryPool
 from kunjax.plan import MAX_SUPPRESSED, Fuse, Sampled, Split, UnitShape
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
 from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
+from kunjax.routing import Router
 from kunjax.sampling_params import SamplingParams
 from kunjax.tokenizer import Tokenizer
 from kunjax.unit import MicroBatch, ServingUnit
@@ -128,6 +129,8 @@ class LLMEngine:
             seqs=ecfg.scheduler.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg), num_base=nb,
             layer_groups=self.caps.layer_groups)
         self.replica_blocks = nb - self.caps.staging_blocks  # the allocator's range; staging stays outside it
+        sched = ecfg.scheduler
+        self.router = Router(sched.routing, ecfg.block_size, sched.routing_sync_steps, sched.enable_prefix_caching)
         self.units: dict[int, ServingUnit] = {}
         for i in range(n):
             self._add_unit(self._replica(i))
@@ -150,10 +153,12 @@ class LLMEngine:
     def _add_unit(self, unit: ServingUnit) -> None:
         self.units[unit.uid] = unit
         self.mempool.units[unit.uid] = unit
+        self.router.add_unit(unit)
 
     def _drop_unit(self, unit: ServingUnit) -> None:
         del self.units[unit.uid]
         del self.mempool.units[unit.uid]
+        self.router.drop_unit(unit)
 
     @property
     def num_instances(self) -> int:
@@ -206,8 +211,9 @@ class LLMEngine:
         return None, [int(t) for t in prompt]
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate, tokenize and route one request; raises ValueError with a message on bad input."""
+                    request_id: str | None = None, session_id: str | None = None) -> str:
+        """Validate, tokenize and route one request; raises ValueError with a message on bad input. `session_id`
+        groups the turns of one conversation (`--routing session` keeps them on one unit)."""
         params = params or SamplingParams()
         text, ids = self.encode(prompt)
         cfg = self.model_config
@@ -235,11 +241,11 @@ class LLMEngine:
             req.detokenizer = IncrementalDetokenizer.from_params(self.tokenizer, list(ids), params)
         elif params.stop:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
-        self._route(req)  # raises ValueError if it could never fit
+        self._route(req, session_id)  # raises ValueError if it could never fit
         self.requests[request_id] = req
         return request_id
 
-    def _route(self, req: Request) -> None:
+    def _route(self, req: Request, session_id: str | None = None) -> None:
         need = -(-req.max_total_len // self.config.block_size)
         if need > self.replica_blocks - 1:  # also for pipelines: a restore must be able to take it home
             raise ValueError(f"request {req.request_id} may need {need} KV blocks ({req.max_total_len} tokens) but "
@@ -247,10 +253,7 @@ class LLMEngine:
         units = list(self.units.values())
         replicas = [u for u in units if u.k == 1]
         pipes = [u for u in units if u.k > 1 and u.admitting] or ([] if replicas else [u for u in units if u.k > 1])
-        new = -(-(len(req.token_ids) + 1) // self.config.block_size)
-        cached = self.mempool.match(req.token_ids) if self.config.scheduler.enable_prefix_caching else {}
-        unit = min(replicas + pipes, key=lambda u: (
-            (u.demand_blocks() + new - cached.get(u.uid, 0)) / u.total_blocks, len(u.waiting), u.uid))
+        unit = self.router.pick(req, replicas + pipes, self.unit_of_instance, session_id)
         req.tables = [[] for _ in range(unit.k)]
         unit.add(req)
 
@@ -307,6 +310,7 @@ class LLMEngine:
         for tr in self.policy.after_step(self.view):
             self.transition(tr)
         self._issue()
+        self.router.end_step(self.step_no)
         self.executor.end_step()
         return outputs
 
@@ -433,6 +437,9 @@ class LLMEngine:
         held = {r.request_id for u in self.units.values() for r in (*u.running, *u.waiting, *u.swapped)}
         assert held == set(self.requests), (
             f"requests lost or misfiled: {sorted(set(self.requests) ^ held)[:5]}")
+        tree = self.router.tree
+        if tree is not None and not tree.pending:
+            tree.check((u.uid, u.index) for u in self.units.values() if u.enable_prefix_caching)
 
 
 class EngineView:

@@ -90,7 +90,8 @@ class EngineThread:
             if request.request_id in self._queues:
                 raise InvalidRequest(f"duplicate request id {request.request_id!r}")
             try:
-                self.engine.add_request(prompt, request.params, request_id=request.request_id)
+                self.engine.add_request(prompt, request.params, request_id=request.request_id,
+                                        session_id=request.session_id)
             except ValueError as e:
                 raise InvalidRequest(str(e)) from e
             self._queues[request.request_id] = queue.Queue()

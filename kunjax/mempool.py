@@ -12,7 +12,7 @@ Owned by the engine, handed to the policies (none builds its own). It holds the 
 
 API: `alloc / free` (device), `swap_out / swap_in / drop_host` (tiers), `transfer` (between units),
 `slots_out / slots_in / slots_copy` (layer-group slots, layerkv), `copy_blocks` (between a unit's stages),
-`match` (the router's prefix query), `check`.
+`check`.
 
 Invariant (`check`): device: `free + used + cached == total` on every stage of every unit; host:
 `free + used == total`, and every used host block belongs to exactly one stored entry.
@@ -113,10 +113,6 @@ class MemoryPool:
         if src_blocks:
             self.issue(Transfer(_instance(src), _instance(dst), tuple(src_blocks), tuple(dst_blocks)))
             self.blocks_transferred += len(src_blocks)
-
-    def match(self, tokens: Sequence[int]) -> dict[int, int]:
-        """Per unit, how many leading blocks of `tokens` its prefix index holds (the router's query)."""
-        return {uid: len(u.index.longest(tokens)) for uid, u in self.units.items() if u.enable_prefix_caching}
 
     # ---- host tier ----------------------------------------------------------------------------------
     def host_free(self, instance: int) -> int:

@@ -21,8 +21,10 @@ FINISH_REASON_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "
                        pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error"}
 
 
-def build_request(prompt: str | Sequence[int], *, request_id: str = "", **sampling: object) -> pb.GenerateRequest:
-    """A `GenerateRequest`; `max_tokens=None` means "until the context is full", as in `kunjax.SamplingParams`."""
+def build_request(prompt: str | Sequence[int], *, request_id: str = "", session_id: str = "",
+                  **sampling: object) -> pb.GenerateRequest:
+    """A `GenerateRequest`; `max_tokens=None` means "until the context is full", as in `kunjax.SamplingParams`;
+    `session_id` names the conversation (`kunjax serve --routing session`)."""
     sp = pb.SamplingParams()
     if "max_tokens" in sampling and sampling["max_tokens"] is None:
         del sampling["max_tokens"]
@@ -37,7 +39,7 @@ def build_request(prompt: str | Sequence[int], *, request_id: str = "", **sampli
             field.extend(value)
         else:
             setattr(sp, name, value)
-    req = pb.GenerateRequest(request_id=request_id, sampling=sp)
+    req = pb.GenerateRequest(request_id=request_id, sampling=sp, session_id=session_id)
     if isinstance(prompt, str):
         req.text = prompt
     else:
@@ -117,10 +119,10 @@ class KunjaxClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(self, prompt: str | Sequence[int], *, request_id: str = "", timeout_s: float | None = None,
-                 **sampling: object) -> Iterator[pb.GenerateResponse]:
+    def generate(self, prompt: str | Sequence[int], *, request_id: str = "", session_id: str = "",
+                 timeout_s: float | None = None, **sampling: object) -> Iterator[pb.GenerateResponse]:
         """The response stream; cancel it early with `.cancel()` on the returned call object."""
-        req = build_request(prompt, request_id=request_id, **sampling)
+        req = build_request(prompt, request_id=request_id, session_id=session_id, **sampling)
         return self.stub.Generate(req, timeout=timeout_s if timeout_s is not None else self.timeout_s)
 
     def generate_text(self, prompt: str | Sequence[int], **kwargs: object) -> tuple[str, str]:
@@ -176,10 +178,10 @@ class AsyncKunjaxClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def generate(self, prompt: str | Sequence[int], *, request_id: str = "", timeout_s: float | None = None,
-                 **sampling: object):
+    def generate(self, prompt: str | Sequence[int], *, request_id: str = "", session_id: str = "",
+                 timeout_s: float | None = None, **sampling: object):
         """The response stream (an async iterator; `.cancel()` ends it early and aborts the request)."""
-        req = build_request(prompt, request_id=request_id, **sampling)
+        req = build_request(prompt, request_id=request_id, session_id=session_id, **sampling)
         return self.stub.Generate(req, timeout=timeout_s if timeout_s is not None else self.timeout_s,
                                   metadata=self._metadata)
 

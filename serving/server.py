@@ -49,6 +49,7 @@ log = logging.getLogger("kunjax.serving.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KunjaxService"].full_name  # "kunjax.serving.v2.KunjaxService"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_KEY = "retry-after-s"
+MAX_SESSION_ID = 256  # characters of GenerateRequest.session_id
 
 _FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                    "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
@@ -143,9 +144,13 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
             params = sampling_params_from_proto(request.sampling)
         except ValueError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if len(request.session_id) > MAX_SESSION_ID:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"session_id has {len(request.session_id)} characters (at most {MAX_SESSION_ID})")
         greq = GenerateRequest(request_id=request_id, params=params,
                                prompt=request.text if kind == "text" else None,
-                               prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None)
+                               prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
+                               session_id=request.session_id or None)
         submitted = asyncio.get_running_loop().run_in_executor(self._pool, self.runtime.submit, greq)
         try:
             await asyncio.shield(submitted)

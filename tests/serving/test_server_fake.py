@@ -166,8 +166,9 @@ def test_deadline_mid_stream_aborts_the_request(make_served: Callable[..., Serve
     ([1], {"max_tokens": 0}, "max_tokens"),
     ([1], {"stop_token_ids": [VOCAB]}, "stop_token_ids"),
     ([1], {"logprobs": 1000}, "logprobs"),
+    ([1], {"session_id": "s" * 257}, "session_id has 257 characters (at most 256)"),
 ], ids=["empty-text", "empty-ids", "id-past-vocab", "negative-id", "too-long", "temperature", "top_p",
-        "max_tokens", "stop-id-past-vocab", "too-many-logprobs"])
+        "max_tokens", "stop-id-past-vocab", "too-many-logprobs", "long-session-id"])
 def test_bad_input_is_invalid_argument_naming_the_problem(served: Served, prompt: object, options: dict,
                                                          message: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
