@@ -222,9 +222,14 @@ class SchedulerConfig(Options):
                                        "sessions least-load); kunjax.routing")
     routing_sync_steps: int = _opt(1, "the prompt tree applies the units' cache events every this many engine "
                                       "steps (its bounded staleness)")
+    routing_slack_steps: float = _opt(8.0, "prompt-tree: a unit holding more of the prompt is preferred while its "
+                                           "first token is estimated at most this many engine steps later than "
+                                           "the soonest unit's")
 
     def __post_init__(self) -> None:
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket", "routing_sync_steps")
+        if not self.routing_slack_steps >= 0:
+            raise ConfigError(f"--routing-slack-steps must be >= 0, got {self.routing_slack_steps}")
         from kunjax.routing import ROUTING_MODES
 
         if self.routing not in ROUTING_MODES:

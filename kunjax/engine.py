@@ -130,7 +130,8 @@ class LLMEngine:
             layer_groups=self.caps.layer_groups)
         self.replica_blocks = nb - self.caps.staging_blocks  # the allocator's range; staging stays outside it
         sched = ecfg.scheduler
-        self.router = Router(sched.routing, ecfg.block_size, sched.routing_sync_steps, sched.enable_prefix_caching)
+        self.router = Router(sched.routing, ecfg.block_size, sched.routing_sync_steps, sched.enable_prefix_caching,
+                             sched.routing_slack_steps)
         self.units: dict[int, ServingUnit] = {}
         for i in range(n):
             self._add_unit(self._replica(i))
@@ -256,6 +257,7 @@ class LLMEngine:
         unit = self.router.pick(req, replicas + pipes, self.unit_of_instance, session_id)
         req.tables = [[] for _ in range(unit.k)]
         unit.add(req)
+        self.router.routed(req, unit)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

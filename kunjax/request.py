@@ -65,6 +65,7 @@ class Request:
     aborted: bool = False  # aborted while in flight: its blocks go when its micro-batch leaves
     unit: int = -1  # the serving unit that holds it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    expected_cached_tokens: int = 0  # what the router expected of the cache where it sent it (kunjax.routing)
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None

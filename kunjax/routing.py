@@ -8,27 +8,33 @@ Modes (MemServe's baselines and its locality-aware router):
 * `session`: a request with a `session_id` joins the unit that served its session last (found by instance, so
   a unit that fused into a pipeline still counts); a new session, or one without an id, goes `least-load`.
   Sessions are remembered least recently used first, at most `MAX_SESSIONS`.
-* `prompt-tree` (default): where the request's first token comes soonest, the cached prefix counted. With
-  `hit` the blocks of the prompt's longest prefix a unit holds (neither allocated nor computed again there), a
-  unit is ranked by, in order: whether the request's KV fits beside the unit's demand (`demand + new - hit <=
-  total`: if not it would wait for memory); the engine steps until its first token, `(queued prompt tokens +
-  prompt - hit tokens) / (token budget - running rows)` (the queue's prefill and its own, at the tokens a step
-  has left after the decodes); its KV demand ratio as in `least-load`; fewer waiting; lower uid. Without prefix
-  caching there is no tree and it is `least-load`.
+* `prompt-tree` (default): the unit holding the most of the prompt, unless that delays its first token too much.
+  With `hit` the blocks of the prompt's longest prefix a unit holds or will hold (neither allocated nor computed
+  again there), each unit gets an estimate of the engine steps until the request's first token, `(queued prompt
+  tokens + prompt - hit tokens) / (token budget - running rows)` (the queue's prefill, each waiting request less
+  the cached tokens the router expected for it there, and its own, at the tokens a step has left after the
+  decodes). Among the units where the request's KV fits beside their demand (`demand + new - hit <= total`;
+  all, if none), those within `--routing-slack-steps` (8) of the soonest compete, and the largest `hit` wins;
+  ties: fewer steps, lower KV demand ratio, fewer waiting, lower uid. Prefill saved now is prefill every later
+  request of that prefix saves too, so a little queueing buys a lot of reuse; the slack bounds what it may
+  cost. Without prefix caching there is no tree and it is `least-load`.
 
 **The global prompt tree** (`PromptTree`) is the router's own view of which unit holds which prefixes: a radix
 tree over block-sized chunks whose nodes name their holders. Units do not answer queries; their prefix indexes
 (`kunjax.blocks.PrefixIndex`) report every matchable node they gain or lose (`insert` / `evict` events), and the
 tree applies them at the end of every `--routing-sync-steps`-th engine step, so what it knows is at most that
 many steps old (bounded staleness: a placement may miss a prefix cached since, never count one that was
-evicted more than that long ago). A unit added by a fuse or split is read whole; a unit that goes away takes
-its holdings with it. Stale nodes (a replica's cache before its fuse, not matchable until the exchange moves
-it) are not in the tree until they become matchable, nor is a node whose parent is not.
+evicted more than that long ago). A request routed to a unit counts there for its prompt's full blocks until it
+has computed them (`expect`): a burst of requests sharing a prefix meets where the first of them computes it,
+instead of spreading before anyone has cached it. A unit added by a fuse or split is read whole; a unit that
+goes away takes its holdings with it. Stale nodes (a replica's cache before its fuse, not matchable until the
+exchange moves it) are not in the tree until they become matchable, nor is a node whose parent is not.
 
 Owns routing decisions only: it never changes a unit's books.
 
-Invariant (`PromptTree.check`, after every step in tests with `--routing-sync-steps 1`): the tree holds exactly
-the nodes every unit's index would match (reachable from its root through matchable nodes), at their paths.
+Invariant (`PromptTree.check`, after every step in tests with `--routing-sync-steps 1`): the tree's holders are
+exactly the nodes every unit's index would match (reachable from its root through matchable nodes), at their
+paths; a node with neither holders, children nor live expectations is pruned.
 """
 
 from __future__ import annotations
@@ -49,13 +55,14 @@ MAX_SESSIONS = 100_000
 class TreeNode:
     """One chunk of the global tree: its holders (unit uids) and children."""
 
-    __slots__ = ("tokens", "parent", "children", "holders")
+    __slots__ = ("tokens", "parent", "children", "holders", "expected")
 
     def __init__(self, tokens: tuple[int, ...], parent: TreeNode | None):
         self.tokens = tokens
         self.parent = parent
         self.children: dict[tuple[int, ...], TreeNode] = {}
         self.holders: set[int] = set()
+        self.expected: dict[int, Request] = {}  # uid -> a request routed there that will compute this chunk
 
 
 class PromptTree:
@@ -67,6 +74,7 @@ class PromptTree:
         self.placed: dict[int, dict[PrefixNode, TreeNode]] = {}  # uid -> its index's nodes -> where in the tree
         self.pending: list[tuple[bool, int, PrefixNode]] = []  # (insert?, uid, node), oldest first
         self.applied = 0  # events applied so far
+        self.expectations: list[tuple[TreeNode, int, Request]] = []  # routed, not computed yet
 
     def listener(self, uid: int) -> Callable[[bool, PrefixNode], None]:
         pending = self.pending
@@ -74,12 +82,35 @@ class PromptTree:
 
     # ---- events ---------------------------------------------------------------------------------------
     def sync(self) -> None:
-        """Apply every pending event, oldest first."""
+        """Apply every pending event, oldest first; forget the expectations that no longer hold."""
         for insert, uid, node in self.pending:
             if uid in self.placed:
                 (self._insert if insert else self._evict)(uid, node)
         self.applied += len(self.pending)
         self.pending.clear()
+        if self.expectations:
+            keep = []
+            for t, uid, req in self.expectations:
+                if t.expected.get(uid) is req and _computing(req, uid):
+                    keep.append((t, uid, req))
+                elif t.expected.get(uid) is req:
+                    del t.expected[uid]
+                    self._prune(t)
+            self.expectations = keep
+
+    def expect(self, uid: int, req: Request) -> None:
+        """`req` was routed to unit `uid`: until it has computed its prompt there, count its prompt's full blocks
+        as held by `uid` (so a burst of requests sharing a prefix meets where the first of them computes it)."""
+        bs, t, tokens = self.block_size, self.root, req.token_ids
+        for d in range((len(tokens) - 1) // bs):
+            chunk = tuple(tokens[d * bs:(d + 1) * bs])
+            nxt = t.children.get(chunk)
+            if nxt is None:
+                nxt = t.children[chunk] = TreeNode(chunk, t)
+            t = nxt
+            if uid not in t.holders:
+                t.expected[uid] = req
+                self.expectations.append((t, uid, req))
 
     def _insert(self, uid: int, node: PrefixNode) -> None:
         placed = self.placed[uid]
@@ -106,7 +137,10 @@ class PromptTree:
 
     def _release(self, t: TreeNode, uid: int) -> None:
         t.holders.discard(uid)
-        while t.parent is not None and not t.holders and not t.children:
+        self._prune(t)
+
+    def _prune(self, t: TreeNode) -> None:
+        while t.parent is not None and not t.holders and not t.children and not t.expected:
             del t.parent.children[t.tokens]
             t = t.parent
 
@@ -124,8 +158,8 @@ class PromptTree:
 
     # ---- queries --------------------------------------------------------------------------------------
     def match(self, tokens: Sequence[int]) -> dict[int, int]:
-        """Per unit, how many leading blocks of `tokens` it holds (as `PrefixIndex.longest` counts them: at least
-        one token left to compute)."""
+        """Per unit, how many leading blocks of `tokens` it holds or will hold (a request routed there is computing
+        them), as `PrefixIndex.longest` counts them: at least one token left to compute."""
         bs, t = self.block_size, self.root
         out: dict[int, int] = {}
         active: set[int] | None = None
@@ -133,7 +167,8 @@ class PromptTree:
             t = t.children.get(tuple(tokens[d * bs:(d + 1) * bs]))
             if t is None:
                 break
-            active = set(t.holders) if active is None else active & t.holders
+            have = t.holders.union(u for u, r in t.expected.items() if _computing(r, u)) if t.expected else t.holders
+            active = set(have) if active is None else active & have
             if not active:
                 break
             for uid in active:
@@ -163,9 +198,14 @@ class PromptTree:
         stack = list(self.root.children.values())
         while stack:
             t = stack.pop()
-            assert t.holders or t.children, "an empty node was not pruned"
+            assert t.holders or t.children or t.expected, "an empty node was not pruned"
             assert all(t in self.placed[u].values() for u in t.holders), "a holder without the node"
             stack.extend(t.children.values())
+
+
+def _computing(req: Request, uid: int) -> bool:
+    """`req` is still on unit `uid` and has not computed its prompt yet."""
+    return req.unit == uid and not req.finished and req.num_computed < req.num_prompt_tokens
 
 
 def _path(t: TreeNode) -> tuple:
@@ -179,10 +219,10 @@ def _path(t: TreeNode) -> tuple:
 class Router:
     """Picks a unit for each new request (module docstring)."""
 
-    def __init__(self, mode: str, block_size: int, sync_steps: int, caching: bool):
+    def __init__(self, mode: str, block_size: int, sync_steps: int, caching: bool, slack_steps: float = 8.0):
         if mode not in ROUTING_MODES:
             raise ValueError(f"unknown routing mode {mode!r}: give one of {', '.join(ROUTING_MODES)}")
-        self.mode, self.block_size, self.sync_steps = mode, block_size, sync_steps
+        self.mode, self.block_size, self.sync_steps, self.slack_steps = mode, block_size, sync_steps, slack_steps
         self.tree = PromptTree(block_size) if caching and mode == "prompt-tree" else None
         self.sessions: collections.OrderedDict[str, int] = collections.OrderedDict()  # session -> instance
         self.session_hits = 0  # requests placed by their session
@@ -195,6 +235,11 @@ class Router:
         if self.tree is not None:
             self.tree.drop_unit(unit.uid)
             unit.index.listener = None
+
+    def routed(self, req: Request, unit: ServingUnit) -> None:
+        """`req` joined `unit` (after `pick`, once the unit took it)."""
+        if self.tree is not None and unit.enable_prefix_caching:
+            self.tree.expect(unit.uid, req)
 
     def end_step(self, step_no: int) -> None:
         if self.tree is not None and step_no % self.sync_steps == 0:
@@ -216,14 +261,18 @@ class Router:
         else:
             hits, bs, n = self.tree.match(req.token_ids), self.block_size, len(req.token_ids)
 
-            def cost(u: ServingUnit) -> tuple:
+            rows = []
+            for u in candidates:
                 hit, demand = hits.get(u.uid, 0), u.demand_blocks()
-                queued = sum(len(r.token_ids) - r.num_computed for r in u.waiting)
+                queued = sum(len(r.token_ids) - max(r.num_computed, r.expected_cached_tokens) for r in u.waiting)
                 steps = (queued + n - hit * bs) / max(u.shape.tokens - len(u.running), 1)
-                return (demand + new - hit > u.total_blocks, steps, (demand + new - hit) / u.total_blocks,
-                        len(u.waiting), u.uid)
-
-            unit = min(candidates, key=cost)
+                rows.append((demand + new - hit > u.total_blocks, steps, -hit, (demand + new - hit) / u.total_blocks,
+                             len(u.waiting), u.uid, u))
+            fits = [r for r in rows if not r[0]] or rows
+            soonest = min(r[1] for r in fits)
+            near = [r for r in fits if r[1] <= soonest + self.slack_steps]
+            unit = min(near, key=lambda r: r[2:6])[-1]
+            req.expected_cached_tokens = hits.get(unit.uid, 0) * bs
         if self.mode == "session" and session_id is not None:
             self.sessions[session_id] = unit.members[0]
             self.sessions.move_to_end(session_id)

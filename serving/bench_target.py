@@ -72,8 +72,8 @@ class GrpcTarget:
 
         rid = record.request_id
         try:
-            call = self._aclient.generate(prompt_ids, request_id=rid, max_tokens=record.max_tokens,
-                                          temperature=0.0, ignore_eos=True)
+            call = self._aclient.generate(prompt_ids, request_id=rid, session_id=record.session_id,
+                                          max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True)
             self._calls[rid] = call
             record.submit_s = since(t0)
             async for resp in call:
@@ -83,6 +83,7 @@ class GrpcTarget:
                         record.first_token_s = now
                     record.output_tokens += len(resp.token_ids)
                 if resp.finish_reason:
+                    record.cached_tokens = resp.usage.cached_tokens
                     scheduled_from_queue(record, resp.usage.queue_time_s)
                     finish_record(record, now, FINISH_REASON_NAMES.get(resp.finish_reason, "error"), resp.error)
         except grpc.aio.AioRpcError as e:

@@ -32,7 +32,7 @@ import shlex
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--policies", default=None, metavar="LIST",
                      help=f"comma-separated policies to replay in this order, each on its own engine with identical "
                           f"inputs (default: all of {','.join(POLICIES)}; --policy is ignored)")
+    run.add_argument("--routing-modes", default=None, metavar="LIST",
+                     help="comma-separated routing modes to compare, each policy once per mode with prefix caching "
+                          "on: prompt-tree, least-load, session, and no-cache (least-load with caching off, the "
+                          "baseline); runs are labelled MODE (one policy) or POLICY@MODE; the table adds each "
+                          "run's prefix hit rate and prefill tokens saved")
     run.add_argument("--subject", default=POLICIES[-1], choices=POLICIES,
                      help=f"the policy compared against the best of the others (lowest P99 TTFT) in the summary and "
                           f"the printed ratio (default: {POLICIES[-1]})")
@@ -83,7 +88,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     wl = p.add_argument_group("workload")
     wl.add_argument("--trace", default="synthetic",
                     help="a trace file (Azure LLM 2023/2024 CSV, BurstGPT CSV, Mooncake JSONL; .gz accepted), "
-                         "'azure-conv' (the bundled Azure 2023 conversation trace) or 'synthetic' (default)")
+                         "'azure-conv' (the bundled Azure 2023 conversation trace), 'mooncake' (the bundled Mooncake "
+                         "synthetic trace, shared prompt prefixes) or 'synthetic' (default)")
     wl.add_argument("--num-requests", type=int, default=200, help="synthetic: requests to generate (default: 200)")
     wl.add_argument("--rate", type=float, default=4.0, help="synthetic: mean arrival rate, requests/s (default: 4)")
     wl.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson",
@@ -153,6 +159,41 @@ def _policies(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
     if len(set(names)) != len(names):
         parser.error("--policies: a policy is listed twice")
     return names
+
+
+NO_CACHE = "no-cache"
+
+
+def _routing_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    from kunjax.routing import ROUTING_MODES
+
+    if args.routing_modes is None:
+        return []
+    if args.server is not None:
+        parser.error("--routing-modes cannot be used with --server: the server routes as it was started")
+    names = [m.strip() for m in args.routing_modes.split(",") if m.strip()]
+    known = (*ROUTING_MODES, NO_CACHE)
+    bad = [m for m in names if m not in known]
+    if not names or bad:
+        parser.error(f"--routing-modes: unknown mode {bad[0]!r} (available: {', '.join(known)})" if bad else
+                     f"--routing-modes: give a comma-separated list of {','.join(known)}")
+    if len(set(names)) != len(names):
+        parser.error("--routing-modes: a mode is listed twice")
+    return names
+
+
+def runs_of(policies: list[str], modes: list[str]) -> list[tuple[str, str, dict[str, object]]]:
+    """(label, policy, scheduler overrides) of every run: each policy, or each policy under each routing mode."""
+    if not modes:
+        return [(p, p, {}) for p in policies]
+    out = []
+    for p in policies:
+        for m in modes:
+            label = m if len(policies) == 1 else f"{p}@{m}"
+            over = ({"enable_prefix_caching": False, "routing": "least-load"} if m == NO_CACHE
+                    else {"enable_prefix_caching": True, "routing": m})
+            out.append((label, p, over))
+    return out
 
 
 def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -399,8 +440,9 @@ class BenchRun:
         _say(f"[{name}] policy figures during the replay: "
              + (", ".join(f"{k} {v}" for k, v in policy_stats.items() if v) or "all zero"))
 
-    def run_in_process(self, policies: list[str], base: EngineConfig) -> None:
-        """Each policy on its own engine over the configured devices, one after another."""
+    def run_in_process(self, policies: list[str], base: EngineConfig, modes: Sequence[str] = ()) -> None:
+        """Each policy (under each routing mode, `--routing-modes`) on its own engine over the configured devices,
+        one after another."""
         from kunjax.bench.targets import InProcessTarget
         from kunjax.config import ConfigError
         from kunjax.options import configure_jax, engine_config_from_args, flag_message, make_engine, time_settings
@@ -413,10 +455,11 @@ class BenchRun:
         else:
             budget, budget_info = _memory_budget(self.parser, self.args, jax)
         configs = {}
-        for name in policies:  # every policy's options are checked before the first engine is built
+        for label, name, over in runs_of(policies, list(modes)):  # every run's options, before any engine
             try:
                 cfg = engine_config_from_args(self.args, policy=name, allowed_policies=tuple(policies))
-                configs[name] = dataclasses.replace(cfg, **(
+                cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, **over))
+                configs[label] = dataclasses.replace(cfg, **(
                     {"device_memory_bytes": budget} if budget is not None else {}))
             except (ConfigError, ValueError) as e:
                 self.parser.error(f"--policies {name}: {flag_message(str(e))}")
@@ -434,7 +477,7 @@ class BenchRun:
             _say(f"simulated time: {profile.name} ({profile.kind} profile"
                  + (f"; model shape {self.args.model_shape or 'llama-3-8b'}" if shape is not None else "")
                  + "); summary.json holds only simulated figures (host timings go to host.json)")
-        for name in policies:
+        for name in configs:
             t_policy = time.monotonic()
             engine = target = None
             try:
@@ -481,7 +524,14 @@ class BenchRun:
     def finish(self, t_start: float, load0: float) -> int:
         """Plots, summary.json, the table and the comparison; 1 if a policy failed."""
         from kunjax import __version__
-        from kunjax.bench.report import comparison, diagnose, format_comparison, format_table, write_plots
+        from kunjax.bench.report import (
+            comparison,
+            diagnose,
+            format_cache_table,
+            format_comparison,
+            format_table,
+            write_plots,
+        )
 
         args = self.args
         cmp = comparison(self.summaries, args.subject)
@@ -520,6 +570,8 @@ class BenchRun:
         (args.out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
         (args.out / "host.json").write_text(json.dumps(_clean(host), indent=2) + "\n")
         print(format_table(self.summaries))
+        if any(x.get("cached_prompt_tokens") for x in self.summaries.values()):
+            print(format_cache_table(self.summaries))
         if cmp is not None:
             print(format_comparison(cmp))
         if diagnosis is not None:
@@ -541,6 +593,7 @@ def cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
     t_start, load0 = time.monotonic(), os.getloadavg()[0]
     policies = _policies(parser, args)
+    modes = _routing_modes(parser, args)
     _check_flags(parser, args)
     workload = _load_workload(parser, args)
     try:  # the engine and scheduler options (each policy's own are checked per policy, before any engine)
@@ -560,5 +613,5 @@ def cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error("--server: this entry point has no gRPC client (run it as `kunjax bench`)")
         run.run_remote(remote_target)
     else:
-        run.run_in_process(policies, base)
+        run.run_in_process(policies, base, modes)
     return run.finish(t_start, load0)

@@ -45,6 +45,8 @@ class RequestRecord:
     output_tokens: int = 0
     finish_reason: str | None = None  # stop | length | abort | error | timeout | rejected
     error: str = ""
+    session_id: str = ""  # the conversation it belongs to, when the trace says (sent with the request)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (the runtime's usage, at the end)
 
     @property
     def completed(self) -> bool:
@@ -116,6 +118,7 @@ def summarize(records: Sequence[RequestRecord], slo: Slo) -> dict[str, object]:
         pct[m]["mean"] = sum(vals) / len(vals) if vals else math.nan
         pct[m]["count"] = len(vals)
     rate = (lambda x: x / makespan) if makespan > 0 else (lambda x: math.nan)
+    cached, prompt = sum(r.cached_tokens for r in done), sum(r.prompt_tokens for r in done)
     return {
         "ttft_p50_s": pct["ttft_s"]["p50"], "ttft_p99_s": pct["ttft_s"]["p99"],
         "tpot_p99_s": pct["tpot_s"]["p99"], "e2e_p99_s": pct["e2e_s"]["p99"],
@@ -124,4 +127,7 @@ def summarize(records: Sequence[RequestRecord], slo: Slo) -> dict[str, object]:
         "throughput_tok_s": rate(out_tokens),
         "goodput_req_s": rate(met), "slo_met": met, "requests": len(records), "output_tokens": out_tokens,
         "makespan_s": makespan, "finish_reasons": reasons, "percentiles": pct,
+        # prefix caching: prompt tokens of the completed requests served from cache (prefill not computed)
+        "prompt_tokens_completed": prompt, "cached_prompt_tokens": cached,
+        "prefix_hit_rate": cached / prompt if prompt else math.nan,
     }

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from kunjax.bench.metrics import RequestRecord
 from kunjax.bench.targets import LoadRow, Target
-from kunjax.workloads import Workload
+from kunjax.workloads import TraceRequest, Workload
 
 SAMPLE_PERIOD_S = 1.0
 
@@ -102,11 +102,17 @@ class _Progress:
         print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
+def session_of(r: TraceRequest) -> str:
+    """A request's session for `--routing session`: traces carry no conversation ids, so the requests that share
+    their first prompt block (Mooncake's first hash id) are taken as one conversation; none without prefixes."""
+    return f"prefix-{r.prefix_ids[0]}" if r.prefix_ids else ""
+
+
 def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, label: str, block_size: int,
            drain_timeout_s: float, progress: bool = True, id_prefix: str = "bench") -> ReplayResult:
     """Replay `workload` (prompt i = `prompts[i]`) against `target` on its clock; see the module docstring."""
     records = [RequestRecord(index=i, request_id=f"{id_prefix}-{i}", arrival_s=r.arrival_s,
-                             prompt_tokens=len(prompts[i]), max_tokens=r.output_tokens)
+                             prompt_tokens=len(prompts[i]), max_tokens=r.output_tokens, session_id=session_of(r))
                for i, r in enumerate(workload.requests)]
     clock = target.clock
     t0 = clock.now()

@@ -17,7 +17,7 @@ from kunjax.bench.metrics import RequestRecord
 
 REQUEST_COLUMNS = ("index", "request_id", "arrival_s", "submit_s", "scheduled_s", "first_token_s", "end_s",
                    "prompt_tokens", "max_tokens", "output_tokens", "queue_s", "ttft_s", "tpot_s", "e2e_s",
-                   "finish_reason", "error")
+                   "finish_reason", "error", "session_id", "cached_tokens")
 
 
 def _cell(v: object) -> object:
@@ -53,15 +53,28 @@ def _s(x: object) -> str:
 
 
 def format_table(summaries: Mapping[str, Mapping[str, object]]) -> str:
-    head = (f"{'policy':<10} {'done':>9} {'failed':>6} {'P50 TTFT':>9} {'P99 TTFT':>9} {'P99 TPOT':>9} "
+    w = max((10, *map(len, summaries)))
+    head = (f"{'policy':<{w}} {'done':>9} {'failed':>6} {'P50 TTFT':>9} {'P99 TTFT':>9} {'P99 TPOT':>9} "
             f"{'P99 e2e':>9} {'SLO met':>8} {'goodput':>9} {'out tok/s':>9} {'wall':>7}")
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
         lines.append(
-            f"{name:<10} {s['completed']:>4}/{s['requests']:<4} {s['failed']:>6} {_s(s['ttft_p50_s']):>9} "
+            f"{name:<{w}} {s['completed']:>4}/{s['requests']:<4} {s['failed']:>6} {_s(s['ttft_p50_s']):>9} "
             f"{_s(s['ttft_p99_s']):>9} {_s(s['tpot_p99_s']):>9} {_s(s['e2e_p99_s']):>9} "
             f"{s['slo_attainment']:>8.1%} {s['goodput_req_s']:>7.2f}/s {s['throughput_tok_s']:>9.1f} "
             f"{s.get('wall_s', math.nan):>6.0f}s")
+    return "\n".join(lines)
+
+
+def format_cache_table(summaries: Mapping[str, Mapping[str, object]]) -> str:
+    """Per run: the share of the completed requests' prompt tokens served from the prefix cache, and that many
+    prefill tokens not computed."""
+    w = max((10, *map(len, summaries)))
+    head = f"{'run':<{w}} {'prefix hit rate':>15} {'prefill tokens saved':>21} {'of prompt tokens':>17}"
+    lines = [head, "-" * len(head)]
+    for name, s in summaries.items():
+        lines.append(f"{name:<{w}} {s.get('prefix_hit_rate', math.nan):>15.1%} "
+                     f"{s.get('cached_prompt_tokens', 0):>21} {s.get('prompt_tokens_completed', 0):>17}")
     return "\n".join(lines)
 
 

@@ -134,7 +134,8 @@ class InProcessTarget:
     def start(self, record: RequestRecord, prompt_ids: list[int], t0: float) -> None:
         params = SamplingParams(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True)
         try:
-            self.engine.add_request(prompt_ids, params, request_id=record.request_id)
+            self.engine.add_request(prompt_ids, params, request_id=record.request_id,
+                                    session_id=record.session_id or None)
         except ValueError as e:
             finish_record(record, since(t0, self.clock), "rejected", str(e))
             return
@@ -164,6 +165,7 @@ class InProcessTarget:
                     record.first_token_s = now
                 record.output_tokens += n
             if out.finished:
+                record.cached_tokens = out.num_cached_tokens
                 m = out.metrics
                 if "first_scheduled_time" in m:
                     scheduled_from_queue(record, max(0.0, m["first_scheduled_time"] - m["arrival_time"]))

@@ -33,6 +33,7 @@ MOONCAKE_BLOCK_TOKENS = 512  # tokens per Mooncake hash id
 # Short names for traces that ship with kunjax (`kunjax bench --trace azure-conv`).
 BUNDLED_TRACES = {
     "azure-conv": "azure_llm_2023_conv.csv.gz",
+    "mooncake": "mooncake_synthetic.jsonl.gz",
 }
 BUNDLED_DIR = Path(__file__).parent / "traces"
 
@@ -96,7 +97,7 @@ class Workload:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 def resolve_trace(name_or_path: str | Path) -> Path:
-    """A bundled trace's short name (`azure-conv`) -> its file; anything else is a path."""
+    """A bundled trace's short name (`azure-conv`, `mooncake`) -> its file; anything else is a path."""
     key = str(name_or_path)
     if key in BUNDLED_TRACES:
         return BUNDLED_DIR / BUNDLED_TRACES[key]

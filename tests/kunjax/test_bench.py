@@ -135,6 +135,8 @@ def test_help_explains_every_bench_option():
     (["--max-num-batched-tokens", "4"], "--max-num-batched-tokens (4) must be >= --max-num-seqs"),
     (["--profile", "h100-sxm"], "--profile needs simulated time (--executor sim or --clock simulated)"),
     (["--executor", "sim", "--profile", "b300"], "--profile: unknown hardware profile 'b300'"),
+    (["--routing-modes", "random"], "--routing-modes: unknown mode 'random'"),
+    (["--routing-modes", "session,session"], "--routing-modes: a mode is listed twice"),
     (["--executor", "sim", "--model-shape", "gpt-5"], "--model-shape: unknown model shape 'gpt-5'"),
     (["--executor", "sim", "--model", "/nonexistent/model"], "--model: unknown model shape '/nonexistent/model'"),
 ])
@@ -273,6 +275,25 @@ def test_the_workload_does_not_depend_on_which_policy_runs_first(tmp_path):
     assert a["policies"]["layerkv"]["kv_capacity_tokens"] < a["workload"]["capacity_tokens"]  # its staging
     for p in ("recompute", "layerkv"):
         assert a["policies"][p] == b["policies"][p]
+
+
+def test_routing_modes_side_by_side_with_their_prefix_hit_rates(tmp_path):
+    """--routing-modes: one run per mode on identical inputs (Mooncake's shared prefixes), labelled by mode; each
+    run reports its prefix hit rate and prefill tokens saved; caching off saves nothing, and the prompt tree
+    reuses at least as much as routing by session."""
+    res = run_bench("--out", str(tmp_path), "--trace", "mooncake", "--policies", "recompute", "--routing-modes",
+                    "no-cache,least-load,session,prompt-tree", "--executor", "sim", "--profile", "h100",
+                    "--model-shape", "llama-3-8b", "--dtype", "bfloat16", "--max-model-len", "8192",
+                    "--max-num-seqs", "256", "--max-num-batched-tokens", "8192", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = check_outputs(tmp_path, ["no-cache", "least-load", "session", "prompt-tree"])
+    rate = {k: s["prefix_hit_rate"] for k, s in summary["policies"].items()}
+    assert rate["no-cache"] == 0 and rate["prompt-tree"] >= rate["session"] > rate["least-load"] > 0, rate
+    assert "prefix hit rate" in res.stdout and "prefill tokens saved" in res.stdout
+    with open(tmp_path / "requests_prompt-tree.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(int(r["cached_tokens"]) for r in rows) == summary["policies"]["prompt-tree"]["cached_prompt_tokens"]
+    assert all(r["session_id"].startswith("prefix-") for r in rows)
 
 
 def test_the_real_model_on_a_simulated_clock_gives_identical_figures_twice(tmp_path):
