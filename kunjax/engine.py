@@ -216,6 +216,8 @@ class LLMEngine:
         """Validate, tokenize and route one request; raises ValueError with a message on bad input. `session_id`
         groups the turns of one conversation (`--routing session` keeps them on one unit)."""
         params = params or SamplingParams()
+        if isinstance(prompt, str) and not prompt:  # (a tokenizer would make it a lone BOS)
+            raise ValueError("prompt is empty")
         text, ids = self.encode(prompt)
         cfg = self.model_config
         if not ids:

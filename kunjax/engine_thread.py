@@ -68,9 +68,11 @@ class EngineThread:
         self._admitting = True
         self._closed_reason = "server is shutting down"
         self._ready = False
-        # A request's queue lives from submit until its reader has taken the final event; `_inflight` holds
-        # the requests the engine has not finished (what the admission limit counts).
+        # A request's queue lives from submit until its reader has taken the final event (or a new request
+        # reuses the id of a finished one: its reader keeps the old queue); `_inflight` holds the requests the
+        # engine has not finished (what the admission limit and duplicate ids are checked against).
         self._queues: dict[str, queue.Queue[TokenEvent]] = {}
+        self._queues_lock = threading.Lock()  # swapping and releasing queues (never held while stepping)
         self._inflight: set[str] = set()
         self._warmup = warmup
         self._events = EventLog()  # the policy's recent events, numbered
@@ -87,14 +89,15 @@ class EngineThread:
                 raise Overloaded(self._closed_reason, retry_after_s=5.0)
             if len(self._inflight) >= self.max_queued:
                 raise Overloaded(f"{len(self._inflight)} requests in flight (limit {self.max_queued})")
-            if request.request_id in self._queues:
+            if request.request_id in self._inflight:
                 raise InvalidRequest(f"duplicate request id {request.request_id!r}")
             try:
                 self.engine.add_request(prompt, request.params, request_id=request.request_id,
                                         session_id=request.session_id)
             except ValueError as e:
                 raise InvalidRequest(str(e)) from e
-            self._queues[request.request_id] = queue.Queue()
+            with self._queues_lock:
+                self._queues[request.request_id] = queue.Queue()
             self._inflight.add(request.request_id)
         self._wake.set()
 
@@ -102,7 +105,12 @@ class EngineThread:
         q = self._queues.get(request_id)
         if q is None:
             raise KeyError(f"unknown request {request_id!r}")
-        return iter_events(q, timeout_s, lambda: self._queues.pop(request_id, None))
+        return iter_events(q, timeout_s, lambda: self._release(request_id, q))
+
+    def _release(self, request_id: str, q: queue.Queue[TokenEvent]) -> None:
+        with self._queues_lock:  # not a newer request's queue under the same id
+            if self._queues.get(request_id) is q:
+                del self._queues[request_id]
 
     def abort(self, request_id: str) -> None:
         with self._lock:

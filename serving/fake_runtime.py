@@ -67,8 +67,9 @@ class FakeRuntime:
         self._ready_at = time.monotonic() + warmup_s
         self._lock = threading.Lock()
         self._admitting = True
-        # A request's queue lives from submit until its reader took the final event (duplicate ids are checked
-        # against it); `_inflight` holds the unfinished requests, which hold blocks and count against capacity.
+        # A request's queue lives from submit until its reader took the final event (or a new request reuses the
+        # id of a finished one); `_inflight` holds the unfinished requests, which hold blocks, count against
+        # capacity and are what duplicate ids are checked against.
         self._queues: dict[str, queue.Queue[TokenEvent]] = {}
         self._inflight: dict[str, _FakeRequest] = {}
         self._stop = threading.Event()
@@ -99,7 +100,7 @@ class FakeRuntime:
         with self._lock:
             if not self._admitting:
                 raise Overloaded("server is shutting down", retry_after_s=5.0)
-            if request.request_id in self._queues:
+            if request.request_id in self._inflight:
                 raise InvalidRequest(f"duplicate request id {request.request_id!r}")
             if len(self._inflight) >= self.max_queued:
                 raise Overloaded(f"{len(self._inflight)} requests in flight (limit {self.max_queued})",
@@ -112,8 +113,9 @@ class FakeRuntime:
         if q is None:
             raise KeyError(f"unknown request {request_id!r}")
         def forget() -> None:
-            with self._lock:
-                self._queues.pop(request_id, None)
+            with self._lock:  # not a newer request's queue under the same id
+                if self._queues.get(request_id) is q:
+                    del self._queues[request_id]
 
         return iter_events(q, timeout_s, forget)
 

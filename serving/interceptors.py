@@ -67,8 +67,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return f"missing credentials: send metadata '{AUTH_METADATA_KEY}: Bearer <token>'"
         value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
         scheme, _, credential = value.partition(" ")
-        if scheme.lower() != "bearer":
-            return f"unsupported authorization scheme {scheme!r}: use 'Bearer <token>'"
+        if scheme.lower() != "bearer":  # never echoed: a token sent without a scheme would be the "scheme"
+            return "unsupported authorization scheme: send 'Bearer <token>'"
         if not hmac.compare_digest(credential.strip().encode("utf-8", "replace"), self._token):
             return "invalid bearer token"
         return None

@@ -50,6 +50,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KunjaxService"].full_name  # "kun
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_KEY = "retry-after-s"
 MAX_SESSION_ID = 256  # characters of GenerateRequest.session_id
+MAX_REQUEST_ID = 256  # characters of GenerateRequest.request_id (echoed in every response)
 
 _FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                    "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
@@ -114,6 +115,7 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
         self.readiness_task: asyncio.Task[None] | None = None  # set by `start_server`
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=control_threads, thread_name_prefix="kunjax-grpc-control")
+        self._cancelling: set[str] = set()  # ids of cancelled streams whose abort has not run yet
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -123,10 +125,22 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
 
     def _abort_in_background(self, request_id: str) -> None:
         # Not awaited: it runs from `finally` of a cancelled handler, which must not wait on the runtime's lock.
+        self._cancelling.add(request_id)
         try:
-            self._pool.submit(self.runtime.abort, request_id)
+            self._pool.submit(self._abort_cancelled, request_id)
         except RuntimeError:  # pool already shut down: abort inline rather than leak the request's blocks
+            self._abort_cancelled(request_id)
+
+    def _abort_cancelled(self, request_id: str) -> None:
+        try:
             self.runtime.abort(request_id)
+        finally:
+            self._cancelling.discard(request_id)
+
+    def _submit(self, request: GenerateRequest) -> None:
+        if request.request_id in self._cancelling:  # its id's last stream was cancelled: that abort goes first,
+            self._abort_cancelled(request.request_id)  # so reusing the id at once is not a "duplicate"
+        self.runtime.submit(request)
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
                       trailing_metadata: tuple[tuple[str, str], ...] = ()) -> NoReturn:
@@ -144,6 +158,11 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
             params = sampling_params_from_proto(request.sampling)
         except ValueError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if len(request.request_id) > MAX_REQUEST_ID:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request_id has {len(request.request_id)} characters (at most {MAX_REQUEST_ID})")
+        if kind == "text" and not request.text:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
         if len(request.session_id) > MAX_SESSION_ID:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
                                f"session_id has {len(request.session_id)} characters (at most {MAX_SESSION_ID})")
@@ -151,7 +170,7 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                                prompt=request.text if kind == "text" else None,
                                prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
                                session_id=request.session_id or None)
-        submitted = asyncio.get_running_loop().run_in_executor(self._pool, self.runtime.submit, greq)
+        submitted = asyncio.get_running_loop().run_in_executor(self._pool, self._submit, greq)
         try:
             await asyncio.shield(submitted)
         except asyncio.CancelledError:

@@ -116,6 +116,8 @@ def test_bad_requests_are_refused_before_acceptance(runtime):
         runtime.submit(req("bad2", []))
     with pytest.raises(InvalidRequest, match="exactly one"):
         runtime.submit(GenerateRequest(request_id="bad3", prompt=None, prompt_ids=None, params=GREEDY))
+    with pytest.raises(InvalidRequest, match="prompt is empty"):  # an empty text is empty ids, not a lone BOS
+        runtime.submit(GenerateRequest(request_id="bad4", prompt="", prompt_ids=None, params=GREEDY))
     runtime.submit(req("dup", [1, 2, 3], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)))
     with pytest.raises(InvalidRequest, match="duplicate request id"):
         runtime.submit(req("dup", [1, 2, 3]))
@@ -142,3 +144,20 @@ def test_info_and_load_describe_the_instances(runtime):
     load = runtime.load()
     assert [x.instance for x in load] == [0, 1]
     assert all(x.kv_free + x.kv_used + x.kv_cached == x.kv_total for x in load)
+
+
+def test_the_id_of_a_finished_request_is_free_before_its_reader_drains_it(runtime):
+    """An aborted request is finished at once; its id may be reused while its old reader still holds its final
+    event, and each reader gets its own request's events."""
+    long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    runtime.submit(req("reuse", [1, 2, 3], long))
+    old = runtime.events("reuse", timeout_s=60)
+    assert not next(old).finished
+    runtime.abort("reuse")
+    runtime.submit(req("reuse", [4, 5, 6], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)))
+    with pytest.raises(InvalidRequest, match="duplicate request id"):  # while it runs, the id is taken
+        runtime.submit(req("reuse", [7]))
+    assert list(old)[-1].finish_reason == "abort"
+    new = collect(runtime, "reuse")
+    assert new[-1].finish_reason == "length" and sum(len(e.token_ids) for e in new) > 30
+    wait_idle(runtime)

@@ -152,6 +152,7 @@ def test_health_check_is_live_only_after_warm_up(make_served: Callable[..., Serv
     (js.DecodeRequest(max_tokens=4), "content is missing"),
     (decode_request([5], 0), "max_tokens"),  # JetStream's unset int32: kunjax has no implicit default
     (decode_request([], 4), "empty"),
+    (decode_request("", 4), "prompt is empty"),
     (decode_request([VOCAB], 4), "outside the vocabulary"),
     (decode_request([5], 4, num_samples=2), "num_samples"),
     (decode_request([5], 4, lora_adapter_id="adapter-1"), "lora_adapter_id"),

@@ -167,8 +167,9 @@ def test_deadline_mid_stream_aborts_the_request(make_served: Callable[..., Serve
     ([1], {"stop_token_ids": [VOCAB]}, "stop_token_ids"),
     ([1], {"logprobs": 1000}, "logprobs"),
     ([1], {"session_id": "s" * 257}, "session_id has 257 characters (at most 256)"),
+    ([1], {"request_id": "r" * 300}, "request_id has 300 characters (at most 256)"),
 ], ids=["empty-text", "empty-ids", "id-past-vocab", "negative-id", "too-long", "temperature", "top_p",
-        "max_tokens", "stop-id-past-vocab", "too-many-logprobs", "long-session-id"])
+        "max_tokens", "stop-id-past-vocab", "too-many-logprobs", "long-session-id", "long-request-id"])
 def test_bad_input_is_invalid_argument_naming_the_problem(served: Served, prompt: object, options: dict,
                                                          message: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
@@ -288,3 +289,15 @@ def test_check_reports_a_stale_generated_file(tmp_path, monkeypatch: pytest.Monk
     (copy / "kunjax/serving/v2/generate_pb2.py").write_text("# edited by hand\n")
     monkeypatch.setattr(build_protos, "OUT_ROOT", copy)
     assert build_protos.check() == ["stale: kunjax/serving/v2/generate_pb2.py"]
+
+
+def test_a_request_id_can_be_reused_right_after_its_stream_is_cancelled(make_served: Callable[..., Served]) -> None:
+    """A cancelled stream's abort runs in the background: a new request reusing the id at once must not be told
+    "duplicate request id" (the old request is on its way out, not running)."""
+    s = make_served(max_model_len=10**9, step_interval_s=0.005)
+    for _ in range(20):
+        call = s.client.generate([1], request_id="again", **ENDLESS)
+        next(call)
+        call.cancel()
+        assert s.client.generate_text([2], request_id="again", max_tokens=1)[1] == "length"
+    assert wait_until(lambda: idle(s))

@@ -61,12 +61,14 @@ def test_calls_without_the_right_token_are_unauthenticated(authed: ServerHandle,
                                                     {"code": "UNAUTHENTICATED"}) == 4
 
 
-def test_a_non_bearer_scheme_is_refused_by_name(authed: ServerHandle) -> None:
+@pytest.mark.parametrize("value", [f"Basic {TOKEN}", TOKEN, f"{TOKEN}-leaked"], ids=["basic", "bare", "bare-wrong"])
+def test_a_non_bearer_scheme_is_refused_without_echoing_the_credential(authed: ServerHandle, value: str) -> None:
     with grpc.insecure_channel(authed.target) as channel, pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/kunjax.serving.v2.KunjaxService/GetLoad")(
-            b"", metadata=(("authorization", f"Basic {TOKEN}"),), timeout=10)
+            b"", metadata=(("authorization", value),), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "unsupported authorization scheme 'Basic'" in err.value.details()
+    assert "unsupported authorization scheme: send 'Bearer <token>'" in err.value.details()
+    assert TOKEN not in err.value.details() and "Basic" not in err.value.details()
 
 
 def test_the_right_token_works_for_every_method(authed: ServerHandle) -> None:
