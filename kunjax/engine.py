@@ -72,6 +72,9 @@ def _jax_executor(model_path: Path, cfg: ModelConfig, ecfg: EngineConfig, device
         raise ConfigError(str(e)) from e
 
 
+MAX_CHARS_PER_TOKEN = 64  # a longer text prompt cannot fit the context: refused before tokenizing
+
+
 class LLMEngine:
     def __init__(self, model: str | Path | ModelConfig = "demo", config: EngineConfig | None = None,
                  devices: Sequence | None = None, *, executor: str | Executor = "jax", clock: Clock | None = None,
@@ -205,20 +208,29 @@ class LLMEngine:
 
     # ---- admission ----------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        """(text, ids) of a prompt; a text is tokenized, after a size check that needs no tokenizer (a text of more
+        than `MAX_CHARS_PER_TOKEN` characters per token of the context cannot fit). Reads no engine state but
+        constants: the engine thread calls it outside its lock, so a huge prompt never stalls other streams."""
         if isinstance(prompt, str):
+            if not prompt:  # (a tokenizer would make it a lone BOS)
+                raise ValueError("prompt is empty")
+            limit = MAX_CHARS_PER_TOKEN * self.max_model_len
+            if len(prompt) > limit:
+                raise ValueError(f"prompt text has {len(prompt)} characters, more than {MAX_CHARS_PER_TOKEN} per "
+                                 f"token of the {self.max_model_len}-token context (--max-model-len) can hold")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer.json: pass prompts as lists of token ids")
             return prompt, self.tokenizer.encode(prompt)
         return None, [int(t) for t in prompt]
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, session_id: str | None = None) -> str:
+                    request_id: str | None = None, session_id: str | None = None,
+                    encoded: tuple[str | None, list[int]] | None = None) -> str:
         """Validate, tokenize and route one request; raises ValueError with a message on bad input. `session_id`
-        groups the turns of one conversation (`--routing session` keeps them on one unit)."""
+        groups the turns of one conversation (`--routing session` keeps them on one unit); `encoded`: what
+        `encode(prompt)` gave, when the caller tokenized it already."""
         params = params or SamplingParams()
-        if isinstance(prompt, str) and not prompt:  # (a tokenizer would make it a lone BOS)
-            raise ValueError("prompt is empty")
-        text, ids = self.encode(prompt)
+        text, ids = encoded if encoded is not None else self.encode(prompt)
         cfg = self.model_config
         if not ids:
             raise ValueError("prompt is empty")

@@ -84,6 +84,10 @@ class EngineThread:
         if (request.prompt is None) == (request.prompt_ids is None):
             raise InvalidRequest("give exactly one of a text prompt or prompt token ids")
         prompt = request.prompt if request.prompt is not None else list(request.prompt_ids)
+        try:  # tokenizing (and refusing a huge text) needs no lock: other streams keep flowing meanwhile
+            encoded = self.engine.encode(prompt)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
         with self._lock:
             if not self._admitting:
                 raise Overloaded(self._closed_reason, retry_after_s=5.0)
@@ -93,7 +97,7 @@ class EngineThread:
                 raise InvalidRequest(f"duplicate request id {request.request_id!r}")
             try:
                 self.engine.add_request(prompt, request.params, request_id=request.request_id,
-                                        session_id=request.session_id)
+                                        session_id=request.session_id, encoded=encoded)
             except ValueError as e:
                 raise InvalidRequest(str(e)) from e
             with self._queues_lock:

@@ -161,3 +161,21 @@ def test_the_id_of_a_finished_request_is_free_before_its_reader_drains_it(runtim
     new = collect(runtime, "reuse")
     assert new[-1].finish_reason == "length" and sum(len(e.token_ids) for e in new) > 30
     wait_idle(runtime)
+
+
+def test_a_huge_text_prompt_is_refused_without_waiting_for_the_engine(runtime):
+    """Tokenizing and its size check run outside the engine lock: a 4 MB text is refused while a step holds it."""
+    result: dict[str, str] = {}
+
+    def submit() -> None:
+        try:
+            runtime.submit(GenerateRequest(request_id="huge", prompt="x" * 4_000_000, prompt_ids=None, params=GREEDY))
+        except InvalidRequest as e:
+            result["error"] = str(e)
+
+    with runtime._lock:  # the engine is in the middle of a long step
+        t = threading.Thread(target=submit)
+        t.start()
+        t.join(timeout=10)
+        assert not t.is_alive(), "the refusal waited for the engine"
+    assert "prompt text has 4000000 characters" in result["error"]
