@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -161,7 +162,9 @@ class Runtime(Protocol):
 
     def ready(self) -> bool: ...
 
-    def shutdown(self, grace_s: float) -> None: ...
+    def shutdown(self, grace_s: float, cut_short: threading.Event | None = None) -> None:
+        """Stop admitting; let in-flight requests finish for `grace_s` (or until `cut_short` is set), then abort
+        the rest and stop."""
 
 
 def iter_events(q: queue.Queue[TokenEvent], timeout_s: float | None,

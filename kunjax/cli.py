@@ -260,12 +260,20 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if handle.metrics_port is not None:
         print(f"kunjax: metrics on http://{args.metrics_host}:{handle.metrics_port}/metrics", file=sys.stderr,
               flush=True)
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        if stop.is_set():  # a second SIGINT or SIGTERM ends the drain now
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
-    print(f"kunjax: shutting down (grace {args.grace_s:.0f}s)", file=sys.stderr, flush=True)
-    runtime.shutdown(args.grace_s)  # stop admitting, finish or abort in-flight requests
+    handle.begin_drain()  # health NOT_SERVING first: load balancers stop sending work here
+    print(f"kunjax: shutting down (grace {args.grace_s:.0f}s; a second SIGINT/SIGTERM aborts what is left)",
+          file=sys.stderr, flush=True)
+    runtime.shutdown(args.grace_s, cut_short=hurry)  # stop admitting, finish or abort in-flight requests
     handle.stop(grace=1.0)
     return 0
 

@@ -137,12 +137,13 @@ class EngineThread:
     def ready(self) -> bool:
         return self._ready
 
-    def shutdown(self, grace_s: float) -> None:
-        """Stop admitting; let in-flight requests finish for `grace_s`, then abort the rest and stop."""
+    def shutdown(self, grace_s: float, cut_short: threading.Event | None = None) -> None:
+        """Stop admitting; let in-flight requests finish for `grace_s` (or until `cut_short` is set: a second
+        signal), then abort the rest and stop."""
         with self._lock:
             self._admitting = False
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self._inflight:
+        while time.monotonic() < deadline and self._inflight and not (cut_short is not None and cut_short.is_set()):
             time.sleep(0.01)
         for rid in list(self._inflight):
             self.abort(rid)

@@ -146,12 +146,13 @@ class FakeRuntime:
     def ready(self) -> bool:
         return time.monotonic() >= self._ready_at
 
-    def shutdown(self, grace_s: float) -> None:
-        """Stop admitting; let in-flight requests finish for `grace_s`, then abort the rest and stop."""
+    def shutdown(self, grace_s: float, cut_short: threading.Event | None = None) -> None:
+        """Stop admitting; let in-flight requests finish for `grace_s` (or until `cut_short` is set), then abort
+        the rest and stop."""
         with self._lock:
             self._admitting = False
         deadline = time.monotonic() + grace_s
-        while self._inflight and time.monotonic() < deadline:
+        while self._inflight and time.monotonic() < deadline and not (cut_short is not None and cut_short.is_set()):
             time.sleep(self.step_interval_s)
         for rid in list(self._inflight):
             self.abort(rid)

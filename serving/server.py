@@ -49,6 +49,7 @@ log = logging.getLogger("kunjax.serving.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KunjaxService"].full_name  # "kunjax.serving.v2.KunjaxService"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_KEY = "retry-after-s"
+HEALTH_SERVICES = ("", SERVICE_NAME, JETSTREAM_SERVICE_NAME)  # the names health answers for
 MAX_SESSION_ID = 256  # characters of GenerateRequest.session_id
 MAX_REQUEST_ID = 256  # characters of GenerateRequest.request_id (echoed in every response)
 
@@ -116,9 +117,19 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=control_threads, thread_name_prefix="kunjax-grpc-control")
         self._cancelling: set[str] = set()  # ids of cancelled streams whose abort has not run yet
+        self.health: health.aio.HealthServicer | None = None  # set by `start_server`
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+    async def drain(self) -> None:
+        """Health reads NOT_SERVING from now on, for every service name (load balancers stop routing here);
+        calls in flight and new ones are still answered (the runtime refuses new ones while it drains)."""
+        if self.readiness_task is not None:
+            self.readiness_task.cancel()
+        if self.health is not None:
+            for service in HEALTH_SERVICES:
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -253,7 +264,7 @@ async def _mark_serving_when_ready(runtime: Runtime, health_servicer: health.aio
                                    poll_s: float) -> None:
     while not runtime.ready():
         await asyncio.sleep(poll_s)
-    for service in ("", SERVICE_NAME):
+    for service in HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("runtime ready: health is SERVING")
 
@@ -307,6 +318,11 @@ class ServerHandle:
         """A loopback address of the server; by name under TLS, since certificates name hosts."""
         return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
+    def begin_drain(self) -> None:
+        """Health NOT_SERVING now (`KunjaxServicer.drain`); safe from any thread, e.g. a signal's."""
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.servicer.drain(), self.loop).result(timeout=10)
+
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting calls, give running ones `grace` seconds, cancel the rest (which aborts their
         requests), then end the loop thread and the metrics endpoint. Does not shut the runtime down."""
@@ -343,7 +359,8 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
     add_jetstream_servicer(server, runtime, kunjax=servicer)  # shares the servicer's pool, metrics and errors
 
     health_servicer = health.aio.HealthServicer()
-    for service in ("", SERVICE_NAME):
+    servicer.health = health_servicer
+    for service in HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

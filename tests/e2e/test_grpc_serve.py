@@ -11,10 +11,12 @@ import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kunjax.demo import ensure_demo_model, recitation_prompts
 from serving.client import KunjaxClient
 from tests.e2e.serve_process import start_serve
+from tests.helpers import wait_until
 
 TOKEN = "s3cret-token"
 
@@ -86,6 +88,33 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits(server):
         stream = client.generate(prompt, max_tokens=160, temperature=0.0)
         first = next(stream)
         proc.send_signal(signal.SIGTERM)
+        health = health_pb2_grpc.HealthStub(client.channel)
+        assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                          == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=5.0)  # at the drain's start
         text = first.text + "".join(r.text for r in stream)
         assert text == expected  # the accepted request was finished, not dropped
     assert proc.wait(timeout=120) == 0
+
+
+def test_a_second_sigterm_ends_the_drain(tmp_path):
+    """With a long grace period, a second signal aborts what is still running and the process exits at once."""
+    proc, target, _ = start_serve(
+        ["--model", str(ensure_demo_model()), "--cpu-devices", "1", "--max-num-seqs", "4",
+         "--max-num-batched-tokens", "64", "--min-token-bucket", "64", "--max-model-len", "512",
+         "--grace-s", "600"], timeout_s=300)
+    try:
+        with KunjaxClient(target, timeout_s=120) as client:
+            stream = client.generate("a long story", max_tokens=None, ignore_eos=True, temperature=0.0)
+            next(stream)
+            proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(client.channel)
+            assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                              == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=5.0)
+            proc.send_signal(signal.SIGTERM)
+            last = list(stream)[-1]
+            assert last.finish_reason == 3  # FINISH_REASON_ABORT: cut short, not left hanging
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

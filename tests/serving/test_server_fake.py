@@ -20,6 +20,7 @@ from serving import build_protos
 from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
+from serving.jetstream import JETSTREAM_SERVICE_NAME
 from serving.server import RETRY_AFTER_KEY, SERVICE_NAME, ServerHandle, serve
 from tests.helpers import wait_until
 
@@ -236,6 +237,24 @@ def test_health_is_not_serving_until_warm_up_then_serving(make_served: Callable[
     assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
     assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout_s=5.0)
     assert status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+    assert status(JETSTREAM_SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_is_not_serving_from_the_start_of_the_drain(make_served: Callable[..., Served]) -> None:
+    """`begin_drain` (what `kunjax serve` does on SIGTERM, before the grace period) turns every service name's
+    health NOT_SERVING while the streams in flight go on."""
+    s = make_served(max_model_len=10**9, step_interval_s=0.005)
+    health = health_pb2_grpc.HealthStub(s.client.channel)
+    assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT_S).status
+                      == health_pb2.HealthCheckResponse.SERVING, timeout_s=5.0)
+    stream = s.client.generate([1], **ENDLESS)
+    next(stream)
+    s.handle.begin_drain()
+    for service in ("", SERVICE_NAME, JETSTREAM_SERVICE_NAME):
+        got = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT_S).status
+        assert got == health_pb2.HealthCheckResponse.NOT_SERVING, service
+    assert next(stream).token_ids  # still streaming
+    stream.cancel()
 
 
 def test_reflection_lists_the_services(served: Served) -> None:
