@@ -5,8 +5,9 @@ validated by `kunjax.SamplingParams`), runtime events become `GenerateResponse` 
 become status codes (`InvalidRequest` -> INVALID_ARGUMENT, `Overloaded` -> RESOURCE_EXHAUSTED with a
 `retry-after-s` trailer); each stream's events also feed its `serving.metrics.StreamTimer`.
 
-It also owns the bridge between the blocking runtime and the `grpc.aio` event loop: blocking calls (`submit`,
-`abort`, `load`, `policy_status`, `info`) run on a small thread pool, and each stream's event iterator is drained
+It also owns the bridge between the blocking runtime and the `grpc.aio` event loop: admissions (`submit`) run on
+one small thread pool and control calls (`abort`, a cancelled stream's abort, `load`, `policy_status`, `info`) on
+another, so no burst of new requests can hold up a cancel or a `GetLoad`; each stream's event iterator is drained
 by its own thread into an `asyncio.Queue`, so the loop never blocks on the runtime. And it assembles the server:
 TLS when given a certificate and key, the interceptors of `serving.interceptors` (bearer-token auth when given a
 token; unparsable requests -> INVALID_ARGUMENT), health, reflection, and the metrics HTTP endpoint when given a
@@ -110,17 +111,22 @@ def policy_status_to_proto(status: PolicyStatus) -> pb.PolicyStatus:
 class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
     """`KunjaxService` over a blocking runtime (see the module docstring for the threading)."""
 
-    def __init__(self, runtime: Runtime, *, metrics: ServingMetrics | None = None, control_threads: int = 4):
+    def __init__(self, runtime: Runtime, *, metrics: ServingMetrics | None = None, control_threads: int = 4,
+                 admission_threads: int = 4):
         self.runtime = runtime
         self.metrics = metrics if metrics is not None else ServingMetrics(runtime)
         self.readiness_task: asyncio.Task[None] | None = None  # set by `start_server`
-        self._pool = concurrent.futures.ThreadPoolExecutor(
+        self._pool = concurrent.futures.ThreadPoolExecutor(  # control calls and aborts: never behind admissions
             max_workers=control_threads, thread_name_prefix="kunjax-grpc-control")
+        self._admit_pool = concurrent.futures.ThreadPoolExecutor(  # Generate's submit (tokenizing, admission)
+            max_workers=admission_threads, thread_name_prefix="kunjax-grpc-admit")
         self._cancelling: set[str] = set()  # ids of cancelled streams whose abort has not run yet
+        self._cancel_lock = threading.Lock()  # one abort per cancel: by its task or by a new request's submit
         self.health: health.aio.HealthServicer | None = None  # set by `start_server`
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._admit_pool.shutdown(wait=False)
 
     async def drain(self) -> None:
         """Health reads NOT_SERVING from now on, for every service name (load balancers stop routing here);
@@ -143,14 +149,14 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
             self._abort_cancelled(request_id)
 
     def _abort_cancelled(self, request_id: str) -> None:
-        try:
-            self.runtime.abort(request_id)
-        finally:
-            self._cancelling.discard(request_id)
+        with self._cancel_lock:  # not twice: a second abort by id would hit a new request that reused the id
+            if request_id in self._cancelling:
+                self._cancelling.discard(request_id)
+                self.runtime.abort(request_id)
 
     def _submit(self, request: GenerateRequest) -> None:
-        if request.request_id in self._cancelling:  # its id's last stream was cancelled: that abort goes first,
-            self._abort_cancelled(request.request_id)  # so reusing the id at once is not a "duplicate"
+        # Its id's last stream was cancelled: that abort goes first, so reusing the id at once is not a "duplicate".
+        self._abort_cancelled(request.request_id)
         self.runtime.submit(request)
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
@@ -181,7 +187,7 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                                prompt=request.text if kind == "text" else None,
                                prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
                                session_id=request.session_id or None)
-        submitted = asyncio.get_running_loop().run_in_executor(self._pool, self._submit, greq)
+        submitted = asyncio.get_running_loop().run_in_executor(self._admit_pool, self._submit, greq)
         try:
             await asyncio.shield(submitted)
         except asyncio.CancelledError:

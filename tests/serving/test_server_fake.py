@@ -320,3 +320,35 @@ def test_a_request_id_can_be_reused_right_after_its_stream_is_cancelled(make_ser
         call.cancel()
         assert s.client.generate_text([2], request_id="again", max_tokens=1)[1] == "length"
     assert wait_until(lambda: idle(s))
+
+
+def test_control_calls_and_cancels_do_not_wait_behind_admissions(make_served: Callable[..., Served]) -> None:
+    """Admissions run on their own threads: with every admission thread stuck in a slow submit, GetLoad, Abort
+    and a cancelled stream's abort still answer at once."""
+    import threading
+    import time
+
+    s = make_served(max_model_len=10**9, step_interval_s=0.005)
+    running = s.client.generate([1], request_id="running", **ENDLESS)
+    next(running)
+    gate = threading.Event()
+    submit = s.runtime.submit
+
+    def slow_submit(request):
+        gate.wait(timeout=30)
+        submit(request)
+
+    s.runtime.submit = slow_submit
+    stuck = [s.client.generate([2], max_tokens=1) for _ in range(8)]  # more than the admission threads
+    time.sleep(0.2)
+    try:
+        t0 = time.monotonic()
+        assert s.client.load()[0].running == 1
+        s.client.abort("running")
+        assert time.monotonic() - t0 < 1.0
+        assert list(running)[-1].finish_reason == pb.FINISH_REASON_ABORT
+    finally:
+        gate.set()
+    for call in stuck:
+        assert list(call)[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert wait_until(lambda: idle(s))
