@@ -324,6 +324,15 @@ class ServerHandle:
         """A loopback address of the server; by name under TLS, since certificates name hosts."""
         return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
+    async def _end_readiness_watch(self) -> None:
+        """Cancel and reap the task that turns health SERVING (still waiting when stopped during warm-up), so the
+        loop does not close over a pending task."""
+        task = self.servicer.readiness_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     def begin_drain(self) -> None:
         """Health NOT_SERVING now (`KunjaxServicer.drain`); safe from any thread, e.g. a signal's."""
         if self.loop.is_running():
@@ -335,6 +344,7 @@ class ServerHandle:
         if not self.loop.is_running():
             return
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+        asyncio.run_coroutine_threadsafe(self._end_readiness_watch(), self.loop).result(timeout=10)
         self.servicer.close()
         self.metrics.close()
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -352,3 +352,23 @@ def test_control_calls_and_cancels_do_not_wait_behind_admissions(make_served: Ca
     for call in stuck:
         assert list(call)[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert wait_until(lambda: idle(s))
+
+
+def test_stopping_during_warm_up_leaves_no_pending_task(tmp_path) -> None:
+    """The task that turns health SERVING is still waiting when a server stops during warm-up (SIGTERM while
+    compiling): stopping reaps it instead of logging "Task was destroyed but it is pending"."""
+    import subprocess
+    import sys
+
+    script = ("import time\n"
+              "from serving.fake_runtime import FakeRuntime\n"
+              "from serving.server import serve\n"
+              "rt = FakeRuntime(vocab_size=10, max_model_len=16, warmup_s=30)\n"
+              "h = serve(rt)\n"
+              "time.sleep(0.2)\n"
+              "h.stop(grace=0.1)\n"
+              "rt.shutdown(0)\n"
+              "print('stopped')\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "stopped" in res.stdout, res.stderr
+    assert "Task was destroyed" not in res.stderr, res.stderr
