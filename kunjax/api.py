@@ -148,7 +148,9 @@ class RuntimeInfo:
 
 
 class Runtime(Protocol):
-    def submit(self, request: GenerateRequest) -> None: ...
+    def submit(self, request: GenerateRequest, on_event: Callable[[TokenEvent], None] | None = None) -> None:
+        """Admit `request` or raise `InvalidRequest` / `Overloaded`. Its events then go to `on_event` (called from
+        the runtime's thread; it must not block), or, without one, to `events(request_id)`."""
 
     def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[TokenEvent]: ...
 
@@ -165,6 +167,21 @@ class Runtime(Protocol):
     def shutdown(self, grace_s: float, cut_short: threading.Event | None = None) -> None:
         """Stop admitting; let in-flight requests finish for `grace_s` (or until `cut_short` is set), then abort
         the rest and stop."""
+
+
+class EventSink:
+    """Where a request's events go when its submitter gave `on_event` instead of reading `events()`: `put` hands
+    each event to it (from the runtime's own thread, so it must not block: e.g. `loop.call_soon_threadsafe`), and
+    after the final one calls `on_final` (the runtime forgets the request). One dispatcher for every stream, no
+    thread per stream."""
+
+    def __init__(self, on_event: Callable[[TokenEvent], None], on_final: Callable[[], None]):
+        self.on_event, self.on_final = on_event, on_final
+
+    def put(self, ev: TokenEvent) -> None:
+        self.on_event(ev)
+        if ev.finished:
+            self.on_final()
 
 
 def iter_events(q: queue.Queue[TokenEvent], timeout_s: float | None,

@@ -21,11 +21,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 
 from kunjax import __version__
 from kunjax.api import (
+    EventSink,
     GenerateRequest,
     InstanceLoad,
     InvalidRequest,
@@ -71,7 +72,7 @@ class EngineThread:
         # A request's queue lives from submit until its reader has taken the final event (or a new request
         # reuses the id of a finished one: its reader keeps the old queue); `_inflight` holds the requests the
         # engine has not finished (what the admission limit and duplicate ids are checked against).
-        self._queues: dict[str, queue.Queue[TokenEvent]] = {}
+        self._queues: dict[str, queue.Queue[TokenEvent] | EventSink] = {}
         self._queues_lock = threading.Lock()  # swapping and releasing queues (never held while stepping)
         self._inflight: set[str] = set()
         self._warmup = warmup
@@ -80,7 +81,7 @@ class EngineThread:
         self._thread.start()
 
     # ---- Runtime API --------------------------------------------------------------------------------
-    def submit(self, request: GenerateRequest) -> None:
+    def submit(self, request: GenerateRequest, on_event: Callable[[TokenEvent], None] | None = None) -> None:
         if (request.prompt is None) == (request.prompt_ids is None):
             raise InvalidRequest("give exactly one of a text prompt or prompt token ids")
         prompt = request.prompt if request.prompt is not None else list(request.prompt_ids)
@@ -100,18 +101,24 @@ class EngineThread:
                                         session_id=request.session_id, encoded=encoded)
             except ValueError as e:
                 raise InvalidRequest(str(e)) from e
+            rid = request.request_id
             with self._queues_lock:
-                self._queues[request.request_id] = queue.Queue()
+                if on_event is None:
+                    self._queues[rid] = queue.Queue()
+                else:
+                    sink = EventSink(on_event, lambda: self._release(rid, sink))
+                    self._queues[rid] = sink
             self._inflight.add(request.request_id)
         self._wake.set()
 
     def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[TokenEvent]:
         q = self._queues.get(request_id)
-        if q is None:
-            raise KeyError(f"unknown request {request_id!r}")
+        if not isinstance(q, queue.Queue):
+            raise KeyError(f"unknown request {request_id!r}" if q is None else
+                           f"request {request_id!r} delivers its events to the callback it was submitted with")
         return iter_events(q, timeout_s, lambda: self._release(request_id, q))
 
-    def _release(self, request_id: str, q: queue.Queue[TokenEvent]) -> None:
+    def _release(self, request_id: str, q: queue.Queue[TokenEvent] | EventSink) -> None:
         with self._queues_lock:  # not a newer request's queue under the same id
             if self._queues.get(request_id) is q:
                 del self._queues[request_id]

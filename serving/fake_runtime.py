@@ -26,9 +26,10 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kunjax.api import (
+    EventSink,
     GenerateRequest,
     InstanceLoad,
     InvalidRequest,
@@ -70,7 +71,7 @@ class FakeRuntime:
         # A request's queue lives from submit until its reader took the final event (or a new request reuses the
         # id of a finished one); `_inflight` holds the unfinished requests, which hold blocks, count against
         # capacity and are what duplicate ids are checked against.
-        self._queues: dict[str, queue.Queue[TokenEvent]] = {}
+        self._queues: dict[str, queue.Queue[TokenEvent] | EventSink] = {}
         self._inflight: dict[str, _FakeRequest] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-runtime", daemon=True)
@@ -80,7 +81,7 @@ class FakeRuntime:
     def tokenize(self, text: str) -> tuple[int, ...]:
         return tuple(ord(c) % self.vocab_size for c in text)
 
-    def submit(self, request: GenerateRequest) -> None:
+    def submit(self, request: GenerateRequest, on_event: Callable[[TokenEvent], None] | None = None) -> None:
         if (request.prompt is None) == (request.prompt_ids is None):
             raise InvalidRequest("give exactly one of a text prompt or prompt token ids")
         ids = self.tokenize(request.prompt) if request.prompt is not None else tuple(request.prompt_ids)
@@ -105,13 +106,19 @@ class FakeRuntime:
             if len(self._inflight) >= self.max_queued:
                 raise Overloaded(f"{len(self._inflight)} requests in flight (limit {self.max_queued})",
                                  retry_after_s=max(self.step_interval_s * 10, 0.1))
-            self._queues[request.request_id] = queue.Queue()
+            rid = request.request_id
+            if on_event is None:
+                self._queues[rid] = queue.Queue()
+            else:  # put under the lock: the final event forgets it without taking the lock again
+                sink = EventSink(on_event, lambda: self._queues.pop(rid) if self._queues.get(rid) is sink else None)
+                self._queues[rid] = sink
             self._inflight[request.request_id] = _FakeRequest(request.request_id, ids, request.params)
 
     def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[TokenEvent]:
         q = self._queues.get(request_id)
-        if q is None:
-            raise KeyError(f"unknown request {request_id!r}")
+        if not isinstance(q, queue.Queue):
+            raise KeyError(f"unknown request {request_id!r}" if q is None else
+                           f"request {request_id!r} delivers its events to the callback it was submitted with")
         def forget() -> None:
             with self._lock:  # not a newer request's queue under the same id
                 if self._queues.get(request_id) is q:

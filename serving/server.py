@@ -7,8 +7,9 @@ become status codes (`InvalidRequest` -> INVALID_ARGUMENT, `Overloaded` -> RESOU
 
 It also owns the bridge between the blocking runtime and the `grpc.aio` event loop: admissions (`submit`) run on
 one small thread pool and control calls (`abort`, a cancelled stream's abort, `load`, `policy_status`, `info`) on
-another, so no burst of new requests can hold up a cancel or a `GetLoad`; each stream's event iterator is drained
-by its own thread into an `asyncio.Queue`, so the loop never blocks on the runtime. And it assembles the server:
+another, so no burst of new requests can hold up a cancel or a `GetLoad`; each stream's events arrive through a
+callback the runtime calls from its own thread (`Runtime.submit(request, on_event)`), straight into the stream's
+`asyncio.Queue`: no thread per stream, and the loop never blocks on the runtime. And it assembles the server:
 TLS when given a certificate and key, the interceptors of `serving.interceptors` (bearer-token auth when given a
 token; unparsable requests -> INVALID_ARGUMENT), health, reflection, and the metrics HTTP endpoint when given a
 port.
@@ -29,7 +30,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -154,10 +155,10 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                 self._cancelling.discard(request_id)
                 self.runtime.abort(request_id)
 
-    def _submit(self, request: GenerateRequest) -> None:
+    def _submit(self, request: GenerateRequest, on_event: Callable[[TokenEvent], None]) -> None:
         # Its id's last stream was cancelled: that abort goes first, so reusing the id at once is not a "duplicate".
         self._abort_cancelled(request.request_id)
-        self.runtime.submit(request)
+        self.runtime.submit(request, on_event)
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
                       trailing_metadata: tuple[tuple[str, str], ...] = ()) -> NoReturn:
@@ -187,7 +188,14 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                                prompt=request.text if kind == "text" else None,
                                prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
                                session_id=request.session_id or None)
-        submitted = asyncio.get_running_loop().run_in_executor(self._admit_pool, self._submit, greq)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()  # fed by the runtime's thread: no thread per stream
+
+        def on_event(ev: TokenEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        submitted = loop.run_in_executor(self._admit_pool, self._submit, greq, on_event)
         try:
             await asyncio.shield(submitted)
         except asyncio.CancelledError:
@@ -205,16 +213,13 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
 
         finished = False
         timer = self.metrics.stream(arrived)
-        events = _drain_in_thread(self.runtime, request_id)
         try:
-            async for ev in events:
+            while not finished:
+                ev = await events.get()
                 timer.on_event(ev)
                 resp = response_from_event(ev, params.logprobs)
                 finished = ev.finished
                 yield resp
-                if finished:
-                    return
-            await context.abort(grpc.StatusCode.INTERNAL, f"request {request_id!r} ended without a final event")
         finally:
             timer.close()  # counts the stream as cancelled unless its final event was seen
             if not finished:
@@ -239,31 +244,6 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
         status = await self._call(self.runtime.policy_status)
         return pb.GetLoadResponse(instances=[pb.InstanceLoad(**dataclasses.asdict(x)) for x in loads],
                                   policy=policy_status_to_proto(status))
-
-
-async def _drain_in_thread(runtime: Runtime, request_id: str) -> AsyncIterator[TokenEvent]:
-    """The request's events, read by a dedicated thread (one per stream, so streams never starve each other
-    of pool workers) and handed to the loop through an `asyncio.Queue`. Errors of the reader are re-raised."""
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
-
-    def put(item: TokenEvent | BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody is listening
-            loop.call_soon_threadsafe(q.put_nowait, item)
-
-    def pump() -> None:
-        try:
-            for ev in runtime.events(request_id):
-                put(ev)
-            put(None)
-        except BaseException as e:  # handed to the handler, which fails the stream with it
-            put(e)
-
-    threading.Thread(target=pump, name=f"kunjax-stream-{request_id}", daemon=True).start()
-    while (item := await q.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 async def _mark_serving_when_ready(runtime: Runtime, health_servicer: health.aio.HealthServicer,

@@ -334,9 +334,9 @@ def test_control_calls_and_cancels_do_not_wait_behind_admissions(make_served: Ca
     gate = threading.Event()
     submit = s.runtime.submit
 
-    def slow_submit(request):
+    def slow_submit(request, on_event=None):
         gate.wait(timeout=30)
-        submit(request)
+        submit(request, on_event)
 
     s.runtime.submit = slow_submit
     stuck = [s.client.generate([2], max_tokens=1) for _ in range(8)]  # more than the admission threads
@@ -372,3 +372,22 @@ def test_stopping_during_warm_up_leaves_no_pending_task(tmp_path) -> None:
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "stopped" in res.stdout, res.stderr
     assert "Task was destroyed" not in res.stderr, res.stderr
+
+
+def test_streams_hold_no_thread_each(make_served: Callable[..., Served]) -> None:
+    """The runtime hands each event to its stream's asyncio queue: 200 concurrent streams add no threads (they
+    once held one each), and half of them cancelled mid-stream free their blocks."""
+    import threading
+
+    s = make_served(max_queued=400, max_model_len=10**9, step_interval_s=0.005)
+    before = threading.active_count()
+    calls = [s.client.generate([1 + i % 50], **ENDLESS) for i in range(200)]
+    for c in calls:
+        next(c)
+    assert threading.active_count() - before < 20, threading.active_count() - before
+    for c in calls[::2]:
+        c.cancel()
+    assert wait_until(lambda: s.client.load()[0].running == 100, timeout_s=10.0)
+    for c in calls[1::2]:
+        c.cancel()
+    assert wait_until(lambda: idle(s), timeout_s=10.0)
