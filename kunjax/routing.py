@@ -197,11 +197,12 @@ class PromptTree:
             for n, t in have.items():
                 assert uid in t.holders and _path(t) == want[n], f"unit {uid}: a node is at the wrong path"
         assert seen == set(self.placed), f"the prompt tree holds units {sorted(self.placed)}, not {sorted(seen)}"
+        held = {u: {id(t) for t in placed.values()} for u, placed in self.placed.items()}
         stack = list(self.root.children.values())
         while stack:
             t = stack.pop()
             assert t.holders or t.children or t.expected, "an empty node was not pruned"
-            assert all(t in self.placed[u].values() for u in t.holders), "a holder without the node"
+            assert all(id(t) in held[u] for u in t.holders), "a holder without the node"
             stack.extend(t.children.values())
 
 
