@@ -75,22 +75,16 @@ def run(duration_s: float, *, seed: int = 0, burst_streams: int = 24, phase_s: f
     import jax
 
     from kunjax.engine import LLMEngine, config_from_kwargs
-    from kunjax.engine_thread import EngineThread
     from serving.client import AsyncKunjaxClient, KunjaxClient
     from serving.server import serve
-    from tests.helpers import write_tiny_model
+    from tests.helpers import started, write_tiny_model
 
     model_dir = model_dir or write_tiny_model(Path(tempfile.mkdtemp(prefix="kunjax-soak-")))
     cfg = config_from_kwargs(num_instances=2, policy="kunserve", num_blocks=48, max_num_seqs=8,
                              max_num_batched_tokens=64, block_size=4, max_model_len=128, restore_window_steps=20,
                              min_group_steps=10)
     engine = LLMEngine(model_dir, cfg, devices=jax.devices()[:2])
-    rt = EngineThread(engine)
-    deadline = time.monotonic() + 300
-    while not rt.ready():
-        if time.monotonic() > deadline:
-            raise RuntimeError("warm-up did not finish")
-        time.sleep(0.05)
+    rt = started(engine)
     handle = serve(rt, metrics_port=None)
     control = KunjaxClient(handle.target, timeout_s=30)
     gc.collect()  # what warm-up left for the collector is not the engine's

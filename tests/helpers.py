@@ -3,6 +3,7 @@ driver for engines on a virtual clock."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import random
@@ -154,3 +155,34 @@ def burst(n: int, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
     rng = random.Random(seed)
     return sorted((rng.random(), [rng.randrange(1, vocab) for _ in range(rng.randint(8, 48))], rng.randint(4, 24))
                   for _ in range(n))
+
+
+def started(engine, timeout_s: float = 300.0, **kwargs):
+    """An `EngineThread` over `engine` (`kwargs`: its options), once its warm-up is done."""
+    from kunjax.engine_thread import EngineThread
+
+    rt = EngineThread(engine, **kwargs)
+    deadline = time.monotonic() + timeout_s
+    while not rt.ready():
+        if time.monotonic() > deadline:
+            rt.shutdown(grace_s=0)
+            raise AssertionError("warm-up did not finish")
+        time.sleep(0.05)
+    return rt
+
+
+@contextlib.contextmanager
+def served_engine(engine, *, timeout_s: float = 30.0, metrics_port: int | None = 0):
+    """`engine` behind a real gRPC server on loopback: yields (runtime, server handle, client); stops all three."""
+    from serving.client import KunjaxClient
+    from serving.server import serve
+
+    rt = started(engine)
+    handle = serve(rt, metrics_port=metrics_port)
+    client = KunjaxClient(handle.target, timeout_s=timeout_s)
+    try:
+        yield rt, handle, client
+    finally:
+        client.close()
+        handle.stop(grace=1.0)
+        rt.shutdown(grace_s=5)

@@ -11,11 +11,10 @@ import pytest
 from kunjax.api import GenerateRequest, InvalidRequest, Overloaded
 from kunjax.checkpoint import load_params
 from kunjax.engine import LLMEngine, config_from_kwargs
-from kunjax.engine_thread import EngineThread
 from kunjax.memory import param_shapes
 from kunjax.sampling_params import SamplingParams
 from sharding.layouts import instance_meshes, param_shardings
-from tests.helpers import TINY, naive_greedy, write_tiny_model
+from tests.helpers import TINY, naive_greedy, started, write_tiny_model
 from tests.kunjax.test_engine import random_prompts
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -27,11 +26,7 @@ def runtime(tmp_path_factory):
     engine = LLMEngine(path, config_from_kwargs(num_instances=2, block_size=4, num_blocks=40, max_num_seqs=4,
                                                 max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16),
                        devices=jax.devices()[4:6])
-    rt = EngineThread(engine, max_queued=8)
-    deadline = time.monotonic() + 300
-    while not rt.ready():
-        assert time.monotonic() < deadline, "warm-up did not finish"
-        time.sleep(0.05)
+    rt = started(engine, max_queued=8)
     yield rt
     rt.shutdown(grace_s=5)
 

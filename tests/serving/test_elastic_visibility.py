@@ -22,8 +22,8 @@ from kunjax.engine_thread import EngineThread
 from kunjax.policies.base import FuseUnits
 from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving.client import KunjaxClient
-from serving.server import ServerHandle, serve
-from tests.helpers import write_tiny_model
+from serving.server import ServerHandle
+from tests.helpers import served_engine, write_tiny_model
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,17 +41,8 @@ Served = tuple[EngineThread, ServerHandle, KunjaxClient]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     engine = LLMEngine(write_tiny_model(tmp_path_factory.mktemp("tiny")), CONFIG, devices=jax.devices()[:2])
-    rt = EngineThread(engine)
-    deadline = time.monotonic() + 300
-    while not rt.ready():
-        assert time.monotonic() < deadline, "warm-up did not finish"
-        time.sleep(0.05)
-    handle = serve(rt, metrics_port=0)
-    client = KunjaxClient(handle.target, timeout_s=30.0)
-    yield rt, handle, client
-    client.close()
-    handle.stop(grace=1.0)
-    rt.shutdown(grace_s=5)
+    with served_engine(engine) as stack:
+        yield stack
 
 
 def scrape_text(handle: ServerHandle) -> str:
