@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kunjax import faults
 from pallas_kernels import BACKENDS as ATTENTION_BACKENDS
 
 SUPPORTED_ARCHITECTURES = {
@@ -288,6 +289,11 @@ class EngineConfig(Options):
               "leave. GPU/TPU read it from memory stats")
     activation_reserve_bytes: int = _opt(8 * 2**20, "per-device bytes kept free for activations when the KV pool "
                                                      "is sized from a device budget")
+    step_retries: int = _opt(2, "times a request is recomputed after a device failure touched its KV (a retry that "
+                                "changes no output) before it ends with an error")
+    faults: str = _opt("", "fault injection for tests and drills, off by default: comma-separated "
+                           "POINT[@INSTANCE][:after=N][:times=N][:seconds=S] with POINT step, copy, fuse, split or "
+                           "slow (kunjax/faults.py, docs/reliability.md); empty: $KUNJAX_FAULTS, if set")
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig, metadata={"nested": True})
     # The policy's own options (its module's `Options` class); None: that policy's defaults.
     policy_options: Options | None = dataclasses.field(default=None, metadata={"nested": True})
@@ -310,6 +316,12 @@ class EngineConfig(Options):
             raise ConfigError("--activation-reserve-bytes must be >= 0")
         if not 0 <= self.max_logprobs <= 64:
             raise ConfigError(f"--max-logprobs must be in [0, 64], got {self.max_logprobs}")
+        if self.step_retries < 0:
+            raise ConfigError(f"--step-retries must be >= 0, got {self.step_retries}")
+        try:
+            faults.parse(self.faults)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     def resolved_max_model_len(self, model: ModelConfig) -> int:
         n = self.max_model_len or min(model.max_position_embeddings, 2048)

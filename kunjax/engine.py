@@ -17,6 +17,7 @@ admitting pipelines, counting the prefix its index already holds as free when pr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kunjax import checkpoint, policies
+from kunjax import checkpoint, faults, policies
 from kunjax.blocks import BlockAllocator
 from kunjax.clock import WALL, Clock, VirtualClock
 from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
@@ -36,7 +37,7 @@ from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_mov
 from kunjax.hardware import HardwareProfile
 from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
 from kunjax.mempool import MemoryPool
-from kunjax.plan import MAX_SUPPRESSED, Fuse, Sampled, Split, UnitShape
+from kunjax.plan import MAX_SUPPRESSED, CopyBlocks, Fuse, MemoryOp, Sampled, Split, Transfer, UnitShape
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
 from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
 from kunjax.routing import Router
@@ -72,6 +73,10 @@ def _jax_executor(model_path: Path, cfg: ModelConfig, ecfg: EngineConfig, device
         raise ConfigError(str(e)) from e
 
 
+# A unit whose ticks or memory operations failed this many times in a row takes no new request for a while (its
+# queue goes elsewhere): 1 s, doubling with each further failure, at most 60 s; then it is tried again.
+QUARANTINE_AFTER = 2
+QUARANTINE_S = (1.0, 60.0)
 MAX_CHARS_PER_TOKEN = 64  # a longer text prompt cannot fit the context: refused before tokenizing
 
 
@@ -119,7 +124,11 @@ class LLMEngine:
                 executor = ModelledTimeExecutor(executor, cost, self.clock)
         elif isinstance(executor, str):
             raise ConfigError(f"unknown executor {executor!r}: jax, arith or sim")
-        self.executor: Executor = executor
+        try:
+            injected = faults.resolve(ecfg.faults)
+        except ValueError as e:  # $KUNJAX_FAULTS is only read here
+            raise ConfigError(str(e)) from e
+        self.executor: Executor = faults.wrap(executor, injected, self.clock)
         self.load_seconds = executor.load_seconds
         self.warmup_seconds = 0.0
         n, nb = self.executor.num_instances, self.executor.num_blocks
@@ -145,6 +154,10 @@ class LLMEngine:
         eos = set(cfg.eos_token_ids) | (set(self.tokenizer.eos_token_ids) if self.tokenizer else set())
         self.eos_token_ids = frozenset(eos)
         self.step_no = 0
+        self.failures = collections.Counter()  # device failures recovered from, by kind ("step", "memory", ...)
+        self._lost: set[int] = set()  # units whose device state a failure made suspect in this step
+        self._failed: list[RequestOutput] = []  # requests a failure ended, not yet returned by `step`
+        self._health: dict[int, list[float]] = {}  # uid -> [failures in a row, quarantined until (clock)]
         self.view = EngineView(self)
         self.policy.attach(self.view)
 
@@ -160,6 +173,7 @@ class LLMEngine:
         self.router.add_unit(unit)
 
     def _drop_unit(self, unit: ServingUnit) -> None:
+        self._health.pop(unit.uid, None)
         del self.units[unit.uid]
         del self.mempool.units[unit.uid]
         self.router.drop_unit(unit)
@@ -265,7 +279,7 @@ class LLMEngine:
         if need > self.replica_blocks - 1:  # also for pipelines: a restore must be able to take it home
             raise ValueError(f"request {req.request_id} may need {need} KV blocks ({req.max_total_len} tokens) but "
                              f"an instance pool has {self.replica_blocks - 1}")
-        units = list(self.units.values())
+        units = [u for u in self.units.values() if not self.quarantined(u)] or list(self.units.values())
         replicas = [u for u in units if u.k == 1]
         pipes = [u for u in units if u.k > 1 and u.admitting] or ([] if replicas else [u for u in units if u.k > 1])
         unit = self.router.pick(req, replicas + pipes, self.unit_of_instance, session_id)
@@ -291,7 +305,78 @@ class LLMEngine:
 
     def _issue(self) -> None:
         if self.mempool.has_ops:
-            self.executor.apply(self.mempool.take_ops())
+            ops = self.mempool.take_ops()
+            try:
+                self.executor.apply(ops)
+            except Exception as e:  # some of them may not have happened: whatever they touched is suspect
+                for u in self._units_of(ops):
+                    self._lose_unit(u, "memory", f"a memory operation failed: {type(e).__name__}: {e}")
+
+    def _units_of(self, ops: Sequence[MemoryOp]) -> list[ServingUnit]:
+        uids: dict[int, None] = {}
+        for op in ops:
+            if isinstance(op, CopyBlocks):
+                uids[op.unit] = None
+            elif isinstance(op, Transfer):
+                uids[self.unit_of_instance(op.src).uid] = uids[self.unit_of_instance(op.dst).uid] = None
+            elif not isinstance(op, Fuse | Split):
+                uids[self.unit_of_instance(op.instance).uid] = None
+        return [self.units[uid] for uid in uids if uid in self.units]
+
+    def _lose_unit(self, unit: ServingUnit, kind: str, error: str) -> None:
+        """A failure at the executor (a tick, a memory operation, a restore) may have left `unit`'s KV in any
+        state: the micro-batches in its pipe are dropped, every request holding KV there is recomputed from its
+        tokens (a retry that changes no output: sampling is keyed by seed and token count) or, after
+        `--step-retries` failures, ends with `error`; its cached prefixes are forgotten. Its waiting requests and
+        the other units are untouched."""
+        log.error("unit %d (instances %s): %s; recomputing its requests", unit.uid, list(unit.members), error)
+        self.failures[kind] += 1
+        self._lost.add(unit.uid)
+        for mb in unit.at_stage:
+            for it in mb.items if mb is not None else ():
+                it.req.in_flight = False
+        unit.at_stage = [None] * unit.k
+        for req in unit.aborted_in_flight:
+            unit.release(req)
+        unit.aborted_in_flight.clear()
+        now = self.clock.now()
+        for req in [*unit.running, *unit.swapped]:
+            (unit.running if req in unit.running else unit.swapped).remove(req)
+            unit.hooks.forget(unit, req)  # the policy's own state of it (host copies, migrations) goes too
+            req.num_failures += 1
+            if req.num_failures <= self.config.step_retries:
+                unit.requeue(req)
+                continue
+            unit.release(req)
+            req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, "error", now
+            req.error = f"{error} (failed {req.num_failures} times)"
+            self.requests.pop(req.request_id, None)
+            self._failed.append(delta_output(req, [], "", []))
+        if unit.enable_prefix_caching:
+            unit.index.clear()
+        health = self._health.setdefault(unit.uid, [0, 0.0])
+        health[0] += 1
+        if health[0] >= QUARANTINE_AFTER:
+            first, longest = QUARANTINE_S
+            pause = min(first * 2 ** (health[0] - QUARANTINE_AFTER), longest)
+            health[1] = now + pause
+            log.error("unit %d failed %d times in a row: no new requests for %.0f s", unit.uid, health[0], pause)
+            self._reroute(unit)
+        recover = getattr(self.executor, "recover", None)  # (an executor whose arrays a failure can leave unusable)
+        if recover is not None:
+            recover(unit.uid)
+
+    def quarantined(self, unit: ServingUnit) -> bool:
+        health = self._health.get(unit.uid)
+        return health is not None and health[1] > self.clock.now()
+
+    def _reroute(self, unit: ServingUnit) -> None:
+        """`unit`'s queued requests (no KV yet) go to the healthy units, if there are any."""
+        if all(self.quarantined(u) for u in self.units.values()):
+            return
+        for req in list(unit.waiting):
+            unit.waiting.remove(req)
+            self._route(req)
 
     def step(self) -> list[RequestOutput]:
         """One step of every unit with work; returns an output (a delta) for every request that advanced."""
@@ -300,24 +385,34 @@ class LLMEngine:
         pending: dict[int, tuple[MicroBatch | None, Any]] = {}
         arrays = self.executor.needs_arrays
         launch, after_launch, issue = self.executor.launch, self.policy.after_launch, self._issue
+        lost = self._lost
+        lost.clear()
         for t in range(max((u.k for u in units), default=0)):
             for u in units:
-                if t >= u.k:
+                if t >= u.k or u.uid in lost:
                     continue
                 if u.uid in pending:
                     self._finish_tick(u, *pending.pop(u.uid), outputs)
+                    if u.uid in lost:
+                        continue
                 leaving, active = u.advance()
                 if not active:
                     continue
                 work = u.tick_work()
                 inputs = u.tick_inputs() if arrays else None
                 issue()  # what scheduling decided (swaps, reloads) goes before the tick
-                pending[u.uid] = (leaving, launch(u.uid, work, inputs))
+                if u.uid in lost:
+                    continue
+                try:
+                    pending[u.uid] = (leaving, launch(u.uid, work, inputs))
+                except Exception as e:
+                    self._lose_unit(u, "step", f"a device step failed: {type(e).__name__}: {e}")
+                    continue
                 if u.at_stage[0] is not None:
                     after_launch(u, u.at_stage[0])
                 issue()  # what must follow the tick (layerkv's offloads)
         for u in units:
-            if u.uid in pending:
+            if u.uid in pending and u.uid not in lost:
                 self._finish_tick(u, *pending.pop(u.uid), outputs)
         for u in self.groups:
             self.view.exchange_round(u)
@@ -328,11 +423,20 @@ class LLMEngine:
         self._issue()
         self.router.end_step(self.step_no)
         self.executor.end_step()
+        if self._failed:
+            outputs += self._failed
+            self._failed = []
         return outputs
 
     def _finish_tick(self, unit: ServingUnit, leaving: MicroBatch | None, launched: Any,
                      outputs: list[RequestOutput]) -> None:
-        result = self.executor.collect(launched, leaving is not None)
+        try:
+            result = self.executor.collect(launched, leaving is not None)
+        except Exception as e:
+            self._lose_unit(unit, "step", f"a device step failed: {type(e).__name__}: {e}")
+            return
+        if self._health:
+            self._health.pop(unit.uid, None)  # it works again
         self.policy.observe_tick(unit, unit.last_tick[0], result.seconds)
         if leaving is None:
             return
@@ -385,7 +489,8 @@ class LLMEngine:
     # ---- transitions --------------------------------------------------------------------------------
     def transition(self, tr: FuseUnits | SplitUnit) -> TransitionOutcome | None:
         """Apply a policy's transition at this step boundary and tell the policy; None when a split could not
-        happen yet (its requests' KV does not fit the members' own pools)."""
+        happen yet (its requests' KV does not fit the members' own pools) or when it failed at the executor and
+        was rolled back (the policy was told)."""
         if isinstance(tr, FuseUnits):
             outcome = self.fuse(tr.members, tr.reason)
         else:
@@ -394,8 +499,9 @@ class LLMEngine:
             self.policy.transition_done(outcome)
         return outcome
 
-    def fuse(self, members: tuple[int, ...], reason: str = "") -> TransitionOutcome:
-        """Drop the replicated weights of replicas `members` into one pipeline unit (DESIGN.md §6.3)."""
+    def fuse(self, members: tuple[int, ...], reason: str = "") -> TransitionOutcome | None:
+        """Drop the replicated weights of replicas `members` into one pipeline unit (DESIGN.md §6.3); None when the
+        executor failed and rolled back (the replicas serve on, untouched)."""
         shape = self.group_shape(members)
         if shape is None:
             raise ValueError(f"instances {members} cannot fuse (no pipeline policy, or nothing would be freed)")
@@ -405,7 +511,12 @@ class LLMEngine:
         t0 = self.clock.now()  # a transition stops the engine: on a virtual clock the executor charges it
         self._issue()
         uid = next(self._uids)
-        self.executor.apply([Fuse(uid, members, shape)])
+        try:
+            self.executor.apply([Fuse(uid, members, shape)])
+        except Exception as e:  # the executor rolled the weights back; no book has changed
+            self.failures["fuse"] += 1
+            self.policy.transition_failed("fuse", None, members, f"{type(e).__name__}: {e}")
+            return None
         unit = fuse_books(uid, olds, shape, self.policy, block_size=self.config.block_size,
                           enable_prefix_caching=self.config.scheduler.enable_prefix_caching, now=self.clock.now)
         for u in olds:
@@ -427,8 +538,20 @@ class LLMEngine:
         copies = move_home_copies(unit, plan)
         placed, prefix_copies = plan_prefix_home(unit, plan, self.executor.num_blocks)
         self.mempool.copy_blocks(unit, copies + prefix_copies)
+        was_lost = unit.uid in self._lost
         self._issue()
-        self.executor.apply([Split(unit.uid, unit.members)])
+        error = None
+        if unit.uid in self._lost and not was_lost:  # a move-home copy failed (its requests are being recomputed)
+            error = "a move-home copy failed"
+        else:
+            try:
+                self.executor.apply([Split(unit.uid, unit.members)])
+            except Exception as e:  # rolled back to the group, but what its extension held is gone
+                error = f"{type(e).__name__}: {e}"
+                self._lose_unit(unit, "split", f"a restore failed: {error}")
+        if error is not None:
+            self.policy.transition_failed("split", unit, unit.members, error)
+            return None
         replicas = [self._replica(i) for i in unit.members]
         split_books(unit, plan, replicas)
         install_prefix(placed, unit.index.root, replicas)

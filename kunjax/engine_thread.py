@@ -50,7 +50,7 @@ def _event(out: RequestOutput) -> TokenEvent:
         request_id=out.request_id, token_ids=tuple(c.delta_token_ids), text=c.delta_text,
         logprobs=tuple(c.delta_logprobs), finished=out.finished, finish_reason=c.finish_reason,
         stop_reason=c.stop_reason, prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
-        cached_tokens=out.num_cached_tokens, queue_s=_queue_s(out))
+        cached_tokens=out.num_cached_tokens, queue_s=_queue_s(out), error=out.error)
 
 
 def _queue_s(out: RequestOutput) -> float:

@@ -67,7 +67,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     expected_cached_tokens: int = 0  # what the router expected of the cache where it sent it (kunjax.routing)
     num_preemptions: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_failures: int = 0  # times a device failure touched its KV (each one a recompute, `--step-retries` at most)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why it ended with "error"
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None
@@ -128,6 +130,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # generated so far
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: str | None = None  # on a final output with finish reason "error": what failed
 
     @property
     def text(self) -> str:
@@ -162,4 +165,4 @@ def delta_output(req: Request, new_ids: list[int], new_text: str, new_logprobs: 
                                       new_ids, new_logprobs)
         prompt_ids = []
     return RequestOutput(req.request_id, req.prompt, prompt_ids, [completion], final, req.num_cached_tokens,
-                         num_prompt, len(req.token_ids) - num_prompt, metrics)
+                         num_prompt, len(req.token_ids) - num_prompt, metrics, req.error if final else None)

@@ -84,11 +84,13 @@ def policy_status(engine: LLMEngine, log: EventLog) -> PolicyStatus:
     log.update(engine)
     units = sorted(engine.units.values(), key=lambda u: u.members)
     counters = {"preemptions": sum(u.num_preemptions for u in units)}
+    counters.update({f"failures_{kind}": n for kind, n in engine.failures.items()})  # device failures recovered
     counters.update({k: int(v) for k, v in engine.policy.stats().items()
                      if isinstance(v, int | float) and not isinstance(v, bool)})
     return PolicyStatus(
         policy=engine.config.policy, counters=counters, events=tuple(log.events),
         units=tuple(UnitStatus(unit=u.uid, mode=u.mode, members=u.members, running=len(u.running),
                                waiting=len(u.waiting), remote_dependent=u.num_remote_dependent,
-                               detail={k: str(v) for k, v in engine.policy.unit_state(u).items()})
+                               detail={k: str(v) for k, v in engine.policy.unit_state(u).items()}
+                               | ({"quarantined": "true"} if engine.quarantined(u) else {}))
                     for u in units))

@@ -88,6 +88,8 @@ class GrpcTarget:
                     finish_record(record, now, FINISH_REASON_NAMES.get(resp.finish_reason, "error"), resp.error)
         except grpc.aio.AioRpcError as e:
             code = e.code()
+            if record.finish_reason is not None:  # INTERNAL after a final message that said "error": said already
+                return
             reason = ("rejected" if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
                       else "abort" if code == grpc.StatusCode.CANCELLED else "error")
             finish_record(record, since(t0), reason, f"{code.name}: {e.details()}")

@@ -126,7 +126,8 @@ class KunjaxClient:
         return self.stub.Generate(req, timeout=timeout_s if timeout_s is not None else self.timeout_s)
 
     def generate_text(self, prompt: str | Sequence[int], **kwargs: object) -> tuple[str, str]:
-        """The whole output text and the finish reason ("stop", "length", "abort" or "error")."""
+        """The whole output text and the finish reason ("stop", "length" or "abort"); a request the runtime failed
+        on raises `grpc.RpcError` with status INTERNAL (its message says why)."""
         text, reason = [], ""
         for resp in self.generate(prompt, **kwargs):
             text.append(resp.text)

@@ -220,6 +220,8 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                 resp = response_from_event(ev, params.logprobs)
                 finished = ev.finished
                 yield resp
+                if finished and ev.finish_reason == "error":  # the last message says why; so does the status
+                    await context.abort(grpc.StatusCode.INTERNAL, ev.error or "the runtime failed on this request")
         finally:
             timer.close()  # counts the stream as cancelled unless its final event was seen
             if not finished:

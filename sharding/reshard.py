@@ -21,7 +21,7 @@ Takes meshes, shapes and ints; knows nothing of models or engines.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,38 +140,69 @@ class GroupReshard:
         self.compiled = True
 
     # ---- weights ------------------------------------------------------------------------------------
-    def drop_weights(self, replicas: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    def _leaf_to_group(self, path: str, parts: list[jax.Array]) -> jax.Array:
+        """One leaf's member copies (stage order) -> the leaf sharded over the group."""
+        shards = [s for part, m in zip(parts, self.member_meshes, strict=True)
+                  for s in _shards_on(part, list(m.devices.flat))]
+        full = jax.make_array_from_single_device_arrays(
+            self.leaf_shapes[path][0], NamedSharding(self.mesh, replica_spec(self.specs[path])), shards)
+        del shards
+        return self._drop[path](full)
+
+    def _leaf_to_members(self, path: str, sharded: jax.Array) -> list[jax.Array]:
+        """One group-sharded leaf -> a full copy on each member's mesh (stage order)."""
+        full = self._gather[path](sharded)
+        spec = replica_spec(self.specs[path])
+        return [jax.make_array_from_single_device_arrays(self.leaf_shapes[path][0], NamedSharding(m, spec),
+                                                         _shards_on(full, list(m.devices.flat)))
+                for m in self.member_meshes]
+
+    def drop_weights(self, replicas: Sequence[dict[str, jax.Array]],
+                     between: Callable[[int], None] | None = None) -> dict[str, jax.Array]:
         """Replicas (one flat {path: array} per member, stage order) -> group-sharded leaves.
 
         Each replica dict is emptied leaf by leaf as it is resharded, so the full copies are released at once.
+        `between(n)` runs after the n-th leaf; if it (or a reshard) raises, the leaves done so far are gathered
+        back into the replica dicts, so they hold every leaf again, and the error propagates (a half-way drop
+        rolls back).
         """
         out: dict[str, jax.Array] = {}
-        for path, (shape, _) in self.leaf_shapes.items():
-            parts = [r.pop(path) for r in replicas]
-            shards = [s for part, m in zip(parts, self.member_meshes, strict=True)
-                      for s in _shards_on(part, list(m.devices.flat))]
-            del parts
-            full = jax.make_array_from_single_device_arrays(
-                shape, NamedSharding(self.mesh, replica_spec(self.specs[path])), shards)
-            del shards
-            out[path] = self._drop[path](full)
-            del full
+        try:
+            for path in self.leaf_shapes:
+                out[path] = self._leaf_to_group(path, [r[path] for r in replicas])
+                for r in replicas:  # the full copies go now (a failed reshard above keeps them)
+                    del r[path]
+                if between is not None:
+                    between(len(out))
+        except BaseException:
+            for path in list(out):
+                for r, arr in zip(replicas, self._leaf_to_members(path, out.pop(path)), strict=True):
+                    r[path] = arr
+            raise
         return out
 
-    def gather_weights(self, sharded: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+    def gather_weights(self, sharded: dict[str, jax.Array],
+                       between: Callable[[int], None] | None = None) -> list[dict[str, jax.Array]]:
         """Group-sharded leaves -> one flat {path: array on the member's mesh} per member (stage order).
 
-        `sharded` is emptied leaf by leaf, so only one leaf is ever held in both layouts.
+        `sharded` is emptied leaf by leaf, so only one leaf is ever held in both layouts. `between(n)` runs after
+        the n-th leaf; if it (or a gather) raises, the leaves gathered so far are resharded back into `sharded`
+        and the error propagates (a half-way restore rolls back).
         """
         per_member: list[dict[str, jax.Array]] = [{} for _ in range(self.k)]
-        for path in list(self.leaf_shapes):
-            shape, _ = self.leaf_shapes[path]
-            full = self._gather[path](sharded.pop(path))
-            spec = replica_spec(self.specs[path])
-            for h, m in enumerate(self.member_meshes):
-                per_member[h][path] = jax.make_array_from_single_device_arrays(
-                    shape, NamedSharding(m, spec), _shards_on(full, list(m.devices.flat)))
-            del full
+        done: list[str] = []
+        try:
+            for path in list(self.leaf_shapes):
+                for h, arr in enumerate(self._leaf_to_members(path, sharded[path])):
+                    per_member[h][path] = arr
+                del sharded[path]  # the stage-sharded leaf goes now (a failed gather above keeps it)
+                done.append(path)
+                if between is not None:
+                    between(len(done))
+        except BaseException:
+            for path in done:
+                sharded[path] = self._leaf_to_group(path, [m.pop(path) for m in per_member])
+            raise
         return per_member
 
     # ---- pools --------------------------------------------------------------------------------------

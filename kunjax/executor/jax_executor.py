@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -213,6 +213,7 @@ class JaxExecutor:
         self.groups: dict[int, Group] = {}
         self.candidates: dict[tuple[int, ...], Candidate] = {}
         self.backend = resolve_backend(ecfg.attention_backend, devices[:1])  # auto -> a validated kernel
+        self._transition_hook: Callable[[int], None] | None = None
 
     def _zeros(self, shape, sharding) -> jax.Array:
         return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)()
@@ -346,7 +347,14 @@ class JaxExecutor:
             g.pool, g.ext = g.candidate.copy(g.pool, g.ext, send, recv, lo, hi)
             pending = rest
 
+    def set_transition_hook(self, hook: Callable[[int], None] | None) -> None:
+        """Call `hook(n)` after the n-th weight leaf of every fuse and split (fault injection: `kunjax.faults`);
+        if it raises, the transition rolls back and the error propagates."""
+        self._transition_hook = hook
+
     def _fuse(self, op: Fuse) -> None:
+        """Drop the members' replicated weights into the group. A failure half-way through the weights rolls back:
+        the replicas get every leaf back (their pools are not touched until the weights are done)."""
         cand = self._candidate(op.members, op.shape)
         reps = [self.replicas[i] for i in op.members]
         if any(r.params is None for r in reps):
@@ -354,7 +362,12 @@ class JaxExecutor:
         flat = [flatten_params(r.params) for r in reps]
         for r in reps:
             r.params = None
-        params = unflatten_params(cand.reshard.drop_weights(flat))
+        try:
+            params = unflatten_params(cand.reshard.drop_weights(flat, self._transition_hook))
+        except BaseException:
+            for r, f in zip(reps, flat, strict=True):  # `drop_weights` put every leaf back
+                r.params = unflatten_params(f)
+            raise
         pools = [r.pool for r in reps]
         for r in reps:
             r.pool = None
@@ -365,6 +378,9 @@ class JaxExecutor:
         jax.block_until_ready((pool, ext, params))
 
     def _split(self, op: Split) -> None:
+        """Gather the weights back to the members. A failure half-way through the weights rolls back to the group
+        (weights and pool as they were; the extension, released first to keep the peak low, comes back zeroed:
+        the engine recomputes what it held)."""
         g = self.groups.pop(op.unit)
         cand = g.candidate
         g.ext, g.acts = None, None  # the extension is empty now: release it before the weights come back
@@ -372,12 +388,37 @@ class JaxExecutor:
         g.pool = None
         flat = flatten_params(g.params)
         g.params = None  # `flat` is the only reference: each stage-sharded leaf goes as soon as it is gathered
-        per_member = cand.reshard.gather_weights(flat)
+        try:
+            per_member = cand.reshard.gather_weights(flat, self._transition_hook)
+        except BaseException:
+            g.params = unflatten_params(flat)  # `gather_weights` put every leaf back
+            g.pool = cand.reshard.pools_to_pipeline(pools)
+            g.ext, g.acts = cand.reshard.new_extension(), cand.acts_zeros()
+            self.groups[op.unit] = g
+            raise
         for h, i in enumerate(op.members):
             self.replicas[i].params = unflatten_params(per_member[h])
             self.replicas[i].pool = pools[h]
         del pools, per_member
         jax.block_until_ready([self.replicas[i].pool for i in op.members])
+
+    def recover(self, uid: int) -> None:
+        """The engine dropped all KV of unit `uid` after a failure: remake (zeroed) any of its arrays the failure
+        left unusable (a donated input of a failed call is deleted; its output holds the error)."""
+        g = self.groups.get(uid)
+        if g is None:
+            rep = self.replicas[uid]
+            if not _usable(rep.pool):
+                rep.pool = self._zeros(self.pool_shape, kv_pool_sharding(rep.mesh))
+            return
+        r = g.candidate.reshard
+        if not _usable(g.pool):
+            shape = (r.k * g.candidate.shape.num_base, r.pool_shape[1] // r.k, *r.pool_shape[2:])
+            g.pool = self._zeros(shape, r.pool_sharding)
+        if not _usable(g.ext):
+            g.ext = r.new_extension()
+        if not _usable(g.acts):
+            g.acts = g.candidate.acts_zeros()
 
     # ---- ticks --------------------------------------------------------------------------------------
     def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> Launched:
@@ -415,6 +456,16 @@ class JaxExecutor:
 
     def freed_bytes(self, members: tuple[int, ...]) -> int:
         return self.candidates[members].reshard.freed_bytes_per_device()
+
+
+def _usable(arr: jax.Array | None) -> bool:
+    if arr is None or arr.is_deleted():
+        return False
+    try:
+        arr.block_until_ready()
+    except Exception:
+        return False
+    return True
 
 
 def _bytes_limit(mesh) -> int | None:

@@ -193,6 +193,11 @@ class MemoryPolicy:
     def transition_done(self, outcome: TransitionOutcome) -> None:
         """The engine applied one of this policy's transitions."""
 
+    def transition_failed(self, kind: str, unit: ServingUnit | None, members: tuple[int, ...], error: str) -> None:
+        """A transition failed at the executor and was rolled back: `kind` "fuse" (the members serve on as
+        replicas; `unit` None) or "split" (`unit` serves on as a group, its requests being recomputed)."""
+        self.record(f"{kind}_failed", unit.uid if unit is not None else -1, members, 0.0, {"error": error})
+
     def reserved_blocks(self, unit: ServingUnit, stage: int) -> collections.Counter[int]:
         """Device blocks of `unit`'s stage the policy itself references (e.g. a migration's destination copies)."""
         return collections.Counter()

@@ -147,8 +147,7 @@ def test_the_id_of_a_finished_request_is_free_before_its_reader_drains_it(runtim
     long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     runtime.submit(req("reuse", [1, 2, 3], long))
     old = runtime.events("reuse", timeout_s=60)
-    assert not next(old).finished
-    runtime.abort("reuse")
+    runtime.abort("reuse")  # at once: waiting for its first token first raced its 30 steps on a loaded machine
     runtime.submit(req("reuse", [4, 5, 6], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)))
     with pytest.raises(InvalidRequest, match="duplicate request id"):  # while it runs, the id is taken
         runtime.submit(req("reuse", [7]))

@@ -129,6 +129,7 @@ class KunServe(MemoryPolicy):
                                             microbatch_tokens=budget)
         self.groups: dict[int, GroupState] = {}
         self.counts = dict(drops=0, restores=0, blocks_exchanged_done=0, remote_ticks_done=0)
+        self.no_drop_until = 0  # step before which no drop is planned (after a failed one)
 
     def capabilities(self) -> Capabilities:
         return Capabilities(pipeline=self.pipeline)
@@ -160,6 +161,8 @@ class KunServe(MemoryPolicy):
             if split is not None:
                 out.append(split)
         replicas = [u for u in view.units if u.k == 1]
+        if view.step_no < self.no_drop_until:
+            return out
         if not any(u.waiting for u in replicas):  # no queue, no drop (`needs_drop`): the common step, kept cheap
             return out
         loads = {u.uid: InstanceLoad(u.uid, u.total_blocks, u.num_allocatable, u.demand_blocks(), u.queued_blocks(),
@@ -220,6 +223,15 @@ class KunServe(MemoryPolicy):
         else:
             return SplitUnit(unit.uid, "restore")
         return None
+
+    def transition_failed(self, kind: str, unit: ServingUnit | None, members: tuple[int, ...], error: str) -> None:
+        super().transition_failed(kind, unit, members, error)
+        log.error("kunserve %s of instances %s failed: %s", "drop" if kind == "fuse" else "restore", list(members),
+                  error)
+        if unit is not None:  # a failed restore: serve on as a group and try again after a restore window
+            self._defer(self.view, unit, f"restore failed: {error}")
+        else:  # a failed drop: no new drop for a restore window (a fault that persists is not retried each step)
+            self.no_drop_until = self.view.step_no + self.th.restore_window_steps
 
     def transition_done(self, outcome: TransitionOutcome) -> None:
         view = self.view
