@@ -33,6 +33,7 @@ from kunjax.clock import WALL, Clock, VirtualClock
 from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
 from kunjax.detokenizer import IncrementalDetokenizer
 from kunjax.executor import Executor
+from kunjax.executor.faulty import wrap as wrap_faults
 from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
 from kunjax.hardware import HardwareProfile
 from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
@@ -128,7 +129,7 @@ class LLMEngine:
             injected = faults.resolve(ecfg.faults)
         except ValueError as e:  # $KUNJAX_FAULTS is only read here
             raise ConfigError(str(e)) from e
-        self.executor: Executor = faults.wrap(executor, injected, self.clock)
+        self.executor: Executor = wrap_faults(executor, injected, self.clock)
         self.load_seconds = executor.load_seconds
         self.warmup_seconds = 0.0
         n, nb = self.executor.num_instances, self.executor.num_blocks

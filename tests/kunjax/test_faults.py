@@ -14,6 +14,7 @@ import pytest
 from kunjax import faults
 from kunjax.config import ConfigError
 from kunjax.engine import LLMEngine, config_from_kwargs
+from kunjax.executor.faulty import FaultyExecutor
 from kunjax.sampling_params import SamplingParams
 from tests.helpers import SPLIT, burst
 
@@ -89,13 +90,13 @@ def test_a_bad_spec_is_refused_naming_the_flag(spec, message):
 def test_the_environment_variable_is_read_when_the_option_is_empty(monkeypatch):
     monkeypatch.setenv(faults.ENV, "step@2")
     eng = engine_with("", **CONFIG)
-    assert isinstance(eng.executor, faults.FaultyExecutor)
+    assert isinstance(eng.executor, FaultyExecutor)
     monkeypatch.setenv(faults.ENV, "nonsense")
     with pytest.raises(ConfigError, match="unknown fault"):
         LLMEngine(MODEL, config_from_kwargs(**CONFIG), executor="arith")
     monkeypatch.delenv(faults.ENV)
     assert not isinstance(LLMEngine(MODEL, config_from_kwargs(**CONFIG), executor="arith").executor,
-                          faults.FaultyExecutor), "no faults: no wrapper"
+                          FaultyExecutor), "no faults: no wrapper"
 
 
 # ---- recovering -----------------------------------------------------------------------------------------------
