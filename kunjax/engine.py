@@ -346,7 +346,8 @@ class LLMEngine:
             unit.hooks.forget(unit, req)  # the policy's own state of it (host copies, migrations) goes too
             req.num_failures += 1
             if req.num_failures <= self.config.step_retries:
-                unit.requeue(req)
+                unit.release(req)  # a recompute, not counted as a preemption
+                unit.add(req)
                 continue
             unit.release(req)
             req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, "error", now

@@ -7,12 +7,13 @@ Off by default (no wrapper at all). `--faults SPEC` (`EngineConfig.faults`) or t
 * `step` — collecting a tick raises (the tick was dispatched and may have written KV; its tokens are lost);
 * `copy` — a `CopyBlocks` (the live KV exchange's, a restore's move home) fails part-way: half of its copies are
   applied, then it raises;
-* `fuse` / `split` — a drop or a restore fails half-way. The JAX executor raises after `after` weight leaves have
-  been resharded (or gathered) and rolls back; other executors raise before changing anything;
+* `fuse` / `split` — a drop or a restore fails half-way. The JAX executor raises after a weight leaf has been
+  resharded (or gathered), leaf `after + 1`, and rolls back; other executors raise before changing anything;
 * `slow` — the unit's ticks take `seconds` longer (slept on the wall clock, advanced on a virtual one).
 
 `@INSTANCE` limits a fault to the unit holding that instance; `after=N` lets the first N matching events pass
-(for `fuse` and `split` on the JAX executor: N weight leaves); `times=N` fires N times (default 1; 0: every time).
+(for `fuse` and `split` on the JAX executor an event is a weight leaf); `times=N` fires N times (default 1; 0:
+every time).
 For example `KUNJAX_FAULTS=step@1:after=20,copy:after=2,split` makes the 21st tick of instance 1's unit fail, the
 third block copy fail half-way, and the first restore fail.
 

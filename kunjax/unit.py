@@ -382,7 +382,7 @@ class ServingUnit:
         req.tables = [[n.blocks[s] for n in nodes] for s in range(self.k)]
         req.index_path = list(nodes)
         req.num_computed = len(nodes) * self.block_size
-        if req.num_preemptions == 0:
+        if req.num_preemptions == 0 and req.num_failures == 0:  # what the cache served its first admission
             req.num_cached_tokens = req.num_computed
 
     def schedule(self) -> MicroBatch | None:
