@@ -154,11 +154,15 @@ class Runtime(Protocol):
 
     def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[TokenEvent]: ...
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str) -> None:
+        """Abort `request_id` (unknown or finished ids are ignored); returns at once, never behind admissions or a
+        step: the request ends with an "abort" event, and frees its KV, at the next step boundary."""
 
     def info(self) -> RuntimeInfo: ...
 
-    def load(self) -> list[InstanceLoad]: ...
+    def load(self) -> list[InstanceLoad]:
+        """Every instance's load, as of the last step boundary (at most one step old; answered without waiting
+        behind admissions)."""
 
     def policy_status(self) -> PolicyStatus: ...
 

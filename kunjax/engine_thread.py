@@ -3,16 +3,19 @@
 Owns the stepping thread and the hand-off between callers (gRPC handlers, any thread) and the engine (one
 thread). Callers `submit` — validated synchronously, so a bad request is refused before it is accepted — then
 read the request's events from its own queue; the engine thread steps whenever there is work and pushes each
-request's new tokens to that queue. One lock guards the engine: it is held for a step, for an admission and for
-an abort, so an abort or a cancel takes effect at the next step boundary and frees the request's blocks there.
+request's new tokens to that queue. One lock guards the engine: it is held for a step and for an admission. An
+abort only queues the id (it never waits for that lock): the engine thread aborts every queued id at the next
+step boundary, in one batch, and frees their blocks there (a resubmission of a queued id aborts it at once).
 
 Never loses an accepted request: every accepted request gets exactly one final event (stop, length, abort,
 or error if a step itself failed), also on shutdown.
 
 Also the read side of the engine for front ends: `info`, `load` and `policy_status` copy engine state into the
 frozen `kunjax.api` records (`kunjax.status`) under the same lock, so a reader never sees an instance half-way
-into a pipeline unit. The policy's events are numbered after every step, so each gets one number however many the
-policy keeps.
+into a pipeline unit. `load` and `policy_status` do not queue behind admissions: a reader that finds the lock
+taken asks the engine thread for a snapshot at the end of its current step and waits for it at most
+`STATUS_WAIT_S`, else it gets the latest one (as of the previous such request). The policy's events are numbered
+after every step, so each gets one number however many the policy keeps.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from kunjax.status import EventLog, instance_loads, policy_status, runtime_info
 
 log = logging.getLogger("kunjax.engine_thread")
 IDLE_GROUP_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline groups
+STATUS_WAIT_S = 0.05  # longest a status reader waits for the step in progress to end before taking the last snapshot
+STATUS_FRESH_S = 0.02  # a snapshot this young is returned as it is (GetLoad reads load and status back to back)
 
 
 def _event(out: RequestOutput) -> TokenEvent:
@@ -77,6 +82,11 @@ class EngineThread:
         self._inflight: set[str] = set()
         self._warmup = warmup
         self._events = EventLog()  # the policy's recent events, numbered
+        self._aborts: dict[str, None] = {}  # ids to abort at the next step boundary, in order
+        self._aborts_lock = threading.Lock()
+        self._status: tuple[float, list[InstanceLoad], PolicyStatus] | None = None  # (monotonic time, ...)
+        self._status_wanted = False  # a reader waits for a snapshot at the end of the current step
+        self._status_cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kunjax-engine", daemon=True)
         self._thread.start()
 
@@ -94,6 +104,8 @@ class EngineThread:
                 raise Overloaded(self._closed_reason, retry_after_s=5.0)
             if len(self._inflight) >= self.max_queued:
                 raise Overloaded(f"{len(self._inflight)} requests in flight (limit {self.max_queued})")
+            if request.request_id in self._aborts:  # its abort is queued: it goes now, freeing the id
+                self._drain_aborts(only=request.request_id)
             if request.request_id in self._inflight:
                 raise InvalidRequest(f"duplicate request id {request.request_id!r}")
             try:
@@ -124,8 +136,19 @@ class EngineThread:
                 del self._queues[request_id]
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            out = self.engine.abort(request_id)
+        with self._aborts_lock:
+            self._aborts[request_id] = None
+        self._wake.set()
+
+    def _drain_aborts(self, only: str | None = None) -> None:
+        """Abort the queued ids (or just `only`); the engine lock is held."""
+        with self._aborts_lock:
+            if only is not None:
+                ids = [only] if self._aborts.pop(only, 0) is None else []
+            else:
+                ids, self._aborts = list(self._aborts), {}
+        for rid in ids:
+            out = self.engine.abort(rid)
             if out is not None:
                 self._deliver(out)
 
@@ -134,12 +157,35 @@ class EngineThread:
             return runtime_info(self.engine, {"kunjax": __version__, "jax": version("jax")})
 
     def load(self) -> list[InstanceLoad]:
-        with self._lock:
-            return instance_loads(self.engine)
+        return self._read_status()[1]
 
     def policy_status(self) -> PolicyStatus:
-        with self._lock:
-            return policy_status(self.engine, self._events)
+        return self._read_status()[2]
+
+    def _snapshot(self) -> tuple[float, list[InstanceLoad], PolicyStatus]:
+        """The engine lock is held."""
+        snap = (time.monotonic(), instance_loads(self.engine), policy_status(self.engine, self._events))
+        with self._status_cv:
+            self._status, self._status_wanted = snap, False
+            self._status_cv.notify_all()
+        return snap
+
+    def _read_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus]:
+        last = self._status
+        if last is not None and time.monotonic() - last[0] < STATUS_FRESH_S:
+            return last
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._snapshot()
+            finally:
+                self._lock.release()
+        with self._status_cv:  # the engine is stepping or admitting: the snapshot at the end of its step
+            self._status_wanted = True
+            self._status_cv.wait_for(lambda: self._status is not last, timeout=STATUS_WAIT_S)
+            if self._status is not None:
+                return self._status
+        with self._lock:  # no snapshot yet: wait for the engine
+            return self._snapshot()
 
     def ready(self) -> bool:
         return self._ready
@@ -152,8 +198,10 @@ class EngineThread:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self._inflight and not (cut_short is not None and cut_short.is_set()):
             time.sleep(0.01)
-        for rid in list(self._inflight):
-            self.abort(rid)
+        with self._lock:
+            for rid in list(self._inflight):
+                self.abort(rid)
+            self._drain_aborts()
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=60)
@@ -187,6 +235,9 @@ class EngineThread:
                 return
         self._ready = True
         while not self._stop.is_set():
+            if self._aborts:
+                with self._lock:
+                    self._drain_aborts()
             if not self.engine.has_unfinished():
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
@@ -198,9 +249,12 @@ class EngineThread:
                 self._wake.clear()
             with self._lock:
                 try:
+                    self._drain_aborts()
                     for out in self.engine.step():
                         self._deliver(out)
                     self._events.update(self.engine)
                 except Exception as e:  # a failed step must not hang or lose the requests waiting on it
                     log.exception("engine step failed")
                     self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                if self._status_wanted:
+                    self._snapshot()

@@ -173,3 +173,32 @@ def test_a_huge_text_prompt_is_refused_without_waiting_for_the_engine(runtime):
         t.join(timeout=10)
         assert not t.is_alive(), "the refusal waited for the engine"
     assert "prompt text has 4000000 characters" in result["error"]
+
+
+def test_abort_and_load_answer_while_the_engine_lock_is_held(runtime):
+    """An abort only queues the id and load reads a snapshot: neither waits behind a step or admissions (holding the
+    lock here stands for them); the abort then happens at the next step boundary."""
+    runtime.submit(req("held", [5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)))
+    it = runtime.events("held", timeout_s=60)
+    assert not next(it).finished
+    runtime.load()  # a snapshot exists
+    answered: dict[str, float] = {}
+
+    def timed(name, fn) -> None:
+        t0 = time.monotonic()
+        fn()
+        answered[name] = time.monotonic() - t0
+
+    with runtime._lock:
+        threads = [threading.Thread(target=timed, args=("abort", lambda: runtime.abort("held"))),
+                   threading.Thread(target=timed, args=("load", runtime.load)),
+                   threading.Thread(target=timed, args=("status", runtime.policy_status))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=5)
+        assert not any(t.is_alive() for t in threads), f"waited for the engine lock: {answered}"
+    assert max(answered.values()) < 1.0, answered
+    assert list(it)[-1].finish_reason == "abort"
+    wait_idle(runtime)
+    runtime.engine.check_books()
