@@ -14,7 +14,8 @@ Also the read side of the engine for front ends: `info`, `load` and `policy_stat
 frozen `kunjax.api` records (`kunjax.status`) under the same lock, so a reader never sees an instance half-way
 into a pipeline unit. `load` and `policy_status` do not queue behind admissions: a reader that finds the lock
 taken asks the engine thread for a snapshot at the end of its current step and waits for it at most
-`STATUS_WAIT_S`, else it gets the latest one (as of the previous such request). The policy's events are numbered
+`STATUS_WAIT_S`, else it gets the latest one (as of the previous such request; the first is taken when warm-up
+ends). The policy's events are numbered
 after every step, so each gets one number however many the policy keeps.
 """
 
@@ -86,6 +87,7 @@ class EngineThread:
         self._aborts_lock = threading.Lock()
         self._status: tuple[float, list[InstanceLoad], PolicyStatus] | None = None  # (monotonic time, ...)
         self._status_wanted = False  # a reader waits for a snapshot at the end of the current step
+        self._served_at = 0.0  # when a reader was last handed a snapshot
         self._status_cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kunjax-engine", daemon=True)
         self._thread.start()
@@ -171,9 +173,14 @@ class EngineThread:
         return snap
 
     def _read_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus]:
+        snap = self._fresh_status()
+        self._served_at = time.monotonic()
+        return snap
+
+    def _fresh_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus]:
         last = self._status
-        if last is not None and time.monotonic() - last[0] < STATUS_FRESH_S:
-            return last
+        if last is not None and time.monotonic() - max(last[0], self._served_at) < STATUS_FRESH_S:
+            return last  # taken, or handed out, just now (GetLoad reads load and policy status back to back)
         if self._lock.acquire(blocking=False):
             try:
                 return self._snapshot()
@@ -184,7 +191,7 @@ class EngineThread:
             self._status_cv.wait_for(lambda: self._status is not last, timeout=STATUS_WAIT_S)
             if self._status is not None:
                 return self._status
-        with self._lock:  # no snapshot yet: wait for the engine
+        with self._lock:  # no snapshot yet (before warm-up ended): wait for the engine
             return self._snapshot()
 
     def ready(self) -> bool:
@@ -233,6 +240,8 @@ class EngineThread:
                     self._closed_reason = f"runtime failed to start: {type(e).__name__}: {e}"
                     self._fail_all(f"warm-up failed: {type(e).__name__}: {e}")
                 return
+        with self._lock:
+            self._snapshot()  # so a status reader never has to queue for the lock behind admissions
         self._ready = True
         while not self._stop.is_set():
             if self._aborts:
