@@ -242,8 +242,7 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
             kv_pool_blocks=info.kv_pool_blocks)
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
-        loads = await self._call(self.runtime.load)
-        status = await self._call(self.runtime.policy_status)
+        loads, status = await self._call(lambda: (self.runtime.load(), self.runtime.policy_status()))  # one hop
         return pb.GetLoadResponse(instances=[pb.InstanceLoad(**dataclasses.asdict(x)) for x in loads],
                                   policy=policy_status_to_proto(status))
 
