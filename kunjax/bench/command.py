@@ -89,7 +89,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     wl.add_argument("--trace", default="synthetic",
                     help="a trace file (Azure LLM 2023/2024 CSV, BurstGPT CSV, Mooncake JSONL; .gz accepted), "
                          "'azure-conv' (the bundled Azure 2023 conversation trace), 'mooncake' (the bundled Mooncake "
-                         "synthetic trace, shared prompt prefixes) or 'synthetic' (default)")
+                         "synthetic trace, shared prompt prefixes), 'conversations' (multi-turn chats sharing system "
+                         "prompts and history: --conversations ...) or 'synthetic' (default)")
     wl.add_argument("--num-requests", type=int, default=200, help="synthetic: requests to generate (default: 200)")
     wl.add_argument("--rate", type=float, default=4.0, help="synthetic: mean arrival rate, requests/s (default: 4)")
     wl.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson",
@@ -102,6 +103,17 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                          "(default: uniform:32:256)")
     wl.add_argument("--output-len", default="uniform:16:128",
                     help="synthetic: output lengths (default: uniform:16:128)")
+    wl.add_argument("--conversations", type=int, default=50,
+                    help="conversations: how many (--rate is then conversations/s; default: 50)")
+    wl.add_argument("--turns", default="uniform:2:8", help="conversations: turns per conversation (default: "
+                                                           "uniform:2:8)")
+    wl.add_argument("--system-prompts", type=int, default=4,
+                    help="conversations: distinct system prompts shared by all conversations (default: 4)")
+    wl.add_argument("--system-tokens", type=int, default=256, help="conversations: system prompt length (default: 256)")
+    wl.add_argument("--user-len", default="uniform:16:128",
+                    help="conversations: each new user message's length (default: uniform:16:128)")
+    wl.add_argument("--think-s", type=float, default=10.0,
+                    help="conversations: mean seconds from one turn's arrival to the next (default: 10)")
     wl.add_argument("--workload-seed", type=int, default=0,
                     help="seeds the synthetic workload and the prompts' token ids (default: 0)")
     wl.add_argument("--rate-scale", type=float, default=None,
@@ -225,9 +237,22 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def _load_workload(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    from kunjax.workloads import LengthDist, TraceFormatError, load_trace, scale_rate, synthetic
+    from kunjax.workloads import LengthDist, TraceFormatError, conversations, load_trace, scale_rate, synthetic
 
-    if args.trace == "synthetic":
+    if args.trace == "conversations":
+        for flag in ("turns", "user_len", "output_len"):
+            try:
+                LengthDist.parse(getattr(args, flag))
+            except ValueError as e:
+                parser.error(f"--{flag.replace('_', '-')}: {e}")
+        try:
+            w = conversations(num_conversations=args.conversations, rate=args.rate, turns=args.turns,
+                              system_prompts=args.system_prompts, system_tokens=args.system_tokens,
+                              user_len=args.user_len, output_len=args.output_len, think_s=args.think_s,
+                              seed=args.workload_seed)
+        except ValueError as e:
+            parser.error(f"conversations: {e}")
+    elif args.trace == "synthetic":
         for flag in ("prompt_len", "output_len"):
             try:
                 LengthDist.parse(getattr(args, flag))

@@ -130,4 +130,5 @@ def summarize(records: Sequence[RequestRecord], slo: Slo) -> dict[str, object]:
         # prefix caching: prompt tokens of the completed requests served from cache (prefill not computed)
         "prompt_tokens_completed": prompt, "cached_prompt_tokens": cached,
         "prefix_hit_rate": cached / prompt if prompt else math.nan,
+        "jct_mean_s": pct["e2e_s"]["mean"],  # job completion time as MemServe reports it: mean e2e
     }

@@ -103,8 +103,11 @@ class _Progress:
 
 
 def session_of(r: TraceRequest) -> str:
-    """A request's session for `--routing session`: traces carry no conversation ids, so the requests that share
-    their first prompt block (Mooncake's first hash id) are taken as one conversation; none without prefixes."""
+    """A request's session for `--routing session`: its conversation when the workload knows it (the
+    conversation generator); else, as traces carry no conversation ids, the requests that share their first
+    prompt block (Mooncake's first hash id) are taken as one conversation; none without prefixes."""
+    if r.session:
+        return r.session
     return f"prefix-{r.prefix_ids[0]}" if r.prefix_ids else ""
 
 

@@ -70,11 +70,13 @@ def format_cache_table(summaries: Mapping[str, Mapping[str, object]]) -> str:
     """Per run: the share of the completed requests' prompt tokens served from the prefix cache, and that many
     prefill tokens not computed."""
     w = max((10, *map(len, summaries)))
-    head = f"{'run':<{w}} {'prefix hit rate':>15} {'prefill tokens saved':>21} {'of prompt tokens':>17}"
+    head = (f"{'run':<{w}} {'prefix hit rate':>15} {'prefill tokens saved':>21} {'of prompt tokens':>17} "
+            f"{'mean JCT':>9}")
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
         lines.append(f"{name:<{w}} {s.get('prefix_hit_rate', math.nan):>15.1%} "
-                     f"{s.get('cached_prompt_tokens', 0):>21} {s.get('prompt_tokens_completed', 0):>17}")
+                     f"{s.get('cached_prompt_tokens', 0):>21} {s.get('prompt_tokens_completed', 0):>17} "
+                     f"{_s(s.get('jct_mean_s', math.nan)):>9}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ machine, and prompt synthesis (`kunjax bench` replays them; see `kunjax/bench/`)
     prompts = synthesize_prompts(fitted.workload, vocab_size=1024, excluded_ids={0, 1, 2})
 """
 
+from kunjax.workloads.conversations import conversations
 from kunjax.workloads.prompts import synthesize_prompts
 from kunjax.workloads.synthetic import LengthDist, synthetic
 from kunjax.workloads.trace import (
@@ -31,6 +32,6 @@ from kunjax.workloads.transforms import (
 
 __all__ = [
     "BUNDLED_TRACES", "FitResult", "LengthDist", "TraceFormatError", "TraceRequest", "Workload",
-    "burstiest_window", "clip_lengths", "find_burstiest", "fit", "load_trace", "peak_demand", "resolve_trace",
-    "scale_lengths", "scale_rate", "synthesize_prompts", "synthetic", "time_scale", "window",
+    "burstiest_window", "clip_lengths", "conversations", "find_burstiest", "fit", "load_trace", "peak_demand",
+    "resolve_trace", "scale_lengths", "scale_rate", "synthesize_prompts", "synthetic", "time_scale", "window",
 ]

@@ -48,6 +48,7 @@ class TraceRequest:
     prompt_tokens: int  # >= 1
     output_tokens: int  # >= 1
     prefix_ids: tuple[int, ...] = ()  # shared prompt-prefix blocks (Mooncake hash ids); equal ids = equal tokens
+    session: str = ""  # the conversation it is a turn of, when known (sent as the request's session id)
 
 
 @dataclasses.dataclass(frozen=True)

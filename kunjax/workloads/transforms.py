@@ -31,7 +31,7 @@ def time_scale(w: Workload, factor: float) -> Workload:
     """Arrival times multiplied by `factor` (< 1 compresses time: the same requests, a higher rate)."""
     if not factor > 0:
         raise ValueError(f"time scale must be > 0, got {factor}")
-    reqs = [TraceRequest(r.arrival_s * factor, r.prompt_tokens, r.output_tokens, r.prefix_ids) for r in w.requests]
+    reqs = [dataclasses.replace(r, arrival_s=r.arrival_s * factor) for r in w.requests]
     return w.derive(reqs, f"time scaled by {factor:.4g} (rate x{1 / factor:.3g})")
 
 
@@ -39,7 +39,7 @@ def window(w: Workload, start_s: float, duration_s: float) -> Workload:
     """The requests arriving in `[start_s, start_s + duration_s)`, shifted so `start_s` becomes 0."""
     if not duration_s > 0:
         raise ValueError(f"window duration must be > 0, got {duration_s}")
-    reqs = [TraceRequest(r.arrival_s - start_s, r.prompt_tokens, r.output_tokens, r.prefix_ids) for r in w.requests
+    reqs = [dataclasses.replace(r, arrival_s=r.arrival_s - start_s) for r in w.requests
             if start_s <= r.arrival_s < start_s + duration_s]
     if not reqs:
         raise ValueError(f"no request arrives in the window [{start_s:g}s, {start_s + duration_s:g}s)")
@@ -108,8 +108,8 @@ def scale_lengths(w: Workload, factor: float) -> Workload:
     """Prompt and output token counts multiplied by `factor` (rounded, at least 1); prefix blocks scale too."""
     if not factor > 0:
         raise ValueError(f"length scale must be > 0, got {factor}")
-    reqs = [TraceRequest(r.arrival_s, max(1, round(r.prompt_tokens * factor)), max(1, round(r.output_tokens * factor)),
-                         r.prefix_ids) for r in w.requests]
+    reqs = [dataclasses.replace(r, prompt_tokens=max(1, round(r.prompt_tokens * factor)),
+                                output_tokens=max(1, round(r.output_tokens * factor))) for r in w.requests]
     block = max(1, round(w.prefix_block_tokens * factor)) if w.prefix_block_tokens else 0
     return w.derive(reqs, f"lengths scaled by {factor:.4g}", prefix_block_tokens=block)
 

@@ -349,3 +349,19 @@ def test_the_cost_model_executor_takes_the_shape_of_a_model_directory(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     shape = json.loads((tmp_path / "out" / "summary.json").read_text())["time"]["model_shape"]
     assert shape["hidden_size"] == 256 and shape["num_layers"] == 6 and shape["vocab_size"] == 4096
+
+
+def test_conversations_replay_with_their_sessions_and_a_mean_jct(tmp_path):
+    """--trace conversations: each turn carries its conversation as its session; the history makes caching pay
+    (session routing reuses more than least-load; caching off reuses nothing); the cache table shows mean JCT."""
+    res = run_bench("--out", str(tmp_path), "--trace", "conversations", "--conversations", "60", "--rate", "2",
+                    "--length-scale", "1", "--policies", "recompute", "--routing-modes", "no-cache,least-load,session",
+                    "--executor", "sim", "--profile", "h100", "--model-shape", "llama-3-8b", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = check_outputs(tmp_path, ["no-cache", "least-load", "session"])
+    rate = {k: s["prefix_hit_rate"] for k, s in summary["policies"].items()}
+    assert rate["no-cache"] == 0 and rate["session"] > rate["least-load"] > 0, rate
+    assert all(s["jct_mean_s"] > 0 for s in summary["policies"].values())
+    assert "mean JCT" in res.stdout
+    with open(tmp_path / "requests_session.csv") as f:
+        assert all(r["session_id"].startswith("conv-") for r in csv.DictReader(f))

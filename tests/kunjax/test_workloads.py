@@ -262,3 +262,29 @@ def test_shared_prefix_ids_become_shared_token_prefixes():
     assert a[:4] == b[:4] and a[4:8] != b[4:8]
     assert a[:4] != c[:4]
     assert [len(a), len(b), len(c)] == [10, 7, 10]
+
+
+def test_conversations_resend_their_history_and_share_system_prompts():
+    from kunjax.workloads import conversations, synthesize_prompts
+
+    w = conversations(num_conversations=30, rate=2.0, turns="uniform:2:5", system_prompts=3, system_tokens=64,
+                      user_len="uniform:5:40", output_len="uniform:3:30", think_s=4.0, block_tokens=16, seed=1)
+    assert w == conversations(num_conversations=30, rate=2.0, turns="uniform:2:5", system_prompts=3,
+                              system_tokens=64, user_len="uniform:5:40", output_len="uniform:3:30", think_s=4.0,
+                              block_tokens=16, seed=1), "not deterministic"
+    assert [r.arrival_s for r in w.requests] == sorted(r.arrival_s for r in w.requests)
+    turns: dict[str, list] = {}
+    for r in w.requests:
+        turns.setdefault(r.session, []).append(r)
+        assert r.prompt_tokens == 16 * len(r.prefix_ids)
+    assert len(turns) == 30 and all(2 <= len(t) <= 5 for t in turns.values())
+    for ts in turns.values():
+        for a, b in zip(ts, ts[1:], strict=False):
+            # the next turn resends this one's prompt, then this turn's answer (output rounded to blocks), then more
+            assert b.prefix_ids[:len(a.prefix_ids)] == a.prefix_ids
+            assert len(b.prefix_ids) >= len(a.prefix_ids) + -(-a.output_tokens // 16) + 1
+    systems = {r.prefix_ids[:4] for ts in turns.values() for r in ts[:1]}
+    assert len(systems) <= 3  # every conversation opens with one of the shared system prompts
+    prompts = synthesize_prompts(w, vocab_size=1000, seed=0)
+    first, second = [i for i, r in enumerate(w.requests) if r.session == w.requests[0].session][:2]
+    assert prompts[second][:len(prompts[first])] == prompts[first]  # equal ids, equal tokens
