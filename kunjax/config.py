@@ -217,18 +217,25 @@ class SchedulerConfig(Options):
         128, "token budget of one engine step: decodes plus prefill chunks (long prompts are chunked)")
     min_token_bucket: int = _opt(16, "smallest padded token count compiled; buckets double up to the budget")
     enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
-    routing: str = _opt("prompt-tree", "which unit a new request joins: prompt-tree (the least KV demand, a cached "
-                                       "prefix counted as free, from a global prompt tree), least-load (cached "
-                                       "prefixes ignored) or session (a request's session stays on its unit; new "
-                                       "sessions least-load); kunjax.routing")
+    routing: str = _opt("prompt-tree", "which unit a new request joins: prompt-tree (where a global prompt tree "
+                                       "says most of its prompt is cached, unless its first token would come "
+                                       "--routing-slack-steps later there than elsewhere), least-load (the least "
+                                       "KV demand, cached prefixes ignored) or session (a request's session stays "
+                                       "on its unit; new sessions least-load); docs/caching.md")
     routing_sync_steps: int = _opt(1, "the prompt tree applies the units' cache events every this many engine "
                                       "steps (its bounded staleness)")
     routing_slack_steps: float = _opt(8.0, "prompt-tree: a unit holding more of the prompt is preferred while its "
                                            "first token is estimated at most this many engine steps later than "
                                            "the soonest unit's")
+    prefix_transfer_blocks: int = _opt(0, "with prefix caching: a replica admitting a request copies its cached "
+                                          "prompt prefix from another replica that holds at least this many more "
+                                          "blocks of it, when the copy is cheaper than recomputing them "
+                                          "(kunjax/transfers.py); 0: never")
 
     def __post_init__(self) -> None:
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket", "routing_sync_steps")
+        if self.prefix_transfer_blocks < 0:
+            raise ConfigError(f"--prefix-transfer-blocks must be >= 0, got {self.prefix_transfer_blocks}")
         if not self.routing_slack_steps >= 0:
             raise ConfigError(f"--routing-slack-steps must be >= 0, got {self.routing_slack_steps}")
         from kunjax.routing import ROUTING_MODES

@@ -44,6 +44,7 @@ from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
 from kunjax.routing import Router
 from kunjax.sampling_params import SamplingParams
 from kunjax.tokenizer import Tokenizer
+from kunjax.transfers import PrefixPuller
 from kunjax.unit import MicroBatch, ServingUnit
 
 log = logging.getLogger("kunjax")
@@ -145,6 +146,15 @@ class LLMEngine:
         sched = ecfg.scheduler
         self.router = Router(sched.routing, ecfg.block_size, sched.routing_sync_steps, sched.enable_prefix_caching,
                              sched.routing_slack_steps)
+        self.puller: PrefixPuller | None = None
+        if sched.enable_prefix_caching and sched.prefix_transfer_blocks:
+            cost = None
+            if profile is not None:
+                from kunjax.cost_model import CostModel
+
+                cost = CostModel(time_shape or cfg, profile, dtype=ecfg.dtype, tp=ecfg.tp, block_size=ecfg.block_size)
+            self.puller = PrefixPuller(self.mempool, lambda: self.units.values(), ecfg.block_size,
+                                       sched.prefix_transfer_blocks, cost)
         self.units: dict[int, ServingUnit] = {}
         for i in range(n):
             self._add_unit(self._replica(i))
@@ -164,9 +174,12 @@ class LLMEngine:
 
     # ---- units --------------------------------------------------------------------------------------
     def _replica(self, i: int) -> ServingUnit:
-        return ServingUnit(i, (i,), self.replica_shape, [BlockAllocator(self.replica_blocks)], self.policy,
+        unit = ServingUnit(i, (i,), self.replica_shape, [BlockAllocator(self.replica_blocks)], self.policy,
                            block_size=self.config.block_size,
                            enable_prefix_caching=self.config.scheduler.enable_prefix_caching, now=self.clock.now)
+        if self.puller is not None:
+            unit.prefix_source = self.puller.pull
+        return unit
 
     def _add_unit(self, unit: ServingUnit) -> None:
         self.units[unit.uid] = unit

@@ -218,6 +218,7 @@ class ServingUnit:
         self.blocks_exchanged = 0
         self.recent_prompts: collections.deque[int] = collections.deque(maxlen=64)  # for `chunk_cap`
         self.last_tick: tuple[int, int] = (0, 0)  # (tokens, rows of the bucket) of the last tick launched
+        self.prefix_source: Callable[[ServingUnit, Request, list], list] | None = None  # `PrefixPuller.pull`
 
     # ---- counts -------------------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -379,6 +380,8 @@ class ServingUnit:
 
     def _match_prefix(self, req: Request) -> None:
         nodes = self.index.match(req.token_ids)
+        if self.prefix_source is not None:  # a longer prefix cached on another unit, copied here (transfers.py)
+            nodes += self.prefix_source(self, req, nodes)
         req.tables = [[n.blocks[s] for n in nodes] for s in range(self.k)]
         req.index_path = list(nodes)
         req.num_computed = len(nodes) * self.block_size

@@ -1,0 +1,93 @@
+"""Prefix transfers between units (MemServe's `transfer_with_insert`): a prompt's cached prefix computed on one
+replica is copied to the replica that admits the request, when that is cheaper than recomputing it.
+
+When a replica admits a fresh request (`ServingUnit._match_prefix`), its own prefix index gives the longest
+cached prefix it holds. `PrefixPuller.pull` looks at every other replica's index for a longer one; if the
+difference is at least `min_blocks` blocks and copying them is cheaper than recomputing them, it allocates that
+many blocks on the admitting replica, queues one `Transfer` of the source's blocks into them (applied before the
+tick that reads them), and inserts them into the admitting replica's index under its own matched prefix: the
+request then holds them as if it had matched them there, and later requests find them locally. The cost
+comparison uses the hardware profile's cost model when time is modelled (`kunjax.cost_model`: the transfer over
+the link between the two instances against the prefill of those tokens through every layer); without one
+(the real model on its own devices) a copy is taken to be cheaper — a block's KV is 2·L·K·D values, recomputing
+it runs the whole model on its tokens (for an 8B model on an H100: ~0.3 µs per token over NVLink against ~16 µs
+of prefill compute). Every decision is counted (`stats`).
+
+Only replica units (k = 1) give and take: a pipeline unit's blocks are split over its stages. The source blocks
+need no pin: they are indexed (full, never written again), and the `Transfer` is issued right after the admitting
+unit's scheduling, before any other unit schedules (and could evict them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from kunjax.blocks import PrefixNode
+from kunjax.plan import Transfer
+
+if TYPE_CHECKING:
+    from kunjax.cost_model import CostModel
+    from kunjax.mempool import MemoryPool
+    from kunjax.request import Request
+    from kunjax.unit import ServingUnit
+
+
+class PrefixPuller:
+    """See the module docstring. `units()` gives the engine's units; `cost` (optional) prices the choice."""
+
+    def __init__(self, mempool: MemoryPool, units: Callable[[], Iterable[ServingUnit]], block_size: int,
+                 min_blocks: int = 1, cost: CostModel | None = None):
+        self.mempool, self.units, self.block_size = mempool, units, block_size
+        self.min_blocks, self.cost = min_blocks, cost
+        self.pulls = self.blocks = self.declined = 0
+
+    def pull(self, dst: ServingUnit, req: Request, own: list[PrefixNode]) -> list[PrefixNode]:
+        """Nodes of `req`'s prompt past `own` (its match on `dst`, referenced) copied from another replica and
+        inserted under `own[-1]` on `dst`, referenced by `req` (one reference each, from their allocation)."""
+        if dst.k != 1:
+            return []
+        best, src_nodes = None, own
+        for u in self.units():
+            if u is dst or u.k != 1 or not u.enable_prefix_caching:
+                continue
+            nodes = u.index.longest(req.token_ids)
+            if len(nodes) > len(src_nodes):
+                best, src_nodes = u, nodes
+        n = len(src_nodes) - len(own)
+        if best is None or n < self.min_blocks:
+            return []
+        if not self._cheaper(best, dst, n):
+            self.declined += 1
+            return []
+        got = dst.allocate(n)  # evicts only cached nodes: `own` is referenced
+        if got is None:
+            return []
+        src_blocks = [node.blocks[0] for node in src_nodes[len(own):]]
+        self.mempool.transfer(best, dst, src_blocks, got[0])
+        parent = own[-1] if own else None
+        out = []
+        for node, b in zip(src_nodes[len(own):], got[0], strict=True):
+            parent = dst.index.insert(parent, node.tokens, (b,))
+            if parent.blocks != (b,):  # (cannot happen past the longest match; an equal node would be shared)
+                dst.stages[0].free([b])
+            out.append(parent)
+        self.pulls += 1
+        self.blocks += n
+        return out
+
+    def _cheaper(self, src: ServingUnit, dst: ServingUnit, n: int) -> bool:
+        if self.cost is None:
+            return True
+        c = self.cost
+        blocks = tuple(range(n))
+        copy_s = max(c.op_seconds(Transfer(src.members[0], dst.members[0], blocks, blocks)).values())
+        # recomputing: at least the dense FLOPs of those tokens through every layer, at the best matmul efficiency
+        # (they join a batch whose weights are read anyway); attention over the prefix would only add to it
+        tokens = n * self.block_size
+        recompute_s = tokens * c.cfg.num_layers * c.layer_flops_per_token / (c.peak * c.profile.matmul_efficiency)
+        return copy_s < recompute_s
+
+    def stats(self) -> dict[str, int]:
+        return {"prefix_pulls": self.pulls, "prefix_blocks_pulled": self.blocks,
+                "prefix_pulls_declined": self.declined}
