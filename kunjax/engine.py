@@ -647,10 +647,12 @@ class EngineView:
         return len(copies)
 
     def move_running(self, req: Request, src: ServingUnit, dst: ServingUnit, tables: list[list[int]]) -> None:
-        """`req` leaves `src` (its blocks there freed) and runs on `dst` with `tables` (already filled)."""
+        """`req` leaves `src` (its blocks there freed) and runs on `dst` with `tables` (already filled with all
+        of its computed KV, which it keeps: nothing is recomputed)."""
+        computed = req.num_computed
         src.running.remove(req)
-        src.release(req)
-        req.tables = tables
+        src.release(req)  # (which forgets what was computed: that was on src's blocks)
+        req.tables, req.num_computed = tables, computed
         dst.take_running(req)
 
 

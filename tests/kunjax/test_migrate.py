@@ -134,3 +134,34 @@ def test_bad_migrate_flags_are_named():
     for flag, value in (("migrate_freeness_gap", 0.0), ("migrate_final_blocks", 0), ("migrate_max_concurrent", 0)):
         with pytest.raises(ConfigError, match="--" + flag.replace("_", "-")):
             config_from_kwargs(**{**TIGHT, "policy": "migrate", flag: value})
+
+
+def test_a_migrated_request_keeps_what_it_computed():
+    """The destination continues from the copied KV: a migration that made it recompute its whole sequence there
+    (it once did: `move_running` forgot `num_computed`) would cost more than the preemption it avoids."""
+    import dataclasses
+
+    from kunjax.engine import EngineView
+    from tests.helpers import SPLIT, burst, run_open_loop
+
+    model = dataclasses.replace(SPLIT, num_layers=8)
+    eng = LLMEngine(model, config_from_kwargs(policy="migrate", num_instances=8, block_size=8, num_blocks=48,
+                                              max_num_seqs=16, max_num_batched_tokens=128, max_model_len=128,
+                                              min_token_bucket=16), executor="arith")
+    eng.warmup()
+    moved = []
+    real = EngineView.move_running
+
+    def watched(self, req, src, dst, tables):
+        before = req.num_computed
+        real(self, req, src, dst, tables)
+        moved.append((before, req.num_computed))
+
+    EngineView.move_running = watched
+    try:
+        arrivals = burst(1000, seed=3, vocab=model.vocab_size)
+        out = run_open_loop(eng, arrivals)
+    finally:
+        EngineView.move_running = real
+    assert moved and all(after == before > 0 for before, after in moved), moved[:5]
+    assert list(out.values()) == [eng.executor.expected_greedy(p, n) for _, p, n in arrivals]
