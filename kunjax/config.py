@@ -30,6 +30,44 @@ DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("recompute", "swap", "migrate", "layerkv", "kunserve")
 
 
+ROLES = ("prefill", "decode", "mixed")  # prefill/decode disaggregation (kunjax.disagg)
+
+
+def _expand_roles(spec: str) -> list[str]:
+    roles: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        role, _, count = part.partition(":")
+        if role not in ROLES:
+            raise ValueError(f"--roles: unknown role {role!r} in {spec!r} (prefill, decode or mixed)")
+        try:
+            n = int(count) if count else 1
+        except ValueError:
+            raise ValueError(f"--roles: {part!r}: the count must be an integer") from None
+        if n < 1:
+            raise ValueError(f"--roles: {part!r}: the count must be >= 1")
+        roles += [role] * n
+    if "decode" in roles and all(r == "decode" for r in roles):
+        raise ValueError("--roles: every instance decodes: give at least one a prefill or mixed role")
+    return roles
+
+
+def parse_roles(spec: str, num_instances: int) -> list[str]:
+    """Each instance's role from `--roles`: "" (all mixed), counts in instance order ("prefill:2,decode:6"), or
+    one role per instance ("prefill,decode,decode"). ValueError naming the flag."""
+    if not spec:
+        return ["mixed"] * num_instances
+    roles = _expand_roles(spec)
+    if len(roles) != num_instances:
+        raise ValueError(f"--roles gives {len(roles)} instance(s) a role, but there are {num_instances}")
+    return roles
+
+
+def check_roles_spec(spec: str) -> None:
+    """The names and counts of `spec` (the number of instances is checked when the engine knows it)."""
+    if spec:
+        _expand_roles(spec)
+
+
 class ConfigError(ValueError):
     """A configuration the runtime cannot serve; the message says what to change."""
 
@@ -296,6 +334,10 @@ class EngineConfig(Options):
               "leave. GPU/TPU read it from memory stats")
     activation_reserve_bytes: int = _opt(8 * 2**20, "per-device bytes kept free for activations when the KV pool "
                                                      "is sized from a device budget")
+    roles: str = _opt("", "prefill/decode disaggregation: each instance's role, prefill (takes new requests, "
+                          "computes prompts), decode (takes the requests prefill instances hand over) or mixed (both; "
+                          "the default), as counts in instance order (prefill:2,decode:6) or one per instance; "
+                          "recompute policy only (kunjax/disagg.py)")
     step_retries: int = _opt(2, "times a request is recomputed after a device failure touched its KV (a retry that "
                                 "changes no output) before it ends with an error")
     faults: str = _opt("", "fault injection for tests and drills, off by default: comma-separated "
@@ -323,6 +365,12 @@ class EngineConfig(Options):
             raise ConfigError("--activation-reserve-bytes must be >= 0")
         if not 0 <= self.max_logprobs <= 64:
             raise ConfigError(f"--max-logprobs must be in [0, 64], got {self.max_logprobs}")
+        try:
+            check_roles_spec(self.roles)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if self.roles and self.policy != "recompute" and any(r in self.roles for r in ("prefill", "decode")):
+            raise ConfigError(f"--roles with prefill or decode instances needs --policy recompute, not {self.policy}")
         if self.step_retries < 0:
             raise ConfigError(f"--step-retries must be >= 0, got {self.step_retries}")
         try:

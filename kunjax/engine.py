@@ -30,8 +30,9 @@ from typing import Any
 from kunjax import checkpoint, faults, policies
 from kunjax.blocks import BlockAllocator
 from kunjax.clock import WALL, Clock, VirtualClock
-from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
+from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig, parse_roles
 from kunjax.detokenizer import IncrementalDetokenizer
+from kunjax.disagg import Handoff
 from kunjax.executor import Executor
 from kunjax.executor.faulty import wrap as wrap_faults
 from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
@@ -146,15 +147,23 @@ class LLMEngine:
         sched = ecfg.scheduler
         self.router = Router(sched.routing, ecfg.block_size, sched.routing_sync_steps, sched.enable_prefix_caching,
                              sched.routing_slack_steps)
+        cost = None  # prices transfers against recomputing, when time is modelled
+        if profile is not None:
+            from kunjax.cost_model import CostModel
+
+            cost = CostModel(time_shape or cfg, profile, dtype=ecfg.dtype, tp=ecfg.tp, block_size=ecfg.block_size)
         self.puller: PrefixPuller | None = None
         if sched.enable_prefix_caching and sched.prefix_transfer_blocks:
-            cost = None
-            if profile is not None:
-                from kunjax.cost_model import CostModel
-
-                cost = CostModel(time_shape or cfg, profile, dtype=ecfg.dtype, tp=ecfg.tp, block_size=ecfg.block_size)
             self.puller = PrefixPuller(self.mempool, lambda: self.units.values(), ecfg.block_size,
                                        sched.prefix_transfer_blocks, cost)
+        try:
+            self.roles = parse_roles(ecfg.roles, n)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.handoff: Handoff | None = None
+        if "prefill" in self.roles:
+            self.handoff = Handoff(self.mempool, ecfg.block_size,
+                                   kv_block_bytes(cfg, ecfg.block_size, ecfg.dtype, ecfg.tp), cost)
         self.units: dict[int, ServingUnit] = {}
         for i in range(n):
             self._add_unit(self._replica(i))
@@ -179,6 +188,7 @@ class LLMEngine:
                            enable_prefix_caching=self.config.scheduler.enable_prefix_caching, now=self.clock.now)
         if self.puller is not None:
             unit.prefix_source = self.puller.pull
+        unit.role = self.roles[i]
         return unit
 
     def _add_unit(self, unit: ServingUnit) -> None:
@@ -294,6 +304,7 @@ class LLMEngine:
             raise ValueError(f"request {req.request_id} may need {need} KV blocks ({req.max_total_len} tokens) but "
                              f"an instance pool has {self.replica_blocks - 1}")
         units = [u for u in self.units.values() if not self.quarantined(u)] or list(self.units.values())
+        units = [u for u in units if u.role != "decode"] or units  # decode units only take handed-over requests
         replicas = [u for u in units if u.k == 1]
         pipes = [u for u in units if u.k > 1 and u.admitting] or ([] if replicas else [u for u in units if u.k > 1])
         unit = self.router.pick(req, replicas + pipes, self.unit_of_instance, session_id)
@@ -429,6 +440,8 @@ class LLMEngine:
         for u in units:
             if u.uid in pending and u.uid not in lost:
                 self._finish_tick(u, *pending.pop(u.uid), outputs)
+        if self.handoff is not None:
+            self._hand_off()
         for u in self.groups:
             self.view.exchange_round(u)
         self._issue()
@@ -442,6 +455,14 @@ class LLMEngine:
             outputs += self._failed
             self._failed = []
         return outputs
+
+    def _hand_off(self) -> None:
+        """Requests whose prompt a prefill unit computed move to a decode unit (`kunjax.disagg`)."""
+        decodes = [u for u in self.units.values() if u.role == "decode"]
+        for u in [u for u in self.units.values() if u.role == "prefill" and u.uid not in self._lost]:
+            for req in self.handoff.ready(u):
+                if self.handoff.send(req, u, decodes) is None:
+                    break  # no decode unit has room: the rest wait too
 
     def _finish_tick(self, unit: ServingUnit, leaving: MicroBatch | None, launched: Any,
                      outputs: list[RequestOutput]) -> None:

@@ -87,6 +87,8 @@ def policy_status(engine: LLMEngine, log: EventLog) -> PolicyStatus:
     counters.update({f"failures_{kind}": n for kind, n in engine.failures.items()})  # device failures recovered
     if engine.puller is not None:
         counters.update(engine.puller.stats())
+    if engine.handoff is not None:
+        counters.update(engine.handoff.stats())
     counters.update({k: int(v) for k, v in engine.policy.stats().items()
                      if isinstance(v, int | float) and not isinstance(v, bool)})
     return PolicyStatus(
@@ -94,5 +96,6 @@ def policy_status(engine: LLMEngine, log: EventLog) -> PolicyStatus:
         units=tuple(UnitStatus(unit=u.uid, mode=u.mode, members=u.members, running=len(u.running),
                                waiting=len(u.waiting), remote_dependent=u.num_remote_dependent,
                                detail={k: str(v) for k, v in engine.policy.unit_state(u).items()}
-                               | ({"quarantined": "true"} if engine.quarantined(u) else {}))
+                               | ({"quarantined": "true"} if engine.quarantined(u) else {})
+                               | ({"role": u.role} if u.role != "mixed" else {}))
                     for u in units))

@@ -219,6 +219,7 @@ class ServingUnit:
         self.recent_prompts: collections.deque[int] = collections.deque(maxlen=64)  # for `chunk_cap`
         self.last_tick: tuple[int, int] = (0, 0)  # (tokens, rows of the bucket) of the last tick launched
         self.prefix_source: Callable[[ServingUnit, Request, list], list] | None = None  # `PrefixPuller.pull`
+        self.role = "mixed"  # prefill / decode / mixed (`kunjax.disagg`)
 
     # ---- counts -------------------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
