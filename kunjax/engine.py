@@ -8,11 +8,13 @@ fuses replicas is k > 1; the engine treats both alike.
 One `step()`: every unit with work runs its k ticks (tick t of every unit is launched before any unit's tick t is
 read, so units overlap on their own devices, and a unit's tokens are applied before its next tick is scheduled);
 the memory operations the books decided go to the executor before the tick that depends on them; pipeline units
-run one round of their live KV exchange; the policy looks at the units and returns transitions (fuse, split),
-which the engine applies. Every stamp reads the injected clock; every device action goes through the executor.
+run one round of their live KV exchange; requests whose prompt a prefill unit computed move to a decode unit
+(`--roles`, `kunjax.disagg`); the policy looks at the units and returns transitions (fuse, split), which the
+engine applies. Every stamp reads the injected clock; every device action goes through the executor.
 
-The router sends a request to the unit with the least KV demand relative to its capacity among replicas and
-admitting pipelines, counting the prefix its index already holds as free when prefix caching is on.
+The router (`kunjax.routing`) picks among the replicas and admitting pipelines that take new requests (not
+decode units, not quarantined ones). When the executor fails — a tick, a memory operation, a drop or a restore —
+the unit's KV is suspect: its requests are recomputed (`_lose_unit`, `docs/reliability.md`).
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ class LLMEngine:
         eos = set(cfg.eos_token_ids) | (set(self.tokenizer.eos_token_ids) if self.tokenizer else set())
         self.eos_token_ids = frozenset(eos)
         self.step_no = 0
-        self.failures = collections.Counter()  # device failures recovered from, by kind ("step", "memory", ...)
+        self.failures: collections.Counter[str] = collections.Counter()  # executor failures recovered, by kind
         self._lost: set[int] = set()  # units whose device state a failure made suspect in this step
         self._failed: list[RequestOutput] = []  # requests a failure ended, not yet returned by `step`
         self._health: dict[int, list[float]] = {}  # uid -> [failures in a row, quarantined until (clock)]
