@@ -53,36 +53,37 @@ class FaultyExecutor:
         self.inner.warmup(units, candidates)
 
     def apply(self, ops: Sequence[MemoryOp]) -> None:
+        done = 0  # ops[:done] went to the inner executor
         for i, op in enumerate(ops):
             if isinstance(op, CopyBlocks) and self._fire("copy", self.members[op.unit]):
-                self.inner.apply(list(ops[:i]))
+                self.inner.apply(list(ops[done:i]))
                 half = op.copies[:len(op.copies) // 2]
                 if half:
                     self.inner.apply([CopyBlocks(op.unit, half)])
                 self._raise("copy", self.members[op.unit], f"{len(half)} of {len(op.copies)} block copies done")
-            if isinstance(op, Fuse | Split) and self._fuse_or_split(op, ops[:i]):
-                return
-        self.inner.apply(ops)
+            elif isinstance(op, Fuse | Split):
+                self.inner.apply(list(ops[done:i]))
+                self._fuse_or_split(op)
+                done = i + 1
+        self.inner.apply(list(ops[done:]))
 
-    def _fuse_or_split(self, op: Fuse | Split, before: Sequence[MemoryOp]) -> bool:
+    def _fuse_or_split(self, op: Fuse | Split) -> None:
         point = "fuse" if isinstance(op, Fuse) else "split"
         members = op.members
         if getattr(self.inner, "set_transition_hook", None) is not None:
             self._in_transition = (point, members)  # fires between leaves, inside the inner executor
             try:
-                self.inner.apply([*before, op])
+                self.inner.apply([op])
             finally:
                 self._in_transition = None
         elif self._fire(point, members):
-            self.inner.apply(list(before))
             self._raise(point, members, "before anything changed")
         else:
-            self.inner.apply([*before, op])
+            self.inner.apply([op])
         if isinstance(op, Fuse):
             self.members[op.unit] = members
         else:
             self.members.pop(op.unit, None)
-        return True
 
     def _transition_leaf(self, leaves_done: int) -> None:
         """Called by the inner executor after each weight leaf it resharded in a fuse or split."""
