@@ -161,8 +161,8 @@ class Runtime(Protocol):
     def info(self) -> RuntimeInfo: ...
 
     def load(self) -> list[InstanceLoad]:
-        """Every instance's load, as of the last step boundary (at most one step old; answered without waiting
-        behind admissions)."""
+        """Every instance's load, at most about 0.1 s or one step old, never of a layout the instances have left
+        (a fuse or a split since); answered without waiting behind steps or admissions."""
 
     def policy_status(self) -> PolicyStatus: ...
 

@@ -176,6 +176,7 @@ class LLMEngine:
         eos = set(cfg.eos_token_ids) | (set(self.tokenizer.eos_token_ids) if self.tokenizer else set())
         self.eos_token_ids = frozenset(eos)
         self.step_no = 0
+        self.layout_version = 0  # counts fuses and splits (readers of a snapshot of the units check it)
         self.failures: collections.Counter[str] = collections.Counter()  # executor failures recovered, by kind
         self._lost: set[int] = set()  # units whose device state a failure made suspect in this step
         self._failed: list[RequestOutput] = []  # requests a failure ended, not yet returned by `step`
@@ -560,6 +561,7 @@ class LLMEngine:
         for u in olds:
             self._drop_unit(u)
         self._add_unit(unit)
+        self.layout_version += 1
         seconds = self.clock.now() - t0
         return TransitionOutcome("fuse", uid, members, seconds, {
             "reason": reason, "k": shape.k, "extension_blocks": shape.num_ext,
@@ -596,6 +598,7 @@ class LLMEngine:
         self._drop_unit(unit)
         for r in replicas:
             self._add_unit(r)
+        self.layout_version += 1
         seconds = self.clock.now() - t0
         return TransitionOutcome("split", unit.uid, unit.members, seconds, {
             "reason": reason, "moved_requests": len(plan), "moved_blocks": len(copies),

@@ -12,11 +12,11 @@ or error if a step itself failed), also on shutdown.
 
 Also the read side of the engine for front ends: `info`, `load` and `policy_status` copy engine state into the
 frozen `kunjax.api` records (`kunjax.status`) under the same lock, so a reader never sees an instance half-way
-into a pipeline unit. `load` and `policy_status` do not queue behind admissions: a reader that finds the lock
-taken asks the engine thread for a snapshot at the end of its current step and waits for it at most
-`STATUS_WAIT_S`, else it gets the latest one (as of the previous such request; the first is taken when warm-up
-ends). The policy's events are numbered
-after every step, so each gets one number however many the policy keeps.
+into a pipeline unit. `load` and `policy_status` do not queue behind steps and admissions: while the engine
+steps it publishes a snapshot every `STATUS_PUBLISH_S` (and after the step a reader waits on), so a reader that
+finds the lock taken gets one at most that old at once, or waits at most `STATUS_WAIT_S` for the step in
+progress to end. The policy's events are numbered after every step, so each gets one number however many the
+policy keeps.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ log = logging.getLogger("kunjax.engine_thread")
 IDLE_GROUP_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline groups
 STATUS_WAIT_S = 0.05  # longest a status reader waits for the step in progress to end before taking the last snapshot
 STATUS_FRESH_S = 0.02  # a snapshot this young is returned as it is (GetLoad reads load and status back to back)
+STATUS_PUBLISH_S = 0.1  # a stepping engine publishes a snapshot at least this often (about 1 ms of host work each)
 
 
 def _event(out: RequestOutput) -> TokenEvent:
@@ -85,7 +86,9 @@ class EngineThread:
         self._events = EventLog()  # the policy's recent events, numbered
         self._aborts: dict[str, None] = {}  # ids to abort at the next step boundary, in order
         self._aborts_lock = threading.Lock()
-        self._status: tuple[float, list[InstanceLoad], PolicyStatus] | None = None  # (monotonic time, ...)
+        # (monotonic time, loads, status, the engine's layout version then): a snapshot of another layout (a fuse or
+        # split since) is never handed out
+        self._status: tuple[float, list[InstanceLoad], PolicyStatus, int] | None = None
         self._status_wanted = False  # a reader waits for a snapshot at the end of the current step
         self._served_at = 0.0  # when a reader was last handed a snapshot
         self._status_cv = threading.Condition()
@@ -164,21 +167,24 @@ class EngineThread:
     def policy_status(self) -> PolicyStatus:
         return self._read_status()[2]
 
-    def _snapshot(self) -> tuple[float, list[InstanceLoad], PolicyStatus]:
+    def _snapshot(self) -> tuple[float, list[InstanceLoad], PolicyStatus, int]:
         """The engine lock is held."""
-        snap = (time.monotonic(), instance_loads(self.engine), policy_status(self.engine, self._events))
+        snap = (time.monotonic(), instance_loads(self.engine), policy_status(self.engine, self._events),
+                self.engine.layout_version)
         with self._status_cv:
             self._status, self._status_wanted = snap, False
             self._status_cv.notify_all()
         return snap
 
-    def _read_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus]:
+    def _read_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus, int]:
         snap = self._fresh_status()
         self._served_at = time.monotonic()
         return snap
 
-    def _fresh_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus]:
+    def _fresh_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus, int]:
         last = self._status
+        if last is not None and last[3] != self.engine.layout_version:
+            last = None  # instances fused or split since: only a new snapshot will do
         if last is not None and time.monotonic() - max(last[0], self._served_at) < STATUS_FRESH_S:
             return last  # taken, or handed out, just now (GetLoad reads load and policy status back to back)
         if self._lock.acquire(blocking=False):
@@ -186,12 +192,14 @@ class EngineThread:
                 return self._snapshot()
             finally:
                 self._lock.release()
+        if last is not None and time.monotonic() - last[0] < STATUS_PUBLISH_S:
+            return last  # the engine published it a moment ago
         with self._status_cv:  # the engine is stepping or admitting: the snapshot at the end of its step
             self._status_wanted = True
             self._status_cv.wait_for(lambda: self._status is not last, timeout=STATUS_WAIT_S)
-            if self._status is not None:
+            if self._status is not None and self._status[3] == self.engine.layout_version:
                 return self._status
-        with self._lock:  # no snapshot yet (before warm-up ended): wait for the engine
+        with self._lock:  # no snapshot of this layout yet (before warm-up ended, or just after a transition)
             return self._snapshot()
 
     def ready(self) -> bool:
@@ -265,5 +273,5 @@ class EngineThread:
                 except Exception as e:  # a failed step must not hang or lose the requests waiting on it
                     log.exception("engine step failed")
                     self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
-                if self._status_wanted:
+                if self._status_wanted or time.monotonic() - self._status[0] > STATUS_PUBLISH_S:
                     self._snapshot()
