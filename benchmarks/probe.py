@@ -112,20 +112,44 @@ async def stream_times(stub, prompt, max_tokens: int, times: list[float]) -> Non
             times.append(time.monotonic())
 
 
-async def probe_stall(stub) -> None:
+def send_huge_prompt(target: str, go, done, out) -> None:
+    """In its own process, ready before `go` and exiting after `done` (its start-up and exit would compete for
+    this machine's cores inside the measured window): one 4 MB text prompt; puts (sent, answered, status) on
+    `out`."""
+    with grpc.insecure_channel(target) as ch:
+        data = pb.GenerateRequest(text="x" * 4_000_000, sampling=pb.SamplingParams(max_tokens=4)).SerializeToString()
+        call = ch.unary_stream("/kunjax.serving.v2.KunjaxService/Generate", request_serializer=lambda _: data,
+                               response_deserializer=pb.GenerateResponse.FromString)
+        grpc.channel_ready_future(ch).result(timeout=30)
+        go.wait()
+        t0 = time.monotonic()
+        code = ""
+        try:
+            for _ in call(None, metadata=metadata(), timeout=60):
+                pass
+        except grpc.RpcError as e:
+            code = e.code().name
+        out.put((t0, time.monotonic(), code))
+        done.wait(timeout=60)
+
+
+async def probe_stall(stub, target: str) -> None:
     """Check 1: the other streams' token gaps while a 4 MB prompt is refused."""
+    # sent from its own process: building and sending 4 MB here would stall this loop, which times the streams
+    ctx = multiprocessing.get_context("spawn")
+    go, done, queue = ctx.Event(), ctx.Event(), ctx.Queue()
+    sender = ctx.Process(target=send_huge_prompt, args=(target, go, done, queue))
+    sender.start()
+    await asyncio.sleep(5)  # its interpreter is up and connected
     streams = [[] for _ in range(8)]
     tasks = [asyncio.create_task(stream_times(stub, [5 + i, 17, 29, 41], 400, t)) for i, t in enumerate(streams)]
     await asyncio.sleep(4)
-    t_send = time.monotonic()
-    code = None
-    try:
-        async for _ in generate(stub, "x" * 4_000_000, 4):
-            pass
-    except grpc.aio.AioRpcError as e:
-        code = e.code()
-    t_reply = time.monotonic()
+    go.set()
+    t_send, t_reply, code_name = await asyncio.get_running_loop().run_in_executor(None, queue.get, True, 120)
+    code = grpc.StatusCode[code_name] if code_name else None
     await asyncio.sleep(2)
+    done.set()
+    sender.join(timeout=30)
     for t in tasks:
         t.cancel()
     gaps_before, gaps_during = [], []
@@ -328,7 +352,7 @@ async def main_async(args) -> None:
         stubs = [pb_grpc.KunjaxServiceStub(c) for c in channels]
         async with grpc.aio.insecure_channel(server.target) as control_ch:
             control = pb_grpc.KunjaxServiceStub(control_ch)
-            await probe_stall(stubs[0])
+            await probe_stall(stubs[0], server.target)
             await probe_thousand(server, stubs, control)
             await probe_inputs(stubs[0], server.target)
             await probe_sigterm(server, stubs[1])

@@ -245,7 +245,8 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from kunjax.engine_thread import EngineThread
     from serving.server import serve
 
-    runtime = EngineThread(engine, max_queued=args.max_queued)  # compiles on its thread; health flips after
+    # compiles on its thread; health flips after
+    runtime = EngineThread(engine, max_queued=args.max_queued, freeze_gc=True)
     try:
         handle = serve(runtime, args.host, args.port, auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                        metrics_port=args.metrics_port, metrics_host=args.metrics_host)
