@@ -48,6 +48,24 @@ from serving.metrics import ServingMetrics
 
 log = logging.getLogger("kunjax.serving.server")
 
+
+class DisconnectedWriteFilter(logging.Filter):
+    """gRPC's core logs an ERROR with a traceback (`ExecuteBatchError raised in core by servicer method`) for every
+    response written to a stream whose client has gone; the handler's `finally` aborts that request as for a
+    cancel. One debug line each instead (a 30-minute soak logged about 16,000 tracebacks)."""
+
+    MARK = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.MARK in message:
+            log.debug("a response was written to a stream whose client had gone: %s", message)
+            return False
+        return True
+
+
+_GRPC_CORE_LOG = logging.getLogger("grpc._cython.cygrpc")
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KunjaxService"].full_name  # "kunjax.serving.v2.KunjaxService"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_KEY = "retry-after-s"
@@ -345,6 +363,8 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
     `credentials`; with `auth_token`, every RPC but health and reflection needs `authorization: Bearer <token>`.
     """
     metrics = metrics if metrics is not None else ServingMetrics(runtime)
+    if not any(isinstance(f, DisconnectedWriteFilter) for f in _GRPC_CORE_LOG.filters):
+        _GRPC_CORE_LOG.addFilter(DisconnectedWriteFilter())
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(metrics.count_rejected)]
     if auth_token is not None:
         interceptors.insert(0, BearerTokenInterceptor(auth_token, metrics.count_rejected))
