@@ -106,3 +106,21 @@ def test_a_failed_tick_and_a_failed_exchange_copy_in_a_group_change_no_output(mo
     run_until_done(eng, outputs)
     assert [outputs[i] for i in ids] == oracle(prompts)
     assert_same_weights(weights(eng), before)
+
+
+def test_a_pool_lost_to_a_failed_step_is_remade_and_serving_goes_on(model_dir, oracle):
+    """A real device failure can leave a unit's pool deleted (a donated input of the failed call): recovering the
+    unit remakes it (`JaxExecutor.recover`), and its requests, recomputed, still give the oracle's tokens."""
+    eng = engine_with(model_dir, "")
+    prompts = prompts_for(13, 4)
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    outputs: dict[str, list[int]] = {}
+    for _ in range(3):
+        step(eng, outputs)
+    lost = next(u for u in eng.units.values() if u.running)
+    eng.executor.replicas[lost.uid].pool.delete()  # what a failed donated call leaves behind
+    eng._lose_unit(lost, "step", "test: the pool is gone")
+    assert not eng.executor.replicas[lost.uid].pool.is_deleted()
+    run_until_done(eng, outputs)
+    assert [outputs[i] for i in ids] == oracle(prompts)
+    assert eng.failures["step"] == 1
