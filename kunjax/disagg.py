@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from kunjax.mempool import MemoryPool
     from kunjax.unit import ServingUnit
 
+
 class Handoff:
     """Moves requests from prefill to decode units (module docstring)."""
 
@@ -81,6 +82,9 @@ class Handoff:
             parent = own[-1] if own else None
             for j in range(len(own), computed // bs):
                 parent = dst.index.insert(parent, tuple(req.token_ids[j * bs:(j + 1) * bs]), (table[j],))
+                if parent.blocks != (table[j],):  # an equal block was indexed (not past the match): share it
+                    dst.stages[0].free([table[j]])
+                    table[j] = parent.blocks[0]
                 path.append(parent)
         src.running.remove(req)
         src.release(req)  # its prompt's full blocks stay cached on the prefill unit
