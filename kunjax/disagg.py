@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kunjax.config import ROLES  # noqa: F401 (the roles are options: `config.parse_roles`)
 from kunjax.plan import Transfer
 from kunjax.request import Request, RequestStatus
+from kunjax.transfers import insert_received
 
 if TYPE_CHECKING:
     from kunjax.cost_model import CostModel
@@ -79,13 +79,11 @@ class Handoff:
         table = [n.blocks[0] for n in own] + sent
         path = list(own)
         if dst.enable_prefix_caching:  # the full blocks join the decode unit's index (transfer_with_insert)
-            parent = own[-1] if own else None
-            for j in range(len(own), computed // bs):
-                parent = dst.index.insert(parent, tuple(req.token_ids[j * bs:(j + 1) * bs]), (table[j],))
-                if parent.blocks != (table[j],):  # an equal block was indexed (not past the match): share it
-                    dst.stages[0].free([table[j]])
-                    table[j] = parent.blocks[0]
-                path.append(parent)
+            full = range(len(own), computed // bs)
+            received = table[len(own):computed // bs]
+            path += insert_received(dst, own[-1] if own else None,
+                                    [tuple(req.token_ids[j * bs:(j + 1) * bs]) for j in full], received)
+            table[len(own):computed // bs] = received
         src.running.remove(req)
         src.release(req)  # its prompt's full blocks stay cached on the prefill unit
         req.tables, req.index_path, req.num_computed = [table], path, computed

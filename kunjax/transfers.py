@@ -33,6 +33,22 @@ if TYPE_CHECKING:
     from kunjax.unit import ServingUnit
 
 
+def insert_received(dst: ServingUnit, parent: PrefixNode | None, chunks: list[tuple[int, ...]],
+                    blocks: list[int]) -> list[PrefixNode]:
+    """The insert half of `transfer_with_insert`: full blocks `blocks` of replica `dst` (allocated, one reference
+    each, a `Transfer` filling them already queued) holding `chunks` join its index one under the other below
+    `parent`; returns their nodes. An equal block already indexed there (not past a longest match, so only
+    defensively) is shared: ours is freed and `blocks[j]` names the indexed one."""
+    out = []
+    for j, chunk in enumerate(chunks):
+        parent = dst.index.insert(parent, chunk, (blocks[j],))
+        if parent.blocks != (blocks[j],):
+            dst.stages[0].free([blocks[j]])
+            blocks[j] = parent.blocks[0]
+        out.append(parent)
+    return out
+
+
 class PrefixPuller:
     """See the module docstring. `units()` gives the engine's units; `cost` (optional) prices the choice."""
 
@@ -65,13 +81,7 @@ class PrefixPuller:
             return []
         src_blocks = [node.blocks[0] for node in src_nodes[len(own):]]
         self.mempool.transfer(best, dst, src_blocks, got[0])
-        parent = own[-1] if own else None
-        out = []
-        for node, b in zip(src_nodes[len(own):], got[0], strict=True):
-            parent = dst.index.insert(parent, node.tokens, (b,))
-            if parent.blocks != (b,):  # (cannot happen past the longest match; an equal node would be shared)
-                dst.stages[0].free([b])
-            out.append(parent)
+        out = insert_received(dst, own[-1] if own else None, [node.tokens for node in src_nodes[len(own):]], got[0])
         self.pulls += 1
         self.blocks += n
         return out
