@@ -125,12 +125,15 @@ def wait_until(pred, timeout_s: float = 5.0) -> bool:
     return pred()
 
 
-def run_open_loop(engine, arrivals: list[tuple[float, list[int], int]], max_steps: int = 100_000
-                  ) -> dict[str, list[int]]:
+def run_open_loop(engine, arrivals: list[tuple[float, list[int], int]], max_steps: int = 100_000,
+                  finals: dict | None = None) -> dict[str, list[int]]:
     """Open loop on the engine's virtual clock: each request arrives at its time; between arrivals an idle engine
-    jumps the clock. Checks the books after every step; returns the outputs by request id (a virtual clock)."""
+    jumps the clock. Checks the books after every step, and that no request has an output after its final one;
+    returns the outputs by request id (a virtual clock), in arrival order. `finals`, if given, gets each request's
+    final `RequestOutput` (its finish reason and error)."""
     clock = engine.clock
     out: dict[str, list[int]] = {}
+    finals = {} if finals is None else finals
     ids: list[str] = []
     i = 0
     for _ in range(max_steps):
@@ -140,7 +143,9 @@ def run_open_loop(engine, arrivals: list[tuple[float, list[int], int]], max_step
             i += 1
         if engine.has_requests():
             for o in engine.step():
+                assert o.request_id not in finals, f"{o.request_id}: an output after its final one"
                 if o.finished:
+                    finals[o.request_id] = o
                     out[o.request_id] = o.outputs[0].token_ids
             engine.check_books()
         elif i < len(arrivals):

@@ -15,8 +15,7 @@ from kunjax import faults
 from kunjax.config import ConfigError
 from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.executor.faulty import FaultyExecutor
-from kunjax.sampling_params import SamplingParams
-from tests.helpers import SPLIT, burst
+from tests.helpers import SPLIT, burst, run_open_loop
 
 MODEL = dataclasses.replace(SPLIT, num_layers=8)
 CONFIG = dict(num_instances=8, block_size=8, num_blocks=48, max_num_seqs=16, max_num_batched_tokens=128,
@@ -25,27 +24,11 @@ KUNSERVE = dict(CONFIG, policy="kunserve", restore_window_steps=8, min_group_ste
                 exchange_blocks_per_step=4)
 
 
-def run(engine, arrivals, max_steps: int = 100_000):
+def run(engine, arrivals):
     """Open loop on the virtual clock, books checked after every step; returns each request's final output."""
-    clock = engine.clock
-    finals, ids, i = {}, [], 0
-    for _ in range(max_steps):
-        while i < len(arrivals) and arrivals[i][0] <= clock.now():
-            _, prompt, n = arrivals[i]
-            ids.append(engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
-            i += 1
-        if engine.has_requests():
-            for o in engine.step():
-                assert o.request_id not in finals, f"{o.request_id}: output after its final one"
-                if o.finished:
-                    finals[o.request_id] = o
-            engine.check_books()
-        elif i < len(arrivals):
-            clock.advance_to(arrivals[i][0])
-        else:
-            assert set(finals) == set(ids), "a request never ended"
-            return [finals[r] for r in ids]
-    raise AssertionError("the workload did not finish")
+    finals: dict = {}
+    ids = run_open_loop(engine, arrivals, finals=finals)
+    return [finals[r] for r in ids]
 
 
 def drain_groups(engine) -> None:

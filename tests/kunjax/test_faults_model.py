@@ -14,26 +14,14 @@ import pytest
 from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.memory import flatten_params
 from kunjax.policies.base import FuseUnits
-from tests.helpers import SPLIT, load_single_device_params, naive_greedy, write_tiny_model
-from tests.kunjax.test_elastic import GREEDY, prompts_for, run_until_done, step
+from tests.kunjax.test_elastic import GREEDY, model_dir, oracle, prompts_for, run_until_done, step  # noqa: F401
 
 OPTIONS = dict(num_instances=2, policy="kunserve", num_blocks=64, block_size=4, max_num_seqs=8,
                max_num_batched_tokens=32, max_model_len=128, exchange_blocks_per_step=1, remote_rows=8,
                restore_window_steps=1000)  # transitions are driven by the tests
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("faults"), SPLIT, seed=5)
-
-
-@pytest.fixture(scope="module")
-def oracle(model_dir):
-    params = load_single_device_params(model_dir, SPLIT)
-    return lambda prompts: naive_greedy(SPLIT, params, prompts, GREEDY.max_tokens)
-
-
-def engine_with(model_dir, spec: str) -> LLMEngine:
+def engine_with(model_dir, spec: str) -> LLMEngine:  # noqa: F811
     eng = LLMEngine(model_dir, config_from_kwargs(faults=spec, **OPTIONS), devices=jax.devices()[:2])
     eng.warmup()
     return eng
@@ -60,7 +48,7 @@ def restore(eng, outputs) -> None:
     pytest.fail("the group did not restore")
 
 
-def test_a_drop_and_a_restore_failing_half_way_roll_back(model_dir, oracle):
+def test_a_drop_and_a_restore_failing_half_way_roll_back(model_dir, oracle):  # noqa: F811
     eng = engine_with(model_dir, "fuse:after=3,split:after=3")
     assert len(flatten_params(eng.executor.replicas[0].params)) > 3, "half-way needs more than 3 leaves"
     before = weights(eng)
@@ -90,7 +78,7 @@ def test_a_drop_and_a_restore_failing_half_way_roll_back(model_dir, oracle):
     assert [outputs[i] for i in ids] == oracle(prompts)
 
 
-def test_a_failed_tick_and_a_failed_exchange_copy_in_a_group_change_no_output(model_dir, oracle):
+def test_a_failed_tick_and_a_failed_exchange_copy_in_a_group_change_no_output(model_dir, oracle):  # noqa: F811
     eng = engine_with(model_dir, "copy:after=1,step@0:after=12")
     before = weights(eng)
     prompts = prompts_for(12, 8, lo=10, hi=30)
@@ -108,7 +96,7 @@ def test_a_failed_tick_and_a_failed_exchange_copy_in_a_group_change_no_output(mo
     assert_same_weights(weights(eng), before)
 
 
-def test_a_pool_lost_to_a_failed_step_is_remade_and_serving_goes_on(model_dir, oracle):
+def test_a_pool_lost_to_a_failed_step_is_remade_and_serving_goes_on(model_dir, oracle):  # noqa: F811
     """A real device failure can leave a unit's pool deleted (a donated input of the failed call): recovering the
     unit remakes it (`JaxExecutor.recover`), and its requests, recomputed, still give the oracle's tokens."""
     eng = engine_with(model_dir, "")
