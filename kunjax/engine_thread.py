@@ -48,6 +48,7 @@ from kunjax.status import EventLog, instance_loads, policy_status, runtime_info
 log = logging.getLogger("kunjax.engine_thread")
 IDLE_GROUP_STEP_S = 0.05  # step period of an engine whose only work is idle pipeline groups
 STATUS_FRESH_S = 0.02  # a snapshot this young is returned as it is (GetLoad reads load and status back to back)
+STATUS_LOCK_WAIT_S = 0.005  # a status reader waits this long for the lock before taking the latest snapshot
 STATUS_PUBLISH_S = 0.1  # a stepping engine publishes a snapshot at least this often (about 1 ms of host work each)
 
 
@@ -188,7 +189,7 @@ class EngineThread:
             last = None  # instances fused or split since: only a new snapshot will do
         if last is not None and time.monotonic() - max(last[0], self._served_at) < STATUS_FRESH_S:
             return last  # taken, or handed out, just now (GetLoad reads load and policy status back to back)
-        if self._lock.acquire(blocking=False):
+        if self._lock.acquire(timeout=STATUS_LOCK_WAIT_S):  # free, or about to be: a step's tail is short
             try:
                 return self._snapshot()
             finally:
