@@ -14,14 +14,16 @@ Owns block ids, never device memory (host decides, device computes; the executor
   `evict` drops least recently used nodes nobody references, leaves first.
 
 Invariant (`check`): on every stage `num_free + num_used + num_cached == total`; a cached block is exactly a
-block of an index node whose refcount is 0; nothing is both free and held.
+block of an index node whose refcount is 0; nothing is both free and held; a node spilled to the host tier holds
+no device block and has only spilled descendants.
 """
 
 from __future__ import annotations
 
 import collections
 import heapq
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Protocol
 
 NULL_BLOCK = 0
 
@@ -175,7 +177,7 @@ class PrefixNode:
     `old·k + s` there, all held on `home`'s allocator, until the live exchange copies each stage's layers to the
     stage that owns them (`PrefixIndex.localize`), or a request that computed the same tokens heals it."""
 
-    __slots__ = ("tokens", "parent", "children", "blocks", "stale", "depth")
+    __slots__ = ("tokens", "parent", "children", "blocks", "stale", "host", "depth")
 
     def __init__(self, tokens: tuple[int, ...], parent: PrefixNode | None, blocks: tuple[int, ...],
                  stale: tuple[int, int] | None = None):
@@ -184,7 +186,23 @@ class PrefixNode:
         self.children: dict[tuple[int, ...], PrefixNode] = {}
         self.blocks = blocks
         self.stale = stale
+        self.host: Hashable | None = None  # on the host tier under this key (`blocks = ()`), see `HostTier`
         self.depth = 0 if parent is None else parent.depth + 1
+
+    @property
+    def matchable(self) -> bool:
+        """Its KV can serve a prefix hit: on the unit's device, or on its host tier (swapped back in first)."""
+        return self.stale is None and (bool(self.blocks) or self.host is not None)
+
+
+class HostTier(Protocol):
+    """Where a one-stage index spills cached nodes under pressure instead of dropping them (`kunjax.hostcache`)."""
+
+    def spill(self, node: PrefixNode) -> Hashable | None:
+        """Copy `node`'s (device) block to the host tier; its key, or None when the host tier has no room."""
+
+    def drop(self, node: PrefixNode) -> None:
+        """Forget the host copy of host node `node`."""
 
 
 class PrefixIndex:
@@ -194,6 +212,11 @@ class PrefixIndex:
     requests whose tables contain them hold references. A node nobody references is *cached*: evictable, least
     recently used first, and never before its children (a child's KV is only reachable through its parent).
     Stale nodes (after a fuse) are never matched; they are evictable once nobody references their blocks.
+
+    With a `host` tier (replicas), an evicted node is *spilled* rather than dropped: its block is copied to the
+    host and freed on the device, and the node stays in the tree (`node.host` its key) until a request brings it
+    back (`unspill`) or the host tier needs the room (least recently spilled leaves first). A host node's
+    descendants are host nodes too: spills go leaves first and a swap-in goes down a path from the root.
     """
 
     def __init__(self, allocators: Sequence[BlockAllocator], block_size: int):
@@ -202,6 +225,8 @@ class PrefixIndex:
         self.block_size = block_size
         self.root = PrefixNode((), None, ())
         self._lru: collections.OrderedDict[PrefixNode, None] = collections.OrderedDict()  # evictable, oldest first
+        self.host: HostTier | None = None
+        self._host_lru: collections.OrderedDict[PrefixNode, None] = collections.OrderedDict()  # spilled, oldest first
         self.hits = 0  # blocks served from the index (cumulative)
         # Told of every node that becomes matchable (True) or stops being (False): the router's prompt tree.
         self.listener: Callable[[bool, PrefixNode], None] | None = None
@@ -238,12 +263,22 @@ class PrefixIndex:
 
     # ---- lookup -------------------------------------------------------------------------------------
     def longest(self, tokens: Sequence[int]) -> list[PrefixNode]:
-        """Nodes of the longest indexed prefix of `tokens` that leaves at least one token to compute (it yields
-        the logits); no references taken (the router's query). Stops at a stale node."""
+        """Nodes of the longest indexed prefix of `tokens` on the device that leaves at least one token to compute
+        (it yields the logits); no references taken. Stops at a stale or a host node."""
         out, node = [], self.root
         for chunk in self._chunks(tokens, (len(tokens) - 1) // self.block_size):
             node = node.children.get(chunk)
-            if node is None or node.stale is not None:
+            if node is None or node.stale is not None or node.host is not None:
+                break
+            out.append(node)
+        return out
+
+    def on_host(self, tokens: Sequence[int], own: Sequence[PrefixNode]) -> list[PrefixNode]:
+        """The host nodes that continue `own` (a device match of `tokens`) along `tokens`, under the same rule."""
+        bs, out, node = self.block_size, [], own[-1] if own else self.root
+        for d in range(len(own), (len(tokens) - 1) // bs):
+            node = node.children.get(tuple(tokens[d * bs:(d + 1) * bs]))
+            if node is None or node.host is None:
                 break
             out.append(node)
         return out
@@ -271,18 +306,22 @@ class PrefixIndex:
     # ---- growth -------------------------------------------------------------------------------------
     def insert(self, parent: PrefixNode | None, chunk: tuple[int, ...], blocks: tuple[int, ...]) -> PrefixNode:
         """The node of `chunk` under `parent` (root if None) for a holder of `blocks` that just computed it: a new
-        node keeping `blocks` (the index keeps them once the holder releases them), a stale node healed with
-        `blocks`, or the existing node, on whose blocks a reference is then taken — the holder must switch to
+        node keeping `blocks` (the index keeps them once the holder releases them), a stale or spilled node healed
+        with `blocks`, or the existing node, on whose blocks a reference is then taken — the holder must switch to
         `node.blocks` (the same tokens after the same prefix: the same KV) and free its own. So every node on a
         holder's path is one it references, and a referenced node's ancestors are referenced too."""
         parent = parent or self.root
         node = parent.children.get(chunk)
-        if node is not None and node.stale is None:
+        if node is not None and node.host is not None:  # spilled: the holder's blocks replace the host copy
+            self._host_lru.pop(node)
+            self.host.drop(node)
+            node.host, node.blocks = None, tuple(blocks)
+        elif node is not None and node.stale is None:
             if node.blocks != tuple(blocks):
                 self._take(node)
                 self.hits += 1
             return node
-        if node is not None:  # heal a stale node: the holder's local blocks replace the history on the home
+        elif node is not None:  # heal a stale node: the holder's local blocks replace the history on the home
             self._unkeep(node)  # (the holder may share its home-stage block: released first, indexed again below)
             node.stale, node.blocks = None, tuple(blocks)
             self._lru.pop(node, None)
@@ -355,16 +394,69 @@ class PrefixIndex:
         for node in list(self._lru):
             leaf = self._evictable_leaf(node)
             if leaf is not None:
-                self._remove(leaf)
+                if not (leaf.stale is None and self.host is not None and self._spill(leaf)):
+                    for child in list(leaf.children.values()):  # host nodes: they cannot outlive their parent
+                        self._drop_subtree(child)
+                    self._remove(leaf)
                 return True
         return False
 
     def _evictable_leaf(self, node: PrefixNode) -> PrefixNode | None:
+        """The first unreferenced device node without device children in `node`'s subtree (itself last)."""
+        device_children = False
         for child in node.children.values():
-            leaf = self._evictable_leaf(child)
-            if leaf is not None:
-                return leaf
-        return node if not node.children and not self.referenced(node) else None
+            if child.host is None:
+                device_children = True
+                leaf = self._evictable_leaf(child)
+                if leaf is not None:
+                    return leaf
+        return node if not device_children and not self.referenced(node) else None
+
+    def _spill(self, node: PrefixNode) -> bool:
+        """`node`'s block to the host tier (making room there by dropping spilled leaves); False when it cannot."""
+        while (key := self.host.spill(node)) is None:
+            if not self.evict_host(1):
+                return False
+        self._lru.pop(node, None)
+        self._unkeep(node)
+        node.blocks, node.host = (), key
+        self._host_lru[node] = None
+        return True
+
+    def unspill(self, node: PrefixNode, blocks: tuple[int, ...]) -> None:
+        """Host node `node`'s KV was copied back into `blocks` (allocated, one reference each: its holder's)."""
+        assert node.host is not None and (node.parent is self.root or node.parent.host is None)
+        self._host_lru.pop(node)
+        node.host, node.blocks = None, tuple(blocks)
+        for a, b in zip(self.allocators, blocks, strict=True):
+            a.index(b)
+
+    @property
+    def num_host(self) -> int:
+        return len(self._host_lru)
+
+    def evict_host(self, n: int) -> int:
+        """Drop up to `n` spilled nodes (leaves, least recently spilled first); returns how many."""
+        done = 0
+        while done < n:
+            leaf = next((node for node in self._host_lru if not node.children), None)
+            if leaf is None:
+                break
+            self._remove(leaf)
+            done += 1
+        return done
+
+    def drop_host_nodes(self) -> int:
+        """Drop every spilled node (its unit is about to fuse: a pipeline cannot swap them in); returns how many."""
+        n = len(self._host_lru)
+        for node in sorted(self._host_lru, key=lambda x: -x.depth):
+            self._remove(node)
+        return n
+
+    def _drop_subtree(self, node: PrefixNode) -> None:
+        for child in list(node.children.values()):
+            self._drop_subtree(child)
+        self._remove(node)
 
     def _unkeep(self, node: PrefixNode) -> None:
         for s, b in self.held(node):
@@ -373,22 +465,35 @@ class PrefixIndex:
     def _remove(self, node: PrefixNode) -> None:
         assert not node.children and not self.referenced(node)
         del node.parent.children[node.tokens]
+        self._forget(node)
         self._lru.pop(node, None)
-        self._unkeep(node)
+
+    def _forget(self, node: PrefixNode) -> None:
+        if node.host is not None:
+            self._host_lru.pop(node)
+            self.host.drop(node)
+            node.host = None
+        else:
+            self._unkeep(node)
         if self.listener is not None and node.stale is None:
             self.listener(False, node)
 
     def clear(self) -> None:
-        """Drop every node (cached ones free their blocks; held ones stay with their holders, unindexed)."""
+        """Drop every node (cached ones free their blocks, spilled ones their host copies; held ones stay with
+        their holders, unindexed)."""
         for node in reversed(list(self.nodes())):
             del node.parent.children[node.tokens]
-            self._unkeep(node)
-            if self.listener is not None and node.stale is None:
-                self.listener(False, node)
+            self._forget(node)
         self._lru.clear()
 
     def check(self) -> None:
+        num_host = 0
         for node in self.nodes():
+            if node.host is not None:
+                num_host += 1
+                assert not node.blocks and node.stale is None and node in self._host_lru, "a bad host node"
+                assert all(c.host is not None for c in node.children.values()), "a device node under a host node"
+                continue
             held = self.held(node)
             assert all(self.allocators[s].is_indexed(b) for s, b in held), f"node {held}: a block is not indexed"
             if node.stale is not None:
@@ -398,5 +503,6 @@ class PrefixIndex:
             refs = {self.allocators[s].refcount(b) > 0 for s, b in held}
             assert len(refs) == 1, f"node {node.blocks}: referenced on some stages only"
             assert (node in self._lru) == (not refs.pop()), f"node {node.blocks}: cache state is wrong"
+        assert num_host == len(self._host_lru), f"{len(self._host_lru)} spilled nodes listed, {num_host} in the tree"
         indexed = sum(len(a._indexed) for a in self.allocators)
         assert indexed == sum(len(self.held(n)) for n in self.nodes()), "an allocator indexes a block no node holds"

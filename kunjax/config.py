@@ -269,6 +269,9 @@ class SchedulerConfig(Options):
                                           "prompt prefix from another replica that holds at least this many more "
                                           "blocks of it, when the copy is cheaper than recomputing them "
                                           "(kunjax/transfers.py); 0: never")
+    prefix_cache_host: bool = _opt(True, "with prefix caching: cached blocks a replica evicts spill to its host "
+                                         "tier (--host-kv-bytes, default 4x the device pool) and come back on a "
+                                         "hit when that is cheaper than recomputing them (kunjax/hostcache.py)")
 
     def __post_init__(self) -> None:
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket", "routing_sync_steps")
@@ -321,8 +324,9 @@ class EngineConfig(Options):
                        "migrate (Llumnix: move running requests' KV to the least loaded instance while they decode), "
                        "layerkv (admit a prefill with only some layer groups on device, the rest on host) "
                        "or kunserve (drop replicated weights into pipeline groups, restore after the burst)")
-    host_kv_bytes: int | None = _opt(None, "host-memory KV bytes per instance for the policies that use the host "
-                                           "tier (swap, layerkv); default: 4x the instance's device KV pool")
+    host_kv_bytes: int | None = _opt(None, "host-memory KV bytes per instance for what uses the host tier (the "
+                                           "swap and layerkv policies, cached prefixes spilled by "
+                                           "--prefix-cache-host); default: 4x the instance's device KV pool")
     attention_backend: str = _opt("auto", "paged-attention kernel: auto (the platform's kernel, gpu or tpu, if it "
                                           "passes a self-test on the device at start-up, else the reference; the "
                                           "reference on CPU), reference, gpu (Pallas Mosaic GPU, Hopper), tpu "
@@ -338,6 +342,10 @@ class EngineConfig(Options):
                           "computes prompts), decode (takes the requests prefill instances hand over) or mixed (both; "
                           "the default), as counts in instance order (prefill:2,decode:6) or one per instance; "
                           "recompute policy only (kunjax/disagg.py)")
+    pd_stream_groups: int = _opt(1, "prefill/decode handoff: 1 sends a request's KV at once after its prefill; "
+                                    "G > 1 streams it in G layer groups as the prefill computes them, so only the "
+                                    "last group's transfer follows it (priced on simulated time; on one host the "
+                                    "copy is made after the tick either way)")
     step_retries: int = _opt(2, "times a request is recomputed after a device failure touched its KV (a retry that "
                                 "changes no output) before it ends with an error")
     faults: str = _opt("", "fault injection for tests and drills, off by default: comma-separated "
@@ -351,7 +359,7 @@ class EngineConfig(Options):
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         _positive(self, "tp", "block_size", "num_instances", "kv_cache_bytes", "device_memory_bytes",
-                  "host_kv_bytes")
+                  "host_kv_bytes", "pd_stream_groups")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ConfigError(f"--num-blocks must be >= 2, got {self.num_blocks}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:

@@ -98,6 +98,12 @@ class CostModel:
             self._dense[tokens] = t
         return t
 
+    def recompute_seconds(self, tokens: int) -> float:
+        """A floor on recomputing `tokens` of KV: the dense FLOPs of those tokens through every layer at the best
+        matmul efficiency (they join a batch whose weights are read anyway); attention over the prefix only adds
+        to it. What a copy of cached KV (a transfer, a swap-in) is weighed against."""
+        return tokens * self.cfg.num_layers * self.layer_flops_per_token / (self.peak * self.profile.matmul_efficiency)
+
     def head_seconds(self, rows: int, vocab_share: float) -> float:
         """The LM head over `rows` (memoized)."""
         t = self._head.get((rows, vocab_share))
@@ -217,7 +223,8 @@ class CostModel:
                         busy[b] += t
                 return busy
             case Transfer():
-                t = p.link_latency_s + len(op.src_blocks) * block_bytes / self._link(op.src, op.dst)
+                # streamed: the other groups went while the prefill computed (the link beside the compute)
+                t = p.link_latency_s + len(op.src_blocks) * block_bytes / op.streamed / self._link(op.src, op.dst)
                 return {op.src: t, op.dst: t}
             case SwapOut() | SwapIn():
                 return {op.instance: p.host_latency_s + len(op.blocks) * block_bytes / op.groups

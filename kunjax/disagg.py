@@ -14,7 +14,9 @@ prompt is computed (it has its first token, and more to generate) is handed to a
   everything it computed: nothing is recomputed.
 
 When no decode unit has room, the request keeps decoding where it is and is offered again after the next step.
-All at once, not layer group by layer group as it is produced (the transfer follows the prefill's last tick).
+The KV goes at once after the prefill's last tick, or (`--pd-stream-groups G`) streamed in G layer groups as the
+prefill computes them, so only the last group's share follows it: on simulated time the cost model charges that
+share; an executor on one host copies the blocks after the tick either way (a cross-host transport would stream).
 Only replica units and the recompute policy (fusing, swapping or migrating across roles is not designed).
 Counted: handoffs, blocks sent and reused, bytes sent, and, when time is modelled, the transfers' modelled seconds.
 """
@@ -37,8 +39,10 @@ if TYPE_CHECKING:
 class Handoff:
     """Moves requests from prefill to decode units (module docstring)."""
 
-    def __init__(self, mempool: MemoryPool, block_size: int, block_bytes: int, cost: CostModel | None = None):
+    def __init__(self, mempool: MemoryPool, block_size: int, block_bytes: int, cost: CostModel | None = None,
+                 streamed: int = 1):
         self.mempool, self.block_size, self.block_bytes, self.cost = mempool, block_size, block_bytes, cost
+        self.streamed = streamed
         self.handoffs = self.blocks_sent = self.blocks_reused = self.waits = 0
         self.modelled_s = 0.0
 
@@ -75,7 +79,7 @@ class Handoff:
             return None
         sent = got[0]
         if sent:
-            self.mempool.transfer(src, dst, req.tables[0][len(own):n_blocks], sent)
+            self.mempool.transfer(src, dst, req.tables[0][len(own):n_blocks], sent, self.streamed)
         table = [n.blocks[0] for n in own] + sent
         path = list(own)
         if dst.enable_prefix_caching:  # the full blocks join the decode unit's index (transfer_with_insert)
@@ -93,7 +97,7 @@ class Handoff:
         self.blocks_reused += len(own)
         if self.cost is not None and sent:
             ids = tuple(range(len(sent)))
-            op = Transfer(src.members[0], dst.members[0], ids, ids)
+            op = Transfer(src.members[0], dst.members[0], ids, ids, self.streamed)
             self.modelled_s += max(self.cost.op_seconds(op).values())
         return dst
 

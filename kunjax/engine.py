@@ -39,10 +39,12 @@ from kunjax.executor import Executor
 from kunjax.executor.faulty import wrap as wrap_faults
 from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
 from kunjax.hardware import HardwareProfile
+from kunjax.hostcache import HostCache
 from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
 from kunjax.mempool import MemoryPool
 from kunjax.plan import MAX_SUPPRESSED, CopyBlocks, Fuse, MemoryOp, Sampled, Split, Transfer, UnitShape
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
+from kunjax.policies.swap import host_blocks
 from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
 from kunjax.routing import Router
 from kunjax.sampling_params import SamplingParams
@@ -140,13 +142,19 @@ class LLMEngine:
         self.policy = policies.create(ecfg, cfg, num_instances=n, num_blocks=nb,
                                       block_bytes=kv_block_bytes(cfg, ecfg.block_size, ecfg.dtype, ecfg.tp))
         self.caps = self.policy.capabilities()
-        self.mempool = MemoryPool(n, self.caps.host_blocks)
+        sched = ecfg.scheduler
+        # cached context spills to the host tier (not beside layerkv, whose host tier counts layer-group slots)
+        spill = sched.enable_prefix_caching and sched.prefix_cache_host and self.caps.layer_groups == 1
+        host = self.caps.host_blocks
+        if spill:
+            host = max(host, host_blocks(ecfg, nb, kv_block_bytes(cfg, ecfg.block_size, ecfg.dtype, ecfg.tp),
+                                         "KV block"))
+        self.mempool = MemoryPool(n, host)
         self.replica_shape = UnitShape(
             k=1, tp=ecfg.tp, tokens=ecfg.scheduler.max_num_batched_tokens, buckets=ecfg.scheduler.token_buckets(),
             seqs=ecfg.scheduler.max_num_seqs, max_blocks=ecfg.max_blocks_per_seq(cfg), num_base=nb,
             layer_groups=self.caps.layer_groups)
         self.replica_blocks = nb - self.caps.staging_blocks  # the allocator's range; staging stays outside it
-        sched = ecfg.scheduler
         self.router = Router(sched.routing, ecfg.block_size, sched.routing_sync_steps, sched.enable_prefix_caching,
                              sched.routing_slack_steps)
         cost = None  # prices transfers against recomputing, when time is modelled
@@ -154,6 +162,7 @@ class LLMEngine:
             from kunjax.cost_model import CostModel
 
             cost = CostModel(time_shape or cfg, profile, dtype=ecfg.dtype, tp=ecfg.tp, block_size=ecfg.block_size)
+        self.hostcache = HostCache(self.mempool, ecfg.block_size, cost) if spill else None
         self.puller: PrefixPuller | None = None
         if sched.enable_prefix_caching and sched.prefix_transfer_blocks:
             self.puller = PrefixPuller(self.mempool, lambda: self.units.values(), ecfg.block_size,
@@ -164,8 +173,12 @@ class LLMEngine:
             raise ConfigError(str(e)) from e
         self.handoff: Handoff | None = None
         if "prefill" in self.roles:
+            if ecfg.pd_stream_groups > cfg.num_layers:
+                raise ConfigError(f"--pd-stream-groups {ecfg.pd_stream_groups}: the model has {cfg.num_layers} "
+                                  f"layers to stream")
             self.handoff = Handoff(self.mempool, ecfg.block_size,
-                                   kv_block_bytes(cfg, ecfg.block_size, ecfg.dtype, ecfg.tp), cost)
+                                   kv_block_bytes(cfg, ecfg.block_size, ecfg.dtype, ecfg.tp), cost,
+                                   ecfg.pd_stream_groups)
         self.units: dict[int, ServingUnit] = {}
         for i in range(n):
             self._add_unit(self._replica(i))
@@ -190,7 +203,7 @@ class LLMEngine:
                            block_size=self.config.block_size,
                            enable_prefix_caching=self.config.scheduler.enable_prefix_caching, now=self.clock.now)
         if self.puller is not None:
-            unit.prefix_source = self.puller.pull
+            unit.prefix_sources.append(self.puller.pull)
         unit.role = self.roles[i]
         return unit
 
@@ -198,12 +211,16 @@ class LLMEngine:
         self.units[unit.uid] = unit
         self.mempool.units[unit.uid] = unit
         self.router.add_unit(unit)
+        if self.hostcache is not None:
+            self.hostcache.attach(unit)
 
     def _drop_unit(self, unit: ServingUnit) -> None:
         self._health.pop(unit.uid, None)
         del self.units[unit.uid]
         del self.mempool.units[unit.uid]
         self.router.drop_unit(unit)
+        if self.hostcache is not None:
+            self.hostcache.detach(unit)
 
     @property
     def num_instances(self) -> int:
@@ -548,6 +565,7 @@ class LLMEngine:
         if any(u.k != 1 for u in olds):
             raise RuntimeError(f"instances {members} are already in a group")
         t0 = self.clock.now()  # a transition stops the engine: on a virtual clock the executor charges it
+        spilled = sum(u.index.drop_host_nodes() for u in olds)  # a pipeline cannot swap them in
         self._issue()
         uid = next(self._uids)
         try:
@@ -565,13 +583,14 @@ class LLMEngine:
         seconds = self.clock.now() - t0
         return TransitionOutcome("fuse", uid, members, seconds, {
             "reason": reason, "k": shape.k, "extension_blocks": shape.num_ext,
-            "stale_requests": unit.num_remote_dependent, "queued": len(unit.waiting)})
+            "stale_requests": unit.num_remote_dependent, "queued": len(unit.waiting),
+            "spilled_blocks_dropped": spilled})
 
     def split(self, unit: ServingUnit, reason: str = "") -> TransitionOutcome | None:
         """Restore a drained pipeline unit into its members' replicas; None (nothing changed) when its requests'
         KV does not fit the members' own pools yet."""
         assert not unit.in_flight and not unit.num_remote_dependent, f"unit {unit.uid} is not drained"
-        plan = plan_move_home(unit, self.executor.num_blocks, self.config.scheduler.max_num_seqs)
+        plan = self.plan_home(unit)
         if plan is None:
             return None
         t0 = self.clock.now()
@@ -606,6 +625,15 @@ class LLMEngine:
             "requeued": sum(len(r.waiting) for r in replicas), "blocks_exchanged": unit.blocks_exchanged,
             "remote_ticks": unit.remote_ticks})
 
+    def plan_home(self, unit: ServingUnit) -> dict[Request, tuple[int, list[int]]] | None:
+        """The move home of a pipeline unit's requests (`fusion.plan_move_home`); when cached prefix blocks are in
+        its way, the least recently used are evicted until it fits (the replicas matter more than the cache)."""
+        nb, seats = self.executor.num_blocks, self.config.scheduler.max_num_seqs
+        plan = plan_move_home(unit, nb, seats)
+        while plan is None and unit.index.evict(max(1, unit.index.num_cached // 4)):
+            plan = plan_move_home(unit, nb, seats)
+        return plan
+
     # ---- introspection ------------------------------------------------------------------------------
     def check_books(self) -> None:
         """Every unit's books balance, and each block's refcount equals the requests holding it plus the policy's
@@ -613,6 +641,8 @@ class LLMEngine:
         for u in self.units.values():
             u.check(lambda s, u=u: self.policy.reserved_blocks(u, s))
         self.mempool.check()
+        if self.hostcache is not None:
+            self.hostcache.check(self.units.values())
         self.policy.check()
         held = {r.request_id for u in self.units.values() for r in (*u.running, *u.waiting, *u.swapped)}
         assert held == set(self.requests), (
@@ -663,7 +693,7 @@ class EngineView:
         return self._engine.group_shape(members)
 
     def can_split(self, unit: ServingUnit) -> bool:
-        return plan_move_home(unit, self._engine.executor.num_blocks, self.config.scheduler.max_num_seqs) is not None
+        return self._engine.plan_home(unit) is not None
 
     def exchange_round(self, unit: ServingUnit) -> int:
         """One bounded batch of a pipeline unit's live KV exchange (its copies queued); returns blocks moved."""

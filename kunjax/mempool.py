@@ -20,9 +20,9 @@ Invariant (`check`): device: `free + used + cached == total` on every stage of e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
-from kunjax.blocks import BlockAllocator, OutOfBlocks
+from kunjax.blocks import BlockAllocator, OutOfBlocks, PrefixIndex
 from kunjax.plan import CopyBlocks, DropHost, MemoryOp, SlotCopy, SwapIn, SwapOut, Transfer
 from kunjax.unit import ServingUnit
 
@@ -32,7 +32,7 @@ class HostBooks:
 
     def __init__(self, num_blocks: int):
         self.allocator = BlockAllocator(num_blocks + 1)  # +1: the allocator reserves id 0 (the null block)
-        self.entries: dict[str, list[int]] = {}
+        self.entries: dict[Hashable, list[int]] = {}
 
     @property
     def total(self) -> int:
@@ -46,12 +46,12 @@ class HostBooks:
     def num_used(self) -> int:
         return self.allocator.num_used
 
-    def store(self, key: str, n: int) -> None:
+    def store(self, key: Hashable, n: int) -> None:
         if key in self.entries:
             raise ValueError(f"{key!r} already has KV on the host tier")
         self.entries[key] = self.allocator.allocate(n)
 
-    def take(self, key: str) -> int:
+    def take(self, key: Hashable) -> int:
         blocks = self.entries.pop(key)
         self.allocator.free(blocks)
         return len(blocks)
@@ -70,11 +70,14 @@ class MemoryPool:
         self.units: dict[int, ServingUnit] = {}
         self.host = [HostBooks(host_blocks) for _ in range(num_instances)] if host_blocks else []
         self._ops: list[MemoryOp] = []
+        # per instance: the prefix index whose spilled nodes hold host blocks there (`kunjax.hostcache`)
+        self.spilled: dict[int, PrefixIndex] = {}
         self.blocks_swapped_out = 0
         self.blocks_swapped_in = 0
         self.blocks_transferred = 0
         self.slots_offloaded = 0
         self.slots_reloaded = 0
+        self.host_reclaimed = 0  # host blocks of cached context dropped to make room for a swap-out
 
     # ---- operations ---------------------------------------------------------------------------------
     def issue(self, op: MemoryOp) -> None:
@@ -105,13 +108,14 @@ class MemoryPool:
             self.issue(CopyBlocks(unit.uid, tuple(copies)))
 
     def transfer(self, src: ServingUnit, dst: ServingUnit, src_blocks: Sequence[int],
-                 dst_blocks: Sequence[int]) -> None:
+                 dst_blocks: Sequence[int], streamed: int = 1) -> None:
         """Copy whole blocks of replica `src` into (already allocated) blocks of replica `dst`; the books of both
-        are the caller's (a live migration copies in rounds while the source keeps its blocks)."""
+        are the caller's (a live migration copies in rounds while the source keeps its blocks). `streamed`: see
+        `Transfer`."""
         if len(src_blocks) != len(dst_blocks):
             raise ValueError(f"transfer of {len(src_blocks)} blocks into {len(dst_blocks)}")
         if src_blocks:
-            self.issue(Transfer(_instance(src), _instance(dst), tuple(src_blocks), tuple(dst_blocks)))
+            self.issue(Transfer(_instance(src), _instance(dst), tuple(src_blocks), tuple(dst_blocks), streamed))
             self.blocks_transferred += len(src_blocks)
 
     # ---- host tier ----------------------------------------------------------------------------------
@@ -122,9 +126,19 @@ class MemoryPool:
         e = self.host[instance].entries.get(key) if self.host else None
         return len(e) if e is not None else 0
 
+    def host_available(self, instance: int) -> int:
+        """Host blocks a swap-out may have: free, plus those holding cached context (dropped to make room)."""
+        if not self.host:
+            return 0
+        index = self.spilled.get(instance)
+        return self.host[instance].num_free + (index.num_host if index is not None else 0)
+
     def swap_out(self, unit: ServingUnit, key: str, blocks: Sequence[int]) -> int:
-        """Copy device blocks of replica `unit` to its host tier under `key` and free them; returns host blocks."""
+        """Copy device blocks of replica `unit` to its host tier under `key` and free them; returns host blocks.
+        Cached context on the host tier makes room for it."""
         i = _instance(unit)
+        if self.host and len(blocks) > self.host[i].num_free and i in self.spilled:
+            self.host_reclaimed += self.spilled[i].evict_host(len(blocks) - self.host[i].num_free)
         if not self.host or len(blocks) > self.host[i].num_free:
             raise OutOfBlocks(f"instance {i}: {len(blocks)} blocks to swap out, {self.host_free(i)} free on the "
                               f"host tier")
@@ -176,7 +190,7 @@ class MemoryPool:
     def stats(self) -> dict[str, int]:
         return {"blocks_swapped_out": self.blocks_swapped_out, "blocks_swapped_in": self.blocks_swapped_in,
                 "blocks_transferred": self.blocks_transferred, "slots_offloaded": self.slots_offloaded,
-                "slots_reloaded": self.slots_reloaded,
+                "slots_reloaded": self.slots_reloaded, "host_reclaimed": self.host_reclaimed,
                 "host_used": sum(t.num_used for t in self.host), "host_total": sum(t.total for t in self.host)}
 
 

@@ -22,6 +22,7 @@ groups, R remote rows per (stage, destination), X copies per (source, destinatio
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 from typing import NamedTuple
 
 import numpy as np
@@ -157,12 +158,17 @@ class CopyBlocks:
 
 @dataclasses.dataclass(frozen=True)
 class Transfer:
-    """Whole blocks from one instance's pool into already allocated blocks of another's (live migration)."""
+    """Whole blocks from one instance's pool into already allocated blocks of another's (live migration).
+
+    `streamed` G > 1: a prefill/decode handoff sent layer group by layer group as the prefill computed them, so
+    only the last group's share follows the prefill (the cost model charges that share). An executor on one host
+    copies the blocks whole after the tick either way; a cross-host transport would stream them."""
 
     src: int  # instance
     dst: int  # instance
     src_blocks: tuple[int, ...]
     dst_blocks: tuple[int, ...]
+    streamed: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,20 +176,22 @@ class SwapOut:
     """Blocks (or layer-group slots, `groups` > 1) of an instance's pool to its host tier as entry `key`."""
 
     instance: int
-    key: str
+    key: Hashable
     blocks: tuple[int, ...]
     groups: int = 1  # G > 1: `blocks` are slot ids of the pool's G-slot view
 
 
 @dataclasses.dataclass(frozen=True)
 class SwapIn:
-    """Host entry `key` into blocks (or slots) of the instance's pool; `keep` leaves the entry on the host."""
+    """Host entry `key` into blocks (or slots) of the instance's pool; `keep` leaves the entry on the host.
+    `src`: the entry is on another instance's host tier (a prefix transfer through the host tier, with `keep`)."""
 
     instance: int
-    key: str
+    key: Hashable
     blocks: tuple[int, ...]
     groups: int = 1
     keep: bool = False
+    src: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +199,7 @@ class DropHost:
     """Forget host entry `key` of an instance (its request finished, or its KV came back)."""
 
     instance: int
-    key: str
+    key: Hashable
 
 
 @dataclasses.dataclass(frozen=True)

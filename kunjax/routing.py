@@ -116,7 +116,7 @@ class PromptTree:
 
     def _insert(self, uid: int, node: PrefixNode) -> None:
         placed = self.placed[uid]
-        if node in placed or node.stale is not None or not node.blocks:
+        if node in placed or not node.matchable:
             return
         parent = self.root if node.parent is None or node.parent.parent is None else placed.get(node.parent)
         if parent is None:  # its parent is not matchable (yet): attached with the parent
@@ -130,7 +130,7 @@ class PromptTree:
             t.holders.add(uid)
             placed[n] = t
             stack.extend((t, c) for c in n.children.values()
-                         if c.stale is None and c.blocks and c not in placed)
+                         if c.matchable and c not in placed)
 
     def _evict(self, uid: int, node: PrefixNode) -> None:
         t = self.placed[uid].pop(node, None)
@@ -187,7 +187,7 @@ class PromptTree:
             stack = [(n, (n.tokens,)) for n in index.root.children.values()]
             while stack:
                 n, path = stack.pop()
-                if n.stale is not None or not n.blocks:
+                if not n.matchable:
                     continue
                 want[n] = path
                 stack.extend((c, (*path, c.tokens)) for c in n.children.values())

@@ -85,6 +85,8 @@ def policy_status(engine: LLMEngine, log: EventLog) -> PolicyStatus:
     units = sorted(engine.units.values(), key=lambda u: u.members)
     counters = {"preemptions": sum(u.num_preemptions for u in units)}
     counters.update({f"failures_{kind}": n for kind, n in engine.failures.items()})  # device failures recovered
+    if engine.hostcache is not None:
+        counters.update(engine.hostcache.stats())
     if engine.puller is not None:
         counters.update(engine.puller.stats())
     if engine.handoff is not None:

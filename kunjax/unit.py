@@ -218,7 +218,8 @@ class ServingUnit:
         self.blocks_exchanged = 0
         self.recent_prompts: collections.deque[int] = collections.deque(maxlen=64)  # for `chunk_cap`
         self.last_tick: tuple[int, int] = (0, 0)  # (tokens, rows of the bucket) of the last tick launched
-        self.prefix_source: Callable[[ServingUnit, Request, list], list] | None = None  # `PrefixPuller.pull`
+        # More of a fresh request's prefix past its device match, in order: `HostCache.swap_in`, `PrefixPuller.pull`
+        self.prefix_sources: list[Callable[[ServingUnit, Request, list], list]] = []
         self.role = "mixed"  # prefill / decode / mixed (`kunjax.disagg`)
 
     # ---- counts -------------------------------------------------------------------------------------
@@ -381,8 +382,8 @@ class ServingUnit:
 
     def _match_prefix(self, req: Request) -> None:
         nodes = self.index.match(req.token_ids)
-        if self.prefix_source is not None:  # a longer prefix cached on another unit, copied here (transfers.py)
-            nodes += self.prefix_source(self, req, nodes)
+        for source in self.prefix_sources:  # from the host tier, from another unit
+            nodes += source(self, req, nodes)
         req.tables = [[n.blocks[s] for n in nodes] for s in range(self.k)]
         req.index_path = list(nodes)
         req.num_computed = len(nodes) * self.block_size

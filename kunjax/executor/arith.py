@@ -198,7 +198,8 @@ class ArithmeticExecutor:
                     self.host[op.instance][op.key] = self._view(op.instance, op.groups)[list(op.blocks)].copy()
                     self._charge(op.instance, len(op.blocks))
                 case SwapIn():
-                    data = self.host[op.instance][op.key] if op.keep else self.host[op.instance].pop(op.key)
+                    host = self.host[op.instance if op.src is None else op.src]
+                    data = host[op.key] if op.keep else host.pop(op.key)
                     self._view(op.instance, op.groups)[list(op.blocks)] = data
                     self._charge(op.instance, len(op.blocks))
                 case DropHost():

@@ -308,7 +308,8 @@ class JaxExecutor:
                                         for p in self._copier(op.instance, op.groups).read(rep.pool, list(op.blocks))]
                 case SwapIn():
                     rep = self.replicas[op.instance]
-                    parts = rep.host[op.key] if op.keep else rep.host.pop(op.key)
+                    host = self.replicas[op.instance if op.src is None else op.src].host
+                    parts = host[op.key] if op.keep else host.pop(op.key)
                     rep.pool = self._copier(op.instance, op.groups).write(rep.pool, list(op.blocks), parts)
                 case DropHost():
                     self.replicas[op.instance].host.pop(op.key, None)

@@ -79,7 +79,7 @@ class Swap(MemoryPolicy):
     def preempt(self, unit: ServingUnit, victim: Request) -> None:
         pool = self.view.mempool
         n = len(victim.blocks)
-        if n == 0 or n > pool.host_free(unit.members[0]) or not self._within_cap(unit, n):
+        if n == 0 or n > pool.host_available(unit.members[0]) or not self._within_cap(unit, n):
             unit.requeue(victim)
             return
         pool.swap_out(unit, victim.request_id, victim.blocks)

@@ -14,8 +14,12 @@ import pytest
 
 from kunjax import LLM, SamplingParams
 from kunjax.config import ConfigError, parse_roles
+from kunjax.cost_model import CostModel
 from kunjax.demo import ensure_demo_model, recitation_prompts
 from kunjax.engine import LLMEngine, config_from_kwargs
+from kunjax.hardware import load_profile
+from kunjax.model_shapes import model_shape
+from kunjax.plan import Transfer
 from tests.helpers import SPLIT, run_open_loop
 
 MODEL = dataclasses.replace(SPLIT, num_layers=8)
@@ -81,6 +85,33 @@ def test_a_conversations_next_turn_sends_only_its_new_blocks():
     sent = eng.handoff.blocks_sent - sent_before
     # the decode unit held the first turn's prompt and answer: 7 full blocks of 8; 69 computed tokens are 9 blocks
     assert reused == len(history) // 8 == 7 and sent == 9 - 7, (reused, sent)
+
+
+def test_a_streamed_handoff_leaves_only_its_last_layer_group_after_the_prefill():
+    shape = model_shape("llama-3-8b")
+    cost = CostModel(shape, load_profile("h100"), dtype="bfloat16", tp=1, block_size=16)
+    blocks = tuple(range(64))
+    whole, streamed = (cost.op_seconds(Transfer(0, 8, blocks, blocks, g))[8] for g in (1, 4))
+    assert whole > 3 * streamed > 0  # across hosts: 4 groups, the last one after the prefill (plus the latency)
+
+    rng = random.Random(6)
+    arrivals = sorted((rng.random(), [rng.randrange(1, MODEL.vocab_size) for _ in range(rng.randint(8, 40))],
+                       rng.randint(2, 8)) for _ in range(120))
+    modelled = {}
+    for g in (1, 4):
+        eng = LLMEngine(MODEL, config_from_kwargs(pd_stream_groups=g, **CONFIG), executor="arith",
+                        profile=load_profile("h100"), time_shape=shape)
+        eng.warmup()
+        out = run_open_loop(eng, arrivals)
+        assert list(out.values()) == [eng.executor.expected_greedy(p, n) for _, p, n in arrivals]
+        modelled[g] = eng.handoff.stats()
+    assert modelled[1]["pd_blocks_sent"] == modelled[4]["pd_blocks_sent"] > 0
+    # in one host a handoff of a few blocks is mostly latency and the fixed cost of an operation
+    assert modelled[1]["pd_transfer_us_modelled"] > modelled[4]["pd_transfer_us_modelled"] > 0, modelled
+    with pytest.raises(ConfigError, match="--pd-stream-groups 9: the model has 8 layers"):
+        LLMEngine(MODEL, config_from_kwargs(pd_stream_groups=9, **CONFIG), executor="arith")
+    with pytest.raises(ConfigError, match="--pd-stream-groups"):
+        config_from_kwargs(pd_stream_groups=0)
 
 
 def test_the_demo_recites_every_passage_with_2_prefill_and_6_decode_instances():

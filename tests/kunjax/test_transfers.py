@@ -107,3 +107,37 @@ def test_the_real_model_reads_a_copied_prefix_exactly(tmp_path):
     assert cached_tokens == [0, 40], cached_tokens  # the second, on instance 1, got instance 0's 5 blocks
     assert eng.puller.stats()["prefix_blocks_pulled"] == 5
     assert list(outputs.values()) == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 12)
+
+
+def test_a_prefix_spilled_to_another_replica_s_host_tier_is_pulled_through_it(tmp_path):
+    """Instance 0 computes a prefix, fillers push it to its host tier; a request on instance 1 pulls it from
+    there (a `SwapIn` from instance 0's host, which keeps its copy) instead of recomputing it."""
+    path = write_tiny_model(tmp_path)
+    cfg = load_config(path)
+    eng = LLMEngine(path, config_from_kwargs(num_instances=2, block_size=8, num_blocks=24, max_num_seqs=4,
+                                             max_num_batched_tokens=64, max_model_len=128, routing="least-load",
+                                             prefix_transfer_blocks=1),
+                    devices=jax.devices()[:2])
+    eng.warmup()
+    rng = random.Random(11)
+    prefix = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
+    fillers = [[rng.randrange(1, cfg.vocab_size) for _ in range(60)] for _ in range(3)]
+    prompts = [prefix + [5, 6, 7], *fillers, prefix + [9, 10, 11, 12]]
+    targets = [0, 0, 0, 0, 1]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs, cached_tokens = {}, []
+    for target, prompt in zip(targets, prompts, strict=True):
+        eng.router.pick = lambda req, cands, *a, t=target: next(u for u in cands if u.uid == t)
+        rid = eng.add_request(prompt, greedy)
+        req = eng.requests[rid]
+        while eng.has_requests():
+            for o in eng.step():
+                if o.finished:
+                    outputs[o.request_id] = o.outputs[0].token_ids
+            eng.check_books()
+        cached_tokens.append(req.num_cached_tokens)
+    stats = eng.puller.stats()
+    assert eng.hostcache.stats()["cache_blocks_spilled"] >= 5
+    assert cached_tokens[-1] == 40 and stats["prefix_blocks_pulled_from_host"] == 5, (cached_tokens, stats)
+    assert eng.hostcache.stats()["cache_host_blocks"] >= 5  # instance 0 kept its copies
+    assert list(outputs.values()) == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 8)
