@@ -68,7 +68,10 @@ def common_flags(args: argparse.Namespace) -> list[str]:
             str(args.slo_ttft_s), "--slo-tpot-s", str(args.slo_tpot_s), "--no-progress",
             # kunserve at GPU scale: the live exchange and remote attention sized for NVLink, not for the CPU
             # demo (its defaults, 16 blocks and 16 rows a step, would take minutes to move a drop's KV).
-            "--exchange-blocks-per-step", str(args.exchange_blocks_per_step), "--remote-rows", str(args.remote_rows)]
+            "--exchange-blocks-per-step", str(args.exchange_blocks_per_step), "--remote-rows", str(args.remote_rows),
+            # The memory policies compared on their own: the traces' prompts are synthesized ids that share no
+            # prefix, so caching never hits, and its host tier would only add spill copies (docs/simulator.md).
+            "--no-enable-prefix-caching"]
 
 
 def cells(args: argparse.Namespace) -> list[tuple[str, list[str]]]:

@@ -166,7 +166,10 @@ def run(duration_s: float, *, seed: int = 0, burst_streams: int = 24, phase_s: f
             held = sum(u.stages[0].num_used for u in engine.units.values() if u.k == 1)
             groups = len(engine.groups)
             gc.collect()
-            live1 = device_bytes()  # idle again, every replica whole
+            # idle again, every replica whole; less the host tier's copies of spilled prefix blocks (a CPU device
+            # has no pinned host memory: they are device arrays there), which the books account for
+            host = sum(p.nbytes for rep in engine.executor.replicas for parts in rep.host.values() for p in parts)
+            live1 = device_bytes() - host
         counters = dict(control.policy_status().counters)
     finally:
         stop.set()

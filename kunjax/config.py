@@ -254,7 +254,8 @@ class SchedulerConfig(Options):
     max_num_batched_tokens: int = _opt(
         128, "token budget of one engine step: decodes plus prefill chunks (long prompts are chunked)")
     min_token_bucket: int = _opt(16, "smallest padded token count compiled; buckets double up to the budget")
-    enable_prefix_caching: bool = _opt(False, "reuse KV blocks of identical prompt prefixes across requests")
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes across requests "
+                                               "(docs/caching.md)")
     routing: str = _opt("prompt-tree", "which unit a new request joins: prompt-tree (where a global prompt tree "
                                        "says most of its prompt is cached, unless its first token would come "
                                        "--routing-slack-steps later there than elsewhere), least-load (the least "

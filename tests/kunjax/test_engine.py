@@ -169,8 +169,11 @@ def test_kv_books_agree_with_live_device_arrays(tiny_dir):
         assert ex.num_blocks == 100_000 // block_bytes  # the CPU byte budget decides the pool size
         assert a.num_free + a.num_used + a.num_cached == a.total == ex.num_blocks - 1
         assert a.num_used == 0
-        # The device holds exactly this instance's weights and its pool of num_blocks blocks.
-        assert live[dev] == ex.weight_bytes + ex.num_blocks * block_bytes
+        # The device holds exactly this instance's weights and its pool of num_blocks blocks, and (a CPU device
+        # has no pinned host memory) the host tier's copies of spilled prefix blocks.
+        host = sum(part.nbytes for parts in rep.host.values() for part in parts)
+        assert host == llm.engine.mempool.host[i].num_used * block_bytes
+        assert live[dev] == ex.weight_bytes + ex.num_blocks * block_bytes + host
 
 
 def test_tensor_parallel_instance_matches_reference(tiny_dir, tiny_params):

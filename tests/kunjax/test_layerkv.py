@@ -61,7 +61,10 @@ def fresh(engine):
 
 def serve(engine: LLMEngine, watch=None) -> dict[str, tuple[int, list[int]]]:
     """A at step 0, B after A's prefill; returns (step of the first token, tokens) per request, checking the books
-    of both tiers after every step; `watch(step)` runs after each step."""
+    of both tiers after every step; `watch(step)` runs after each step. Nothing is cached when it starts: the same
+    two prompts build the same memory pressure every time."""
+    for unit in engine.units.values():
+        unit.index.clear()
     engine.add_request(A, A_PARAMS, request_id="A")
     first: dict[str, int] = {}
     done: dict[str, list[int]] = {}
