@@ -18,12 +18,13 @@ The KV goes at once after the prefill's last tick, or (`--pd-stream-groups G`) s
 prefill computes them, so only the last group's share follows it: on simulated time the cost model charges that
 share; an executor on one host copies the blocks after the tick either way (a cross-host transport would stream).
 Only replica units and the recompute policy (fusing, swapping or migrating across roles is not designed).
-Counted: handoffs, blocks sent and reused, bytes sent, and, when time is modelled, the transfers' modelled seconds.
+Counted: handoffs, blocks sent and reused, bytes sent, and the transfers' time: modelled when time is modelled, else
+measured by the executor that can (the JAX executor waits for each handoff's copy and times it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kunjax.plan import Transfer
@@ -40,9 +41,10 @@ class Handoff:
     """Moves requests from prefill to decode units (module docstring)."""
 
     def __init__(self, mempool: MemoryPool, block_size: int, block_bytes: int, cost: CostModel | None = None,
-                 streamed: int = 1):
+                 streamed: int = 1, measured: Callable[[], float | None] = lambda: None):
+        """`measured()`: the executor's wall time of the transfers it was asked to time (None: it cannot)."""
         self.mempool, self.block_size, self.block_bytes, self.cost = mempool, block_size, block_bytes, cost
-        self.streamed = streamed
+        self.streamed, self.measured = streamed, measured
         self.handoffs = self.blocks_sent = self.blocks_reused = self.waits = 0
         self.modelled_s = 0.0
 
@@ -79,7 +81,8 @@ class Handoff:
             return None
         sent = got[0]
         if sent:
-            self.mempool.transfer(src, dst, req.tables[0][len(own):n_blocks], sent, self.streamed)
+            self.mempool.transfer(src, dst, req.tables[0][len(own):n_blocks], sent, self.streamed,
+                                  measure=self.cost is None)
         table = [n.blocks[0] for n in own] + sent
         path = list(own)
         if dst.enable_prefix_caching:  # the full blocks join the decode unit's index (transfer_with_insert)
@@ -107,4 +110,6 @@ class Handoff:
                "pd_handoff_waits": self.waits}
         if self.cost is not None:
             out["pd_transfer_us_modelled"] = round(self.modelled_s * 1e6)
+        elif (measured := self.measured()) is not None:
+            out["pd_transfer_us_measured"] = round(measured * 1e6)
         return out

@@ -178,7 +178,7 @@ class LLMEngine:
                                   f"layers to stream")
             self.handoff = Handoff(self.mempool, ecfg.block_size,
                                    kv_block_bytes(cfg, ecfg.block_size, ecfg.dtype, ecfg.tp), cost,
-                                   ecfg.pd_stream_groups)
+                                   ecfg.pd_stream_groups, lambda: getattr(self.executor, "transfer_measured_s", None))
         self.units: dict[int, ServingUnit] = {}
         for i in range(n):
             self._add_unit(self._replica(i))

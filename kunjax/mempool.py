@@ -108,14 +108,15 @@ class MemoryPool:
             self.issue(CopyBlocks(unit.uid, tuple(copies)))
 
     def transfer(self, src: ServingUnit, dst: ServingUnit, src_blocks: Sequence[int],
-                 dst_blocks: Sequence[int], streamed: int = 1) -> None:
+                 dst_blocks: Sequence[int], streamed: int = 1, measure: bool = False) -> None:
         """Copy whole blocks of replica `src` into (already allocated) blocks of replica `dst`; the books of both
         are the caller's (a live migration copies in rounds while the source keeps its blocks). `streamed`: see
-        `Transfer`."""
+        `Transfer` (and `measure`)."""
         if len(src_blocks) != len(dst_blocks):
             raise ValueError(f"transfer of {len(src_blocks)} blocks into {len(dst_blocks)}")
         if src_blocks:
-            self.issue(Transfer(_instance(src), _instance(dst), tuple(src_blocks), tuple(dst_blocks), streamed))
+            self.issue(Transfer(_instance(src), _instance(dst), tuple(src_blocks), tuple(dst_blocks), streamed,
+                                measure))
             self.blocks_transferred += len(src_blocks)
 
     # ---- host tier ----------------------------------------------------------------------------------

@@ -162,13 +162,16 @@ class Transfer:
 
     `streamed` G > 1: a prefill/decode handoff sent layer group by layer group as the prefill computed them, so
     only the last group's share follows the prefill (the cost model charges that share). An executor on one host
-    copies the blocks whole after the tick either way; a cross-host transport would stream them."""
+    copies the blocks whole after the tick either way; a cross-host transport would stream them. `measure`: an
+    executor that can waits for the copy and adds its wall time to `transfer_measured_s` (a handoff's, reported
+    when time is not modelled)."""
 
     src: int  # instance
     dst: int  # instance
     src_blocks: tuple[int, ...]
     dst_blocks: tuple[int, ...]
     streamed: int = 1
+    measure: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

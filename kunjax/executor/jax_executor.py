@@ -209,6 +209,7 @@ class JaxExecutor:
                          for m, p in zip(meshes, params, strict=True)]
         self.num_instances = len(self.replicas)
         self.load_seconds = time.perf_counter() - t0
+        self.transfer_measured_s = 0.0  # wall time of the copies `Transfer.measure` asked to time
         self.needs_arrays = True
         self.groups: dict[int, Group] = {}
         self.candidates: dict[tuple[int, ...], Candidate] = {}
@@ -296,8 +297,12 @@ class JaxExecutor:
                     self._copy_blocks(op)
                 case Transfer():
                     src, dst = self.replicas[op.src], self.replicas[op.dst]
+                    t0 = time.perf_counter()
                     parts = self._copier(op.src, 1).read(src.pool, list(op.src_blocks))
                     dst.pool = self._copier(op.dst, 1).write(dst.pool, list(op.dst_blocks), parts)
+                    if op.measure:  # waits for the copy (the next tick on dst would wait for it anyway)
+                        dst.pool.block_until_ready()
+                        self.transfer_measured_s += time.perf_counter() - t0
                 case SwapOut():
                     rep = self.replicas[op.instance]
                     if op.key in rep.host:

@@ -124,5 +124,6 @@ def test_the_demo_recites_every_passage_with_2_prefill_and_6_decode_instances():
     eng = llm.engine
     stats = eng.handoff.stats()
     assert stats["pd_handoffs"] == len(pairs) and stats["pd_bytes_sent"] > 0
+    assert stats["pd_transfer_us_measured"] > 0 and "pd_transfer_us_modelled" not in stats  # the copies, timed
     assert all(eng.units[i].ticks > 0 for i in range(8)), "an instance was left idle"
     eng.check_books()
