@@ -446,12 +446,40 @@ class PrefixIndex:
             done += 1
         return done
 
-    def drop_host_nodes(self) -> int:
-        """Drop every spilled node (its unit is about to fuse: a pipeline cannot swap them in); returns how many."""
-        n = len(self._host_lru)
+    def detach_host(self) -> list[tuple[tuple[tuple[int, ...], ...], Hashable]]:
+        """Take every spilled node out of the index, its host copy kept (its unit is about to fuse: a pipeline
+        cannot swap them in): `(its chunks from the root, its key)`, parents first."""
+        out = []
+        for node in sorted(self._host_lru, key=lambda x: x.depth):
+            path, n = [], node
+            while n.parent is not None:
+                path.append(n.tokens)
+                n = n.parent
+            out.append((tuple(reversed(path)), node.host))
         for node in sorted(self._host_lru, key=lambda x: -x.depth):
-            self._remove(node)
-        return n
+            del node.parent.children[node.tokens]
+            if self.listener is not None:
+                self.listener(False, node)
+        self._host_lru.clear()
+        return out
+
+    def adopt_host(self, path: Sequence[tuple[int, ...]], key: Hashable) -> bool:
+        """A spilled node for `path` (its chunks from the root) whose copy is host entry `key` (one detached at a
+        fuse); False, nothing changed, when its parent is not in the index or the path is there already."""
+        parent = self.root
+        for chunk in path[:-1]:
+            parent = parent.children.get(chunk)
+            if parent is None or parent.stale is not None:
+                return False
+        if path[-1] in parent.children:
+            return False
+        node = PrefixNode(path[-1], parent, ())
+        node.host = key
+        parent.children[path[-1]] = node
+        self._host_lru[node] = None
+        if self.listener is not None:
+            self.listener(True, node)
+        return True
 
     def _drop_subtree(self, node: PrefixNode) -> None:
         for child in list(node.children.values()):

@@ -565,13 +565,16 @@ class LLMEngine:
         if any(u.k != 1 for u in olds):
             raise RuntimeError(f"instances {members} are already in a group")
         t0 = self.clock.now()  # a transition stops the engine: on a virtual clock the executor charges it
-        spilled = sum(u.index.drop_host_nodes() for u in olds)  # a pipeline cannot swap them in
+        parked = sum(self.hostcache.park(u) for u in olds) if self.hostcache is not None else 0
         self._issue()
         uid = next(self._uids)
         try:
             self.executor.apply([Fuse(uid, members, shape)])
         except Exception as e:  # the executor rolled the weights back; no book has changed
             self.failures["fuse"] += 1
+            if self.hostcache is not None:  # the replicas serve on: their spilled nodes come back
+                for u in olds:
+                    self.hostcache.unpark(u)
             self.policy.transition_failed("fuse", None, members, f"{type(e).__name__}: {e}")
             return None
         unit = fuse_books(uid, olds, shape, self.policy, block_size=self.config.block_size,
@@ -584,7 +587,7 @@ class LLMEngine:
         return TransitionOutcome("fuse", uid, members, seconds, {
             "reason": reason, "k": shape.k, "extension_blocks": shape.num_ext,
             "stale_requests": unit.num_remote_dependent, "queued": len(unit.waiting),
-            "spilled_blocks_dropped": spilled})
+            "spilled_blocks_parked": parked})
 
     def split(self, unit: ServingUnit, reason: str = "") -> TransitionOutcome | None:
         """Restore a drained pipeline unit into its members' replicas; None (nothing changed) when its requests'

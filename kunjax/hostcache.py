@@ -17,12 +17,14 @@ its tokens. A declined swap-in leaves the nodes on the host; the request recompu
 replace the host copies (`PrefixIndex.insert`). The swapped-in blocks are allocated first (which may spill other
 nodes, or drop host leaves), then the path is walked again, so a node dropped meanwhile is simply recomputed.
 
-Only replicas (k = 1) spill: a pipeline's blocks are split over its stages. A replica's spilled nodes are dropped
-when it fuses (`PrefixIndex.drop_host_nodes`); its device-cached nodes live on in the pipeline as stale nodes.
+Only replicas (k = 1) spill: a pipeline's blocks are split over its stages. When a replica fuses, its spilled nodes
+leave its index but their host copies stay, *parked* (`park`), while its device-cached nodes live on in the
+pipeline as stale nodes; when the pipeline splits, the member's new replica takes its parked nodes back under the
+prefixes it holds again (`attach`), and drops the rest.
 Layer-wise offload (`layerkv`) counts its host tier in layer-group slots and keeps it to itself.
 
-Invariant (`check`): the cache's host entries are exactly the spilled nodes of the replicas' indexes, one block
-each.
+Invariant (`check`): the cache's host entries are exactly the spilled nodes of the replicas' indexes and the
+parked ones, one block each.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class HostCache:
         self.spilled = self.dropped = 0  # blocks spilled to the host; host copies dropped (room, a fuse, a heal)
         self.swap_ins = self.blocks_in = 0  # admissions that swapped cached blocks in; those blocks
         self.declined = self.blocks_declined = 0  # admissions (blocks) that recomputed instead: cheaper
+        self.parked: dict[int, list[tuple[tuple, Hashable]]] = {}  # instance -> spilled nodes kept over a fuse
+        self.kept = 0  # parked nodes taken back at a split
 
     def attach(self, unit: ServingUnit) -> None:
         """Let replica `unit`'s prefix index spill to its instance's host tier and its admissions swap back in."""
@@ -83,6 +87,26 @@ class HostCache:
         unit.index.host = _Tier(self, i)
         unit.prefix_sources.insert(0, self.swap_in)
         self.mempool.spilled[i] = unit.index
+        self.unpark(unit)
+
+    def park(self, unit: ServingUnit) -> int:
+        """Replica `unit` is about to fuse: its spilled nodes leave its index, their host copies kept; how many."""
+        if unit.index.host is None:
+            return 0
+        entries = unit.index.detach_host()
+        self.parked.setdefault(unit.members[0], []).extend(entries)
+        return len(entries)
+
+    def unpark(self, unit: ServingUnit) -> None:
+        """Replica `unit`'s instance had nodes parked: those whose parent prefix its index holds come back as spilled
+        nodes, parents first; the others' host copies are dropped."""
+        i = unit.members[0]
+        for path, key in sorted(self.parked.pop(i, []), key=lambda e: len(e[0])):
+            if unit.index.adopt_host(path, key):
+                self.kept += 1
+            else:
+                self.mempool.drop_host(i, key)
+                self.dropped += 1
 
     def detach(self, unit: ServingUnit) -> None:
         if unit.k == 1 and self.mempool.spilled.get(unit.members[0]) is unit.index:
@@ -123,7 +147,7 @@ class HostCache:
         return swap_s < self.cost.recompute_seconds(n * self.block_size)
 
     def check(self, units: Iterable[ServingUnit]) -> None:
-        spilled = {}
+        spilled = {key: i for i, entries in self.parked.items() for _, key in entries}
         for u in units:
             if u.index.host is not None:
                 for node in u.index.nodes():
@@ -140,5 +164,6 @@ class HostCache:
         return {"cache_blocks_spilled": self.spilled, "cache_host_dropped": self.dropped,
                 "cache_swap_ins": self.swap_ins, "cache_blocks_swapped_in": self.blocks_in,
                 "cache_swap_ins_declined": self.declined, "cache_blocks_recomputed_not_swapped": self.blocks_declined,
+                "cache_host_parked": sum(map(len, self.parked.values())), "cache_host_kept_over_fuse": self.kept,
                 "cache_host_blocks": sum(1 for t in self.mempool.host for k in t.entries
                                          if isinstance(k, tuple) and k[0] == KEY)}

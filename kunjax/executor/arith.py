@@ -28,7 +28,7 @@ Tensor parallelism changes nothing here (one array per instance).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -159,7 +159,7 @@ class ArithmeticExecutor:
         self.model = ArithModel(cfg, ecfg.resolved_max_model_len(cfg))
         L, bs = cfg.num_layers, ecfg.block_size
         self.pools = [np.zeros((self.num_blocks, L, bs), np.int64) for _ in range(self.num_instances)]
-        self.host: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_instances)]
+        self.host: list[dict[Hashable, np.ndarray]] = [{} for _ in range(self.num_instances)]
         self.units: dict[int, _Unit] = {i: self._replica(i) for i in range(self.num_instances)}
         self._step_seconds: dict[int, float] = {}
         self.ticks = 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import jax
@@ -151,7 +151,7 @@ class Replica:
     mesh: jax.sharding.Mesh
     params: dict | None
     pool: jax.Array | None  # [NB, L, 2, BS, K, D]
-    host: dict[str, list[jax.Array]]  # host tier entries: key -> parts [n_i, L/G, 2, BS, K, D] in host memory
+    host: dict[Hashable, list[jax.Array]]  # host tier entries: key -> parts [n_i, L/G, 2, BS, K, D] in host memory
     ticks: dict[tuple[int, int], jax.stages.Compiled] = dataclasses.field(default_factory=dict)  # (G, T)
     copiers: dict[int, BlockCopier] = dataclasses.field(default_factory=dict)  # G -> copier
 

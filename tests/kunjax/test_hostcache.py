@@ -110,13 +110,18 @@ def test_the_swap_policy_s_victims_take_the_host_room_from_cached_context():
     assert eng.mempool.host_reclaimed > 0  # the host was full of cached context when a victim needed it
 
 
-def test_spilled_nodes_are_dropped_at_a_fuse_and_the_books_hold_through_drops_and_restores():
-    eng, _ = run(revisits(120, seed=5, families=16) + burst(60, seed=6, vocab=MODEL.vocab_size), num_instances=4,
-                 policy="kunserve", restore_window_steps=8, min_group_steps=4, kunserve_max_group=2,
-                 exchange_blocks_per_step=4)
+def test_spilled_nodes_are_parked_over_a_fuse_and_taken_back_at_the_restore():
+    """The books (both tiers, parked entries included) hold after every step through drops and restores; the
+    spilled nodes a replica had when it fused come back to its index when the pipeline splits."""
+    later = [(40 + t, p, n) for t, p, n in revisits(40, seed=7, families=16)]  # after the restores
+    eng, _ = run(revisits(120, seed=5, families=16) + burst(60, seed=6, vocab=MODEL.vocab_size) + later,
+                 num_instances=4, policy="kunserve", restore_window_steps=8, min_group_steps=4,
+                 kunserve_max_group=2, exchange_blocks_per_step=4)
     drops = [e for e in eng.policy.events if e.kind == "drop"]
-    assert drops and sum(e.detail.get("spilled_blocks_dropped", 0) for e in drops) > 0, [e.detail for e in drops]
-    assert any(e.kind == "restore" for e in eng.policy.events)
+    assert drops and sum(e.detail["spilled_blocks_parked"] for e in drops) > 0, [e.detail for e in drops]
+    assert any(e.kind == "restore" for e in eng.policy.events) and not eng.groups
+    s = eng.hostcache.stats()
+    assert s["cache_host_kept_over_fuse"] > 0 and s["cache_host_parked"] == 0, s
 
 
 def test_the_real_model_reads_a_swapped_in_prefix_exactly(tmp_path):
@@ -144,3 +149,15 @@ def test_the_real_model_reads_a_swapped_in_prefix_exactly(tmp_path):
     s = eng.hostcache.stats()
     assert cached_tokens[-1] == 40 and s["cache_blocks_swapped_in"] == 5, (cached_tokens, s)
     assert list(outputs.values()) == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 8)
+
+
+def test_a_failed_fuse_gives_the_replicas_their_spilled_nodes_back():
+    eng = LLMEngine(MODEL, config_from_kwargs(**{**CONFIG, "policy": "kunserve", "faults": "fuse"}), executor="arith")
+    eng.warmup()
+    run_open_loop(eng, revisits(60, seed=8))
+    before = {i: eng.units[i].index.num_host for i in (0, 1)}
+    assert sum(before.values()) > 0
+    assert eng.fuse((0, 1)) is None and eng.failures["fuse"] == 1
+    assert {i: eng.units[i].index.num_host for i in (0, 1)} == before
+    assert eng.hostcache.stats()["cache_host_parked"] == 0
+    eng.check_books()
