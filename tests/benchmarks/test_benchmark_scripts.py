@@ -145,3 +145,19 @@ def test_sim_scale_quick_runs_every_policy_on_simulated_h100s_and_prints_the_tab
     summary = json.loads((tmp_path / "8b-azure-2x" / "summary.json").read_text())
     assert set(summary["policies"]) == {"recompute", "swap", "migrate", "layerkv", "kunserve"}
     assert summary["time"]["profile"]["name"] == "h100-sxm"
+
+
+def test_host_time_times_every_phase_of_a_replica_and_a_group_and_writes_a_profile(tmp_path):
+    prof = tmp_path / "top.txt"
+    res = subprocess.run([sys.executable, "benchmarks/host_time.py", "--seqs", "4,8", "--stages", "1,2", "--steps",
+                          "3", "--profile", str(prof)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [[c.strip() for c in x.strip("|").split("|")] for x in res.stdout.splitlines()
+            if x.startswith("| replica") or x.startswith("| 2-stage group")]
+    assert [(r[0], r[1]) for r in rows] == [("replica", "4"), ("replica", "8"), ("2-stage group", "4"),
+                                            ("2-stage group", "8")]
+    for r in rows:
+        step, host, *phases = map(float, r[2:])
+        assert step > 0 and 0 < host <= step and phases[2] > 0  # launch: the arithmetic "device"
+        assert sum(phases) == pytest.approx(step, rel=0.05, abs=0.05)  # the phases account for the whole step
+    assert "function calls" in prof.read_text() and "ncalls" in prof.read_text()

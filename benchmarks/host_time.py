@@ -1,0 +1,174 @@
+"""Host time per engine step: where the engine's one Python thread spends a decode step, phase by phase, at 8, 64
+and 256 running sequences, for a replica and for a 4-stage pipeline group.
+
+    python benchmarks/host_time.py                          # the arithmetic executor: no device, all host
+    python benchmarks/host_time.py --executor jax           # the demo model on 4 CPU devices
+    python benchmarks/host_time.py --profile top.txt        # and a cProfile of the 256-sequence replica steps
+
+Each configuration admits N requests (32-token prompts, outputs longer than the run, EOS ignored), runs until all
+N are decoding, then times `--steps` engine steps. A timer wraps each phase (for this measurement only):
+
+* schedule — `ServingUnit.advance`: scheduling, admission and the micro-batch entering the pipe;
+* pack — `tick_work` and `tick_inputs`: the tick's counts and its padded input arrays;
+* launch — `Executor.launch`: on the JAX executor the dispatch (host), on the arithmetic one its whole
+  computation (standing in for the device);
+* collect — `Executor.collect`: on the JAX executor, waiting for the device and reading the tokens back;
+* apply — `ServingUnit.exit` and the engine's token append (stop checks, outputs), less detokenize;
+* detokenize — the incremental detokenizers (a model with a tokenizer only);
+* issue — memory operations handed to the executor;
+* other — the rest of `LLMEngine.step` (the router, the policy's step hooks, the loop itself).
+
+Host time per step = the step less launch and collect on the arithmetic executor (its launch is the "device"),
+less collect on the JAX executor (the dispatch is host work; the wait is the device's). Nothing overlaps today:
+the device is idle while the host works, so host / step is the share of each step the device waits. Times are
+wall clock on a shared machine: compare the phases and the configurations of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("schedule", "pack", "launch", "collect", "apply", "detokenize", "issue", "other")
+
+
+class Timers:
+    """Seconds per phase, accumulated by wrapped callables; a phase nested in another is not counted twice."""
+
+    def __init__(self):
+        self.s: collections.Counter[str] = collections.Counter()
+        self._stack: list[list[float]] = []  # per open phase: [start, seconds of phases nested in it]
+
+    def wrap(self, phase: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            self._stack.append([time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                start, inner = self._stack.pop()
+                dt = time.perf_counter() - start
+                self.s[phase] += dt - inner
+                if self._stack:
+                    self._stack[-1][1] += dt
+        return timed
+
+
+def build(executor: str, k: int, n: int, steps: int):
+    """An engine with `n` running decodes on one unit of `k` stages (a replica, or a group fused from k)."""
+    from kunjax.engine import LLMEngine, config_from_kwargs
+    from kunjax.model_shapes import model_shape
+
+    blocks = n * -(-(32 + 64 + steps) // 16) // k + 64  # per instance: the unit's share of every sequence's KV
+    options = dict(num_instances=k, block_size=16, num_blocks=blocks, max_num_seqs=n, max_num_batched_tokens=max(
+        n, 512), max_model_len=1024, min_token_bucket=16, enable_prefix_caching=False)
+    if k > 1:
+        options.update(policy="kunserve", kunserve_max_group=k, restore_window_steps=10**9)
+    if executor == "arith":
+        model = model_shape("llama-3-8b")
+        eng = LLMEngine(model, config_from_kwargs(**options), executor="arith")
+    else:
+        import jax
+
+        from kunjax.demo import ensure_demo_model
+
+        eng = LLMEngine(ensure_demo_model(), config_from_kwargs(**options), devices=jax.devices()[:k])
+    if k > 1:
+        from kunjax.policies.base import FuseUnits
+
+        eng.transition(FuseUnits(tuple(range(k)), "host-time benchmark"))  # the policy keeps it (no restore)
+    eng.warmup()
+    return eng
+
+
+def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = None) -> dict[str, float]:
+    from kunjax.detokenizer import IncrementalDetokenizer
+    from kunjax.engine import LLMEngine
+    from kunjax.sampling_params import SamplingParams
+
+    eng = build(executor, k, n, steps)
+    vocab = eng.model_config.vocab_size
+    params = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+    for i in range(n):
+        eng.add_request([(7 * i + j) % (vocab - 3) + 3 for j in range(32)], params)
+    for _ in range(200):  # prefill until every request decodes
+        eng.step()
+        if all(len(r.token_ids) > r.num_prompt_tokens for r in eng.requests.values()):
+            break
+    unit = next(iter(eng.units.values()))
+    assert unit.k == k and len(unit.running) == n, f"{len(unit.running)} of {n} running on a {unit.k}-stage unit"
+    t = Timers()
+    unit.advance = t.wrap("schedule", unit.advance)
+    unit.tick_work = t.wrap("pack", unit.tick_work)
+    unit.tick_inputs = t.wrap("pack", unit.tick_inputs)
+    unit.exit = t.wrap("apply", unit.exit)
+    ex = eng.executor
+    ex.launch = t.wrap("launch", ex.launch)
+    ex.collect = t.wrap("collect", ex.collect)
+    eng._append_token = t.wrap("apply", eng._append_token)
+    eng._issue = t.wrap("issue", eng._issue)
+    add = IncrementalDetokenizer.add
+    IncrementalDetokenizer.add = t.wrap("detokenize", add)
+    step = t.wrap("other", LLMEngine.step.__get__(eng))
+    prof = cProfile.Profile() if profile is not None else None
+    try:
+        if prof is not None:
+            prof.enable()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = time.perf_counter() - t0
+        if prof is not None:
+            prof.disable()
+    finally:
+        IncrementalDetokenizer.add = add
+    if prof is not None:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+        profile.write_text(out.getvalue())
+    per = {p: 1e3 * t.s[p] / steps for p in PHASES}
+    per["step"] = 1e3 * total / steps
+    device = per["launch"] + per["collect"] if executor == "arith" else per["collect"]
+    per["host"] = per["step"] - device
+    return per
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--executor", choices=("arith", "jax"), default="arith")
+    ap.add_argument("--seqs", default="8,64,256", help="running sequences per configuration")
+    ap.add_argument("--stages", default="1,4", help="1: a replica; 4: a 4-stage pipeline group")
+    ap.add_argument("--steps", type=int, default=50, help="decode steps timed per configuration")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="write a cProfile (top 25 by own time) of the largest replica configuration here")
+    args = ap.parse_args(argv)
+    stages = [int(s) for s in args.stages.split(",")]
+    seqs = [int(s) for s in args.seqs.split(",")]
+    if args.executor == "jax":
+        os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={max(stages)}")
+    sys.path.insert(0, str(ROOT))
+    head = f"| unit | seqs | step ms | host ms | {' | '.join(PHASES)} |"
+    print(f"host time per decode step, {args.executor} executor, {args.steps} steps each (ms per step)\n")
+    print(head + "\n|" + "---|" * (4 + len(PHASES)))
+    for k in stages:
+        for n in seqs:
+            prof = args.profile if args.profile is not None and k == 1 and n == max(seqs) else None
+            r = measure(args.executor, k, n, args.steps, prof)
+            unit = "replica" if k == 1 else f"{k}-stage group"
+            print(f"| {unit} | {n} | {r['step']:.2f} | {r['host']:.2f} | "
+                  + " | ".join(f"{r[p]:.2f}" for p in PHASES) + " |", flush=True)
+    if args.profile is not None:
+        print(f"\nprofile: {args.profile}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
