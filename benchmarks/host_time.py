@@ -69,7 +69,7 @@ def build(executor: str, k: int, n: int, steps: int):
 
     blocks = n * -(-(32 + 64 + steps) // 16) // k + 64  # per instance: the unit's share of every sequence's KV
     options = dict(num_instances=k, block_size=16, num_blocks=blocks, max_num_seqs=n, max_num_batched_tokens=max(
-        n, 512), max_model_len=1024, min_token_bucket=16, enable_prefix_caching=False)
+        n, 512), max_model_len=512, min_token_bucket=16, enable_prefix_caching=False)
     if k > 1:
         options.update(policy="kunserve", kunserve_max_group=k, restore_window_steps=10**9)
     if executor == "arith":
@@ -96,7 +96,7 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
 
     eng = build(executor, k, n, steps)
     vocab = eng.model_config.vocab_size
-    params = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     for i in range(n):
         eng.add_request([(7 * i + j) % (vocab - 3) + 3 for j in range(32)], params)
     for _ in range(200):  # prefill until every request decodes
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--executor", choices=("arith", "jax"), default="arith")
     ap.add_argument("--seqs", default="8,64,256", help="running sequences per configuration")
     ap.add_argument("--stages", default="1,4", help="1: a replica; 4: a 4-stage pipeline group")
-    ap.add_argument("--steps", type=int, default=50, help="decode steps timed per configuration")
+    ap.add_argument("--steps", type=int, default=50, help="decode steps timed per configuration (at most 300)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="write a cProfile (top 25 by own time) of the largest replica configuration here")
     args = ap.parse_args(argv)
