@@ -82,6 +82,8 @@ class GrpcTarget:
                     if record.first_token_s is None:
                         record.first_token_s = now
                     record.output_tokens += len(resp.token_ids)
+                    if record.output_ids is not None:
+                        record.output_ids += resp.token_ids
                 if resp.finish_reason:
                     record.cached_tokens = resp.usage.cached_tokens
                     scheduled_from_queue(record, resp.usage.queue_time_s)

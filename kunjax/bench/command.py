@@ -113,7 +113,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     wl.add_argument("--user-len", default="uniform:16:128",
                     help="conversations: each new user message's length (default: uniform:16:128)")
     wl.add_argument("--think-s", type=float, default=10.0,
-                    help="conversations: mean seconds from one turn's arrival to the next (default: 10)")
+                    help="conversations: mean seconds from one turn's arrival to the next (default: 10); with "
+                         "--closed-loop, from one turn's answer to the next turn")
+    wl.add_argument("--closed-loop", action="store_true",
+                    help="conversations: send each turn after the previous one's answer, with that answer in its "
+                         "prompt (so the cache can serve it); needs --no-fit")
     wl.add_argument("--workload-seed", type=int, default=0,
                     help="seeds the synthetic workload and the prompts' token ids (default: 0)")
     wl.add_argument("--rate-scale", type=float, default=None,
@@ -239,6 +243,9 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def _load_workload(parser: argparse.ArgumentParser, args: argparse.Namespace):
     from kunjax.workloads import LengthDist, TraceFormatError, conversations, load_trace, scale_rate, synthetic
 
+    if args.closed_loop and (args.trace != "conversations" or args.fit):
+        parser.error("--closed-loop: only for --trace conversations, with --no-fit (a fitted window would cut "
+                     "conversations apart)")
     if args.trace == "conversations":
         for flag in ("turns", "user_len", "output_len"):
             try:
@@ -249,7 +256,7 @@ def _load_workload(parser: argparse.ArgumentParser, args: argparse.Namespace):
             w = conversations(num_conversations=args.conversations, rate=args.rate, turns=args.turns,
                               system_prompts=args.system_prompts, system_tokens=args.system_tokens,
                               user_len=args.user_len, output_len=args.output_len, think_s=args.think_s,
-                              seed=args.workload_seed)
+                              seed=args.workload_seed, closed_loop=args.closed_loop)
         except ValueError as e:
             parser.error(f"conversations: {e}")
     elif args.trace == "synthetic":

@@ -47,6 +47,7 @@ class RequestRecord:
     error: str = ""
     session_id: str = ""  # the conversation it belongs to, when the trace says (sent with the request)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (the runtime's usage, at the end)
+    output_ids: list[int] | None = None  # the generated ids, kept when a later turn's prompt needs them
 
     @property
     def completed(self) -> bool:

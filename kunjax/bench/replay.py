@@ -19,6 +19,7 @@ blocks hold 1/k of the layers) / `_running` / `_waiting`.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import sys
 import time
 from collections.abc import Sequence
@@ -113,55 +114,96 @@ def session_of(r: TraceRequest) -> str:
 
 def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, label: str, block_size: int,
            drain_timeout_s: float, progress: bool = True, id_prefix: str = "bench") -> ReplayResult:
-    """Replay `workload` (prompt i = `prompts[i]`) against `target` on its clock; see the module docstring."""
+    """Replay `workload` (prompt i = `prompts[i]`) against `target` on its clock; see the module docstring.
+
+    A request that `follows` another (a closed-loop conversation turn) is sent its `think_s` after that one ends,
+    with that one's prompt and output as they were, then the last `new_tokens` of `prompts[i]`; one whose turn
+    before it never completed is not sent (it fails with that reason)."""
+    reqs = workload.requests
     records = [RequestRecord(index=i, request_id=f"{id_prefix}-{i}", arrival_s=r.arrival_s,
                              prompt_tokens=len(prompts[i]), max_tokens=r.output_tokens, session_id=session_of(r))
-               for i, r in enumerate(workload.requests)]
+               for i, r in enumerate(reqs)]
+    followers: dict[int, list[int]] = {}
+    for i, r in enumerate(reqs):
+        if r.follows >= 0:
+            followers.setdefault(r.follows, []).append(i)
+            records[r.follows].output_ids = []
+    opening = [i for i, r in enumerate(reqs) if r.follows < 0]  # sent at their arrival times, in order
+    due: list[tuple[float, int]] = []  # (replay time, index) of followers whose turn before ended
+    sent_prompts: dict[int, list[int]] = {}
     clock = target.clock
     t0 = clock.now()
     wall0 = clock.wall()  # the replay's origin on the (engine clock's) wall time: events carry wall times
     timeline: list[dict[str, object]] = []
     events: list[dict[str, object]] = []
     last_seq = 0
-    sent = 0
-    open_: list[RequestRecord] = []  # started and not seen done yet (pruned when a count is needed)
+    sent = nxt = 0  # requests sent; next opening request
+    open_: list[RequestRecord] = []  # started and not seen done yet
     next_sample = 0.0
     deadline = workload.duration_s + drain_timeout_s
     bar = _Progress(label, len(records), workload.duration_s, progress)
     timed_out = 0
+
+    def send(i: int, prompt: list[int], at_s: float | None = None) -> None:
+        nonlocal sent, deadline
+        if followers.get(i):
+            sent_prompts[i] = prompt
+        records[i].prompt_tokens = len(prompt)
+        if at_s is not None:  # a follower arrives when it is due (its open-loop arrival was an estimate)
+            records[i].arrival_s = at_s
+        target.start(records[i], prompt, t0)
+        open_.append(records[i])
+        sent += 1
+        deadline = max(deadline, clock.now() - t0 + drain_timeout_s)
+
     while True:
         # Compare on the clock's own values (t0 + offset), exactly what `advance` was asked to reach: a virtual
         # clock stops at that value, and `clock.now() - t0` may round below the offset.
         at = clock.now()
         now = at - t0
-        while sent < len(records) and t0 + records[sent].arrival_s <= at:
-            target.start(records[sent], list(prompts[sent]), t0)
-            open_.append(records[sent])
-            sent += 1
+        while nxt < len(opening) and t0 + records[opening[nxt]].arrival_s <= at:
+            send(opening[nxt], list(prompts[opening[nxt]]))
+            nxt += 1
+        while due and t0 + due[0][0] <= at:
+            at_s, i = heapq.heappop(due)
+            prev = records[reqs[i].follows]
+            new = list(prompts[i][len(prompts[i]) - reqs[i].new_tokens:])
+            send(i, sent_prompts.pop(reqs[i].follows) + (prev.output_ids or []) + new, at_s)
         sample = t0 + next_sample <= at
-        if sample or sent == len(records):  # counting every loop would cost O(requests) per arrival
-            open_ = [r for r in open_ if not r.done]
-        done = sent - len(open_)
+        if followers or sample or sent == len(records):  # counting every loop would cost O(requests) per arrival
+            still = []
+            for r in open_:
+                if not r.done:
+                    still.append(r)
+                    continue
+                for j in followers.get(r.index, ()):
+                    if r.completed:
+                        heapq.heappush(due, (r.end_s + reqs[j].think_s, j))
+                    else:
+                        _skip(records, followers, j, r)
+            open_ = still
+        done = sum(r.done for r in records) if followers else sent - len(open_)
         if sample:
             try:
                 loads = target.load()
-                new = [_event_dict(ev, now, wall0) for ev in target.policy_events() if ev.seq > last_seq]
+                new_events = [_event_dict(ev, now, wall0) for ev in target.policy_events() if ev.seq > last_seq]
             except Exception as e:  # a failed read leaves a gap in the timeline, not a failed replay
                 print(f"\n[{label}] timeline sample failed: {type(e).__name__}: {e}", file=sys.stderr)
-                loads, new = [], []
-            if new:
-                last_seq = max(int(ev["seq"]) for ev in new)
-                events.extend(new)
+                loads, new_events = [], []
+            if new_events:
+                last_seq = max(int(ev["seq"]) for ev in new_events)
+                events.extend(new_events)
             if loads:
-                timeline.append(timeline_row(now, loads, block_size, sent - done, new))
+                timeline.append(timeline_row(now, loads, block_size, len(open_), new_events))
             next_sample += SAMPLE_PERIOD_S
         bar.show(now, sent, done)
-        if sent == len(records) and done == len(records):
+        if done == len(records):
             break
         if at > t0 + deadline:
             late = [r for r in records if not r.done]
             for r in late:
-                target.abort(r.request_id)
+                if r.submit_s is not None:
+                    target.abort(r.request_id)
             for r in late:
                 if r.finish_reason in (None, "abort"):
                     r.end_s = r.end_s if r.end_s is not None else clock.now() - t0
@@ -169,9 +211,19 @@ def replay(target: Target, workload: Workload, prompts: Sequence[list[int]], *, 
                     r.finish_reason = "timeout"
             timed_out = len(late)
             break
-        wake = min(records[sent].arrival_s if sent < len(records) else deadline, next_sample, deadline)
+        wake = min(records[opening[nxt]].arrival_s if nxt < len(opening) else deadline,
+                   due[0][0] if due else deadline, next_sample, deadline)
         target.advance(t0 + wake)
     ends = [r.end_s for r in records if r.end_s is not None]
     replay_s = max(ends) if ends else clock.now() - t0
     bar.show(clock.now() - t0, sent, sum(r.done for r in records), final=True)
     return ReplayResult(records=records, timeline=timeline, events=events, replay_s=replay_s, timed_out=timed_out)
+
+
+def _skip(records: list[RequestRecord], followers: dict[int, list[int]], j: int, prev: RequestRecord) -> None:
+    """Turn `j` (and the turns after it) is not sent: the turn before it ended with `prev.finish_reason`."""
+    r = records[j]
+    r.end_s, r.error = prev.end_s, f"not sent: the turn before it ended with {prev.finish_reason}"
+    r.finish_reason = "error"
+    for k in followers.get(j, ()):
+        _skip(records, followers, k, r)

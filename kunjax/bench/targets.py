@@ -164,6 +164,8 @@ class InProcessTarget:
                 if record.first_token_s is None:
                     record.first_token_s = now
                 record.output_tokens += n
+                if record.output_ids is not None:
+                    record.output_ids += out.outputs[0].delta_token_ids
             if out.finished:
                 record.cached_tokens = out.num_cached_tokens
                 m = out.metrics

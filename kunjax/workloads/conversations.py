@@ -17,10 +17,16 @@ the history are synthesized tokens, not what the model generated (a replay sends
 cache can serve a turn its system prompt and every earlier turn's prompt, but not the previous answer, which is
 computed with the new message (and cached for the turn after). Every length is rounded up to whole blocks.
 Each turn carries its conversation's id as its session (`--routing session`).
+
+`closed_loop=True` makes the replay a conversation's: turn t + 1 (`TraceRequest.follows` = turn t) is sent its
+think time after turn t's answer ends, and its prompt is turn t's prompt and answer as they were sent and
+generated, then its new message (`new_tokens`); its `arrival_s` is the open-loop estimate, used for ordering.
+The cache can then serve a turn everything but its new message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -32,7 +38,7 @@ from kunjax.workloads.trace import TraceRequest, Workload
 def conversations(*, num_conversations: int, rate: float = 1.0, turns: LengthDist | str = "uniform:2:8",
                   system_prompts: int = 4, system_tokens: int = 256, user_len: LengthDist | str = "uniform:16:128",
                   output_len: LengthDist | str = "uniform:16:128", think_s: float = 10.0, block_tokens: int = 16,
-                  seed: int = 0) -> Workload:
+                  seed: int = 0, closed_loop: bool = False) -> Workload:
     """The requests (turns) of `num_conversations` conversations, in arrival order (module docstring)."""
     if num_conversations < 1:
         raise ValueError(f"num_conversations must be >= 1, got {num_conversations}")
@@ -49,20 +55,31 @@ def conversations(*, num_conversations: int, rate: float = 1.0, turns: LengthDis
 
     systems = [blocks(system_tokens) for _ in range(system_prompts)]
     starts = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0 / rate, num_conversations - 1))])
-    reqs = []
+    reqs, keys = [], []  # keys[i]: (conversation, turn) of reqs[i]
     for c, start in enumerate(starts):
         n = int(t_dist.sample(rng, 1)[0])
         history = list(systems[int(rng.integers(system_prompts))])
         t = float(start)
         for turn, (user, out) in enumerate(zip(u_dist.sample(rng, n), o_dist.sample(rng, n), strict=True)):
-            if turn:
-                t += float(rng.exponential(think_s))
-            prompt = history + blocks(int(user))
-            reqs.append(TraceRequest(t, len(prompt) * block_tokens, int(out), tuple(prompt), session=f"conv-{c}"))
+            think = float(rng.exponential(think_s)) if turn else 0.0
+            t += think
+            new = blocks(int(user))
+            prompt = history + new
+            follow = closed_loop and turn > 0
+            reqs.append(TraceRequest(t, len(prompt) * block_tokens, int(out), tuple(prompt), session=f"conv-{c}",
+                                     think_s=think if follow else 0.0,
+                                     new_tokens=len(new) * block_tokens if follow else 0))
+            keys.append((c, turn))
             history = prompt + blocks(int(out))  # the answer joins the history of the next turn
-    reqs.sort(key=lambda r: r.arrival_s)
+    order = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
+    reqs = [reqs[i] for i in order]
+    if closed_loop:
+        at = {keys[j]: i for i, j in enumerate(order)}
+        reqs = [dataclasses.replace(r, follows=at[(keys[j][0], keys[j][1] - 1)]) if r.new_tokens else r
+                for r, j in zip(reqs, order, strict=True)]
     source = (f"conversations: {num_conversations} at {rate:g}/s, turns {t_dist}, {system_prompts} system prompt(s) "
-              f"of {system_tokens} tokens, user {u_dist}, output {o_dist}, think time {think_s:g}s, seed {seed}")
+              f"of {system_tokens} tokens, user {u_dist}, output {o_dist}, think time {think_s:g}s, seed {seed}"
+              f"{', closed loop' if closed_loop else ''}")
     return Workload(requests=tuple(reqs), source=source, prefix_block_tokens=block_tokens,
                     notes=(f"generated {len(reqs)} turns of {num_conversations} conversations over "
                            f"{reqs[-1].arrival_s:.1f}s",))

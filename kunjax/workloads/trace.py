@@ -49,6 +49,11 @@ class TraceRequest:
     output_tokens: int  # >= 1
     prefix_ids: tuple[int, ...] = ()  # shared prompt-prefix blocks (Mooncake hash ids); equal ids = equal tokens
     session: str = ""  # the conversation it is a turn of, when known (sent as the request's session id)
+    # Closed loop (a conversation's next turn): the index of the turn it continues; replayed, it is sent `think_s`
+    # after that turn ends, its prompt that turn's prompt and answer as they were, then its last `new_tokens`.
+    follows: int = -1
+    think_s: float = 0.0
+    new_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

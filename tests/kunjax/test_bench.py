@@ -365,3 +365,65 @@ def test_conversations_replay_with_their_sessions_and_a_mean_jct(tmp_path):
     assert "mean JCT" in res.stdout
     with open(tmp_path / "requests_session.csv") as f:
         assert all(r["session_id"].startswith("conv-") for r in csv.DictReader(f))
+
+
+def test_a_closed_loop_turn_is_sent_after_the_previous_answer_with_it_in_its_prompt():
+    """--closed-loop: turn t + 1 goes its think time after turn t ends, its prompt turn t's prompt and generated
+    answer then its new message, so the cache serves it all but the new message; a turn whose predecessor
+    failed is not sent."""
+    import dataclasses
+
+    from kunjax.bench.replay import replay
+    from kunjax.bench.targets import InProcessTarget
+    from kunjax.engine import LLMEngine
+    from kunjax.workloads import Workload, conversations, synthesize_prompts
+    from tests.helpers import SPLIT
+
+    w = conversations(num_conversations=6, rate=2.0, turns="uniform:2:4", system_tokens=32, user_len="uniform:8:24",
+                      output_len="uniform:4:12", think_s=0.5, block_tokens=8, seed=1, closed_loop=True)
+    reqs = w.requests
+    assert reqs[0].follows == -1 and sum(r.follows >= 0 for r in reqs) == len(reqs) - 6
+    for r in reqs:
+        if r.follows >= 0:
+            prev = reqs[r.follows]
+            assert prev.session == r.session and prev.arrival_s < r.arrival_s and r.new_tokens % 8 == 0 < r.new_tokens
+    cfg = config_from_kwargs(num_instances=1, block_size=8, num_blocks=200, max_num_seqs=8, max_num_batched_tokens=64,
+                             max_model_len=256)
+    engine = LLMEngine(dataclasses.replace(SPLIT, num_layers=4), cfg, executor="arith")
+    target = InProcessTarget(engine)
+    sent: dict[str, list[int]] = {}
+    start = target.start
+
+    def recording(record, prompt_ids, t0):
+        sent[record.request_id] = list(prompt_ids)
+        start(record, prompt_ids, t0)
+
+    target.start = recording
+    prompts = synthesize_prompts(w, SPLIT.vocab_size, seed=2)
+    records = replay(target, w, prompts, label="closed", block_size=8, drain_timeout_s=1e6, progress=False).records
+    assert all(r.completed for r in records)
+    for r, req in zip(records, reqs, strict=True):
+        if req.follows < 0:
+            assert sent[r.request_id] == prompts[r.index]
+            continue
+        prev = records[req.follows]
+        history = sent[prev.request_id] + prev.output_ids
+        assert sent[r.request_id] == history + prompts[r.index][-req.new_tokens:]
+        assert r.arrival_s == pytest.approx(prev.end_s + req.think_s, abs=1e-6)  # after the answer, not before
+        assert r.cached_tokens >= len(history) // 8 * 8 - 8  # the answer's blocks too (one may still be partial)
+
+    bad = Workload(requests=(dataclasses.replace(reqs[0], prompt_tokens=300), dataclasses.replace(
+        reqs[1], follows=0, think_s=0.1, new_tokens=8)), source="test", prefix_block_tokens=8)
+    long = [list(range(3, 303)), prompts[1]]  # the first is longer than the model's 256 tokens: rejected
+    records = replay(InProcessTarget(engine), bad, long, label="bad", block_size=8, drain_timeout_s=1e6,
+                     progress=False).records
+    assert records[0].finish_reason == "rejected"
+    assert records[1].finish_reason == "error" and "ended with rejected" in records[1].error
+    assert records[1].submit_s is None
+
+
+def test_closed_loop_needs_conversations_without_a_fitted_window(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--trace", "conversations", "--closed-loop", "--executor", "sim", "--profile", "h100",
+              "--model-shape", "llama-3-8b"])
+    assert "--closed-loop: only for --trace conversations, with --no-fit" in capsys.readouterr().err
