@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
 
 from kunjax import __version__
@@ -105,7 +105,7 @@ class EngineThread:
             raise InvalidRequest("give exactly one of a text prompt or prompt token ids")
         prompt = request.prompt if request.prompt is not None else list(request.prompt_ids)
         try:  # tokenizing (and refusing a huge text) needs no lock: other streams keep flowing meanwhile
-            encoded = self.engine.encode(prompt)
+            encoded = self.engine.encode(prompt, add_special_tokens=request.add_special_tokens)
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
         with self._lock:
@@ -164,6 +164,16 @@ class EngineThread:
     def info(self) -> RuntimeInfo:
         with self._lock:
             return runtime_info(self.engine, {"kunjax": __version__, "jax": version("jax")})
+
+    def token_texts(self, token_ids: Sequence[int]) -> tuple[str, ...]:
+        tok = self.engine.tokenizer  # immutable once loaded: no lock
+        if tok is None:
+            raise InvalidRequest("this model has no tokenizer.json: token texts are unknown")
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return tuple(tok.decode([t], skip_special_tokens=False) for t in token_ids)
 
     def load(self) -> list[InstanceLoad]:
         return self._read_status()[1]
