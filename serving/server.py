@@ -41,6 +41,7 @@ from kunjax.api import GenerateRequest, InvalidRequest, Overloaded, PolicyStatus
 from kunjax.sampling_params import SamplingParams
 from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving._generated.kunjax.serving.v2 import generate_pb2_grpc as pb_grpc
+from serving.http_server import HttpServer, OpenAIApp
 from serving.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, check_token
 from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer
 from serving.metrics import ServingMetrics
@@ -268,6 +269,11 @@ class ServerHandle:
     thread: threading.Thread
     metrics_port: int | None = None  # the metrics HTTP endpoint's port, None when not served
     tls: bool = False
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP server, None when not served
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def metrics(self) -> ServingMetrics:
@@ -297,6 +303,8 @@ class ServerHandle:
         requests), then end the loop thread and the metrics endpoint. Does not shut the runtime down."""
         if not self.loop.is_running():
             return
+        if self.http is not None:
+            self.http.stop()
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
         asyncio.run_coroutine_threadsafe(self._end_readiness_watch(), self.loop).result(timeout=10)
         self.servicer.close()
@@ -309,7 +317,8 @@ class ServerHandle:
 async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05,
                        auth_token: str | None = None, credentials: grpc.ServerCredentials | None = None,
-                       metrics: ServingMetrics | None = None) -> tuple[grpc.aio.Server, int, KunjaxServicer]:
+                       metrics: ServingMetrics | None = None, streams: StreamBridge | None = None
+                       ) -> tuple[grpc.aio.Server, int, KunjaxServicer]:
     """Builds and starts the server on the running loop; returns it, the bound port and the servicer.
 
     Serves `KunjaxService` and JetStream's `Orchestrator` (`serving.jetstream`), health and reflection.
@@ -326,7 +335,7 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    servicer = KunjaxServicer(runtime, metrics=metrics)
+    servicer = KunjaxServicer(runtime, metrics=metrics, streams=streams)
     pb_grpc.add_KunjaxServiceServicer_to_server(servicer, server)
     add_jetstream_servicer(server, runtime, kunjax=servicer)  # shares the servicer's pool, metrics and errors
 
@@ -353,20 +362,36 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
 def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05,
           auth_token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-          metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> ServerHandle:
+          metrics_port: int | None = None, metrics_host: str = "127.0.0.1", http_port: int | None = None,
+          http_host: str = "127.0.0.1", model_name: str | None = None, chat_template: str | None = None
+          ) -> ServerHandle:
     """Starts the server on a new event-loop thread and returns once it listens (raises if it cannot).
 
     `tls_cert`/`tls_key`: PEM files, both or neither (plaintext). `auth_token`: require it as a bearer token.
     `metrics_port`: serve Prometheus metrics over HTTP on `metrics_host:metrics_port` (0: a free port; None: no
-    endpoint). Invalid settings raise `ValueError` naming the argument; ports that cannot be bound, `OSError`.
+    endpoint). `http_port`: also serve the OpenAI-compatible HTTP API (`serving.http_server`) on
+    `http_host:http_port` with the same token, TLS files, size limit, metrics and stream layer; `model_name` is the
+    model id it answers to (default: the runtime's `info().model`), `chat_template` overrides the model's own.
+    Invalid settings raise `ValueError` naming the argument; ports that cannot be bound, `OSError`.
     """
     if auth_token is not None:
         check_token(auth_token)
     credentials = load_server_credentials(tls_cert, tls_key)
-    if auth_token is not None and credentials is None and not _is_loopback(host):
-        log.warning("auth token sent in plaintext: %s is not a loopback address and TLS is off", host)
+    for address in (host, http_host if http_port is not None else host):
+        if auth_token is not None and credentials is None and not _is_loopback(address):
+            log.warning("auth token sent in plaintext: %s is not a loopback address and TLS is off", address)
     metrics = ServingMetrics(runtime)
-    bound_metrics = metrics.serve_http(metrics_port, metrics_host) if metrics_port is not None else None
+    streams = StreamBridge(runtime, metrics)
+    try:
+        http = None if http_port is None else HttpServer(
+            OpenAIApp(streams, model_name=model_name if model_name is not None else runtime.info().model,
+                      auth_token=auth_token, max_body_bytes=max_message_bytes, chat_template=chat_template),
+            http_host, http_port, tls_cert=None if tls_cert is None else str(tls_cert),
+            tls_key=None if tls_key is None else str(tls_key))
+        bound_metrics = metrics.serve_http(metrics_port, metrics_host) if metrics_port is not None else None
+    except BaseException:
+        streams.close()
+        raise
 
     loop = asyncio.new_event_loop()
     started: concurrent.futures.Future[tuple[grpc.aio.Server, int, KunjaxServicer]] = concurrent.futures.Future()
@@ -375,7 +400,7 @@ def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
         try:
             started.set_result(await start_server(
                 runtime, host, port, max_message_bytes=max_message_bytes, health_poll_s=health_poll_s,
-                auth_token=auth_token, credentials=credentials, metrics=metrics))
+                auth_token=auth_token, credentials=credentials, metrics=metrics, streams=streams))
         except BaseException as e:
             started.set_exception(e)
             loop.stop()
@@ -391,6 +416,17 @@ def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
         server, bound, servicer = started.result(timeout=30)
     except BaseException:
         metrics.close()
+        streams.close()
+        if http is not None:
+            http.stop()
         raise
-    return ServerHandle(server=server, port=bound, servicer=servicer, loop=loop, thread=thread,
-                        metrics_port=bound_metrics, tls=credentials is not None)
+    handle = ServerHandle(server=server, port=bound, servicer=servicer, loop=loop, thread=thread,
+                          metrics_port=bound_metrics, tls=credentials is not None, http=http)
+    if http is not None:
+        try:
+            http.start()
+        except BaseException:
+            handle.http = None
+            handle.stop(grace=0)
+            raise
+    return handle
