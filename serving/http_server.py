@@ -306,8 +306,9 @@ class OpenAIApp:
 
         try:
             if plan.chat:  # OpenAI opens each choice with the assistant's role
-                yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                   "finish_reason": None} for i in range(plan.num_choices)]))
+                for i in range(plan.num_choices):
+                    yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                       "finish_reason": None}]))
             async for i, ev in stream:
                 if ev.finished and (err := oai.failure(ev)) is not None:
                     yield _sse(err.body())
