@@ -13,8 +13,10 @@ Choices: a completion request with several prompts and `n` makes `len(prompts) *
 and each is reproducible). `usage.prompt_tokens` counts each prompt once. kunjax extensions, as vLLM spells them,
 are accepted in the body (the `openai` client's `extra_body`): `top_k`, `min_p`, `min_tokens`, `ignore_eos`,
 `stop_token_ids`, `skip_special_tokens`, `include_stop_str_in_output`, and for chat `add_generation_prompt` and
-`chat_template_kwargs`. Refused (400): `echo`, `suffix`, `best_of` other than `n`, non-zero penalties, `logit_bias`,
-tools and function calling, `response_format` other than text, non-text message parts.
+`chat_template_kwargs`. `max_tokens` left out of a completion request is OpenAI's 16; an explicit null (as in
+vLLM), or leaving it out of a chat request, generates until the context (`--max-model-len`) is full. Refused
+(400): `echo`, `suffix`, `best_of` other than `n`, non-zero penalties, `logit_bias`, tools and function calling,
+`response_format` other than text, non-text message parts.
 """
 
 from __future__ import annotations
@@ -228,7 +230,8 @@ def completion_plan(body: Any, *, model_name: str) -> Plan:
     stream = _bool(body, "stream", False)
     logprobs = _int(body, "logprobs", None, lo=0)
     return Plan(chat=False, model=model, prompts=tuple(prompts), n=n,
-                params=_sampling(body, max_tokens=_int(body, "max_tokens", 16, lo=1), logprobs=logprobs, n=n),
+                params=_sampling(body, max_tokens=_int(body, "max_tokens", 16 if "max_tokens" not in body else None,
+                                                       lo=1), logprobs=logprobs, n=n),
                 add_special_tokens=True, stream=stream, include_usage=_stream_options(body, stream),
                 logprobs=logprobs)
 

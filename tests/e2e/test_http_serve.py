@@ -100,7 +100,9 @@ def test_chat_completions_equal_a_completion_of_the_rendered_text(server):
     messages = [{"role": "system", "content": head}, {"role": "user", "content": tail}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=200, temperature=0)
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (passage_rest, "stop")
-    assert r.choices[0].message.content == grpc_greedy(grpc_client, prompt, 200)[0]
+    text, _, _, prompt_tokens = grpc_greedy(grpc_client, prompt, 200)
+    assert r.choices[0].message.content == text
+    assert r.usage.prompt_tokens == prompt_tokens  # one BOS: the template's, none added by the tokenizer
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \

@@ -278,3 +278,13 @@ def test_health_turns_503_while_draining(make_served):
     with pytest.raises(openai.InternalServerError) as refused:
         s.client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
     assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "5"
+
+
+def test_max_tokens_left_out_is_16_and_null_runs_to_the_context(make_served):
+    s = make_served(max_model_len=40)
+    assert s.client.completions.create(model=MODEL, prompt="hi").usage.completion_tokens == 16
+    endless = s.client.completions.create(model=MODEL, prompt="hi", max_tokens=None)
+    assert (endless.usage.completion_tokens, endless.choices[0].finish_reason) == (38, "length")
+    chat = make_served(max_model_len=40, chat_template=CONCAT)
+    r = chat.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert r.usage.completion_tokens == 40 - len("user:x|A:")
