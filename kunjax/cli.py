@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate, subparser=gen)
 
     srv = sub.add_parser(
-        "serve", help="serve the model over gRPC",
-        description="Serve kunjax.serving.v2.KunjaxService (plus grpc.health.v1 and reflection) until SIGINT or "
-                    "SIGTERM; then stop admitting, let in-flight requests finish for --grace-s, abort the rest.")
+        "serve", help="serve the model over gRPC (and the OpenAI HTTP API with --http-port)",
+        description="Serve kunjax.serving.v2.KunjaxService (plus grpc.health.v1 and reflection), and with "
+                    "--http-port the OpenAI-compatible HTTP API, until SIGINT or SIGTERM; then stop admitting, let "
+                    "in-flight requests finish for --grace-s, abort the rest.")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, local only)")
     srv.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
     srv.add_argument("--max-queued", type=int, default=1024,
