@@ -95,7 +95,6 @@ class EngineThread:
         # split since) is never handed out
         self._status: tuple[float, list[InstanceLoad], PolicyStatus, int] | None = None
         self._status_wanted = False  # a reader asked during the current step: a snapshot at its end
-        self._served_at = 0.0  # when a reader was last handed a snapshot
         self._thread = threading.Thread(target=self._run, name="kunjax-engine", daemon=True)
         self._thread.start()
 
@@ -189,16 +188,16 @@ class EngineThread:
         return snap
 
     def _read_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus, int]:
-        snap = self._fresh_status()
-        self._served_at = time.monotonic()
-        return snap
+        return self._fresh_status()
 
     def _fresh_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus, int]:
         last = self._status
         if last is not None and last[3] != self.engine.layout_version:
             last = None  # instances fused or split since: only a new snapshot will do
-        if last is not None and time.monotonic() - max(last[0], self._served_at) < STATUS_FRESH_S:
-            return last  # taken, or handed out, just now (GetLoad reads load and policy status back to back)
+        # Young since it was *taken* (GetLoad reads load and policy status back to back). Not since it was last
+        # handed out: a reader polling faster than STATUS_FRESH_S would keep an idle engine's last one forever.
+        if last is not None and time.monotonic() - last[0] < STATUS_FRESH_S:
+            return last
         if self._lock.acquire(timeout=STATUS_LOCK_WAIT_S):  # free, or about to be: a step's tail is short
             try:
                 return self._snapshot()
