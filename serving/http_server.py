@@ -208,6 +208,8 @@ class OpenAIApp:
             return _EventStreamResponse(self._stream_body(plan, stream, rid), stream)
         try:
             return await self._until_disconnected(request, self._whole(plan, stream, rid))
+        except oai.APIError as e:
+            return _error_response(e)
         finally:
             stream.close()
 
@@ -252,7 +254,11 @@ class OpenAIApp:
 
     async def _token_texts(self, ids: list[int]) -> dict[int, str]:
         unique = list(dict.fromkeys(ids))
-        return dict(zip(unique, await self.streams.call(self.runtime.token_texts, unique), strict=True))
+        try:
+            texts = await self.streams.call(self.runtime.token_texts, unique)
+        except InvalidRequest as e:  # a model without a tokenizer has no token texts to show
+            raise oai.APIError(f"logprobs need token texts: {e}", param="logprobs") from e
+        return dict(zip(unique, texts, strict=True))
 
     async def _whole(self, plan: oai.Plan, stream: EventStream, rid: str) -> Response:
         n = plan.num_choices
@@ -315,7 +321,11 @@ class OpenAIApp:
                     return
                 logprobs = None
                 if plan.logprobs is not None and ev.token_ids:
-                    lookup = await self._token_texts(oai.logprob_ids(ev, plan.logprobs))
+                    try:
+                        lookup = await self._token_texts(oai.logprob_ids(ev, plan.logprobs))
+                    except oai.APIError as e:
+                        yield _sse(e.body())
+                        return
                     logprobs = ({"content": oai.chat_logprobs(ev, plan.logprobs, lookup)} if plan.chat else
                                 oai.completion_logprobs(ev, plan.logprobs, lookup, offsets[i]))
                 offsets[i] += len(ev.text)

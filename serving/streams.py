@@ -59,8 +59,7 @@ class StreamBridge:
 
     def abort_in_background(self, request_id: str) -> None:
         """Queue `request_id`'s abort on the control pool; never waits (safe in a cancelled task's `finally`)."""
-        with self._cancel_lock:
-            self._cancelling.add(request_id)
+        self._cancelling.add(request_id)  # (atomic; not under `_cancel_lock`, which an abort in progress holds)
         try:
             self._pool.submit(self._abort_cancelled, request_id)
         except RuntimeError:  # pool already shut down: abort inline rather than leak the request's blocks

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import openai
 import pytest
 
+from kunjax.api import InvalidRequest
 from serving.client import KunjaxClient
 from serving.fake_runtime import FakeRuntime
 from serving.server import ServerHandle, serve
@@ -55,8 +56,9 @@ class Served:
 def make_served() -> Iterator[Callable[..., Served]]:
     made: list[Served] = []
 
-    def make(*, token: str | None = TOKEN, max_message_bytes: int = 1 << 20, **kwargs: object) -> Served:
-        runtime = FakeRuntime(**{"vocab_size": VOCAB, "max_model_len": 10_000, "step_interval_s": 0.002, **kwargs})
+    def make(*, token: str | None = TOKEN, max_message_bytes: int = 1 << 20, runtime_class: type = FakeRuntime,
+             **kwargs: object) -> Served:
+        runtime = runtime_class(**{"vocab_size": VOCAB, "max_model_len": 10_000, "step_interval_s": 0.002, **kwargs})
         handle = serve(runtime, health_poll_s=0.01, http_port=0, model_name=MODEL, auth_token=token,
                        max_message_bytes=max_message_bytes)
         made.append(Served(runtime, handle, token))
@@ -288,3 +290,19 @@ def test_max_tokens_left_out_is_16_and_null_runs_to_the_context(make_served):
     chat = make_served(max_model_len=40, chat_template=CONCAT)
     r = chat.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert r.usage.completion_tokens == 40 - len("user:x|A:")
+
+
+class NoTokenizerRuntime(FakeRuntime):
+    def token_texts(self, token_ids):
+        raise InvalidRequest("this model has no tokenizer.json: token texts are unknown")
+
+
+def test_logprobs_without_token_texts_are_a_clear_400_not_a_crash(make_served):
+    s = make_served(runtime_class=NoTokenizerRuntime, token=None)
+    with pytest.raises(openai.BadRequestError) as err:
+        s.client.completions.create(model=MODEL, prompt=[5], max_tokens=2, logprobs=1)
+    assert "no tokenizer.json" in err.value.body["message"]
+    with pytest.raises(openai.APIError, match="no tokenizer.json"):
+        list(s.client.completions.create(model=MODEL, prompt=[5], max_tokens=2, logprobs=1, stream=True))
+    assert s.client.completions.create(model=MODEL, prompt=[5], max_tokens=2).choices[0].text == "<6><7>"
+    assert wait_until(lambda: s.kv_used() == 0, timeout_s=5.0)
