@@ -93,6 +93,17 @@ def test_recitation_stops_like_grpc(server):
     assert len(stopped.choices[0].text) < len(passage_rest)
 
 
+def test_seeded_samples_equal_grpc_with_the_same_seeds(server):
+    """Sample j of `n` uses `seed + j`: each is what gRPC samples with that seed, and they differ."""
+    _, grpc_client, client, _, _ = server
+    r = client.completions.create(model=MODEL, prompt="The", max_tokens=16, temperature=1.5, n=2, seed=1234,
+                                  extra_body={"ignore_eos": True})
+    expected = [grpc_client.generate_text("The", max_tokens=16, temperature=1.5, seed=1234 + j, ignore_eos=True)[0]
+                for j in range(2)]
+    assert [c.text for c in r.choices] == expected
+    assert expected[0] != expected[1]
+
+
 def test_chat_completions_equal_a_completion_of_the_rendered_text(server):
     _, grpc_client, client, _, _ = server
     prompt, passage_rest = recitation_prompts()[2]
