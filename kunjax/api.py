@@ -24,7 +24,7 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from kunjax.sampling_params import SamplingParams
@@ -49,6 +49,8 @@ class GenerateRequest:
     prompt_ids: tuple[int, ...] | None
     params: SamplingParams
     session_id: str | None = None  # the conversation it belongs to (`--routing session`)
+    # False for a text that already holds its special tokens (a rendered chat template): no BOS/EOS is added
+    add_special_tokens: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +147,8 @@ class RuntimeInfo:
     eos_token_ids: tuple[int, ...] = ()  # ids that end a generation unless ignore_eos
     policy_settings: dict[str, str] = dataclasses.field(default_factory=dict)  # the policy's thresholds, as text
     kv_pool_blocks: int = 0  # usable KV blocks of all instances' device pools, what a policy sets aside included
+    chat_template: str | None = None  # the model's Jinja chat template (`kunjax.chat_template`); None: it has none
+    special_token_texts: dict[str, str] = dataclasses.field(default_factory=dict)  # "bos_token" -> "<s>", ...
 
 
 class Runtime(Protocol):
@@ -159,6 +163,10 @@ class Runtime(Protocol):
         step: the request ends with an "abort" event, and frees its KV, at the next step boundary."""
 
     def info(self) -> RuntimeInfo: ...
+
+    def token_texts(self, token_ids: Sequence[int]) -> tuple[str, ...]:
+        """The text of each id on its own, special tokens included (logprobs' token strings); raises
+        `InvalidRequest` when the model has no tokenizer or an id is outside the vocabulary."""
 
     def load(self) -> list[InstanceLoad]:
         """Every instance's load, at most about 0.1 s or one step old, never of a layout the instances have left

@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate, subparser=gen)
 
     srv = sub.add_parser(
-        "serve", help="serve the model over gRPC",
-        description="Serve kunjax.serving.v2.KunjaxService (plus grpc.health.v1 and reflection) until SIGINT or "
-                    "SIGTERM; then stop admitting, let in-flight requests finish for --grace-s, abort the rest.")
+        "serve", help="serve the model over gRPC (and the OpenAI HTTP API with --http-port)",
+        description="Serve kunjax.serving.v2.KunjaxService (plus grpc.health.v1 and reflection), and with "
+                    "--http-port the OpenAI-compatible HTTP API, until SIGINT or SIGTERM; then stop admitting, let "
+                    "in-flight requests finish for --grace-s, abort the rest.")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, local only)")
     srv.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
     srv.add_argument("--max-queued", type=int, default=1024,
@@ -83,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics over HTTP on this port; 0 picks a free one (default: off)")
     srv.add_argument("--metrics-host", default="127.0.0.1",
                      help="address of the metrics endpoint (default: 127.0.0.1, local only)")
+    srv.add_argument("--http-port", type=int, default=None,
+                     help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                          "/v1/models, /health, /metrics) on this port, with the same auth token, TLS and limits; "
+                          "0 picks a free one (default: off)")
+    srv.add_argument("--http-host", default="127.0.0.1",
+                     help="address of the HTTP API (default: 127.0.0.1, local only)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model id the HTTP API lists and answers to (default: the --model value)")
+    srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                     help="Jinja chat template for /v1/chat/completions (a file, or the template text itself), "
+                          "instead of the model's own from tokenizer_config.json; the demo model has none")
     srv.add_argument("--grace-s", type=float, default=10.0,
                      help="on shutdown, seconds in-flight requests get to finish before they are aborted")
     model_flags(srv)
@@ -231,6 +243,9 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--grace-s must be >= 0, got {args.grace_s}")
     if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
         parser.error(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
+    if args.http_port is not None and not 0 <= args.http_port < 65536:
+        parser.error(f"--http-port must be in [0, 65535], got {args.http_port}")
+    chat_template = _chat_template_arg(parser, args.chat_template)
     token = None
     if args.auth_token_file is not None:
         try:
@@ -249,15 +264,20 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     runtime = EngineThread(engine, max_queued=args.max_queued, freeze_gc=True)
     try:
         handle = serve(runtime, args.host, args.port, auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                       metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host, http_port=args.http_port,
+                       http_host=args.http_host, model_name=args.served_model_name or str(args.model),
+                       chat_template=chat_template)
     except ValueError as e:
         runtime.shutdown(0)
         parser.error(str(e).replace("tls_", "--tls-").replace("auth_token", "--auth-token-file"))
     except OSError as e:
         runtime.shutdown(0)
-        parser.error(f"--host/--port/--metrics-port: {e}")
+        parser.error(f"--host/--port/--metrics-port/--http-port: {e}")
     print(f"kunjax: serving on {args.host}:{handle.port}{' with TLS' if args.tls_cert else ''} "
           f"(ready once warm-up compiles finish)", file=sys.stderr, flush=True)
+    if handle.http_port is not None:
+        print(f"kunjax: OpenAI HTTP API on http{'s' if args.tls_cert else ''}://{args.http_host}:{handle.http_port}/v1 "
+              f"(model {args.served_model_name or args.model!s})", file=sys.stderr, flush=True)
     if handle.metrics_port is not None:
         print(f"kunjax: metrics on http://{args.metrics_host}:{handle.metrics_port}/metrics", file=sys.stderr,
               flush=True)
@@ -277,6 +297,28 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     runtime.shutdown(args.grace_s, cut_short=hurry)  # stop admitting, finish or abort in-flight requests
     handle.stop(grace=1.0)
     return 0
+
+
+def _chat_template_arg(parser: argparse.ArgumentParser, value: str | None) -> str | None:
+    """`--chat-template`: the text of a file, or the template itself when it is not a file but looks like one."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--chat-template: cannot read {value}: {e}")
+    if "{{" in value or "{%" in value:
+        from kunjax.chat_template import ChatTemplateError, render_chat
+
+        try:  # a syntax error fails here, not on the first chat request
+            render_chat(value, [{"role": "user", "content": "hi"}])
+        except ChatTemplateError as e:
+            if "does not parse" in str(e):
+                parser.error(f"--chat-template: {e}")
+        return value
+    parser.error(f"--chat-template: {value!r} is neither a file nor a Jinja template")
 
 
 def _grpc_target(address: str, **kwargs):

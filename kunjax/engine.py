@@ -265,9 +265,10 @@ class LLMEngine:
         return self.warmup_seconds
 
     # ---- admission ----------------------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+    def encode(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         """(text, ids) of a prompt; a text is tokenized, after a size check that needs no tokenizer (a text of more
-        than `MAX_CHARS_PER_TOKEN` characters per token of the context cannot fit). Reads no engine state but
+        than `MAX_CHARS_PER_TOKEN` characters per token of the context cannot fit), with the tokenizer's BOS/EOS
+        unless `add_special_tokens` is False (a rendered chat template writes its own). Reads no engine state but
         constants: the engine thread calls it outside its lock, so a huge prompt never stalls other streams."""
         if isinstance(prompt, str):
             if not prompt:  # (a tokenizer would make it a lone BOS)
@@ -278,7 +279,7 @@ class LLMEngine:
                                  f"token of the {self.max_model_len}-token context (--max-model-len) can hold")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer.json: pass prompts as lists of token ids")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         return None, [int(t) for t in prompt]
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,

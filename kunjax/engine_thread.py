@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
 
 from kunjax import __version__
@@ -95,7 +95,6 @@ class EngineThread:
         # split since) is never handed out
         self._status: tuple[float, list[InstanceLoad], PolicyStatus, int] | None = None
         self._status_wanted = False  # a reader asked during the current step: a snapshot at its end
-        self._served_at = 0.0  # when a reader was last handed a snapshot
         self._thread = threading.Thread(target=self._run, name="kunjax-engine", daemon=True)
         self._thread.start()
 
@@ -105,7 +104,7 @@ class EngineThread:
             raise InvalidRequest("give exactly one of a text prompt or prompt token ids")
         prompt = request.prompt if request.prompt is not None else list(request.prompt_ids)
         try:  # tokenizing (and refusing a huge text) needs no lock: other streams keep flowing meanwhile
-            encoded = self.engine.encode(prompt)
+            encoded = self.engine.encode(prompt, add_special_tokens=request.add_special_tokens)
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
         with self._lock:
@@ -165,6 +164,16 @@ class EngineThread:
         with self._lock:
             return runtime_info(self.engine, {"kunjax": __version__, "jax": version("jax")})
 
+    def token_texts(self, token_ids: Sequence[int]) -> tuple[str, ...]:
+        tok = self.engine.tokenizer  # immutable once loaded: no lock
+        if tok is None:
+            raise InvalidRequest("this model has no tokenizer.json: token texts are unknown")
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return tuple(tok.decode([t], skip_special_tokens=False) for t in token_ids)
+
     def load(self) -> list[InstanceLoad]:
         return self._read_status()[1]
 
@@ -179,16 +188,16 @@ class EngineThread:
         return snap
 
     def _read_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus, int]:
-        snap = self._fresh_status()
-        self._served_at = time.monotonic()
-        return snap
+        return self._fresh_status()
 
     def _fresh_status(self) -> tuple[float, list[InstanceLoad], PolicyStatus, int]:
         last = self._status
         if last is not None and last[3] != self.engine.layout_version:
             last = None  # instances fused or split since: only a new snapshot will do
-        if last is not None and time.monotonic() - max(last[0], self._served_at) < STATUS_FRESH_S:
-            return last  # taken, or handed out, just now (GetLoad reads load and policy status back to back)
+        # Young since it was *taken* (GetLoad reads load and policy status back to back). Not since it was last
+        # handed out: a reader polling faster than STATUS_FRESH_S would keep an idle engine's last one forever.
+        if last is not None and time.monotonic() - last[0] < STATUS_FRESH_S:
+            return last
         if self._lock.acquire(timeout=STATUS_LOCK_WAIT_S):  # free, or about to be: a step's tail is short
             try:
                 return self._snapshot()

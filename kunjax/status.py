@@ -32,7 +32,9 @@ def runtime_info(engine: LLMEngine, versions: dict[str, str]) -> RuntimeInfo:
                        instances=layouts, policy=engine.config.policy, versions=versions,
                        block_size=engine.config.block_size, eos_token_ids=tuple(sorted(engine.eos_token_ids)),
                        policy_settings={k: str(v) for k, v in engine.policy.settings().items()},
-                       kv_pool_blocks=(engine.executor.num_blocks - 1) * engine.num_instances)  # less the null block
+                       kv_pool_blocks=(engine.executor.num_blocks - 1) * engine.num_instances,  # less the null block
+                       chat_template=engine.tokenizer.chat_template if engine.tokenizer else None,
+                       special_token_texts=dict(engine.tokenizer.special_token_texts) if engine.tokenizer else {})
 
 
 def instance_loads(engine: LLMEngine) -> list[InstanceLoad]:

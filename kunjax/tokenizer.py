@@ -5,7 +5,8 @@ special) and the BOS rule: when `tokenizer_config.json` says `add_bos_token`, an
 starts with exactly one BOS whether or not the tokenizer's own post-processor adds it (and with none when it
 says `add_bos_token: false`). Where the tokenizer
 files say nothing, the model config's `bos_token_id` / `eos_token_ids` (from `config.json` and
-`generation_config.json`) fill in. It never pads, truncates or applies chat templates.
+`generation_config.json`) fill in. It also carries the model's chat template text and the special tokens' texts a
+template reads (`kunjax.chat_template` renders it). It never pads, truncates or applies chat templates.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 
 import tokenizers
 
+from kunjax.chat_template import read_chat_template
 from kunjax.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")  # the names chat templates read
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -45,8 +48,11 @@ class Tokenizer:
 
     def __init__(self, tok: tokenizers.Tokenizer, *, bos_token_id: int | None = None,
                  eos_token_ids: Sequence[int] = (), add_bos: bool | None = None,
-                 append_eos_id: int | None = None):
+                 append_eos_id: int | None = None, chat_template: str | None = None,
+                 special_token_texts: dict[str, str] | None = None):
         self._tok = tok
+        self.chat_template = chat_template  # Jinja source (`kunjax.chat_template`), None when the model has none
+        self.special_token_texts = dict(special_token_texts or {})  # "bos_token" -> "<s>", ... (what templates read)
         self.bos_token_id = bos_token_id
         self.eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
         self._add_bos = add_bos  # None: leave BOS to the tokenizer's post-processor
@@ -84,9 +90,14 @@ class Tokenizer:
         if eos is not None:
             eos_ids.append(eos)
         add_bos = settings.get("add_bos_token")
+        texts = {key: text for key in SPECIAL_TOKEN_KEYS if (text := _token_text(settings.get(key))) is not None}
+        if "bos_token" not in texts and bos is not None and (bos_text := tok.id_to_token(bos)) is not None:
+            texts["bos_token"] = bos_text
         return cls(tok, bos_token_id=bos, eos_token_ids=eos_ids,
                    add_bos=bool(add_bos) if add_bos is not None else None,
-                   append_eos_id=eos if settings.get("add_eos_token") else None)
+                   append_eos_id=eos if settings.get("add_eos_token") else None,
+                   chat_template=read_chat_template(path, _read_json(path / "tokenizer_config.json")),
+                   special_token_texts=texts)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids

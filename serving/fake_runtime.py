@@ -13,7 +13,9 @@ The arithmetic (what tests assert against):
   `stop_reason` the id; the stop id is part of the output, as in the real engine's token ids;
 * `max_tokens` tokens, or prompt plus output reaching `max_model_len`, end it with finish "length";
 * with `logprobs=k`, the sampled token's logprob is 0.0 and the alternatives are `id+1..id+k` (mod vocab) with
-  logprobs -1.0, -2.0, ...; stop strings, EOS and `ignore_eos` have no effect here.
+  logprobs -1.0, -2.0, ...; stop strings, EOS and `ignore_eos` have no effect here;
+* `token_texts` of an id is `f"<{id}>"`; `info()` carries the `chat_template` it was made with (none by default),
+  and `add_special_tokens` changes nothing (there are no special tokens).
 
 Invariant: every accepted request gets exactly one final event, also on abort and shutdown; its blocks are
 freed the moment that event is queued.
@@ -26,7 +28,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from kunjax.api import (
     EventSink,
@@ -56,13 +58,14 @@ class FakeRuntime:
 
     def __init__(self, *, vocab_size: int = 1000, max_model_len: int = 128, max_queued: int = 16,
                  step_interval_s: float = 0.001, warmup_s: float = 0.0, block_size: int = 4,
-                 max_logprobs: int = 5):
+                 max_logprobs: int = 5, chat_template: str | None = None):
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_queued = max_queued
         self.step_interval_s = step_interval_s
         self.block_size = block_size
         self.max_logprobs = max_logprobs
+        self.chat_template = chat_template
         # Enough blocks for every admitted request at full length: admission is bounded by `max_queued` only.
         self.kv_total = max_queued * math.ceil(max_model_len / block_size)
         self._ready_at = time.monotonic() + warmup_s
@@ -136,7 +139,14 @@ class FakeRuntime:
         return RuntimeInfo(model="fake", architecture="FakeArithmetic", num_layers=0, vocab_size=self.vocab_size,
                            max_model_len=self.max_model_len, instances=("instance 0: fake on host",),
                            policy="fake", versions={"fake_runtime": "1"}, block_size=self.block_size,
-                           kv_pool_blocks=self.kv_total)
+                           kv_pool_blocks=self.kv_total, chat_template=self.chat_template,
+                           special_token_texts={"bos_token": "<s>", "eos_token": "</s>"})
+
+    def token_texts(self, token_ids: Sequence[int]) -> tuple[str, ...]:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return tuple(f"<{t}>" for t in token_ids)
 
     def load(self) -> list[InstanceLoad]:
         with self._lock:

@@ -3,8 +3,8 @@
 Owns only the translation between JetStream's wire messages and kunjax's: a `DecodeRequest` becomes a kunjax
 `GenerateRequest` (greedy, since JetStream's request carries no sampling options) and each kunjax chunk becomes a
 `DecodeResponse` with one `Sample`. Everything else is `serving.server.KunjaxServicer.Generate`, called directly,
-so both services share one implementation of the thread bridge (blocking `submit` on the control pool, events
-pumped by a per-stream thread into an `asyncio.Queue`), of error mapping (`InvalidRequest` -> INVALID_ARGUMENT,
+so both services share one translation to `serving.streams` (the protocol-neutral stream layer: submit on a thread
+pool, runtime events into an `asyncio.Queue`, cancel -> abort), one error mapping (`InvalidRequest` -> INVALID_ARGUMENT,
 `Overloaded` -> RESOURCE_EXHAUSTED with a `retry-after-s` trailer) and of the invariant that a stream which ends
 before its final event (client cancel, deadline, server stop) aborts its request.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 
@@ -29,15 +29,16 @@ from kunjax.api import Runtime
 from serving._generated.jetstream_proto import jetstream_pb2 as js
 from serving._generated.jetstream_proto import jetstream_pb2_grpc as js_grpc
 from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
+from serving.streams import StreamBridge
 
 
 class GenerateServicer(Protocol):
-    """What this module needs of `serving.server.KunjaxServicer`: its streaming `Generate` and its thread pool."""
+    """What this module needs of `serving.server.KunjaxServicer`: its streaming `Generate` and its stream layer."""
+
+    streams: StreamBridge
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext  # noqa: N802 (gRPC name)
                  ) -> AsyncIterator[pb.GenerateResponse]: ...
-
-    async def _call(self, fn, *args) -> Any: ...
 
 JETSTREAM_SERVICE_NAME = js.DESCRIPTOR.services_by_name["Orchestrator"].full_name  # "jetstream_proto.Orchestrator"
 
@@ -75,7 +76,7 @@ def decode_response_from_chunk(chunk: pb.GenerateResponse, *, with_text: bool) -
 
 class JetStreamServicer(js_grpc.OrchestratorServicer):
     """`jetstream_proto.Orchestrator` over a blocking runtime, by way of the server's `KunjaxServicer.Generate`
-    (`kunjax`, whose control thread pool it shares; its owner closes it)."""
+    (`kunjax`, whose stream layer it shares; its owner closes it)."""
 
     def __init__(self, runtime: Runtime, *, kunjax: GenerateServicer):
         self.runtime = runtime
@@ -105,7 +106,7 @@ class JetStreamServicer(js_grpc.OrchestratorServicer):
 
     async def HealthCheck(self, request: js.HealthCheckRequest, context: grpc.aio.ServicerContext
                           ) -> js.HealthCheckResponse:
-        return js.HealthCheckResponse(is_live=await self._kunjax._call(self.runtime.ready))
+        return js.HealthCheckResponse(is_live=await self._kunjax.streams.call(self.runtime.ready))
 
 
 def add_jetstream_servicer(server: grpc.aio.Server, runtime: Runtime, *,

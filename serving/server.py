@@ -5,14 +5,13 @@ validated by `kunjax.SamplingParams`), runtime events become `GenerateResponse` 
 become status codes (`InvalidRequest` -> INVALID_ARGUMENT, `Overloaded` -> RESOURCE_EXHAUSTED with a
 `retry-after-s` trailer); each stream's events also feed its `serving.metrics.StreamTimer`.
 
-It also owns the bridge between the blocking runtime and the `grpc.aio` event loop: admissions (`submit`) run on
-one small thread pool and control calls (`abort`, a cancelled stream's abort, `load`, `policy_status`, `info`) on
-another, so no burst of new requests can hold up a cancel or a `GetLoad`; each stream's events arrive through a
-callback the runtime calls from its own thread (`Runtime.submit(request, on_event)`), straight into the stream's
-`asyncio.Queue`: no thread per stream, and the loop never blocks on the runtime. And it assembles the server:
-TLS when given a certificate and key, the interceptors of `serving.interceptors` (bearer-token auth when given a
-token; unparsable requests -> INVALID_ARGUMENT), health, reflection, and the metrics HTTP endpoint when given a
-port.
+The bridge between the blocking runtime and the `grpc.aio` event loop (submit on a thread pool, runtime
+callbacks into an `asyncio.Queue`, cancel -> abort, per-stream metrics) is `serving.streams.StreamBridge`, shared
+with the JetStream service and the OpenAI HTTP front end (`serving.http_server`), so each is only a translation.
+This module also assembles the servers: TLS when given a certificate and key, the interceptors of
+`serving.interceptors` (bearer-token auth when given a token; unparsable requests -> INVALID_ARGUMENT), health,
+reflection, the metrics HTTP endpoint when given a port, and the OpenAI HTTP server when given an HTTP port (same
+token, TLS files, message limit, metrics and runtime).
 
 Invariant: a stream that ends before its final event (client cancel, deadline, server stop) aborts its request,
 so the runtime frees its blocks within a step. Never generates tokens, tokenizes or decides scheduling; never
@@ -30,7 +29,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -42,9 +41,11 @@ from kunjax.api import GenerateRequest, InvalidRequest, Overloaded, PolicyStatus
 from kunjax.sampling_params import SamplingParams
 from serving._generated.kunjax.serving.v2 import generate_pb2 as pb
 from serving._generated.kunjax.serving.v2 import generate_pb2_grpc as pb_grpc
+from serving.http_server import HttpServer, OpenAIApp
 from serving.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, check_token
 from serving.jetstream import JETSTREAM_SERVICE_NAME, add_jetstream_servicer
 from serving.metrics import ServingMetrics
+from serving.streams import StreamBridge
 
 log = logging.getLogger("kunjax.serving.server")
 
@@ -128,28 +129,25 @@ def policy_status_to_proto(status: PolicyStatus) -> pb.PolicyStatus:
 
 
 class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
-    """`KunjaxService` over a blocking runtime (see the module docstring for the threading)."""
+    """`KunjaxService` over a blocking runtime, by way of the protocol-neutral `serving.streams.StreamBridge`
+    (`streams`, shared with JetStream and the HTTP front end when given; else its own)."""
 
-    def __init__(self, runtime: Runtime, *, metrics: ServingMetrics | None = None, control_threads: int = 4,
-                 admission_threads: int = 4):
+    def __init__(self, runtime: Runtime, *, metrics: ServingMetrics | None = None,
+                 streams: StreamBridge | None = None):
         self.runtime = runtime
-        self.metrics = metrics if metrics is not None else ServingMetrics(runtime)
+        self.metrics = metrics if metrics is not None else (
+            streams.metrics if streams is not None else ServingMetrics(runtime))
+        self.streams = streams if streams is not None else StreamBridge(runtime, self.metrics)
         self.readiness_task: asyncio.Task[None] | None = None  # set by `start_server`
-        self._pool = concurrent.futures.ThreadPoolExecutor(  # control calls and aborts: never behind admissions
-            max_workers=control_threads, thread_name_prefix="kunjax-grpc-control")
-        self._admit_pool = concurrent.futures.ThreadPoolExecutor(  # Generate's submit (tokenizing, admission)
-            max_workers=admission_threads, thread_name_prefix="kunjax-grpc-admit")
-        self._cancelling: set[str] = set()  # ids of cancelled streams whose abort has not run yet
-        self._cancel_lock = threading.Lock()  # one abort per cancel: by its task or by a new request's submit
         self.health: health.aio.HealthServicer | None = None  # set by `start_server`
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
-        self._admit_pool.shutdown(wait=False)
+        self.streams.close()
 
     async def drain(self) -> None:
         """Health reads NOT_SERVING from now on, for every service name (load balancers stop routing here);
         calls in flight and new ones are still answered (the runtime refuses new ones while it drains)."""
+        self.streams.draining = True
         if self.readiness_task is not None:
             self.readiness_task.cancel()
         if self.health is not None:
@@ -157,26 +155,7 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def _abort_in_background(self, request_id: str) -> None:
-        # Not awaited: it runs from `finally` of a cancelled handler, which must not wait on the runtime's lock.
-        self._cancelling.add(request_id)
-        try:
-            self._pool.submit(self._abort_cancelled, request_id)
-        except RuntimeError:  # pool already shut down: abort inline rather than leak the request's blocks
-            self._abort_cancelled(request_id)
-
-    def _abort_cancelled(self, request_id: str) -> None:
-        with self._cancel_lock:  # not twice: a second abort by id would hit a new request that reused the id
-            if request_id in self._cancelling:
-                self._cancelling.discard(request_id)
-                self.runtime.abort(request_id)
-
-    def _submit(self, request: GenerateRequest, on_event: Callable[[TokenEvent], None]) -> None:
-        # Its id's last stream was cancelled: that abort goes first, so reusing the id at once is not a "duplicate".
-        self._abort_cancelled(request.request_id)
-        self.runtime.submit(request, on_event)
+        return await self.streams.call(fn, *args)
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
                       trailing_metadata: tuple[tuple[str, str], ...] = ()) -> NoReturn:
@@ -206,44 +185,21 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
                                prompt=request.text if kind == "text" else None,
                                prompt_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
                                session_id=request.session_id or None)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()  # fed by the runtime's thread: no thread per stream
-
-        def on_event(ev: TokenEvent) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody is listening
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-
-        submitted = loop.run_in_executor(self._admit_pool, self._submit, greq, on_event)
         try:
-            await asyncio.shield(submitted)
-        except asyncio.CancelledError:
-            # Cancelled while the runtime was admitting: abort once admission is through, or the request would
-            # run to completion unread. (Not on a failed submit: a duplicate id names someone else's request.)
-            submitted.add_done_callback(
-                lambda f: f.cancelled() or f.exception() is not None or self._abort_in_background(request_id))
-            raise
+            stream = await self.streams.open([greq], arrived)
         except InvalidRequest as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Overloaded as e:
             retry = f"{e.retry_after_s:g}"
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {retry} s",
                                trailing_metadata=((RETRY_AFTER_KEY, retry),))
-
-        finished = False
-        timer = self.metrics.stream(arrived)
         try:
-            while not finished:
-                ev = await events.get()
-                timer.on_event(ev)
-                resp = response_from_event(ev, params.logprobs)
-                finished = ev.finished
-                yield resp
-                if finished and ev.finish_reason == "error":  # the last message says why; so does the status
+            async for _, ev in stream:
+                yield response_from_event(ev, params.logprobs)
+                if ev.finished and ev.finish_reason == "error":  # the last message says why; so does the status
                     await context.abort(grpc.StatusCode.INTERNAL, ev.error or "the runtime failed on this request")
         finally:
-            timer.close()  # counts the stream as cancelled unless its final event was seen
-            if not finished:
-                self._abort_in_background(request_id)
+            stream.close()  # a stream cut short (cancel, deadline, stop) aborts its request
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         await self._call(self.runtime.abort, request.request_id)
@@ -313,6 +269,11 @@ class ServerHandle:
     thread: threading.Thread
     metrics_port: int | None = None  # the metrics HTTP endpoint's port, None when not served
     tls: bool = False
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP server, None when not served
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def metrics(self) -> ServingMetrics:
@@ -342,6 +303,8 @@ class ServerHandle:
         requests), then end the loop thread and the metrics endpoint. Does not shut the runtime down."""
         if not self.loop.is_running():
             return
+        if self.http is not None:
+            self.http.stop()
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
         asyncio.run_coroutine_threadsafe(self._end_readiness_watch(), self.loop).result(timeout=10)
         self.servicer.close()
@@ -354,7 +317,8 @@ class ServerHandle:
 async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05,
                        auth_token: str | None = None, credentials: grpc.ServerCredentials | None = None,
-                       metrics: ServingMetrics | None = None) -> tuple[grpc.aio.Server, int, KunjaxServicer]:
+                       metrics: ServingMetrics | None = None, streams: StreamBridge | None = None
+                       ) -> tuple[grpc.aio.Server, int, KunjaxServicer]:
     """Builds and starts the server on the running loop; returns it, the bound port and the servicer.
 
     Serves `KunjaxService` and JetStream's `Orchestrator` (`serving.jetstream`), health and reflection.
@@ -371,7 +335,7 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    servicer = KunjaxServicer(runtime, metrics=metrics)
+    servicer = KunjaxServicer(runtime, metrics=metrics, streams=streams)
     pb_grpc.add_KunjaxServiceServicer_to_server(servicer, server)
     add_jetstream_servicer(server, runtime, kunjax=servicer)  # shares the servicer's pool, metrics and errors
 
@@ -398,20 +362,36 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
 def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_poll_s: float = 0.05,
           auth_token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-          metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> ServerHandle:
+          metrics_port: int | None = None, metrics_host: str = "127.0.0.1", http_port: int | None = None,
+          http_host: str = "127.0.0.1", model_name: str | None = None, chat_template: str | None = None
+          ) -> ServerHandle:
     """Starts the server on a new event-loop thread and returns once it listens (raises if it cannot).
 
     `tls_cert`/`tls_key`: PEM files, both or neither (plaintext). `auth_token`: require it as a bearer token.
     `metrics_port`: serve Prometheus metrics over HTTP on `metrics_host:metrics_port` (0: a free port; None: no
-    endpoint). Invalid settings raise `ValueError` naming the argument; ports that cannot be bound, `OSError`.
+    endpoint). `http_port`: also serve the OpenAI-compatible HTTP API (`serving.http_server`) on
+    `http_host:http_port` with the same token, TLS files, size limit, metrics and stream layer; `model_name` is the
+    model id it answers to (default: the runtime's `info().model`), `chat_template` overrides the model's own.
+    Invalid settings raise `ValueError` naming the argument; ports that cannot be bound, `OSError`.
     """
     if auth_token is not None:
         check_token(auth_token)
     credentials = load_server_credentials(tls_cert, tls_key)
-    if auth_token is not None and credentials is None and not _is_loopback(host):
-        log.warning("auth token sent in plaintext: %s is not a loopback address and TLS is off", host)
+    for address in (host, http_host if http_port is not None else host):
+        if auth_token is not None and credentials is None and not _is_loopback(address):
+            log.warning("auth token sent in plaintext: %s is not a loopback address and TLS is off", address)
     metrics = ServingMetrics(runtime)
-    bound_metrics = metrics.serve_http(metrics_port, metrics_host) if metrics_port is not None else None
+    streams = StreamBridge(runtime, metrics)
+    try:
+        http = None if http_port is None else HttpServer(
+            OpenAIApp(streams, model_name=model_name if model_name is not None else runtime.info().model,
+                      auth_token=auth_token, max_body_bytes=max_message_bytes, chat_template=chat_template),
+            http_host, http_port, tls_cert=None if tls_cert is None else str(tls_cert),
+            tls_key=None if tls_key is None else str(tls_key))
+        bound_metrics = metrics.serve_http(metrics_port, metrics_host) if metrics_port is not None else None
+    except BaseException:
+        streams.close()
+        raise
 
     loop = asyncio.new_event_loop()
     started: concurrent.futures.Future[tuple[grpc.aio.Server, int, KunjaxServicer]] = concurrent.futures.Future()
@@ -420,7 +400,7 @@ def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
         try:
             started.set_result(await start_server(
                 runtime, host, port, max_message_bytes=max_message_bytes, health_poll_s=health_poll_s,
-                auth_token=auth_token, credentials=credentials, metrics=metrics))
+                auth_token=auth_token, credentials=credentials, metrics=metrics, streams=streams))
         except BaseException as e:
             started.set_exception(e)
             loop.stop()
@@ -436,6 +416,17 @@ def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 0, *,
         server, bound, servicer = started.result(timeout=30)
     except BaseException:
         metrics.close()
+        streams.close()
+        if http is not None:
+            http.stop()
         raise
-    return ServerHandle(server=server, port=bound, servicer=servicer, loop=loop, thread=thread,
-                        metrics_port=bound_metrics, tls=credentials is not None)
+    handle = ServerHandle(server=server, port=bound, servicer=servicer, loop=loop, thread=thread,
+                          metrics_port=bound_metrics, tls=credentials is not None, http=http)
+    if http is not None:
+        try:
+            http.start()
+        except BaseException:
+            handle.http = None
+            handle.stop(grace=0)
+            raise
+    return handle

@@ -30,7 +30,7 @@ from kunjax.memory import flatten_params, param_shapes
 FORMAT = "kunjax"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _check_shapes(where: str, actual: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:

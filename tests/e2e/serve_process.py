@@ -12,9 +12,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def start_serve(args: list[str], timeout_s: float = 400.0) -> tuple[subprocess.Popen, str, str]:
+def start_serve(args: list[str], timeout_s: float = 400.0, *, printed: list[str] | None = None
+                ) -> tuple[subprocess.Popen, str, str]:
     """Run `kunjax serve --port 0 --metrics-port 0 *args` on CPU; returns (process, gRPC target, metrics URL) once
-    health reports SERVING (after warm-up compiled everything)."""
+    health reports SERVING (after warm-up compiled everything). `printed` receives the start-up lines it read."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "kunjax", "serve", "--port", "0", "--metrics-port", "0", *args],
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -26,6 +27,8 @@ def start_serve(args: list[str], timeout_s: float = 400.0) -> tuple[subprocess.P
         if not line:
             break
         lines.append(line)
+        if printed is not None:
+            printed.append(line)
         if m := re.search(r"serving on [\d.]+:(\d+)", line):
             port = int(m.group(1))
         if m := re.search(r"metrics on (http://\S+)", line):
@@ -43,3 +46,14 @@ def start_serve(args: list[str], timeout_s: float = 400.0) -> tuple[subprocess.P
                 raise AssertionError("the server never became ready")
             time.sleep(0.2)
     return proc, target, metrics
+
+
+def start_serve_http(args: list[str], timeout_s: float = 400.0) -> tuple[subprocess.Popen, str, str, str]:
+    """`start_serve` with `--http-port 0`: also returns the OpenAI API's base URL (`http://127.0.0.1:PORT/v1`)."""
+    printed: list[str] = []
+    proc, target, metrics = start_serve(["--http-port", "0", *args], timeout_s, printed=printed)
+    urls = [m.group(1) for line in printed if (m := re.search(r"OpenAI HTTP API on (\S+)", line))]
+    if not urls:
+        proc.kill()
+        raise AssertionError(f"the server did not announce its HTTP API: {''.join(printed)}")
+    return proc, target, metrics, urls[0]

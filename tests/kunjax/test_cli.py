@@ -83,6 +83,10 @@ def test_serve_help_and_bad_flags():
     for action in sub._actions:
         assert action.help, f"{action.option_strings} has no help"
     for args, message in ((["--port", "70000"], "--port must be in [0, 65535]"),
-                          (["--max-queued", "0"], "--max-queued must be positive")):
+                          (["--max-queued", "0"], "--max-queued must be positive"),
+                          (["--http-port", "-1"], "--http-port must be in [0, 65535]"),
+                          (["--chat-template", "no-such-file"], "is neither a file nor a Jinja template"),
+                          (["--chat-template", "{% for m in messages %}"], "--chat-template: the chat template "
+                                                                          "does not parse")):
         res = run_cli("serve", *args)
         assert res.returncode == 2 and message in res.stderr, res.stderr

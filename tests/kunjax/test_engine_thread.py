@@ -201,3 +201,24 @@ def test_abort_and_load_answer_while_the_engine_lock_is_held(runtime):
     assert list(it)[-1].finish_reason == "abort"
     wait_idle(runtime)
     runtime.engine.check_books()
+
+
+def test_a_reader_polling_faster_than_the_freshness_window_still_sees_the_engine_go_idle(runtime):
+    """A snapshot counts as fresh for `STATUS_FRESH_S` from when it was taken, not from when it was last handed out:
+    a reader that polls faster than that (a dashboard, a test's wait loop) must not keep getting the one taken while
+    a request still ran."""
+    for i in range(5):
+        rid = f"poll-{i}"
+        runtime.submit(req(rid, [5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)))
+        finals: list = []
+        reader = threading.Thread(target=lambda rid=rid, finals=finals: finals.append(
+            list(runtime.events(rid, timeout_s=60))[-1]))
+        reader.start()
+        while reader.is_alive():  # polled all along, as a dashboard would
+            runtime.load()
+            time.sleep(0.002)
+        assert finals[0].finished
+        deadline = time.monotonic() + 2.0
+        while any(x.kv_used or x.running for x in runtime.load()):
+            assert time.monotonic() < deadline, f"a stale snapshot kept being handed out: {runtime.load()}"
+            time.sleep(0.002)

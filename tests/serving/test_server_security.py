@@ -179,3 +179,26 @@ def test_jetstream_decode_needs_the_token_too(authed: ServerHandle) -> None:
                 with pytest.raises(grpc.RpcError) as err:
                     list(stub.Decode(request, timeout=10))
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_http_api_uses_the_same_tls_and_token(runtime: FakeRuntime, cert_and_key: tuple[Path, Path]) -> None:
+    """`--http-port` serves HTTPS with the gRPC server's certificate and needs the same bearer token."""
+    import ssl
+
+    import openai
+
+    cert, key = cert_and_key
+    handle = serve(runtime, tls_cert=cert, tls_key=key, auth_token=TOKEN, http_port=0, model_name="fake")
+    try:
+        base = f"https://localhost:{handle.http_port}/v1"
+        with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(cert))) as http:
+            client = openai.OpenAI(base_url=base, api_key=TOKEN, http_client=http, max_retries=0, timeout=10)
+            r = client.completions.create(model="fake", prompt=[5], max_tokens=3)
+            assert r.choices[0].text == "<6><7><8>"
+            with pytest.raises(openai.AuthenticationError):
+                client.with_options(api_key="wrong").models.list()
+        for url in (base, f"http://localhost:{handle.http_port}/v1"):  # system roots; plaintext to a TLS port
+            with pytest.raises(openai.APIConnectionError):
+                openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0, timeout=5).models.list()
+    finally:
+        handle.stop(grace=0.1)

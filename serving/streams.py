@@ -1,0 +1,160 @@
+"""The protocol-neutral stream layer every front end (gRPC, JetStream, OpenAI HTTP) is a translation over.
+
+Owns the bridge between the blocking runtime and an asyncio event loop: admissions (`Runtime.submit`, which
+tokenizes and admits) run on one small thread pool and control calls (`abort`, a cancelled stream's abort,
+`load`, `info`, `token_texts` ...) on another, so no burst of new requests can hold up a cancel or a load query;
+each request's events arrive through the callback the runtime calls from its own thread, straight into an
+`asyncio.Queue` on the caller's loop: no thread per stream, and a loop never blocks on the runtime. One
+`StreamBridge` can serve several loops (the gRPC server's and the HTTP server's): a stream belongs to the loop
+that opened it. Each stream also feeds its `serving.metrics.StreamTimer`.
+
+An `EventStream` is one or more requests admitted together (OpenAI's `n` and prompt lists), their events
+interleaved on one queue, each tagged with its request's index. `StreamBridge.open` raises the runtime's
+`InvalidRequest` / `Overloaded` for the front end to translate; if one of several requests is refused, the ones
+already admitted are aborted.
+
+Invariant: a stream that ends before its final events (client cancel or disconnect, deadline, server stop) aborts
+its unfinished requests when it is closed (`EventStream.close`, also on cancellation during admission), so the
+runtime frees their blocks within a step; each abort runs once, before a new request may reuse the id. Never
+generates tokens, tokenizes, or shuts the runtime down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from kunjax.api import GenerateRequest, Runtime, TokenEvent
+from serving.metrics import ServingMetrics, StreamTimer
+
+T = TypeVar("T")
+
+
+class StreamBridge:
+    """Thread pools, the event bridge and cancel -> abort over one runtime (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, metrics: ServingMetrics, *, control_threads: int = 4,
+                 admission_threads: int = 4):
+        self.runtime = runtime
+        self.metrics = metrics
+        self._pool = concurrent.futures.ThreadPoolExecutor(  # control calls and aborts: never behind admissions
+            max_workers=control_threads, thread_name_prefix="kunjax-control")
+        self._admit_pool = concurrent.futures.ThreadPoolExecutor(  # submit (tokenizing, admission)
+            max_workers=admission_threads, thread_name_prefix="kunjax-admit")
+        self._cancelling: set[str] = set()  # ids of cancelled streams whose abort has not run yet
+        self._cancel_lock = threading.Lock()  # one abort per cancel: by its task or by a new request's submit
+        self.draining = False  # set when the server drains: front ends answer new work "unavailable"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._admit_pool.shutdown(wait=False)
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the control pool (a runtime query or abort), awaited without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def abort_in_background(self, request_id: str) -> None:
+        """Queue `request_id`'s abort on the control pool; never waits (safe in a cancelled task's `finally`)."""
+        self._cancelling.add(request_id)  # (atomic; not under `_cancel_lock`, which an abort in progress holds)
+        try:
+            self._pool.submit(self._abort_cancelled, request_id)
+        except RuntimeError:  # pool already shut down: abort inline rather than leak the request's blocks
+            self._abort_cancelled(request_id)
+
+    def _abort_cancelled(self, request_id: str) -> None:
+        with self._cancel_lock:  # not twice: a second abort by id would hit a new request that reused the id
+            if request_id in self._cancelling:
+                self._cancelling.discard(request_id)
+                self.runtime.abort(request_id)
+
+    def _submit_all(self, requests: Sequence[GenerateRequest],
+                    on_events: Sequence[Callable[[TokenEvent], None]]) -> None:
+        """Admit every request, or none: a refusal aborts the ones already admitted, then propagates."""
+        admitted: list[str] = []
+        try:
+            for request, on_event in zip(requests, on_events, strict=True):
+                # Its id's last stream was cancelled: that abort goes first, so reusing the id is no "duplicate".
+                self._abort_cancelled(request.request_id)
+                self.runtime.submit(request, on_event)
+                admitted.append(request.request_id)
+        except BaseException:
+            for rid in admitted:
+                self.abort_in_background(rid)
+            raise
+
+    async def open(self, requests: Sequence[GenerateRequest], arrived: float) -> EventStream:
+        """Admit `requests` (their ids distinct) on the admission pool and return their interleaved events.
+
+        `arrived`: when the front end received the call (`time.monotonic()`), for the latency metrics. Raises the
+        runtime's `InvalidRequest` / `Overloaded` (nothing stays admitted then). Cancelled while the runtime
+        admits, the requests are aborted once admission is through, or they would run to completion unread.
+        """
+        if not requests:
+            raise ValueError("open needs at least one request")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+
+        def sink(index: int) -> Callable[[TokenEvent], None]:
+            def on_event(ev: TokenEvent) -> None:  # the runtime's thread: must not block
+                with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody is listening
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
+            return on_event
+
+        ids = [r.request_id for r in requests]
+        submitted = loop.run_in_executor(self._admit_pool, self._submit_all, list(requests),
+                                         [sink(i) for i in range(len(requests))])
+        try:
+            await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            # (Not on a failed submit: `_submit_all` aborted what it admitted, and a duplicate id names someone
+            # else's request.)
+            submitted.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                        or [self.abort_in_background(rid) for rid in ids])
+            raise
+        return EventStream(self, ids, queue, [self.metrics.stream(arrived) for _ in ids])
+
+
+class EventStream:
+    """The events of requests admitted together, as `(index, event)` in arrival order (each request's in order),
+    until every request's final event; `close` (call it in a `finally`) aborts the unfinished ones."""
+
+    def __init__(self, bridge: StreamBridge, request_ids: list[str],
+                 queue: asyncio.Queue[tuple[int, TokenEvent]], timers: list[StreamTimer]):
+        self._bridge = bridge
+        self.request_ids = request_ids
+        self._queue = queue
+        self._timers = timers
+        self._finished = [False] * len(request_ids)
+        self._closed = False
+
+    @property
+    def done(self) -> bool:
+        """Every request's final event has been taken."""
+        return all(self._finished)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenEvent]:
+        if self.done or self._closed:
+            raise StopAsyncIteration
+        index, ev = await self._queue.get()
+        self._timers[index].on_event(ev)
+        if ev.finished:
+            self._finished[index] = True
+        return index, ev
+
+    def close(self) -> None:
+        """Counts each stream that did not see its final event as cancelled and aborts its request; idempotent,
+        never waits on the runtime."""
+        if self._closed:
+            return
+        self._closed = True
+        for timer, rid, finished in zip(self._timers, self.request_ids, self._finished, strict=True):
+            timer.close()
+            if not finished:
+                self._bridge.abort_in_background(rid)
