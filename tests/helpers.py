@@ -155,6 +155,29 @@ def run_open_loop(engine, arrivals: list[tuple[float, list[int], int]], max_step
     raise AssertionError("the workload did not finish")
 
 
+def one_at_a_time(engine, prompts: list[list[int]], params, targets: list[int] | None = None
+                  ) -> tuple[list[list[int]], list[int]]:
+    """Serve `prompts` one after the other (each finishes before the next is added), on unit `targets[i]` when
+    given, checking the books after every step; returns each one's output tokens and its cached prompt tokens."""
+    outputs, cached = [], []
+    pick = engine.router.pick
+    try:
+        for i, prompt in enumerate(prompts):
+            if targets is not None:
+                engine.router.pick = lambda req, cands, *a, t=targets[i]: next(u for u in cands if u.uid == t)
+            rid = engine.add_request(prompt, params)
+            req = engine.requests[rid]
+            while engine.has_requests():
+                for o in engine.step():
+                    if o.finished and o.request_id == rid:
+                        outputs.append(o.outputs[0].token_ids)
+                engine.check_books()
+            cached.append(req.num_cached_tokens)
+    finally:
+        engine.router.pick = pick
+    return outputs, cached
+
+
 def burst(n: int, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
     """`n` requests arriving within one second (open loop), prompts 8-48 tokens, 4-24 output tokens."""
     rng = random.Random(seed)

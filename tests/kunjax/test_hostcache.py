@@ -20,7 +20,15 @@ from kunjax.hardware import load_profile
 from kunjax.hostcache import HostCache
 from kunjax.model_shapes import model_shape
 from kunjax.sampling_params import SamplingParams
-from tests.helpers import SPLIT, burst, load_single_device_params, naive_greedy, run_open_loop, write_tiny_model
+from tests.helpers import (
+    SPLIT,
+    burst,
+    load_single_device_params,
+    naive_greedy,
+    one_at_a_time,
+    run_open_loop,
+    write_tiny_model,
+)
 
 MODEL = dataclasses.replace(SPLIT, num_layers=8)
 # 2 replicas of 40 blocks; 10 prompt families of 6 blocks each do not fit the devices' caches together
@@ -136,19 +144,10 @@ def test_the_real_model_reads_a_swapped_in_prefix_exactly(tmp_path):
     fillers = [[rng.randrange(1, cfg.vocab_size) for _ in range(60)] for _ in range(3)]
     prompts = [prefix + [5, 6, 7], *fillers, prefix + [9, 10, 11, 12]]
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    outputs, cached_tokens = {}, []
-    for prompt in prompts:  # one at a time: the fillers push the prefix's 5 blocks out of the 23
-        rid = eng.add_request(prompt, greedy)
-        req = eng.requests[rid]
-        while eng.has_requests():
-            for o in eng.step():
-                if o.finished:
-                    outputs[o.request_id] = o.outputs[0].token_ids
-            eng.check_books()
-        cached_tokens.append(req.num_cached_tokens)
+    outputs, cached_tokens = one_at_a_time(eng, prompts, greedy)  # the fillers push the prefix's 5 blocks out
     s = eng.hostcache.stats()
     assert cached_tokens[-1] == 40 and s["cache_blocks_swapped_in"] == 5, (cached_tokens, s)
-    assert list(outputs.values()) == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 8)
+    assert outputs == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 8)
 
 
 def test_a_failed_fuse_gives_the_replicas_their_spilled_nodes_back():

@@ -19,7 +19,7 @@ from kunjax.hardware import load_profile
 from kunjax.model_shapes import model_shape
 from kunjax.sampling_params import SamplingParams
 from kunjax.transfers import PrefixPuller
-from tests.helpers import SPLIT, load_single_device_params, naive_greedy, run_open_loop, write_tiny_model
+from tests.helpers import SPLIT, load_single_device_params, naive_greedy, one_at_a_time, run_open_loop, write_tiny_model
 
 MODEL = dataclasses.replace(SPLIT, num_layers=8)
 CONFIG = dict(num_instances=4, block_size=8, num_blocks=200, max_num_seqs=16, max_num_batched_tokens=128,
@@ -91,22 +91,10 @@ def test_the_real_model_reads_a_copied_prefix_exactly(tmp_path):
     prefix = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
     prompts = [prefix + [5, 6, 7], prefix + [9, 10, 11, 12]]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    pick = eng.router.pick
-    outputs, cached_tokens = {}, []
-    for target, prompt in zip((0, 1), prompts, strict=True):
-        eng.router.pick = lambda req, cands, *a, t=target: next(u for u in cands if u.uid == t)
-        rid = eng.add_request(prompt, greedy)
-        req = eng.requests[rid]
-        while eng.has_requests():
-            for o in eng.step():
-                if o.finished:
-                    outputs[o.request_id] = o.outputs[0].token_ids
-            eng.check_books()
-        cached_tokens.append(req.num_cached_tokens)
-    eng.router.pick = pick
+    outputs, cached_tokens = one_at_a_time(eng, prompts, greedy, targets=[0, 1])
     assert cached_tokens == [0, 40], cached_tokens  # the second, on instance 1, got instance 0's 5 blocks
     assert eng.puller.stats()["prefix_blocks_pulled"] == 5
-    assert list(outputs.values()) == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 12)
+    assert outputs == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 12)
 
 
 def test_a_prefix_spilled_to_another_replica_s_host_tier_is_pulled_through_it(tmp_path):
@@ -123,21 +111,10 @@ def test_a_prefix_spilled_to_another_replica_s_host_tier_is_pulled_through_it(tm
     prefix = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
     fillers = [[rng.randrange(1, cfg.vocab_size) for _ in range(60)] for _ in range(3)]
     prompts = [prefix + [5, 6, 7], *fillers, prefix + [9, 10, 11, 12]]
-    targets = [0, 0, 0, 0, 1]
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    outputs, cached_tokens = {}, []
-    for target, prompt in zip(targets, prompts, strict=True):
-        eng.router.pick = lambda req, cands, *a, t=target: next(u for u in cands if u.uid == t)
-        rid = eng.add_request(prompt, greedy)
-        req = eng.requests[rid]
-        while eng.has_requests():
-            for o in eng.step():
-                if o.finished:
-                    outputs[o.request_id] = o.outputs[0].token_ids
-            eng.check_books()
-        cached_tokens.append(req.num_cached_tokens)
+    outputs, cached_tokens = one_at_a_time(eng, prompts, greedy, targets=[0, 0, 0, 0, 1])
     stats = eng.puller.stats()
     assert eng.hostcache.stats()["cache_blocks_spilled"] >= 5
     assert cached_tokens[-1] == 40 and stats["prefix_blocks_pulled_from_host"] == 5, (cached_tokens, stats)
     assert eng.hostcache.stats()["cache_host_blocks"] >= 5  # instance 0 kept its copies
-    assert list(outputs.values()) == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 8)
+    assert outputs == naive_greedy(cfg, load_single_device_params(path, cfg), prompts, 8)
