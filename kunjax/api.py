@@ -69,6 +69,9 @@ class TokenEvent:
     cached_tokens: int = 0
     queue_s: float = 0.0  # on the final event: seconds from arrival to the first scheduled step
     error: str | None = None
+    # with finish_reason "error": "unavailable" when the runtime itself is going away (a multi-host peer was lost:
+    # gRPC UNAVAILABLE, HTTP 503, retry elsewhere), else None (this request failed: INTERNAL, 500)
+    error_code: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

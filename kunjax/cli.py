@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kunjax import multihost
+from kunjax.multihost import add_cluster_flags
 from kunjax.options import (
     add_engine_flags,
     engine_config_from_args,
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--grace-s", type=float, default=10.0,
                      help="on shutdown, seconds in-flight requests get to finish before they are aborted")
     model_flags(srv)
+    add_cluster_flags(srv)
     add_engine_flags(srv)
     srv.set_defaults(handler=cmd_serve, subparser=srv)
 
@@ -112,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "instances' KV capacity.")
     add_bench_arguments(bench)
     model_flags(bench)
+    add_cluster_flags(bench)
     time_flags(bench)
     add_engine_flags(bench)
     bench.set_defaults(handler=lambda p, a: cmd_bench(p, a, remote_target=_grpc_target), subparser=bench)
@@ -260,8 +264,10 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from kunjax.engine_thread import EngineThread
     from serving.server import serve
 
+    cluster = multihost.current()
     # compiles on its thread; health flips after
-    runtime = EngineThread(engine, max_queued=args.max_queued, freeze_gc=True)
+    runtime = EngineThread(engine, max_queued=args.max_queued, freeze_gc=True,
+                           on_fatal=cluster.lose if cluster is not None else None)
     try:
         handle = serve(runtime, args.host, args.port, auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                        metrics_port=args.metrics_port, metrics_host=args.metrics_host, http_port=args.http_port,
@@ -281,6 +287,13 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if handle.metrics_port is not None:
         print(f"kunjax: metrics on http://{args.metrics_host}:{handle.metrics_port}/metrics", file=sys.stderr,
               flush=True)
+    if cluster is not None:  # a lost process: requests fail with UNAVAILABLE, health NOT_SERVING, then exit 75
+        def on_lost(reason: str) -> None:
+            runtime.fatal(reason)
+            handle.begin_drain()
+            time.sleep(1.0)  # the streams' final messages go out
+
+        cluster.on_lost(on_lost)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_) -> None:

@@ -35,7 +35,7 @@ from kunjax.clock import WALL, Clock, VirtualClock
 from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig, parse_roles
 from kunjax.detokenizer import IncrementalDetokenizer
 from kunjax.disagg import Handoff
-from kunjax.executor import Executor
+from kunjax.executor import Executor, ExecutorLost
 from kunjax.executor.faulty import wrap as wrap_faults
 from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
 from kunjax.hardware import HardwareProfile
@@ -69,12 +69,18 @@ def resolve_model_path(model: str | Path) -> Path:
 
 
 def _jax_executor(model_path: Path, cfg: ModelConfig, ecfg: EngineConfig, devices) -> Executor:
+    """The JAX executor; in a multi-host group (`kunjax.multihost`) the leader's, which the followers replay."""
+    from kunjax import multihost
     from kunjax.executor.jax_executor import JaxExecutor
     from sharding.layouts import LayoutError, check_tp
 
     try:
         check_tp(ecfg.tp, num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads,
                  intermediate_size=cfg.intermediate_size)
+        cluster = multihost.current()
+        if cluster is not None:
+            multihost.check_config(ecfg)
+            return multihost.leader_executor(cluster, model_path, cfg, ecfg, devices)
         return JaxExecutor(model_path, cfg, ecfg, devices)
     except LayoutError as e:
         raise ConfigError(str(e)) from e
@@ -354,6 +360,8 @@ class LLMEngine:
             ops = self.mempool.take_ops()
             try:
                 self.executor.apply(ops)
+            except ExecutorLost:  # the whole executor is gone, not one unit: nothing to recover
+                raise
             except Exception as e:  # some of them may not have happened: whatever they touched is suspect
                 for u in self._units_of(ops):
                     self._lose_unit(u, "memory", f"a memory operation failed: {type(e).__name__}: {e}")
@@ -452,6 +460,8 @@ class LLMEngine:
                     continue
                 try:
                     pending[u.uid] = (leaving, launch(u.uid, work, inputs))
+                except ExecutorLost:  # the whole executor is gone, not one unit: nothing to recover
+                    raise
                 except Exception as e:
                     self._lose_unit(u, "step", f"a device step failed: {type(e).__name__}: {e}")
                     continue
@@ -489,6 +499,8 @@ class LLMEngine:
                      outputs: list[RequestOutput]) -> None:
         try:
             result = self.executor.collect(launched, leaving is not None)
+        except ExecutorLost:  # the whole executor is gone, not one unit: nothing to recover
+            raise
         except Exception as e:
             self._lose_unit(unit, "step", f"a device step failed: {type(e).__name__}: {e}")
             return
@@ -571,6 +583,8 @@ class LLMEngine:
         uid = next(self._uids)
         try:
             self.executor.apply([Fuse(uid, members, shape)])
+        except ExecutorLost:  # the whole executor is gone, not one unit: nothing to recover
+            raise
         except Exception as e:  # the executor rolled the weights back; no book has changed
             self.failures["fuse"] += 1
             if self.hostcache is not None:  # the replicas serve on: their spilled nodes come back
@@ -609,6 +623,8 @@ class LLMEngine:
         else:
             try:
                 self.executor.apply([Split(unit.uid, unit.members)])
+            except ExecutorLost:  # the whole executor is gone, not one unit: nothing to recover
+                raise
             except Exception as e:  # rolled back to the group, but what its extension held is gone
                 error = f"{type(e).__name__}: {e}"
                 self._lose_unit(unit, "split", f"a restore failed: {error}")
@@ -665,6 +681,7 @@ class EngineView:
         self.model = engine.model_config
         self.mempool = engine.mempool
         self.clock = engine.clock
+        self.instances_per_host: int | None = getattr(engine.executor, "instances_per_host", None)
 
     @property
     def step_no(self) -> int:

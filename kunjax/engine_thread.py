@@ -42,6 +42,7 @@ from kunjax.api import (
     iter_events,
 )
 from kunjax.engine import LLMEngine
+from kunjax.executor import ExecutorLost
 from kunjax.request import RequestOutput
 from kunjax.status import EventLog, instance_loads, policy_status, runtime_info
 
@@ -68,11 +69,15 @@ def _queue_s(out: RequestOutput) -> float:
 
 
 class EngineThread:
-    def __init__(self, engine: LLMEngine, *, max_queued: int = 1024, warmup: bool = True, freeze_gc: bool = False):
+    def __init__(self, engine: LLMEngine, *, max_queued: int = 1024, warmup: bool = True, freeze_gc: bool = False,
+                 on_fatal: Callable[[str], None] | None = None):
         """`freeze_gc` (a server process): once warm-up is done, move every object alive then out of the cyclic
         garbage collector's reach (`gc.freeze`): the model, the compiled steps and the books are never garbage, and
-        a full collection that walks them paused all threads for 100-200 ms under 1,000 streams."""
+        a full collection that walks them paused all threads for 100-200 ms under 1,000 streams. `on_fatal(reason)`
+        runs after `fatal` (the executor is lost: a multi-host server exits)."""
         self.engine = engine
+        self._on_fatal = on_fatal
+        self._fatal: str | None = None
         self.max_queued = max_queued
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -228,8 +233,32 @@ class EngineThread:
         self._wake.set()
         self._thread.join(timeout=60)
 
+    def fatal(self, reason: str) -> None:
+        """The runtime cannot go on (`ExecutorLost`: a process of a multi-host group is gone). From any thread and
+        without the engine lock (the engine thread may be stuck in a collective): stop admitting, turn not ready,
+        and end every in-flight request with an "unavailable" error (gRPC UNAVAILABLE, HTTP 503); then
+        `on_fatal`. Idempotent."""
+        if self._fatal is not None:
+            return
+        self._fatal = reason
+        self._admitting, self._ready = False, False
+        self._closed_reason = f"the runtime is unavailable: {reason}"
+        with self._queues_lock:  # (not held while putting: a callback sink releases its queue under it)
+            ended = [(rid, self._queues.get(rid)) for rid in list(self._inflight)]
+            self._inflight.clear()
+        for rid, q in ended:
+            if q is not None:
+                q.put(TokenEvent(request_id=rid, token_ids=(), text="", finished=True, finish_reason="error",
+                                 error=f"the runtime is unavailable: {reason}", error_code="unavailable"))
+        self._stop.set()
+        self._wake.set()
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
     # ---- the engine thread --------------------------------------------------------------------------
     def _deliver(self, out: RequestOutput) -> None:
+        if self._fatal is not None:  # every request already got its final (unavailable) event
+            return
         q = self._queues.get(out.request_id)
         if q is None:
             return
@@ -280,6 +309,10 @@ class EngineThread:
                     for out in self.engine.step():
                         self._deliver(out)
                     self._events.update(self.engine)
+                except ExecutorLost as e:
+                    log.error("the executor is lost: %s", e)
+                    self.fatal(str(e))
+                    return
                 except Exception as e:  # a failed step must not hang or lose the requests waiting on it
                     log.exception("engine step failed")
                     self._fail_all(f"engine step failed: {type(e).__name__}: {e}")

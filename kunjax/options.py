@@ -160,7 +160,36 @@ def configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.compile_cache_dir.lower() != "none":
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    join_cluster(parser, args)
     return jax
+
+
+def join_cluster(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With --coordinator: join the multi-host group (`kunjax.multihost`) before JAX's backends start. A follower
+    (process id > 0) spends the rest of its life replaying the leader's executor calls, then exits here; the
+    leader goes on, and tells the followers to stop when it exits."""
+    import atexit
+
+    from kunjax import multihost
+
+    spec = multihost.spec_from_args(parser, args)
+    if spec is None or multihost.current() is not None:
+        return
+    print(f"kunjax: joining the group at {spec.coordinator} (waits for every process)", file=sys.stderr, flush=True)
+    try:
+        cluster = multihost.initialize(spec)
+    except (RuntimeError, ValueError) as e:  # no cluster found for 'auto', the coordinator unreachable, ...
+        parser.error(f"--coordinator {spec.coordinator}: could not join the group: {e}")
+    if not cluster.is_leader:
+        sys.exit(multihost.follow(cluster))
+    print(f"kunjax: process 0 of {cluster.n} (the leader): serving every process's devices", file=sys.stderr,
+          flush=True)
+
+    def leave() -> None:
+        cluster.send([("stop",)])
+        cluster.close()
+
+    atexit.register(leave)
 
 
 def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg):

@@ -379,6 +379,9 @@ def failure(ev: TokenEvent) -> APIError | None:
     if ev.finish_reason == "abort":
         return APIError(f"request {ev.request_id} was aborted (the server is shutting down)", status=503,
                         type="server_error", code="aborted")
+    if ev.finish_reason == "error" and ev.error_code == "unavailable":
+        return APIError(f"request {ev.request_id} failed: {ev.error or 'the server is unavailable'}", status=503,
+                        type="server_error", code="unavailable")
     if ev.finish_reason == "error":
         return APIError(f"request {ev.request_id} failed: {ev.error or 'unknown error'}", status=500,
                         type="server_error", code="internal_error")

@@ -197,7 +197,9 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
             async for _, ev in stream:
                 yield response_from_event(ev, params.logprobs)
                 if ev.finished and ev.finish_reason == "error":  # the last message says why; so does the status
-                    await context.abort(grpc.StatusCode.INTERNAL, ev.error or "the runtime failed on this request")
+                    code = (grpc.StatusCode.UNAVAILABLE if ev.error_code == "unavailable"
+                            else grpc.StatusCode.INTERNAL)
+                    await context.abort(code, ev.error or "the runtime failed on this request")
         finally:
             stream.close()  # a stream cut short (cancel, deadline, stop) aborts its request
 

@@ -75,13 +75,27 @@ def unit_mesh(devices: Sequence[jax.Device], stages: int, tp: int) -> Mesh:
 
 
 def instance_meshes(devices: Sequence[jax.Device], num_instances: int | None, tp: int) -> list[Mesh]:
-    """Split `devices` into `num_instances` one-stage meshes of `tp` devices each."""
+    """Split `devices` into `num_instances` one-stage meshes of `tp` devices each, the first devices first.
+
+    With devices of several processes (`jax.distributed`, one per host), the instances are spread evenly over
+    the processes, each taking its own first devices, in process order: an instance never spans two hosts, every
+    host serves, and aligned groups of up to the instances per host fuse within one host."""
     devices = list(devices)
     if num_instances is None:
         num_instances = len(devices) // tp
     if num_instances < 1 or num_instances * tp > len(devices):
         raise LayoutError(f"--num-instances {num_instances} x --tp {tp} needs {num_instances * tp} devices, "
                           f"but {len(devices)} are available")
+    by_process: dict[int, list[jax.Device]] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    if len(by_process) > 1:
+        n = len(by_process)
+        per = num_instances // n
+        if per * n != num_instances or any(per * tp > len(ds) for ds in by_process.values()):
+            raise LayoutError(f"--num-instances {num_instances} x --tp {tp} cannot be spread evenly over {n} "
+                              f"processes of {sorted(len(ds) for ds in by_process.values())} devices")
+        devices = [d for p in sorted(by_process) for d in by_process[p][:per * tp]]
     return [unit_mesh(devices[i * tp:(i + 1) * tp], 1, tp) for i in range(num_instances)]
 
 

@@ -16,6 +16,10 @@ the pipeline group they fuse into, on `('stage', 'tp')` meshes (`sharding.layout
 
 Every function is compiled ahead of time per group (`GroupReshard.compile`), so a transition compiles nothing.
 Takes meshes, shapes and ints; knows nothing of models or engines.
+
+With several processes (`jax.distributed`, one per host) a group may span them: each process wraps only its own
+shards, every process holding a member runs the same compiled functions (the collectives cross hosts), and a
+member whose devices are all on another process is `None` here (its replica dict, its pool, its restored leaves).
 """
 
 from __future__ import annotations
@@ -74,9 +78,30 @@ def _to_full(k: int, pool):  # local [NB·k, L/k, ...] -> [NB, L, ...]
     return pool.reshape(pool.shape[0] // k, pool.shape[1] * k, *pool.shape[2:])
 
 
-def _shards_on(arr: jax.Array, devices: Sequence[jax.Device]) -> list[jax.Array]:
+def is_local(mesh: Mesh) -> bool:
+    """Whether this process holds any of `mesh`'s devices (always, with one process)."""
+    me = jax.process_index()
+    return any(d.process_index == me for d in mesh.devices.flat)
+
+
+def _shards_on(arr: jax.Array | None, devices: Sequence[jax.Device]) -> list[jax.Array]:
+    """`arr`'s shards on this process's devices among `devices` (in that order). With several processes
+    (`jax.distributed`), an array over a mesh spanning them is assembled from each process's own shards; a member
+    whose devices are all elsewhere has no array here (None)."""
+    me = jax.process_index()
+    mine = [d for d in devices if d.process_index == me]
+    if not mine:
+        return []
     by_dev = {s.device: s.data for s in arr.addressable_shards}
-    return [by_dev[d] for d in devices]
+    return [by_dev[d] for d in mine]
+
+
+def _on_members(full: jax.Array, shape, spec: P, meshes: Sequence[Mesh]) -> list[jax.Array | None]:
+    """A group-wide array -> one array per member mesh made of its shards there (None for a member of another
+    process)."""
+    return [jax.make_array_from_single_device_arrays(shape, NamedSharding(m, spec),
+                                                     _shards_on(full, list(m.devices.flat)))
+            if is_local(m) else None for m in meshes]
 
 
 class GroupReshard:
@@ -152,14 +177,12 @@ class GroupReshard:
     def _leaf_to_members(self, path: str, sharded: jax.Array) -> list[jax.Array]:
         """One group-sharded leaf -> a full copy on each member's mesh (stage order)."""
         full = self._gather[path](sharded)
-        spec = replica_spec(self.specs[path])
-        return [jax.make_array_from_single_device_arrays(self.leaf_shapes[path][0], NamedSharding(m, spec),
-                                                         _shards_on(full, list(m.devices.flat)))
-                for m in self.member_meshes]
+        return _on_members(full, self.leaf_shapes[path][0], replica_spec(self.specs[path]), self.member_meshes)
 
-    def drop_weights(self, replicas: Sequence[dict[str, jax.Array]],
+    def drop_weights(self, replicas: Sequence[dict[str, jax.Array] | None],
                      between: Callable[[int], None] | None = None) -> dict[str, jax.Array]:
-        """Replicas (one flat {path: array} per member, stage order) -> group-sharded leaves.
+        """Replicas (one flat {path: array} per member, stage order; None for a member of another process) ->
+        group-sharded leaves.
 
         Each replica dict is emptied leaf by leaf as it is resharded, so the full copies are released at once.
         `between(n)` runs after the n-th leaf; if it (or a reshard) raises, the leaves done so far are gathered
@@ -169,15 +192,17 @@ class GroupReshard:
         out: dict[str, jax.Array] = {}
         try:
             for path in self.leaf_shapes:
-                out[path] = self._leaf_to_group(path, [r[path] for r in replicas])
+                out[path] = self._leaf_to_group(path, [None if r is None else r[path] for r in replicas])
                 for r in replicas:  # the full copies go now (a failed reshard above keeps them)
-                    del r[path]
+                    if r is not None:
+                        del r[path]
                 if between is not None:
                     between(len(out))
         except BaseException:
             for path in list(out):
                 for r, arr in zip(replicas, self._leaf_to_members(path, out.pop(path)), strict=True):
-                    r[path] = arr
+                    if r is not None:
+                        r[path] = arr
             raise
         return out
 
@@ -219,10 +244,7 @@ class GroupReshard:
 
     def pool_to_members(self, pipe: jax.Array) -> list[jax.Array]:
         """The group's pipeline pool (donated) -> each member's full-layer pool on the member's mesh."""
-        full = self._pool_to_full(pipe)
-        return [jax.make_array_from_single_device_arrays(self.pool_shape, NamedSharding(m, KV_POOL_SPEC),
-                                                         _shards_on(full, list(m.devices.flat)))
-                for m in self.member_meshes]
+        return _on_members(self._pool_to_full(pipe), self.pool_shape, KV_POOL_SPEC, self.member_meshes)
 
     def new_extension(self) -> jax.Array:
         return self._ext_zeros()

@@ -40,6 +40,11 @@ from typing import Any, Protocol
 from kunjax.plan import MemoryOp, Sampled, StepInputs, TickWork, UnitShape
 
 
+class ExecutorLost(Exception):
+    """The executor cannot go on at all (a process of a multi-host group died or stopped answering): not one
+    unit's failure to recover from, so the engine lets it through and the server stops (`kunjax.multihost`)."""
+
+
 @dataclasses.dataclass
 class TickResult:
     sampled: Sampled | None  # the leaving micro-batch's samples, None when nothing left the pipe this tick

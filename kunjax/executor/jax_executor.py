@@ -11,6 +11,12 @@ State (nothing outside this module holds a `jax.Array` of the serving path):
   remote attention, and its block copy; per instance, block gathers and donated scatters of power-of-two counts
   (any count moves as its binary decomposition) for swaps, transfers and layer-group slot moves.
 
+Several processes (`jax.distributed`, `kunjax.multihost`): every process builds this executor over the global
+devices and runs the calls the leader's engine makes, in the same order; each one holds the arrays of the
+instances on its own devices (an instance's tp devices are on one process) and of the groups with a member there,
+and skips what involves none of its devices. A group's compiled functions span the processes holding its members
+(their collectives cross hosts). `is_local_unit` says whether this process computes a unit's tick.
+
 Ordering: everything is dispatched when it is applied, never waited for (JAX runs work on a device in dispatch
 order and a donation waits for earlier reads), so a memory operation applied before a tick is in place when the
 tick reads. Only `collect` waits (for the sampled ids), and a fuse or split waits for its own resharding.
@@ -33,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from kunjax import checkpoint
 from kunjax.config import EngineConfig, ModelConfig
 from kunjax.executor import TickResult
-from kunjax.executor.step import compile_copy_blocks, compile_tick
+from kunjax.executor.step import compile_copy_blocks, compile_tick, input_specs, on_mesh
 from kunjax.memory import flatten_params, num_kv_blocks, param_shapes, unflatten_params
 from kunjax.model import slot_view
 from kunjax.plan import (
@@ -52,8 +58,16 @@ from kunjax.plan import (
     UnitShape,
 )
 from pallas_kernels import resolve_backend
-from sharding.layouts import KV_POOL_SPEC, STAGE, instance_meshes, kv_pool_sharding, param_shardings, param_specs
-from sharding.reshard import GroupReshard
+from sharding.layouts import (
+    KV_POOL_SPEC,
+    STAGE,
+    LayoutError,
+    instance_meshes,
+    kv_pool_sharding,
+    param_shardings,
+    param_specs,
+)
+from sharding.reshard import GroupReshard, is_local
 
 log = logging.getLogger("kunjax.executor")
 MAX_COPY = 64  # largest block count moved by one compiled copy (powers of two up to it are compiled)
@@ -146,7 +160,8 @@ def host_sharding(sharding: NamedSharding) -> NamedSharding:
 
 @dataclasses.dataclass
 class Replica:
-    """One instance's arrays while it serves alone (its pool stays here while it is a stage of a group: None)."""
+    """One instance's arrays while it serves alone (its pool stays here while it is a stage of a group: None).
+    An instance on another process has none here (`local` False)."""
 
     mesh: jax.sharding.Mesh
     params: dict | None
@@ -154,6 +169,7 @@ class Replica:
     host: dict[Hashable, list[jax.Array]]  # host tier entries: key -> parts [n_i, L/G, 2, BS, K, D] in host memory
     ticks: dict[tuple[int, int], jax.stages.Compiled] = dataclasses.field(default_factory=dict)  # (G, T)
     copiers: dict[int, BlockCopier] = dataclasses.field(default_factory=dict)  # G -> copier
+    local: bool = True
 
 
 @dataclasses.dataclass
@@ -191,29 +207,43 @@ class JaxExecutor:
     """See the module docstring; `kunjax.executor.Executor` is the protocol."""
 
     def __init__(self, model_path: str | Path, cfg: ModelConfig, ecfg: EngineConfig,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, *,
+                 agree_min: Callable[[str, int], int] | None = None):
+        """`agree_min(name, value)`: with several processes, the smallest `value` any of them offers (every
+        process calls it; `kunjax.multihost`), so all size their pools alike."""
         self.cfg, self.ecfg = cfg, ecfg
         self.dtype = jnp.dtype(ecfg.dtype)
         devices = list(devices) if devices is not None else jax.devices()
         meshes = instance_meshes(devices, ecfg.num_instances, ecfg.tp)
+        self.owners = [_owner(i, m) for i, m in enumerate(meshes)]  # the process holding each instance
+        hosts = len(set(self.owners))
+        self.instances_per_host = len(meshes) // hosts if hosts > 1 else None  # spread evenly (instance_meshes)
+        local = [i for i, m in enumerate(meshes) if is_local(m)]
+        if not local:
+            raise LayoutError(f"process {jax.process_index()} holds none of the {len(meshes)} instances "
+                              f"(--num-instances x --tp leaves its devices out)")
         t0 = time.perf_counter()
         shapes = param_shapes(cfg)
-        first = checkpoint.load_params(model_path, cfg, param_shardings(meshes[0], shapes), ecfg.dtype)
-        # Other replicas are device-to-device copies of the first: the checkpoint is read once.
-        params = [first] + [jax.device_put(first, param_shardings(m, shapes)) for m in meshes[1:]]
+        first = checkpoint.load_params(model_path, cfg, param_shardings(meshes[local[0]], shapes), ecfg.dtype)
+        # Other replicas are device-to-device copies of the first: the checkpoint is read once (per process).
+        params: list[dict | None] = [None] * len(meshes)
+        for i in local:
+            params[i] = first if i == local[0] else jax.device_put(first, param_shardings(meshes[i], shapes))
         self.weight_bytes = tree_bytes_per_device(first)
         # Replicas get equal pools (the smallest any device affords), so any of them can fuse into a group.
-        self.num_blocks = min(num_kv_blocks(cfg, ecfg, self.weight_bytes, _bytes_limit(m)) for m in meshes)
+        num_blocks = min(num_kv_blocks(cfg, ecfg, self.weight_bytes, _bytes_limit(meshes[i])) for i in local)
+        self.num_blocks = agree_min("num_blocks", num_blocks) if agree_min is not None else num_blocks
         self.pool_shape = (self.num_blocks, cfg.num_layers, 2, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.replicas = [Replica(m, p, self._zeros(self.pool_shape, kv_pool_sharding(m)), {})
-                         for m, p in zip(meshes, params, strict=True)]
+        self.replicas = [Replica(m, p, self._zeros(self.pool_shape, kv_pool_sharding(m)), {}) if p is not None
+                         else Replica(m, None, None, {}, local=False) for m, p in zip(meshes, params, strict=True)]
         self.num_instances = len(self.replicas)
         self.load_seconds = time.perf_counter() - t0
         self.transfer_measured_s = 0.0  # wall time of the copies `Transfer.measure` asked to time
         self.needs_arrays = True
         self.groups: dict[int, Group] = {}
         self.candidates: dict[tuple[int, ...], Candidate] = {}
-        self.backend = resolve_backend(ecfg.attention_backend, devices[:1])  # auto -> a validated kernel
+        # auto -> a validated kernel (every process tests its own first device)
+        self.backend = resolve_backend(ecfg.attention_backend, list(meshes[local[0]].devices.flat)[:1])
         self._transition_hook: Callable[[int], None] | None = None
 
     def _zeros(self, shape, sharding) -> jax.Array:
@@ -225,18 +255,25 @@ class JaxExecutor:
     def devices_of(self, instance: int) -> list[jax.Device]:
         return list(self.replicas[instance].mesh.devices.flat)
 
+    def is_local_unit(self, uid: int) -> bool:
+        """Whether this process computes unit `uid`'s ticks (holds one of its devices)."""
+        return self.replicas[uid].local if uid < self.num_instances else uid in self.groups
+
     # ---- warm-up ------------------------------------------------------------------------------------
     def warmup(self, units: Sequence[tuple[int, tuple[int, ...], UnitShape]],
                candidates: Sequence[tuple[tuple[int, ...], UnitShape]]) -> None:
         """Compile each replica's tick for every bucket and its copies; every candidate group's functions."""
         for uid, members, shape in units:
             assert members == (uid,) and shape.k == 1, "replica units are their instance"
+            if not self.replicas[uid].local:
+                continue
             self._compile_replica(uid, shape)
             rep = self.replicas[uid]
             for g in sorted({1, shape.layer_groups}):
                 rep.pool = self._copier(uid, g).warmup(rep.pool)
         for members, shape in candidates:
-            self._candidate(members, shape)
+            if any(self.replicas[i].local for i in members):
+                self._candidate(members, shape)
 
     def _copier(self, i: int, groups: int) -> BlockCopier:
         rep = self.replicas[i]
@@ -292,6 +329,8 @@ class JaxExecutor:
     # ---- memory operations --------------------------------------------------------------------------
     def apply(self, ops: Sequence[MemoryOp]) -> None:
         for op in ops:
+            if not self._involves_me(op):
+                continue
             match op:
                 case CopyBlocks():
                     self._copy_blocks(op)
@@ -329,6 +368,21 @@ class JaxExecutor:
                 case _:
                     raise TypeError(f"unknown memory operation {op!r}")
 
+    def _involves_me(self, op: MemoryOp) -> bool:
+        """Whether `op` touches a device of this process (with one process, always). A copy between instances of
+        two processes is not supported: the engine keeps transfers and migrations within a host."""
+        if isinstance(op, CopyBlocks):
+            return op.unit in self.groups
+        if isinstance(op, Fuse | Split):
+            return any(self.replicas[i].local for i in op.members)
+        if isinstance(op, Transfer) or (isinstance(op, SwapIn) and op.src is not None):
+            a, b = (op.src, op.dst) if isinstance(op, Transfer) else (op.src, op.instance)
+            if self.replicas[a].local != self.replicas[b].local:
+                raise RuntimeError(f"instances {a} and {b} are on different processes: KV moves between hosts "
+                                   f"only inside a pipeline group")
+            return self.replicas[a].local
+        return self.replicas[op.instance].local
+
     def _copy_blocks(self, op: CopyBlocks) -> None:
         """`(src_stage, src_id, dst_stage, dst_id, lo, hi)` copies in calls of at most X per (src, dst) pair."""
         g = self.groups[op.unit]
@@ -350,6 +404,8 @@ class JaxExecutor:
                     continue
                 send[src, dst, j], recv[dst, src, j], lo[dst, src, j], hi[dst, src, j] = src_id, dst_id, c_lo, c_hi
                 used[src, dst] += 1
+            mesh = g.candidate.reshard.mesh
+            send, recv, lo, hi = (on_mesh(mesh, a, P(STAGE)) for a in (send, recv, lo, hi))
             g.pool, g.ext = g.candidate.copy(g.pool, g.ext, send, recv, lo, hi)
             pending = rest
 
@@ -363,16 +419,16 @@ class JaxExecutor:
         the replicas get every leaf back (their pools are not touched until the weights are done)."""
         cand = self._candidate(op.members, op.shape)
         reps = [self.replicas[i] for i in op.members]
-        if any(r.params is None for r in reps):
+        if any(r.local and r.params is None for r in reps):
             raise RuntimeError(f"instances {op.members} are already in a group")
-        flat = [flatten_params(r.params) for r in reps]
+        flat = [flatten_params(r.params) if r.local else None for r in reps]  # another process's: None
         for r in reps:
             r.params = None
         try:
             params = unflatten_params(cand.reshard.drop_weights(flat, self._transition_hook))
         except BaseException:
             for r, f in zip(reps, flat, strict=True):  # `drop_weights` put every leaf back
-                r.params = unflatten_params(f)
+                r.params = unflatten_params(f) if f is not None else None
             raise
         pools = [r.pool for r in reps]
         for r in reps:
@@ -402,18 +458,22 @@ class JaxExecutor:
             g.ext, g.acts = cand.reshard.new_extension(), cand.acts_zeros()
             self.groups[op.unit] = g
             raise
+        mine = [i for i in op.members if self.replicas[i].local]
         for h, i in enumerate(op.members):
-            self.replicas[i].params = unflatten_params(per_member[h])
-            self.replicas[i].pool = pools[h]
+            if self.replicas[i].local:
+                self.replicas[i].params = unflatten_params(per_member[h])
+                self.replicas[i].pool = pools[h]
         del pools, per_member
-        jax.block_until_ready([self.replicas[i].pool for i in op.members])
+        jax.block_until_ready([self.replicas[i].pool for i in mine])
 
     def recover(self, uid: int) -> None:
         """The engine dropped all KV of unit `uid` after a failure: remake (zeroed) any of its arrays the failure
         left unusable (a donated input of a failed call is deleted; its output holds the error)."""
         g = self.groups.get(uid)
         if g is None:
-            rep = self.replicas[uid]
+            rep = self.replicas[uid] if uid < self.num_instances else None
+            if rep is None or not rep.local:  # a unit of other processes
+                return
             if not _usable(rep.pool):
                 rep.pool = self._zeros(self.pool_shape, kv_pool_sharding(rep.mesh))
             return
@@ -429,6 +489,8 @@ class JaxExecutor:
     # ---- ticks --------------------------------------------------------------------------------------
     def launch(self, uid: int, work: TickWork, inputs: StepInputs | None) -> Launched:
         started = time.perf_counter()  # before the dispatch: a small CPU step may run inside the call
+        if not self.is_local_unit(uid):
+            raise RuntimeError(f"unit {uid} runs on another process (`is_local_unit`)")
         t = inputs.tokens_in.shape[0]
         g = self.groups.get(uid)
         if g is None:
@@ -440,6 +502,7 @@ class JaxExecutor:
             rep.pool, outputs = compiled(rep.params, rep.pool, inputs)
         else:
             compiled = g.candidate.ticks[(work.remote, t)]
+            inputs = on_mesh(g.candidate.reshard.mesh, inputs, input_specs(inputs))  # global, across processes
             g.pool, g.ext, g.acts, outputs = compiled(g.params, g.pool, g.ext, g.acts, inputs)
         return Launched(uid, outputs, started)
 
@@ -453,6 +516,18 @@ class JaxExecutor:
         pass
 
     # ---- introspection (tests, benchmarks) ----------------------------------------------------------
+    def state(self) -> dict:
+        """What this process holds, to check against the leader's books: each of its instances' mode and host-tier
+        keys, its groups' members, and the live bytes on each of its devices (by device id)."""
+        from sharding.reshard import live_bytes_per_device
+
+        return {"process": jax.process_index(),
+                "instances": {i: {"mode": "replica" if r.params is not None else "group",
+                                  "host": sorted(repr(k) for k in r.host)}
+                              for i, r in enumerate(self.replicas) if r.local},
+                "groups": {uid: list(g.candidate.members) for uid, g in self.groups.items()},
+                "live_bytes": {d.id: b for d, b in live_bytes_per_device().items()}}
+
     def unit_params(self, uid: int) -> dict:
         g = self.groups.get(uid)
         return g.params if g is not None else self.replicas[uid].params
@@ -472,6 +547,15 @@ def _usable(arr: jax.Array | None) -> bool:
     except Exception:
         return False
     return True
+
+
+def _owner(i: int, mesh) -> int:
+    """The process holding instance `i`'s devices; tensor parallelism does not cross processes."""
+    procs = {d.process_index for d in mesh.devices.flat}
+    if len(procs) != 1:
+        raise LayoutError(f"instance {i}'s tp devices are on processes {sorted(procs)}: an instance must be on one "
+                          f"host (use --tp of at most the devices per process)")
+    return procs.pop()
 
 
 def _bytes_limit(mesh) -> int | None:

@@ -142,6 +142,8 @@ class CostModelExecutor:
         self.needs_arrays = False
         self.cost = CostModel(cfg, profile, dtype=ecfg.dtype, tp=ecfg.tp, block_size=ecfg.block_size,
                               devices_per_host=devices_per_host)
+        per_host = max(devices_per_host // ecfg.tp, 1)
+        self.instances_per_host = per_host if self.num_instances > per_host else None
         self.time = ModelledTime(self.cost, clock, self.num_instances)
         self.synthesize = Synthesizer(cfg.vocab_size, frozenset(cfg.eos_token_ids), ecfg.max_logprobs,
                                       ecfg.scheduler.max_num_seqs)

@@ -28,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -136,6 +137,22 @@ def input_specs(example: StepInputs) -> StepInputs:
     names = list(StepInputs.__dataclass_fields__)
     per_stage = set(names[:StepInputs.PER_STAGE])
     return StepInputs(**{n: P(STAGE) if n in per_stage else P() for n in names})
+
+
+def on_mesh(mesh: Mesh, tree, specs):
+    """Host arrays (a pytree; `specs` one `PartitionSpec` for all or a matching tree) as arguments of a function
+    compiled over `mesh`: as they are on one process; as global arrays, each process giving its own devices'
+    slices, when the mesh spans processes (`jax.distributed`: every process passes the same values)."""
+    if not mesh.is_multi_process:
+        return tree
+
+    def put(a, spec):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda idx: a[idx])
+
+    if isinstance(specs, P):
+        return jax.tree.map(lambda a: put(a, specs), tree)
+    return jax.tree.map(put, tree, specs)
 
 
 def compile_tick(cfg: ModelConfig, shape: UnitShape, mesh: Mesh, params, state: tuple, example: StepInputs,

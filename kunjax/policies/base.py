@@ -100,6 +100,7 @@ class PolicyView(Protocol):
     mempool: MemoryPool
     clock: Clock
     step_no: int
+    instances_per_host: int | None  # instances on each host of a multi-host deployment; None: one host
 
     @property
     def units(self) -> Sequence[ServingUnit]: ...

@@ -84,6 +84,26 @@ def test_cost_model_formula_by_hand():
         PipelineCostModel(link_bytes_per_s=0)
 
 
+def test_cost_model_prices_hops_between_hosts_over_the_network():
+    m = PipelineCostModel(num_layers=2, hidden_size=10, act_bytes=1, microbatch_tokens=5, link_bytes_per_s=100.0,
+                          tick_seconds=1.0, stale_rows=3, network_bytes_per_s=10.0)
+    # Two instances per host: a pair stays within a host and costs what it did on one host.
+    hosts = dataclasses.replace(m, instances_per_host=2)
+    assert hosts.step_cost(2) == pytest.approx(m.step_cost(2))
+    # A quad spans two hosts: 1 of its 3 activation hops crosses (5*10 bytes at 10 B/s), and for each stage 2 of
+    # the 4 stages' layers are on the other host: remote 3*2*2*10 bytes x (1/4 over the link + 2/4 the network).
+    assert hosts.step_cost(4) == pytest.approx(0.75 + (2 * 50 / 100 + 50 / 10) + (120 / 4 / 100 + 120 * 2 / 4 / 10))
+    assert hosts.step_cost(4) > m.step_cost(4)
+    # So two pairs (one per host) cost less than the quad across hosts: the planner fuses within a host.
+    assert 2 * hosts.step_cost(2) < hosts.step_cost(4)
+    loads = [InstanceLoad(i, total_blocks=10, free_blocks=0, demand_blocks=14, queued_blocks=4) for i in range(4)]
+    plan = plan_drop(loads, available=set(range(4)), group_sizes=(2, 4), gain_blocks=lambda k: 10 * k,
+                     cost_model=hosts)
+    assert [g.members for g in plan.groups] == [(0, 1), (2, 3)]
+    with pytest.raises(ValueError, match="instances_per_host"):
+        PipelineCostModel(instances_per_host=0)
+
+
 @pytest.mark.parametrize("model", [COST, LINK_BOUND, PipelineCostModel(stale_rows=64, tick_seconds=0.0)])
 def test_cost_is_positive_and_strictly_increasing(model):
     costs = [model.step_cost(k) for k in (2, 4, 8, 16, 32)]

@@ -131,6 +131,12 @@ class KunServe(MemoryPolicy):
         self.counts = dict(drops=0, restores=0, blocks_exchanged_done=0, remote_ticks_done=0)
         self.no_drop_until = 0  # step before which no drop is planned (after a failed one)
 
+    def attach(self, view) -> None:
+        super().attach(view)
+        hosts = view.instances_per_host
+        if hosts is not None:  # a multi-host group: hops between hosts go over the network
+            self.cost_model = dataclasses.replace(self.cost_model, instances_per_host=hosts)
+
     def capabilities(self) -> Capabilities:
         return Capabilities(pipeline=self.pipeline)
 

@@ -66,6 +66,11 @@ class PipelineCostModel:
     (k - 1) / k of the layers on another device; per such layer its query row goes there and its output row comes
     back. `row_bytes` is `head_bytes_per_row`, by default one hidden row (`hidden_size * act_bytes`).
     Every term grows with k and the activation term is positive, so the cost is strictly increasing for k >= 2.
+
+    Across hosts (`instances_per_host` set: a multi-host group, instances spread evenly, aligned blocks): a group
+    of k > instances_per_host spans k / instances_per_host hosts, and the hops between them go over the network
+    (`network_bytes_per_s`) instead of the link — for the activations, the hops that cross; for remote attention,
+    the share of a row's remote layers that sit on another host. A group within one host costs what it always did.
     """
 
     num_layers: int = 32
@@ -76,6 +81,8 @@ class PipelineCostModel:
     tick_seconds: float = 5e-3
     stale_rows: int = 0
     head_bytes_per_row: int | None = None  # query (and output) bytes of one row at one layer
+    instances_per_host: int | None = None  # None: one host
+    network_bytes_per_s: float = 12.5e9  # between hosts (100 Gb/s)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "act_bytes", "microbatch_tokens"):
@@ -87,6 +94,10 @@ class PipelineCostModel:
             raise ValueError("PipelineCostModel.tick_seconds and stale_rows must be >= 0")
         if self.head_bytes_per_row is not None and self.head_bytes_per_row <= 0:
             raise ValueError(f"PipelineCostModel.head_bytes_per_row must be positive, got {self.head_bytes_per_row}")
+        if self.instances_per_host is not None and self.instances_per_host < 1:
+            raise ValueError(f"PipelineCostModel.instances_per_host must be >= 1, got {self.instances_per_host}")
+        if self.network_bytes_per_s <= 0:
+            raise ValueError(f"PipelineCostModel.network_bytes_per_s must be positive, got {self.network_bytes_per_s}")
 
     @property
     def row_bytes(self) -> int:
@@ -95,10 +106,14 @@ class PipelineCostModel:
     def step_cost(self, k: int) -> float:
         if k < 2:
             raise ValueError(f"a pipeline group has k >= 2 stages, got {k}")
-        remote_share = (k - 1) / k
-        bubble = self.tick_seconds * remote_share
-        activations = (k - 1) * self.microbatch_tokens * self.hidden_size * self.act_bytes / self.link_bytes_per_s
-        remote = self.stale_rows * self.num_layers * remote_share * 2 * self.row_bytes / self.link_bytes_per_s
+        local = min(k, self.instances_per_host or k)  # stages on one host
+        crossing = -(-k // local) - 1  # hops between hosts
+        link, net = self.link_bytes_per_s, self.network_bytes_per_s
+        bubble = self.tick_seconds * (k - 1) / k
+        hop = self.microbatch_tokens * self.hidden_size * self.act_bytes
+        activations = (k - 1 - crossing) * hop / link + crossing * hop / net
+        row = self.stale_rows * self.num_layers * 2 * self.row_bytes
+        remote = row * (local - 1) / k / link + row * (k - local) / k / net
         return bubble + activations + remote
 
 
