@@ -329,7 +329,7 @@ class LeaderExecutor:
         lid = next(self._lids)
         self._calls.append(("launch", lid, uid, work, inputs))
         local, spans = self.inner.is_local_unit(uid), self._units.spans(uid)
-        if not local or spans:
+        if spans:  # its collectives: the followers must dispatch it too (a unit only they hold waits for collect)
             self._flush()
         handle = self._local(self.inner.launch, uid, work, inputs, spans=spans) if local else None
         return _Launched(lid, uid, handle)

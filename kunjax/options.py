@@ -154,17 +154,21 @@ def configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Simulated CPU devices and the compile cache, set before JAX initialises; returns the `jax` module."""
     if args.cpu_devices < 1:
         parser.error(f"--cpu-devices must be positive, got {args.cpu_devices}")
+    from kunjax import multihost
+
+    spec = multihost.spec_from_args(parser, args)  # bad launch flags exit before anything starts
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_cache_dir.lower() != "none":
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    join_cluster(parser, args)
+    if spec is not None:
+        join_cluster(parser, spec)
     return jax
 
 
-def join_cluster(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def join_cluster(parser: argparse.ArgumentParser, spec) -> None:
     """With --coordinator: join the multi-host group (`kunjax.multihost`) before JAX's backends start. A follower
     (process id > 0) spends the rest of its life replaying the leader's executor calls, then exits here; the
     leader goes on, and tells the followers to stop when it exits."""
@@ -172,8 +176,7 @@ def join_cluster(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
     from kunjax import multihost
 
-    spec = multihost.spec_from_args(parser, args)
-    if spec is None or multihost.current() is not None:
+    if multihost.current() is not None:
         return
     print(f"kunjax: joining the group at {spec.coordinator} (waits for every process)", file=sys.stderr, flush=True)
     try:

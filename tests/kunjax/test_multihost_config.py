@@ -3,6 +3,10 @@ processes is refused by name (the loopback runs themselves are in tests/e2e/test
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from kunjax.cli import main
@@ -22,7 +26,6 @@ from kunjax.plan import Fuse, Split, UnitShape
     (["--coordinator", "127.0.0.1:5000", "--num-processes", "0", "--process-id", "0"],
      "--num-processes must be positive"),
     (["--coordinator", "auto", "--peer-timeout-s", "0"], "--peer-timeout-s must be positive"),
-    (["--coordinator", "auto"], "--coordinator auto: could not join the group"),  # no cluster launcher here
 ])
 @pytest.mark.parametrize("command", ["serve", "bench"])
 def test_bad_launch_flags_exit_2_naming_the_flag(capsys, command, args, message):
@@ -31,6 +34,16 @@ def test_bad_launch_flags_exit_2_naming_the_flag(capsys, command, args, message)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_auto_without_a_cluster_launcher_says_so():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for var in [v for v in env if v.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))]:
+        del env[var]
+    r = subprocess.run([sys.executable, "-m", "kunjax", "serve", "--coordinator", "auto", "--cpu-devices", "2"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "--coordinator auto: could not join the group" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(("options", "flag"), [
