@@ -20,8 +20,9 @@ Liveness: every process bumps a heartbeat key every `HEARTBEAT_S`; the leader wa
 follower the leader's. A peer whose heartbeat has not moved for `--peer-timeout-s`, that posted a fatal error
 (`kunjax/fatal/<pid>`), or whose collective failed (a closed connection) is lost: the leader's `on_lost`
 callbacks run (the server fails in-flight requests with UNAVAILABLE and turns health NOT_SERVING) and the process
-exits with `EXIT_PEER_LOST`; a follower exits with it at once. JAX's own heartbeat timeout is set well above ours,
-so its abort never comes first. The group is restarted as a whole by the orchestrator (`docs/multihost.md`).
+exits with `EXIT_PEER_LOST`; a follower exits with it at once (or is aborted by JAX's client first, when the
+coordination service in process 0 is gone). JAX's own heartbeat timeout is set well above ours, so its abort of
+the leader never comes first. The group is restarted as a whole by the orchestrator (`docs/multihost.md`).
 """
 
 from __future__ import annotations

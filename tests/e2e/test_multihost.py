@@ -6,7 +6,8 @@
   group spanning both processes; the exchange and the restore happen; outputs equal the single-process run's
   and the recitations are exact; both processes' live bytes come back to where they started.
 * `kunjax serve` with a follower killed mid-stream: every stream ends with UNAVAILABLE within the peer timeout
-  and a bound, health turns NOT_SERVING, and the leader exits with status 75.
+  and a bound, health turns NOT_SERVING, and the leader exits with status 75; with the leader killed, the
+  follower exits non-zero within a bound.
 """
 
 from __future__ import annotations
@@ -194,6 +195,30 @@ def test_a_lost_follower_fails_streams_with_unavailable_and_the_leader_exits(tmp
             assert n > 0 and status == grpc.StatusCode.UNAVAILABLE, results
             assert at - killed < 3 + 8
         assert saw_not_serving
+    finally:
+        for p in (leader, follower):
+            if p is not None and p.poll() is None:
+                p.kill()
+        follower_log.close()
+
+
+@pytest.mark.slow
+def test_a_lost_leader_makes_the_follower_exit(tmp_path):
+    coord = f"127.0.0.1:{free_port()}"
+    flags = ["--coordinator", coord, "--num-processes", "2", "--cpu-devices", "4", "--peer-timeout-s", "3",
+             "--num-instances", "2", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    follower_log = open(tmp_path / "follower.log", "w")  # noqa: SIM115 (closed below)
+    follower = subprocess.Popen([sys.executable, "-m", "kunjax", "serve", *flags, "--process-id", "1"],
+                                stdout=follower_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    leader = None
+    try:
+        leader, _, _ = start_serve([*flags, "--process-id", "0"])
+        leader.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code = follower.wait(timeout=60)
+        assert code != 0, (tmp_path / "follower.log").read_text()[-2000:]
+        assert time.monotonic() - killed < 3 + 8
     finally:
         for p in (leader, follower):
             if p is not None and p.poll() is None:
