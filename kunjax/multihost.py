@@ -87,6 +87,9 @@ def spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         return None
     if args.peer_timeout_s <= 0:
         parser.error(f"--peer-timeout-s must be positive, got {args.peer_timeout_s}")
+    if getattr(args, "executor", "jax") == "sim":
+        parser.error("--coordinator runs the JAX executor over several processes; --executor sim needs no devices "
+                     "(it models any number of hosts in one process)")
     if coord != "auto":
         host, _, port = coord.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -436,7 +439,7 @@ def check_books(engine) -> list[dict]:
     engine.check_books()
     ex = engine.executor
     states = ex.states()
-    owners = ex.inner.owners
+    owners = ex.owners
     for st in states:
         p = st["process"]
         mine = {i for i, o in enumerate(owners) if o == p}

@@ -36,6 +36,13 @@ def test_bad_launch_flags_exit_2_naming_the_flag(capsys, command, args, message)
     assert message in err and "Traceback" not in err
 
 
+def test_the_cost_model_executor_does_not_join_a_group(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--executor", "sim", "--coordinator", "auto", "--compile-cache-dir", "none"])
+    assert e.value.code == 2
+    assert "--executor sim needs no devices" in capsys.readouterr().err
+
+
 def test_auto_without_a_cluster_launcher_says_so():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for var in [v for v in env if v.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))]:
