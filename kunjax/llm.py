@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 from kunjax.engine import LLMEngine, config_from_kwargs
+from kunjax.progress import warm_up
 from kunjax.request import RequestOutput
 from kunjax.sampling_params import SamplingParams
 
@@ -46,8 +47,8 @@ class LLM:
     def __init__(self, model: str | Path = "demo", *, devices: Sequence[jax.Device] | None = None,
                  warmup: bool = True, **engine_options):
         self.engine = LLMEngine(model, config_from_kwargs(**engine_options), devices=devices)
-        if warmup:
-            self.engine.warmup()
+        if warmup:  # with a progress bar on stderr: a minute on CPU the first time
+            warm_up(self.engine)
 
     @property
     def tokenizer(self):

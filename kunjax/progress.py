@@ -1,0 +1,125 @@
+"""Progress for the waits a user sits through (demo training, compiling, bench phases): a `tqdm` bar on a
+terminal, plain lines in a log.
+
+Owns only how progress is shown; never decides what is slow. Every wait longer than a couple of seconds that the
+CLI or the Python API makes a user sit through reports here, on stderr, so stdout stays the command's output. On
+a terminal it is a `tqdm` bar rewritten in place; elsewhere (CI logs, pipes) a plain line at the start, at most
+one every `interval_s` while it runs, and one at the end, so a log is neither silent nor flooded with bars.
+`KUNJAX_PROGRESS=bar | plain | off` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+MODES = ("bar", "plain", "off")
+
+
+def mode(stream: TextIO) -> str:
+    """The display for `stream`: `$KUNJAX_PROGRESS` if set, else a bar on a terminal and plain lines otherwise."""
+    forced = os.environ.get("KUNJAX_PROGRESS", "").strip().lower()
+    if forced in MODES:
+        return forced
+    isatty = getattr(stream, "isatty", None)
+    return "bar" if isatty is not None and isatty() else "plain"
+
+
+def say(message: str, stream: TextIO | None = None) -> None:
+    """One status line on stderr (or `stream`), flushed at once; silent under `KUNJAX_PROGRESS=off`."""
+    stream = stream or sys.stderr
+    if mode(stream) != "off":
+        print(message, file=stream, flush=True)
+
+
+class Progress:
+    """`total` units of work, `update(n, **fields)` as they finish, `close(summary)` at the end (or `with`).
+
+    `fields` are shown beside the count (`loss=0.53`); the summary replaces the bar's last state with one line.
+    """
+
+    def __init__(self, desc: str, total: int | None, unit: str = "it", *, stream: TextIO | None = None,
+                 interval_s: float = 10.0):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.stream = stream or sys.stderr
+        self.mode = mode(self.stream)
+        self.interval_s = interval_s
+        self.done = 0
+        self.fields: dict[str, object] = {}
+        self.t0 = time.monotonic()
+        self._last_line = self.t0
+        self._bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True)
+        elif self.mode == "plain":
+            print(f"{desc}: started{self._of_total()}", file=self.stream, flush=True)
+
+    def _of_total(self) -> str:
+        return f" (0/{self.total} {self.unit})" if self.total else ""
+
+    def _count(self) -> str:
+        return f"{self.done}/{self.total}" if self.total else str(self.done)
+
+    def _fields(self) -> str:
+        return "".join(f", {k} {v}" for k, v in self.fields.items())
+
+    def update(self, n: int = 1, **fields: object) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if self._bar is not None:
+            if fields:
+                self._bar.set_postfix({k: str(v) for k, v in self.fields.items()}, refresh=False)
+            self._bar.update(n)
+        elif self.mode == "plain":
+            now = time.monotonic()
+            if now - self._last_line >= self.interval_s:
+                self._last_line = now
+                print(f"{self.desc}: {self._count()} {self.unit}{self._fields()}, {now - self.t0:.0f}s",
+                      file=self.stream, flush=True)
+
+    def close(self, summary: str | None = None) -> None:
+        """End the bar; print `summary` (default: the count and the time taken) as one line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.mode == "off":
+            return
+        line = summary or f"{self.desc}: {self._count()} {self.unit}{self._fields()} in {self.elapsed():.1f}s"
+        print(line, file=self.stream, flush=True)
+        self.mode = "off"  # closed: nothing more is shown
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mode != "off":
+            self.close()
+
+
+def warm_up(engine: Any) -> float:
+    """`engine.warmup()` of a `kunjax.LLMEngine`, with a progress bar: the replicas and the groups a policy may
+    fuse, compiled / total (a minute on a 2-core CPU the first time); returns the seconds it took."""
+    bar: list[Progress] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(Progress("kunjax: compiling", total, "instances+groups"))
+        else:
+            bar[0].update(1)
+
+    seconds = engine.warmup(on_progress)
+    n = bar[0].total if bar else 0
+    summary = (f"kunjax: compiled the steps of {n} instances and groups ({len(engine.replica_shape.buckets)} "
+               f"shapes each) in {seconds:.1f}s")
+    if bar:
+        bar[0].close(summary)
+    else:
+        say(summary)
+    return seconds
