@@ -41,13 +41,14 @@ class Progress:
     """
 
     def __init__(self, desc: str, total: int | None, unit: str = "it", *, stream: TextIO | None = None,
-                 interval_s: float = 10.0):
+                 interval_s: float = 10.0, enabled: bool = True):
         self.desc, self.total, self.unit = desc, total, unit
         self.stream = stream or sys.stderr
-        self.mode = mode(self.stream)
+        self.mode = mode(self.stream) if enabled else "off"
         self.interval_s = interval_s
         self.done = 0
         self.fields: dict[str, object] = {}
+        self.status = ""
         self.t0 = time.monotonic()
         self._last_line = self.t0
         self._bar = None
@@ -65,14 +66,17 @@ class Progress:
         return f"{self.done}/{self.total}" if self.total else str(self.done)
 
     def _fields(self) -> str:
-        return "".join(f", {k} {v}" for k, v in self.fields.items())
+        return "".join(f", {k} {v}" for k, v in self.fields.items()) + (f", {self.status}" if self.status else "")
 
-    def update(self, n: int = 1, **fields: object) -> None:
+    def update(self, n: int = 1, status: str | None = None, **fields: object) -> None:
+        """`n` more done; `fields` shown as `name value`, `status` as it is."""
         self.done += n
         self.fields.update(fields)
+        if status is not None:
+            self.status = status
         if self._bar is not None:
-            if fields:
-                self._bar.set_postfix({k: str(v) for k, v in self.fields.items()}, refresh=False)
+            if fields or status is not None:
+                self._bar.set_postfix_str(self._fields().removeprefix(", "), refresh=False)
             self._bar.update(n)
         elif self.mode == "plain":
             now = time.monotonic()
@@ -80,6 +84,10 @@ class Progress:
                 self._last_line = now
                 print(f"{self.desc}: {self._count()} {self.unit}{self._fields()}, {now - self.t0:.0f}s",
                       file=self.stream, flush=True)
+
+    def set(self, done: int, status: str | None = None, **fields: object) -> None:
+        """`update` to an absolute count."""
+        self.update(done - self.done, status, **fields)
 
     def close(self, summary: str | None = None) -> None:
         """End the bar; print `summary` (default: the count and the time taken) as one line."""
@@ -103,23 +111,26 @@ class Progress:
             self.close()
 
 
+class CompileProgress:
+    """The `on_progress` of `LLMEngine.warmup`: a bar over the replicas and the groups a policy may fuse, compiled
+    / total (a minute on a 2-core CPU the first time), closed with a one-line summary when the last is done.
+    Usable from any thread (`kunjax serve` warms up on the engine's)."""
+
+    def __init__(self, shapes_per_instance: int):
+        self.shapes_per_instance = shapes_per_instance
+        self.bar: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress("kunjax: compiling", total, "instances+groups")
+        if done:
+            self.bar.update(1)
+        if done == total:
+            what = "1 instance" if total == 1 else f"{total} instances and groups"
+            self.bar.close(f"kunjax: compiled the steps of {what} ({self.shapes_per_instance} shapes each) in "
+                           f"{self.bar.elapsed():.1f}s")
+
+
 def warm_up(engine: Any) -> float:
-    """`engine.warmup()` of a `kunjax.LLMEngine`, with a progress bar: the replicas and the groups a policy may
-    fuse, compiled / total (a minute on a 2-core CPU the first time); returns the seconds it took."""
-    bar: list[Progress] = []
-
-    def on_progress(done: int, total: int) -> None:
-        if not bar:
-            bar.append(Progress("kunjax: compiling", total, "instances+groups"))
-        else:
-            bar[0].update(1)
-
-    seconds = engine.warmup(on_progress)
-    n = bar[0].total if bar else 0
-    summary = (f"kunjax: compiled the steps of {n} instances and groups ({len(engine.replica_shape.buckets)} "
-               f"shapes each) in {seconds:.1f}s")
-    if bar:
-        bar[0].close(summary)
-    else:
-        say(summary)
-    return seconds
+    """`engine.warmup()` of a `kunjax.LLMEngine`, with `CompileProgress`; returns the seconds it took."""
+    return engine.warmup(CompileProgress(len(engine.replica_shape.buckets)))

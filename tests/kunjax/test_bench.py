@@ -455,3 +455,19 @@ def test_timeline_legend_sits_above_the_panels_and_names_every_event_kind():
         assert legend.get_window_extent().y0 >= max(ax.get_window_extent().y1 for ax in fig.axes)
     finally:
         plt.close(fig)
+
+
+def test_replay_progress_says_when_the_arrivals_are_over(monkeypatch, capsys):
+    """Past the window of arrivals the line says the requests are draining, not '44.1s / 15s of arrivals'."""
+    from kunjax.bench.replay import _Progress
+
+    monkeypatch.setenv("KUNJAX_PROGRESS", "plain")
+    p = _Progress("swap", 172, 15.0, True)
+    p.bar.interval_s = 0.0
+    p.show(10.7, 120, 13)
+    p.show(44.1, 172, 48)
+    p.show(45.6, 172, 172, final=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1].startswith("[swap] replay: 13/172 requests, 107 in flight, replay clock 10.7s of 15s of arrivals")
+    assert lines[2].startswith("[swap] replay: 48/172 requests, 124 in flight, all arrived, replay clock 44.1s")
+    assert lines[-1] == "[swap] replay: 172/172 requests done, the last at 45.6s (15s of arrivals)"
