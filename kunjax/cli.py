@@ -10,6 +10,7 @@ Bad flags and values exit with status 2 and a message naming the flag; nothing i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import typing
@@ -25,7 +26,7 @@ from kunjax.options import (
     model_flags,
     time_flags,
 )
-from kunjax.progress import warm_up
+from kunjax.progress import CompileProgress, warm_up
 
 
 class KunjaxParser(argparse.ArgumentParser):
@@ -56,7 +57,8 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
                    help="softmax temperature; 0 = greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the k most likely tokens; 0 = off")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass in (0, 1]; 1 = off")
-    g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="drop tokens below min-p x the top probability")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens below min-p x the top probability")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string (repeatable); the output ends before it")
     g.add_argument("--stop-token-id", action="append", type=int_at_least(0), default=None, metavar="ID",
@@ -325,7 +327,8 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from serving.server import serve
 
     # compiles on its thread; health flips after
-    runtime = EngineThread(engine, max_queued=args.max_queued, freeze_gc=True)
+    runtime = EngineThread(engine, max_queued=args.max_queued, freeze_gc=True,
+                           warmup_progress=CompileProgress(len(engine.replica_shape.buckets)))
     try:
         handle = serve(runtime, args.host, args.port, auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                        metrics_port=args.metrics_port, metrics_host=args.metrics_host, http_port=args.http_port,
@@ -337,8 +340,8 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except OSError as e:
         runtime.shutdown(0)
         parser.error(f"--host/--port/--metrics-port/--http-port: {e}")
-    print(f"kunjax: serving on {args.host}:{handle.port}{' with TLS' if args.tls_cert else ''} "
-          f"(ready once warm-up compiles finish)", file=sys.stderr, flush=True)
+    print(f"kunjax: listening on {args.host}:{handle.port}{' with TLS' if args.tls_cert else ''}; health turns "
+          f"SERVING once the warm-up compiles finish", file=sys.stderr, flush=True)
     if handle.http_port is not None:
         print(f"kunjax: OpenAI HTTP API on http{'s' if args.tls_cert else ''}://{args.http_host}:{handle.http_port}/v1 "
               f"(model {args.served_model_name or args.model!s})", file=sys.stderr, flush=True)
@@ -354,6 +357,11 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    while not stop.is_set():
+        if handle.wait_serving(0.2):
+            print(f"kunjax: ready on {args.host}:{handle.port} (health SERVING); Ctrl-C stops", file=sys.stderr,
+                  flush=True)
+            break
     stop.wait()
     handle.begin_drain()  # health NOT_SERVING first: load balancers stop sending work here
     print(f"kunjax: shutting down (grace {args.grace_s:.0f}s; a second SIGINT/SIGTERM aborts what is left)",
@@ -397,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the command's own parser, whose usage and options they were meant for
         args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args.handler(args.subparser, args)
+    try:
+        return args.handler(args.subparser, args)
+    except BrokenPipeError:  # stdout closed early (`| head`): not an error; Python would still flush it at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
