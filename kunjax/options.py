@@ -134,7 +134,8 @@ def engine_config_from_args(args: argparse.Namespace, policy: str | None = None,
 def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", metavar="DIR",
                    help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
-    p.add_argument("--cpu-devices", type=int, default=8, metavar="N", help="simulated CPU devices when running on CPU (default: 8)")
+    p.add_argument("--cpu-devices", type=int, default=8, metavar="N",
+                   help="simulated CPU devices when running on CPU (default: 8)")
     p.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
                    metavar="DIR",
                    help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
