@@ -402,6 +402,9 @@ def _grpc_target(address: str, **kwargs):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        parser.error(f"{argv[0]}: the command comes first: kunjax {{generate,serve,bench,calibrate}} [options]")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the command's own parser, whose usage and options they were meant for
         args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")

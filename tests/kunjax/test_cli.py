@@ -131,6 +131,14 @@ def test_errors_are_one_line_and_a_hint(args, message):
     assert len(lines) == 2 and "usage:" not in res.stderr
 
 
+def test_a_flag_before_the_command_says_the_command_comes_first():
+    res = run_cli("--max-tokens", "3")
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "kunjax: error: --max-tokens: the command comes first: kunjax {generate,serve,bench,calibrate} [options]",
+        "Run 'kunjax --help' for the options."]
+
+
 def test_list_demo_prompts_are_the_recitation_openings():
     from kunjax.demo import recitation_prompts
 
