@@ -150,8 +150,8 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
                     "per-request and timeline CSVs and plots, and print the table. By default the workload is "
                     "fitted to the machine: its burstiest window, time-scaled so the peak KV demand is twice the "
                     "instances' KV capacity.")
+    add_bench_arguments(bench, show_all)
     _help_all(bench, "bench")
-    add_bench_arguments(bench)
     model_flags(bench)
     time_flags(bench)
     add_engine_flags(bench, show_all)

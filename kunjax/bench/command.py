@@ -54,7 +54,22 @@ DEFAULT_DRAIN_TIMEOUT_S = 120.0
 DEFAULT_WEIGHT_FRACTION = 0.45
 
 
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+# The bench flags `--help` shows; the others (synthetic and conversation workloads, the fit's fine controls, gRPC
+# credentials) appear with `--help-all`.
+COMMON_BENCH_FLAGS = ("policies", "subject", "out", "server", "progress", "trace", "fit", "target_peak_ratio",
+                      "duration_s", "max_requests", "slo_ttft_s", "slo_tpot_s")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser, show_all: bool = True) -> None:
+    """The bench's own flags; without `show_all`, `--help` lists only `COMMON_BENCH_FLAGS` (all are accepted)."""
+    _add_bench_arguments(p)
+    if not show_all:
+        for action in p._actions:
+            if action.option_strings and action.dest not in (*COMMON_BENCH_FLAGS, "help", "help_all"):
+                action.help = argparse.SUPPRESS
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     from kunjax.config import POLICIES
 
     run = p.add_argument_group("run")
