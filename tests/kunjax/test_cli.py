@@ -106,8 +106,8 @@ def test_help_is_short_shows_choices_and_points_to_help_all():
     assert "(default: None)" not in _subparser("generate", show_all=True).format_help()
     assert "--swap-blocks-per-step" not in text  # a policy knob: --help-all
     bench = _subparser("bench").format_help()
-    assert len(bench.splitlines()) < 140 and "--trace" in bench and "--conversations" not in bench
-    assert "--conversations" in _subparser("bench", show_all=True).format_help()
+    assert len(bench.splitlines()) < 140 and "--trace" in bench and "--think-s" not in bench
+    assert "--think-s" in _subparser("bench", show_all=True).format_help()
     # hidden from --help, still accepted
     assert build_parser().parse_args(["generate", "--policy", "swap", "--swap-blocks-per-step", "4"]).policy == "swap"
 
