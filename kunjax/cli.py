@@ -1,10 +1,12 @@
 """`kunjax` command line. Engine flags are generated from `EngineConfig` (one source of truth for options).
 
     kunjax generate                                   # the built-in demo model on 8 simulated CPU devices
-    kunjax generate "The lighthouse keeper" --max-tokens 40 --temperature 0
+    kunjax generate "Every evening at dusk, Marta climbed the one" --max-tokens 40   # a prompt the demo knows
+    kunjax generate --list-demo-prompts               # the openings the demo model continues
     kunjax generate --model ~/models/Llama-3.2-1B --tp 2 "Hello"
 
-Bad flags and values exit with status 2 and a message naming the flag; nothing is half-run.
+Bad flags and values exit with status 2 and one line naming the flag, then a hint to `--help` (the common
+options) and `--help-all` (every option); nothing is half-run. Waits show progress on stderr (`kunjax.progress`).
 """
 
 from __future__ import annotations
