@@ -1,7 +1,7 @@
 """The offline Python API, in the shape users know from vLLM.
 
     llm = kunjax.LLM("demo")                      # or a Hugging Face / kunjax checkpoint directory
-    outs = llm.generate(["Fog rolled over the valley before sunrise and"], kunjax.SamplingParams(max_tokens=32))
+    outs = llm.generate(["Fog rolled over the valley before sunrise and"], kunjax.SamplingParams(temperature=0))
     outs[0].text, outs[0].token_ids
     for out in llm.stream(["Fog rolled over the valley before sunrise and"], params):
         print(out.outputs[0].delta_text, end="")
