@@ -3,8 +3,9 @@ terminal, plain lines in a log.
 
 Owns only how progress is shown; never decides what is slow. Every wait longer than a couple of seconds that the
 CLI or the Python API makes a user sit through reports here, on stderr, so stdout stays the command's output. On
-a terminal it is a `tqdm` bar rewritten in place; elsewhere (CI logs, pipes) a plain line at the start, at most
-one every `interval_s` while it runs, and one at the end, so a log is neither silent nor flooded with bars.
+a terminal it is a `tqdm` bar rewritten in place, its elapsed time ticking every second even while one step takes
+long (a compile); elsewhere (CI logs, pipes) a plain line at the start, one every `interval_s` (10 s) while it
+runs, whether or not a step finished meanwhile, and one at the end: a log is neither silent nor flooded.
 `KUNJAX_PROGRESS=bar | plain | off` overrides the choice.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -52,12 +54,32 @@ class Progress:
         self.t0 = time.monotonic()
         self._last_line = self.t0
         self._bar = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         if self.mode == "bar":
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True)
         elif self.mode == "plain":
             print(f"{desc}: started{self._of_total()}", file=self.stream, flush=True)
+        if self.mode != "off":  # a step may take longer than a line's interval (a compile): show the time ticking
+            threading.Thread(target=self._heartbeat, name="kunjax-progress", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._closed.wait(1.0 if self.mode == "bar" else max(0.1, self.interval_s / 2)):
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                if self._bar is not None:
+                    self._bar.refresh()  # tqdm redraws its elapsed time
+                elif time.monotonic() - self._last_line >= self.interval_s:
+                    self._line()
+
+    def _line(self) -> None:
+        now = time.monotonic()
+        self._last_line = now
+        print(f"{self.desc}: {self._count()} {self.unit}{self._fields()}, {now - self.t0:.0f}s", file=self.stream,
+              flush=True)
 
     def _of_total(self) -> str:
         return f" (0/{self.total} {self.unit})" if self.total else ""
@@ -70,20 +92,17 @@ class Progress:
 
     def update(self, n: int = 1, status: str | None = None, **fields: object) -> None:
         """`n` more done; `fields` shown as `name value`, `status` as it is."""
-        self.done += n
-        self.fields.update(fields)
-        if status is not None:
-            self.status = status
-        if self._bar is not None:
-            if fields or status is not None:
-                self._bar.set_postfix_str(self._fields().removeprefix(", "), refresh=False)
-            self._bar.update(n)
-        elif self.mode == "plain":
-            now = time.monotonic()
-            if now - self._last_line >= self.interval_s:
-                self._last_line = now
-                print(f"{self.desc}: {self._count()} {self.unit}{self._fields()}, {now - self.t0:.0f}s",
-                      file=self.stream, flush=True)
+        with self._lock:
+            self.done += n
+            self.fields.update(fields)
+            if status is not None:
+                self.status = status
+            if self._bar is not None:
+                if fields or status is not None:
+                    self._bar.set_postfix_str(self._fields().removeprefix(", "), refresh=False)
+                self._bar.update(n)
+            elif self.mode == "plain" and time.monotonic() - self._last_line >= self.interval_s:
+                self._line()
 
     def set(self, done: int, status: str | None = None, **fields: object) -> None:
         """`update` to an absolute count."""
@@ -91,14 +110,16 @@ class Progress:
 
     def close(self, summary: str | None = None) -> None:
         """End the bar; print `summary` (default: the count and the time taken) as one line."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif self.mode == "off":
-            return
-        line = summary or f"{self.desc}: {self._count()} {self.unit}{self._fields()} in {self.elapsed():.1f}s"
-        print(line, file=self.stream, flush=True)
-        self.mode = "off"  # closed: nothing more is shown
+        with self._lock:
+            self._closed.set()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            elif self.mode == "off":
+                return
+            line = summary or f"{self.desc}: {self._count()} {self.unit}{self._fields()} in {self.elapsed():.1f}s"
+            print(line, file=self.stream, flush=True)
+            self.mode = "off"  # closed: nothing more is shown
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0

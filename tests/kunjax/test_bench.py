@@ -468,6 +468,9 @@ def test_replay_progress_says_when_the_arrivals_are_over(monkeypatch, capsys):
     p.show(44.1, 172, 48)
     p.show(45.6, 172, 172, final=True)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[1].startswith("[swap] replay: 13/172 requests, 107 in flight, replay clock 10.7s of 15s of arrivals")
-    assert lines[2].startswith("[swap] replay: 48/172 requests, 124 in flight, all arrived, replay clock 44.1s")
+    assert any(ln.startswith("[swap] replay: 13/172 requests, 107 in flight, replay clock 10.7s of 15s of arrivals")
+               for ln in lines), lines
+    assert any(ln.startswith("[swap] replay: 48/172 requests, 124 in flight, all arrived, replay clock 44.1s")
+               for ln in lines), lines
     assert lines[-1] == "[swap] replay: 172/172 requests done, the last at 45.6s (15s of arrivals)"
+    assert not any(" / 15s" in ln for ln in lines)
