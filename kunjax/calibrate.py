@@ -552,7 +552,7 @@ def plot_fit(profile: HardwareProfile, cfg: ModelConfig, records: Sequence[StepR
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("calibrate: matplotlib is not installed; no plot (pip install 'kunjax[bench]')")
+        print("calibrate: matplotlib cannot be imported (a dependency of kunjax: reinstall it); no plot")
         return False
     fit, held = split(records)
     cost = CostModel(cfg, profile, dtype=dtype, tp=1, block_size=block_size)

@@ -25,7 +25,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from kunjax.mempool import MemoryPool
 from kunjax.plan import MAX_SUPPRESSED, CopyBlocks, Fuse, MemoryOp, Sampled, Split, Transfer, UnitShape
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
 from kunjax.policies.swap import host_blocks
+from kunjax.progress import say
 from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
 from kunjax.routing import Router
 from kunjax.sampling_params import SamplingParams
@@ -60,7 +61,7 @@ def resolve_model_path(model: str | Path) -> Path:
     if str(model) == "demo":
         from kunjax.demo import ensure_demo_model
 
-        return ensure_demo_model(log=log.info)
+        return ensure_demo_model(log=say, progress=True)
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ConfigError(f"model {str(model)!r}: no such directory (give a Hugging Face model directory, "
@@ -261,12 +262,21 @@ class LLMEngine:
                          copy_blocks=opts.exchange_blocks, split_vocab=split_vocab(cfg, k),
                          remote_transport=opts.remote_transport)
 
-    def warmup(self) -> float:
-        """Prepare (compile) every replica's step and every group the policy may fuse; returns seconds."""
+    def warmup(self, on_progress: Callable[[int, int], None] | None = None) -> float:
+        """Prepare (compile) every replica's step and every group the policy may fuse; returns seconds.
+        `on_progress(done, total)` is called before the first and after each replica and each group (a user waits
+        a minute on CPU)."""
         t0 = time.perf_counter()
         units = [(u.uid, u.members, u.shape) for u in self.units.values() if u.k == 1]
         candidates = [(m, s) for m in self.policy.candidates() if (s := self.group_shape(m)) is not None]
-        self.executor.warmup(units, candidates)
+        total = len(units) + len(candidates)
+        steps = [([u], []) for u in units] + [([], [c]) for c in candidates]
+        if on_progress is not None:
+            on_progress(0, total)
+        for done, (replica, group) in enumerate(steps, start=1):
+            self.executor.warmup(replica, group)
+            if on_progress is not None:
+                on_progress(done, total)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 

@@ -70,8 +70,10 @@ def _queue_s(out: RequestOutput) -> float:
 
 class EngineThread:
     def __init__(self, engine: LLMEngine, *, max_queued: int = 1024, warmup: bool = True, freeze_gc: bool = False,
+                 warmup_progress: Callable[[int, int], None] | None = None,
                  on_fatal: Callable[[str], None] | None = None):
-        """`freeze_gc` (a server process): once warm-up is done, move every object alive then out of the cyclic
+        """`warmup_progress`: the warm-up's `on_progress` (`LLMEngine.warmup`), called on the engine's thread.
+        `freeze_gc` (a server process): once warm-up is done, move every object alive then out of the cyclic
         garbage collector's reach (`gc.freeze`): the model, the compiled steps and the books are never garbage, and
         a full collection that walks them paused all threads for 100-200 ms under 1,000 streams. `on_fatal(reason)`
         runs after `fatal` (the executor is lost: a multi-host server exits)."""
@@ -92,6 +94,7 @@ class EngineThread:
         self._queues_lock = threading.Lock()  # swapping and releasing queues (never held while stepping)
         self._inflight: set[str] = set()
         self._warmup = warmup
+        self._warmup_progress = warmup_progress
         self._freeze_gc = freeze_gc
         self._events = EventLog()  # the policy's recent events, numbered
         self._aborts: dict[str, None] = {}  # ids to abort at the next step boundary, in order
@@ -276,7 +279,7 @@ class EngineThread:
     def _run(self) -> None:
         if self._warmup:
             try:
-                self.engine.warmup()
+                self.engine.warmup(self._warmup_progress)
             except Exception as e:  # never ready: health stays NOT_SERVING, and nobody waits forever
                 log.exception("warm-up failed")
                 with self._lock:

@@ -1,9 +1,10 @@
 """The offline Python API, in the shape users know from vLLM.
 
     llm = kunjax.LLM("demo")                      # or a Hugging Face / kunjax checkpoint directory
-    outs = llm.generate(["Once upon"], kunjax.SamplingParams(max_tokens=32, temperature=0))
+    outs = llm.generate(["Fog rolled over the valley before sunrise and"], kunjax.SamplingParams(temperature=0))
     outs[0].text, outs[0].token_ids
-    for out in llm.stream(["Once upon"], params): print(out.outputs[0].delta_text, end="")
+    for out in llm.stream(["Fog rolled over the valley before sunrise and"], params):
+        print(out.outputs[0].delta_text, end="")
 
 Owns only the user-facing conveniences (prompt/param broadcasting, ordering, streaming iteration); everything
 else is `LLMEngine`.
@@ -17,6 +18,7 @@ from pathlib import Path
 import jax
 
 from kunjax.engine import LLMEngine, config_from_kwargs
+from kunjax.progress import warm_up
 from kunjax.request import RequestOutput
 from kunjax.sampling_params import SamplingParams
 
@@ -46,8 +48,8 @@ class LLM:
     def __init__(self, model: str | Path = "demo", *, devices: Sequence[jax.Device] | None = None,
                  warmup: bool = True, **engine_options):
         self.engine = LLMEngine(model, config_from_kwargs(**engine_options), devices=devices)
-        if warmup:
-            self.engine.warmup()
+        if warmup:  # with a progress bar on stderr: a minute on CPU the first time
+            warm_up(self.engine)
 
     @property
     def tokenizer(self):

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 from kunjax.config import ConfigError, EngineConfig, Options, SchedulerConfig
+from kunjax.progress import say
 
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -48,25 +49,65 @@ def policy_option_classes() -> dict[str, type[Options]]:
     return {name: cls for name in policies.REGISTRY if (cls := policies.options_class(name)) is not None}
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+# The engine and scheduler options `--help` shows; `--help-all` shows every option of every concern.
+COMMON_ENGINE_FLAGS = ("num_instances", "tp", "dtype", "policy", "max_model_len", "kv_cache_bytes",
+                       "device_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "seed")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The enumerated options, by field name: the CLI lists and checks their values."""
+    from kunjax.config import ATTENTION_BACKENDS, DTYPES, POLICIES
+    from kunjax.policies.kunserve import REMOTE_TRANSPORTS
+    from kunjax.routing import ROUTING_MODES
+
+    return {"policy": POLICIES, "dtype": DTYPES, "attention_backend": tuple(ATTENTION_BACKENDS),
+            "routing": ROUTING_MODES, "remote_transport": tuple(REMOTE_TRANSPORTS)}
+
+
+def _typed(kind: type, what: str, minimum: float | None) -> typing.Callable[[str], object]:
+    """An argparse type: `kind` from the text, at least `minimum`; the message says what may be typed."""
+    def convert(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return convert
+
+
+def int_at_least(minimum: int) -> typing.Callable[[str], object]:
+    return _typed(int, f"an integer >= {minimum}", minimum)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, show_all: bool = True) -> None:
     """One flag per option of every concern: the engine, the scheduler, and each policy (its flags apply to it
-    only; they default to None here so that a flag given for another policy can be refused by name)."""
+    only; they default to None here so that a flag given for another policy can be refused by name). Without
+    `show_all` only `COMMON_ENGINE_FLAGS` appear in `--help`; every flag is accepted either way."""
     concerns: list[tuple[type[Options], bool]] = [(EngineConfig, False), (SchedulerConfig, False)]
     concerns += [(cls, True) for cls in policy_option_classes().values()]
+    choices = _choices()
     for cls, of_policy in concerns:
         group = parser.add_argument_group(f"{cls.concern} ({cls.__module__}.{cls.__name__})")
         for f in _flag_fields(cls):
             flags = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
             kind = _field_type(cls, f)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_ = f"{f.metadata.get('help', '')} (default: {default})"
+            help_ = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
+            if not show_all and f.name not in COMMON_ENGINE_FLAGS:
+                help_ = argparse.SUPPRESS
             if kind is bool:
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=None if of_policy else default, help=help_)
+            elif f.name in choices:
+                group.add_argument(*flags, dest=f.name, choices=choices[f.name],
                                    default=None if of_policy else default, help=help_)
             else:
                 conv = parse_bytes if f.name.endswith("_bytes") else kind
                 group.add_argument(*flags, dest=f.name, type=conv, default=None if of_policy else default,
-                                   metavar=kind.__name__.upper(), help=help_)
+                                   metavar="BYTES" if conv is parse_bytes else kind.__name__.upper(), help=help_)
 
 
 def engine_config_from_args(args: argparse.Namespace, policy: str | None = None,
@@ -91,10 +132,12 @@ def engine_config_from_args(args: argparse.Namespace, policy: str | None = None,
 
 
 def model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo",
+    p.add_argument("--model", default="demo", metavar="DIR",
                    help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
-    p.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices when running on CPU (default: 8)")
+    p.add_argument("--cpu-devices", type=int, default=8, metavar="N",
+                   help="simulated CPU devices when running on CPU (default: 8)")
     p.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
+                   metavar="DIR",
                    help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
                         "(default: ~/.cache/kunjax/jax-compile-cache; 'none' disables it)")
 
@@ -200,6 +243,7 @@ def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, ecfg)
     from kunjax.config import ConfigError
 
     executor, profile, shape = time_settings(parser, args)
+    say(f"kunjax: loading {'the model shape' if executor == 'sim' else 'model ' + str(args.model)} ...")
     jax = configure_jax(parser, args)
     from kunjax.engine import LLMEngine
 

@@ -140,6 +140,7 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
         self.streams = streams if streams is not None else StreamBridge(runtime, self.metrics)
         self.readiness_task: asyncio.Task[None] | None = None  # set by `start_server`
         self.health: health.aio.HealthServicer | None = None  # set by `start_server`
+        self.serving = threading.Event()  # set once health says SERVING (any thread may wait on it)
 
     def close(self) -> None:
         self.streams.close()
@@ -224,11 +225,12 @@ class KunjaxServicer(pb_grpc.KunjaxServiceServicer):
 
 
 async def _mark_serving_when_ready(runtime: Runtime, health_servicer: health.aio.HealthServicer,
-                                   poll_s: float) -> None:
+                                   poll_s: float, serving: threading.Event) -> None:
     while not runtime.ready():
         await asyncio.sleep(poll_s)
     for service in HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    serving.set()
     log.info("runtime ready: health is SERVING")
 
 
@@ -295,6 +297,10 @@ class ServerHandle:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def wait_serving(self, timeout: float | None = None) -> bool:
+        """Whether health turned SERVING (warm-up done) within `timeout` seconds (None: wait for it)."""
+        return self.servicer.serving.wait(timeout)
+
     def begin_drain(self) -> None:
         """Health NOT_SERVING now (`KunjaxServicer.drain`); safe from any thread, e.g. a signal's."""
         if self.loop.is_running():
@@ -357,7 +363,7 @@ async def start_server(runtime: Runtime, host: str = "127.0.0.1", port: int = 0,
     await server.start()
     # Keep a reference: the loop holds tasks only weakly.
     servicer.readiness_task = asyncio.get_running_loop().create_task(
-        _mark_serving_when_ready(runtime, health_servicer, health_poll_s))
+        _mark_serving_when_ready(runtime, health_servicer, health_poll_s, servicer.serving))
     return server, bound, servicer
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kunjax.bench.metrics import Slo
+from kunjax.progress import warm_up
 
 if TYPE_CHECKING:
     from kunjax.bench.targets import Target
@@ -53,7 +54,22 @@ DEFAULT_DRAIN_TIMEOUT_S = 120.0
 DEFAULT_WEIGHT_FRACTION = 0.45
 
 
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+# The bench flags `--help` shows; the others (synthetic and conversation workloads, the fit's fine controls, gRPC
+# credentials) appear with `--help-all`.
+COMMON_BENCH_FLAGS = ("policies", "subject", "out", "server", "progress", "trace", "fit", "target_peak_ratio",
+                      "duration_s", "max_requests", "slo_ttft_s", "slo_tpot_s")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser, show_all: bool = True) -> None:
+    """The bench's own flags; without `show_all`, `--help` lists only `COMMON_BENCH_FLAGS` (all are accepted)."""
+    _add_bench_arguments(p)
+    if not show_all:
+        for action in p._actions:
+            if action.option_strings and action.dest not in (*COMMON_BENCH_FLAGS, "help", "help_all"):
+                action.help = argparse.SUPPRESS
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     from kunjax.config import POLICIES
 
     run = p.add_argument_group("run")
@@ -514,7 +530,7 @@ class BenchRun:
             engine = target = None
             try:
                 engine = make_engine(self.parser, self.args, configs[name])
-                warmup_s = engine.warmup()
+                warmup_s = warm_up(engine)
                 blocks = engine.executor.num_blocks
                 _say(f"[{name}] {engine.num_instances} instance(s), {blocks} KV blocks x "
                      f"{configs[name].block_size} tokens each; compiled in {warmup_s:.1f}s")
@@ -572,7 +588,8 @@ class BenchRun:
         try:
             plots = write_plots(args.out, self.runs, self.summaries, args.subject) if self.runs else []
         except ImportError:
-            _say("note: matplotlib is not installed (pip install 'kunjax[bench]'): the PNG plots were skipped")
+            _say("note: matplotlib cannot be imported (a dependency of kunjax: reinstall it): the PNG plots were "
+                 "skipped")
         wall = time.monotonic() - t_start
         host = {"cpus": os.cpu_count(), "loadavg_1min_start": load0, "loadavg_1min_end": os.getloadavg()[0],
                 "wall_s": wall, "policies": {k: {h: s[h] for h in HOST_FIELDS if h in s}

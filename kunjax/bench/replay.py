@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import sys
-import time
 from collections.abc import Sequence
 
 from kunjax.bench.metrics import RequestRecord
 from kunjax.bench.targets import LoadRow, Target
+from kunjax.progress import Progress
 from kunjax.workloads import TraceRequest, Workload
 
 SAMPLE_PERIOD_S = 1.0
@@ -82,25 +82,20 @@ def timeline_row(t_s: float, loads: Sequence[LoadRow], block_size: int, inflight
 
 
 class _Progress:
-    """A one-line progress bar on stderr (rewritten in place on a terminal, a line every 10 s otherwise)."""
+    """The replay's progress (`kunjax.progress`): requests done / total, in flight, and where the replay's clock is:
+    within the window of arrivals, or past it while the last requests drain."""
 
     def __init__(self, label: str, total: int, duration_s: float, enabled: bool):
-        self.label, self.total, self.duration_s, self.enabled = label, total, duration_s, enabled
-        self.tty = sys.stderr.isatty()
-        self._last = -1e9  # wall time of the last line (a display rate, whatever clock the replay runs on)
+        self.label, self.duration_s = label, duration_s
+        self.bar = Progress(f"[{label}] replay", total, "requests", enabled=enabled)
 
     def show(self, t_s: float, sent: int, done: int, final: bool = False) -> None:
-        wall = time.monotonic()
-        if not self.enabled or (not final and wall - self._last < (0.5 if self.tty else 10.0)):
-            return
-        self._last = wall
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        line = (f"[{self.label}] [{bar}] {done}/{self.total} done, {sent - done} in flight, "
-                f"{t_s:6.1f}s / {self.duration_s:.0f}s of arrivals")
-        end = "\n" if final or not self.tty else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+        clock = (f"replay clock {t_s:.1f}s of {self.duration_s:.0f}s of arrivals" if t_s <= self.duration_s
+                 else f"all arrived, replay clock {t_s:.1f}s")
+        self.bar.set(done, f"{sent - done} in flight, {clock}")
+        if final:
+            self.bar.close(f"[{self.label}] replay: {done}/{self.bar.total} requests done, the last at {t_s:.1f}s "
+                           f"({self.duration_s:.0f}s of arrivals)")
 
 
 def session_of(r: TraceRequest) -> str:

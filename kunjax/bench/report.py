@@ -169,30 +169,52 @@ def write_plots(out: Path, runs: Mapping[str, tuple[Sequence[RequestRecord], Seq
     plt.close(fig)
     written.append("ttft_p99.png")
 
-    n = len(runs)
-    fig, axes = plt.subplots(n, 1, figsize=(10, 3.2 * n), squeeze=False, sharex=True)
-    for ax, (name, (_, rows, events)) in zip(axes[:, 0], runs.items(), strict=True):
-        t = [float(r["t_s"]) for r in rows]
-        ax.plot(t, [float(r["kv_demand_tokens"]) for r in rows], label="KV demand (tokens)", color="tab:red")
-        ax.plot(t, [float(r["kv_capacity_tokens"]) for r in rows], label="KV capacity", color="black", lw=1)
-        ax.plot(t, [float(r["kv_free_tokens"]) for r in rows], label="KV free", color="tab:green", lw=1)
-        ax.set_ylabel("tokens")
-        q = ax.twinx()
-        q.plot(t, [float(r["queue_len"]) for r in rows], label="queue (requests)", color="tab:blue", ls="--")
-        q.set_ylabel("queued requests")
-        for ev in events:
-            color = {"drop": "tab:purple", "restore": "tab:orange"}.get(str(ev["kind"]), "grey")
-            ax.axvline(float(ev["t_s"]), color=color, ls=":", lw=1.2)
-            ax.annotate(str(ev["kind"]), (float(ev["t_s"]), 1.0), xycoords=("data", "axes fraction"),
-                        rotation=90, va="top", ha="right", fontsize=7, color=color)
-        ax.set_title(name)
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = q.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=7)
-        ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("time since replay start (s)")
-    fig.tight_layout()
+    fig = timeline_figure(runs)
     fig.savefig(out / "timeline.png", dpi=100)
     plt.close(fig)
     written.append("timeline.png")
     return written
+
+
+EVENT_COLORS = {"drop": "tab:purple", "restore": "tab:orange"}
+
+
+def timeline_figure(runs: Mapping[str, tuple[Sequence[RequestRecord], Sequence[Mapping[str, object]],
+                                             Sequence[Mapping[str, object]]]]):
+    """One panel per policy: KV demand, capacity and free (left axis), the queue (right axis), and each policy
+    event (drop, restore, migration, ...) as a vertical line coloured by its kind. Nothing is drawn over the
+    curves but the lines: the series and the event kinds, with their counts, share one legend above the panels,
+    so no label is clipped, overlaps another or hides a marker."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    kinds = list(dict.fromkeys(str(ev["kind"]) for _, _, events in runs.values() for ev in events))
+    others = iter(c for c in ("tab:gray", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black")
+                  if c not in EVENT_COLORS.values())
+    colors = {k: EVENT_COLORS.get(k) or next(others, "grey") for k in kinds}
+    counts = {k: sum(str(ev["kind"]) == k for _, _, events in runs.values() for ev in events) for k in kinds}
+    n = len(runs)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 3.0 * n + 0.8), squeeze=False, sharex=True, layout="constrained")
+    handles: list = []
+    for ax, (name, (_, rows, events)) in zip(axes[:, 0], runs.items(), strict=True):
+        t = [float(r["t_s"]) for r in rows]
+        lines = [ax.plot(t, [float(r["kv_demand_tokens"]) for r in rows], label="KV demand (tokens)",
+                         color="tab:red")[0],
+                 ax.plot(t, [float(r["kv_capacity_tokens"]) for r in rows], label="KV capacity", color="black",
+                         lw=1)[0],
+                 ax.plot(t, [float(r["kv_free_tokens"]) for r in rows], label="KV free", color="tab:green",
+                         lw=1)[0]]
+        ax.set_ylabel("tokens")
+        q = ax.twinx()
+        lines.append(q.plot(t, [float(r["queue_len"]) for r in rows], label="queue (requests, right axis)",
+                            color="tab:blue", ls="--")[0])
+        q.set_ylabel("queued requests")
+        for ev in events:
+            ax.axvline(float(ev["t_s"]), color=colors[str(ev["kind"])], ls=":", lw=2)
+        ax.set_title(name if events else f"{name} (no policy events)", fontsize=10)
+        ax.grid(alpha=0.3)
+        handles = handles or lines
+    axes[-1, 0].set_xlabel("time since replay start (s)")
+    handles += [Line2D([], [], color=colors[k], ls=":", lw=2, label=f"{k} ({counts[k]})") for k in kinds]
+    fig.legend(handles=handles, loc="outside upper center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    return fig

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from kunjax.progress import Progress
+
 DEMO_NAME = "demo"
 # Bump when the checkpoint layout or the training code changes in a way the hash inputs do not see.
 FORMAT_VERSION = 1
@@ -75,11 +77,13 @@ def _locked(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_demo_model(cache_dir: str | Path | None = None, *, log: Callable[[str], None] = print) -> Path:
+def ensure_demo_model(cache_dir: str | Path | None = None, *, log: Callable[[str], None] = print,
+                      progress: bool = False) -> Path:
     """Directory of the trained demo checkpoint, training it (≈1–2 min on 2 CPU cores) on first use.
 
     Cache: `cache_dir`, else `$KUNJAX_CACHE_DIR`, else `~/.cache/kunjax`; the model lives in
-    `<cache>/demo-<hash>` where the hash covers the corpus and the training recipe.
+    `<cache>/demo-<hash>` where the hash covers the corpus and the training recipe. `progress`: show the training
+    as a progress bar on stderr (steps, loss, share recited; `kunjax.progress`) instead of logging each check.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"{DEMO_NAME}-{demo_cache_key()}"
@@ -95,16 +99,22 @@ def ensure_demo_model(cache_dir: str | Path | None = None, *, log: Callable[[str
         for stale in [target, *root.glob(f".{target.name}.*")]:
             if stale.is_dir():
                 shutil.rmtree(stale)
-        log(f"demo: training the demo model into {target} (first use only)")
+        log(f"demo: training the demo model into {target} (first use only, about a minute on 2 CPU cores)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        bar = Progress("demo: training", None, "steps") if progress else None
         try:
-            result = train_demo(tmp, memorized_passages(), DemoTrainConfig(), log=log)
+            result = train_demo(tmp, memorized_passages(), DemoTrainConfig(), log=log,
+                                on_step=None if bar is None else lambda fields: bar.update(1, **fields))
+            if bar is not None:
+                bar.close(f"demo: trained in {result.steps} steps, {result.seconds:.0f}s (loss {result.loss:.4f})")
             (tmp / _DONE_MARKER).write_text(json.dumps(
                 {"steps": result.steps, "seconds": round(result.seconds, 1), "loss": result.loss,
                  "min_margin": result.min_margin, "key": demo_cache_key()}))
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
             os.replace(tmp, target)
         finally:
+            if bar is not None:
+                bar.close()
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         log(f"demo: model ready at {target}")

@@ -172,8 +172,12 @@ class TrainResult:
 
 
 def train_params(cfg: ModelConfig, tcfg: DemoTrainConfig, batch: DemoBatch,
-                 log: Callable[[str], None] = print) -> TrainResult:
-    """AdamW (linear warmup, cosine decay) until every passage is recited with the margin, or max_steps."""
+                 log: Callable[[str], None] = print,
+                 on_step: Callable[[dict[str, str]], None] | None = None) -> TrainResult:
+    """AdamW (linear warmup, cosine decay) until every passage is recited with the margin, or max_steps.
+
+    Each recitation check is logged; with `on_step` (a progress bar), that is called after every step instead,
+    with the last check's loss and share of exactly recited tokens."""
     t0 = time.perf_counter()
     params = init_params(cfg, seed=tcfg.seed, dtype=jnp.float32)
     schedule = optax.warmup_cosine_decay_schedule(
@@ -197,6 +201,7 @@ def train_params(cfg: ModelConfig, tcfg: DemoTrainConfig, batch: DemoBatch,
     rng = np.random.default_rng(tcfg.seed)
     order: list[int] = []
     loss, min_margin, recited, steps = float("nan"), float("-inf"), False, 0
+    fields: dict[str, str] = {}
     while steps < tcfg.max_steps:
         if len(order) < bs:  # reshuffle per epoch; a batch never straddles two epochs' leftovers
             order = [int(i) for i in rng.permutation(n)]
@@ -209,16 +214,23 @@ def train_params(cfg: ModelConfig, tcfg: DemoTrainConfig, batch: DemoBatch,
             min_margin = float(m[check].min())
             exact = float((m[check] > 0).mean())
             recited = min_margin >= tcfg.logit_margin
-            log(f"demo: step {steps:4d}  loss {loss:.4f}  exact {exact:7.2%}  min margin {min_margin:+.2f}  "
-                f"{time.perf_counter() - t0:6.1f}s")
-            if recited:
-                break
+            fields = {"loss": f"{loss:.4f}", "recited": f"{exact:.1%}"}
+            if on_step is None:
+                log(f"demo: step {steps:4d}  loss {loss:.4f}  exact {exact:7.2%}  min margin {min_margin:+.2f}  "
+                    f"{time.perf_counter() - t0:6.1f}s")
+        if on_step is not None:
+            loss_arr.block_until_ready()  # the bar counts finished steps, not dispatched ones
+            on_step(fields)
+        if recited:
+            break
     return TrainResult(params, steps, time.perf_counter() - t0, loss, min_margin, recited)
 
 
 def train_demo(out: str | Path, passages: list[str], tcfg: DemoTrainConfig = DemoTrainConfig(),
-               log: Callable[[str], None] = print) -> TrainResult:
-    """Train tokenizer and model on `passages` and save a kunjax checkpoint at `out`."""
+               log: Callable[[str], None] = print,
+               on_step: Callable[[dict[str, str]], None] | None = None) -> TrainResult:
+    """Train tokenizer and model on `passages` and save a kunjax checkpoint at `out` (`on_step`: see
+    `train_params`)."""
     from kunjax.checkpoint import save_checkpoint
 
     tok = train_tokenizer(passages, tcfg.vocab_size)
@@ -227,7 +239,7 @@ def train_demo(out: str | Path, passages: list[str], tcfg: DemoTrainConfig = Dem
     n_params = sum(math.prod(s) for s in jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)))
     log(f"demo: training {cfg.num_layers}-layer model ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}) "
         f"on {len(passages)} passages, {int(batch.loss_mask.sum())} tokens")
-    result = train_params(cfg, tcfg, batch, log)
+    result = train_params(cfg, tcfg, batch, log, on_step)
     if not result.recited:
         raise RuntimeError(f"demo model did not learn to recite its corpus in {result.steps} steps "
                            f"(min margin {result.min_margin:+.2f} < {tcfg.logit_margin}); raise max_steps")

@@ -29,7 +29,7 @@ def start_serve(args: list[str], timeout_s: float = 400.0, *, printed: list[str]
         lines.append(line)
         if printed is not None:
             printed.append(line)
-        if m := re.search(r"serving on [\d.]+:(\d+)", line):
+        if m := re.search(r"listening on [\d.]+:(\d+)", line):
             port = int(m.group(1))
         if m := re.search(r"metrics on (http://\S+)", line):
             metrics = m.group(1)
@@ -45,6 +45,13 @@ def start_serve(args: list[str], timeout_s: float = 400.0, *, printed: list[str]
                 proc.kill()
                 raise AssertionError("the server never became ready")
             time.sleep(0.2)
+    # Health is SERVING: the server says so too, once (a user's only sign that it is ready).
+    while not (line := proc.stderr.readline()).startswith(f"kunjax: ready on 127.0.0.1:{port} "):
+        if not line:
+            raise AssertionError(f"the server never said it was ready: {''.join(lines)}")
+        lines.append(line)
+        if printed is not None:
+            printed.append(line)
     return proc, target, metrics
 
 

@@ -427,3 +427,50 @@ def test_closed_loop_needs_conversations_without_a_fitted_window(capsys):
         main(["bench", "--trace", "conversations", "--closed-loop", "--executor", "sim", "--profile", "h100",
               "--model-shape", "llama-3-8b"])
     assert "--closed-loop: only for --trace conversations, with --no-fit" in capsys.readouterr().err
+
+
+def test_timeline_legend_sits_above_the_panels_and_names_every_event_kind():
+    """No legend box inside a panel (it hid kunserve's restores) and no per-event text (clipped, overlapping):
+    events are coloured lines, their kinds and counts in the one legend above the panels."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kunjax.bench.report import timeline_figure
+
+    rows = [{"t_s": t, "kv_demand_tokens": 100 * t, "kv_capacity_tokens": 2000, "kv_free_tokens": 2000 - 100 * t,
+             "queue_len": t % 5} for t in range(20)]
+    events = [{"t_s": 13.5, "kind": "drop"}, {"t_s": 14.0, "kind": "drop"}, {"t_s": 16.3, "kind": "exchange_done"},
+              {"t_s": 19.0, "kind": "restore"}, {"t_s": 19.2, "kind": "restore"}]
+    fig = timeline_figure({"recompute": ([], rows, []), "kunserve": ([], rows, events)})
+    try:
+        for ax in fig.axes:
+            assert ax.get_legend() is None and not ax.texts
+        (legend,) = fig.legends
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert {"drop (2)", "exchange_done (1)", "restore (2)", "KV demand (tokens)"} <= set(labels)
+        fig.canvas.draw()
+        assert legend.get_window_extent().y0 >= max(ax.get_window_extent().y1 for ax in fig.axes)
+    finally:
+        plt.close(fig)
+
+
+def test_replay_progress_says_when_the_arrivals_are_over(monkeypatch, capsys):
+    """Past the window of arrivals the line says the requests are draining, not '44.1s / 15s of arrivals'."""
+    from kunjax.bench.replay import _Progress
+
+    monkeypatch.setenv("KUNJAX_PROGRESS", "plain")
+    p = _Progress("swap", 172, 15.0, True)
+    p.bar.interval_s = 0.0
+    p.show(10.7, 120, 13)
+    p.show(44.1, 172, 48)
+    p.show(45.6, 172, 172, final=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert any(ln.startswith("[swap] replay: 13/172 requests, 107 in flight, replay clock 10.7s of 15s of arrivals")
+               for ln in lines), lines
+    assert any(ln.startswith("[swap] replay: 48/172 requests, 124 in flight, all arrived, replay clock 44.1s")
+               for ln in lines), lines
+    assert lines[-1] == "[swap] replay: 172/172 requests done, the last at 45.6s (15s of arrivals)"
+    assert not any(" / 15s" in ln for ln in lines)

@@ -25,8 +25,12 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_help_explains_every_engine_and_sampling_option():
-    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
+def _subparser(command: str, show_all: bool = False):
+    return build_parser(show_all)._subparsers._group_actions[0].choices[command]
+
+
+def test_help_all_explains_every_engine_and_sampling_option():
+    sub = _subparser("generate", show_all=True)
     text = sub.format_help()
     for cls in (EngineConfig, SchedulerConfig, SwapOptions, MigrateOptions, LayerKVOptions, KunServeOptions):
         for f in dataclasses.fields(cls):
@@ -90,3 +94,57 @@ def test_serve_help_and_bad_flags():
                                                                           "does not parse")):
         res = run_cli("serve", *args)
         assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_help_is_short_shows_choices_and_points_to_help_all():
+    text = _subparser("generate").format_help()
+    assert len(text.splitlines()) < 100
+    assert text.startswith("usage: kunjax generate [options] [PROMPT ...]")
+    assert "--policy {recompute,swap,migrate,layerkv,kunserve}" in text
+    assert "--dtype {float32,bfloat16,float16}" in text
+    assert "--help-all" in text and "--list-demo-prompts" in text
+    assert "(default: None)" not in _subparser("generate", show_all=True).format_help()
+    assert "--swap-blocks-per-step" not in text  # a policy knob: --help-all
+    bench = _subparser("bench").format_help()
+    assert len(bench.splitlines()) < 140 and "--trace" in bench and "--think-s" not in bench
+    assert "--think-s" in _subparser("bench", show_all=True).format_help()
+    # hidden from --help, still accepted
+    assert build_parser().parse_args(["generate", "--policy", "swap", "--swap-blocks-per-step", "4"]).policy == "swap"
+
+
+def test_help_all_prints_every_option():
+    res = run_cli("generate", "--help-all")
+    assert res.returncode == 0
+    assert "--swap-blocks-per-step" in res.stdout and "--remote-transport" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--bogus"], "kunjax generate: error: unrecognized arguments: --bogus"),
+    (["generate", "x", "--max-tokens", "-3"], "kunjax generate: error: argument --max-tokens: expected an integer "
+                                              ">= 1, got '-3'"),
+    (["generate", "--policy", "foo"], "kunjax generate: error: argument --policy: invalid choice: 'foo'"),
+    (["serve", "--port", "x"], "kunjax serve: error: argument --port: invalid int value: 'x'"),
+])
+def test_errors_are_one_line_and_a_hint(args, message):
+    res = run_cli(*args)
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith(message), res.stderr
+    assert lines[1] == f"Run 'kunjax {args[0]} --help' for the options, 'kunjax {args[0]} --help-all' for all of them."
+    assert len(lines) == 2 and "usage:" not in res.stderr
+
+
+def test_a_flag_before_the_command_says_the_command_comes_first():
+    res = run_cli("--max-tokens", "3")
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "kunjax: error: --max-tokens: the command comes first: kunjax {generate,serve,bench,calibrate} [options]",
+        "Run 'kunjax --help' for the options."]
+
+
+def test_list_demo_prompts_are_the_recitation_openings():
+    from kunjax.demo import recitation_prompts
+
+    res = run_cli("generate", "--list-demo-prompts")
+    assert res.returncode == 0
+    assert res.stdout.splitlines() == [p for p, _ in recitation_prompts()]
