@@ -1,0 +1,130 @@
+"""Ragged paged attention for CPUs: the reference's semantics, laid out for a CPU's caches and XLA CPU's loops.
+
+The reference gathers every query row's whole block table (`MB * BS` positions, whatever the row's context) at
+once, then attends; on CPU that moves `rows * MB * BS * K * D * 2` floats per layer through memory whether the
+positions are cached or padding, and the batched einsums over tiny per-row matrices run far below the core's
+speed. Here instead, per chunk of query rows:
+
+* the step's own keys first (causal within the sequence), as the initial state of an online softmax
+  (running max, denominator and weighted sum, as flash attention keeps them);
+* then the cached history in a loop over `blocks_per_step` table columns at a time, whose trip count is the
+  longest *cached* history among the chunk's rows (a dynamic bound: no work past it, and no recompile per
+  length); a row whose own history ended reads the null block 0 instead of its table (an entry that stays in
+  the cache), masked;
+* scores and weighted sums as broadcast products reduced over the head dimension, which XLA CPU fuses with the
+  block gather into one loop (no materialized copy of the history, no batched matmul of [G, D] x [D, BS]).
+
+Same signature and results as `reference.paged_attention` (within float rounding: the softmax is accumulated
+block by block), except on padding rows (`valid` False), which attend nothing here (out 0, lse -inf) and whose
+results nobody reads. At the throughput benchmark's decode step (64 rows, 16-block tables, 4 layers on two cores)
+this is what made the attention a small part of the step instead of most of it (`docs/performance.md`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.paged_attention.reference import gather_blocks
+
+ROW_CHUNK = 64  # query rows per pass over the history
+BLOCKS_PER_STEP = 4  # table columns read per loop iteration
+
+
+def paged_attention(
+    q: jax.Array,  # [T, H, D] query rows of this step
+    k_new: jax.Array,  # [T, K, D] keys of this step's tokens (not yet in the pool)
+    v_new: jax.Array,  # [T, K, D]
+    kv_pool: jax.Array | Sequence[jax.Array],  # [NB, L, 2, BS, K, D] block-major pool, or its segments
+    layer: jax.Array,  # [] int32 layer index into the pool's L axis
+    block_tables: jax.Array,  # [S, MB] int32 block ids of each sequence
+    context_lens: jax.Array,  # [S] int32 tokens of each sequence already in the pool
+    seq_ids: jax.Array,  # [T] int32 sequence row of each token
+    positions: jax.Array,  # [T] int32 absolute position of each token
+    valid: jax.Array,  # [T] bool, False on padding rows
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    context_starts: jax.Array | None = None,  # [S] int32 first cached position attended (default 0)
+    soft_cap: float | None = None,
+    row_chunk: int = ROW_CHUNK,
+    blocks_per_step: int = BLOCKS_PER_STEP,
+) -> tuple[jax.Array, jax.Array]:
+    """Returns `(out [T, H, D] in q.dtype, lse [T, H] float32)`, as `reference.paged_attention`."""
+    segments = (kv_pool,) if isinstance(kv_pool, jax.Array) else tuple(kv_pool)
+    t, h, d = q.shape
+    kh = k_new.shape[1]
+    g = h // kh
+    bs = segments[0].shape[3]
+    mb = block_tables.shape[1]
+    cb = min(blocks_per_step, mb)
+    chunk = min(t, row_chunk)
+    pad = -t % chunk
+    qf = jnp.pad(q.astype(jnp.float32) * scale, ((0, pad), (0, 0), (0, 0)))
+    rows = (qf.reshape(-1, chunk, kh, g, d),
+            jnp.pad(seq_ids, (0, pad)).reshape(-1, chunk),
+            jnp.pad(positions, (0, pad)).reshape(-1, chunk),
+            jnp.pad(valid, (0, pad)).reshape(-1, chunk))
+    kf, vf = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
+    # The table padded to whole loop iterations; entries past a sequence's history point at the null block 0.
+    cols = -(-mb // cb) * cb
+    col_pos = jnp.arange(cols, dtype=jnp.int32) * bs  # [cols] first position of each column
+    ctx = context_lens.astype(jnp.int32)
+    tables = jnp.where(col_pos[None, :] < ctx[:, None], jnp.pad(block_tables, ((0, 0), (0, cols - mb))), 0)
+    starts = None if context_starts is None else context_starts.astype(jnp.int32)
+
+    def cap(s):
+        return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
+
+    def attend(args):
+        qc, sid, pos, ok = args  # [R, K, G, D], [R], [R], [R]
+        r = qc.shape[0]
+        # This step's own tokens: same sequence, causal; they start the online softmax.
+        s_new = cap(jnp.einsum("rkgd,ukd->rkgu", qc, kf))  # [R, K, G, T]
+        new_mask = (sid[:, None] == seq_ids[None, :]) & (positions[None, :] <= pos[:, None])
+        new_mask &= valid[None, :] & ok[:, None]
+        if sliding_window is not None:
+            new_mask &= positions[None, :] > pos[:, None] - sliding_window
+        s_new = jnp.where(new_mask[:, None, None, :], s_new, -jnp.inf)
+        m = jnp.max(s_new, axis=-1)  # [R, K, G]
+        m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        p_new = jnp.exp(s_new - m_safe[..., None])
+        den = jnp.sum(p_new, axis=-1)
+        acc = jnp.einsum("rkgu,ukd->rkgd", p_new, vf)  # [R, K, G, D]
+
+        row_ctx = jnp.where(ok, ctx[sid], 0)  # [R] cached tokens each row reads
+        lo = jnp.zeros_like(row_ctx) if starts is None else starts[sid]
+        if sliding_window is not None:
+            lo = jnp.maximum(lo, pos - sliding_window + 1)
+        row_tables = tables[sid]  # [R, cols]
+        steps = (jnp.max(row_ctx) + cb * bs - 1) // (cb * bs)
+        offsets = jnp.arange(cb * bs, dtype=jnp.int32)
+
+        def body(i, state):
+            m, den, acc = state
+            ids = jax.lax.dynamic_slice_in_dim(row_tables, i * cb, cb, axis=1)  # [R, CB]
+            blocks = gather_blocks(segments, ids, layer)  # [R, CB, 2, BS, K, D]
+            keys = blocks[:, :, 0].reshape(r, cb * bs, kh, d).astype(jnp.float32)
+            vals = blocks[:, :, 1].reshape(r, cb * bs, kh, d).astype(jnp.float32)
+            s = cap(jnp.sum(qc[:, None] * keys[:, :, :, None, :], axis=-1))  # [R, C, K, G]
+            hist_pos = i * cb * bs + offsets  # [C]
+            mask = (hist_pos[None, :] < row_ctx[:, None]) & (hist_pos[None, :] >= lo[:, None])  # [R, C]
+            s = jnp.where(mask[:, :, None, None], s, -jnp.inf)
+            m2 = jnp.maximum(m, jnp.max(s, axis=1))
+            m2_safe = jnp.where(jnp.isfinite(m2), m2, 0.0)
+            p = jnp.exp(s - m2_safe[:, None])  # [R, C, K, G]
+            fix = jnp.exp(jnp.where(jnp.isfinite(m), m, m2_safe) - m2_safe)  # rescale of the old state
+            den = den * fix + jnp.sum(p, axis=1)
+            acc = acc * fix[..., None] + jnp.sum(p[..., None] * vals[:, :, :, None, :], axis=1)
+            return m2, den, acc
+
+        m, den, acc = jax.lax.fori_loop(0, steps, body, (m, den, acc))
+        m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        safe = jnp.where(den > 0, den, 1.0)
+        lse = jnp.where(den > 0, m_safe + jnp.log(safe), -jnp.inf)
+        return acc / safe[..., None], lse
+
+    out, lse = jax.lax.map(attend, rows)  # [T / R, R, K, G, D], [T / R, R, K, G]
+    return out.reshape(-1, h, d)[:t].astype(q.dtype), lse.reshape(-1, h)[:t]
