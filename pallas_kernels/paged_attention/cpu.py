@@ -27,9 +27,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention.reference import gather_blocks
-
-ROW_CHUNK = 64  # query rows per pass over the history
+ROW_CHUNK = 16  # query rows per pass over the history (sorted by history length, each chunk stops at its own)
 BLOCKS_PER_STEP = 4  # table columns read per loop iteration
 
 
@@ -51,6 +49,7 @@ def paged_attention(
     soft_cap: float | None = None,
     row_chunk: int = ROW_CHUNK,
     blocks_per_step: int = BLOCKS_PER_STEP,
+    sort_rows: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns `(out [T, H, D] in q.dtype, lse [T, H] float32)`, as `reference.paged_attention`."""
     segments = (kv_pool,) if isinstance(kv_pool, jax.Array) else tuple(kv_pool)
@@ -62,16 +61,18 @@ def paged_attention(
     cb = min(blocks_per_step, mb)
     chunk = min(t, row_chunk)
     pad = -t % chunk
-    qf = jnp.pad(q.astype(jnp.float32) * scale, ((0, pad), (0, 0), (0, 0)))
+    ctx = context_lens.astype(jnp.int32)
+    # Rows in order of their cached history, so that each chunk's loop stops near its own rows' longest.
+    order = jnp.argsort(jnp.where(valid, ctx[seq_ids], 0)) if sort_rows else jnp.arange(t)  # [T]
+    qf = jnp.pad(q[order].astype(jnp.float32) * scale, ((0, pad), (0, 0), (0, 0)))
     rows = (qf.reshape(-1, chunk, kh, g, d),
-            jnp.pad(seq_ids, (0, pad)).reshape(-1, chunk),
-            jnp.pad(positions, (0, pad)).reshape(-1, chunk),
-            jnp.pad(valid, (0, pad)).reshape(-1, chunk))
+            jnp.pad(seq_ids[order], (0, pad)).reshape(-1, chunk),
+            jnp.pad(positions[order], (0, pad)).reshape(-1, chunk),
+            jnp.pad(valid[order], (0, pad)).reshape(-1, chunk))
     kf, vf = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
     # The table padded to whole loop iterations; entries past a sequence's history point at the null block 0.
     cols = -(-mb // cb) * cb
     col_pos = jnp.arange(cols, dtype=jnp.int32) * bs  # [cols] first position of each column
-    ctx = context_lens.astype(jnp.int32)
     tables = jnp.where(col_pos[None, :] < ctx[:, None], jnp.pad(block_tables, ((0, 0), (0, cols - mb))), 0)
     starts = None if context_starts is None else context_starts.astype(jnp.int32)
 
@@ -105,9 +106,8 @@ def paged_attention(
         def body(i, state):
             m, den, acc = state
             ids = jax.lax.dynamic_slice_in_dim(row_tables, i * cb, cb, axis=1)  # [R, CB]
-            blocks = gather_blocks(segments, ids, layer)  # [R, CB, 2, BS, K, D]
-            keys = blocks[:, :, 0].reshape(r, cb * bs, kh, d).astype(jnp.float32)
-            vals = blocks[:, :, 1].reshape(r, cb * bs, kh, d).astype(jnp.float32)
+            keys = gather_half(segments, ids, layer, 0).reshape(r, cb * bs, kh, d).astype(jnp.float32)
+            vals = gather_half(segments, ids, layer, 1).reshape(r, cb * bs, kh, d).astype(jnp.float32)
             s = cap(jnp.sum(qc[:, None] * keys[:, :, :, None, :], axis=-1))  # [R, C, K, G]
             hist_pos = i * cb * bs + offsets  # [C]
             mask = (hist_pos[None, :] < row_ctx[:, None]) & (hist_pos[None, :] >= lo[:, None])  # [R, C]
@@ -127,4 +127,28 @@ def paged_attention(
         return acc / safe[..., None], lse
 
     out, lse = jax.lax.map(attend, rows)  # [T / R, R, K, G, D], [T / R, R, K, G]
-    return out.reshape(-1, h, d)[:t].astype(q.dtype), lse.reshape(-1, h)[:t]
+    back = jnp.argsort(order) if sort_rows else order  # [T] each row's place in the sorted order
+    return out.reshape(-1, h, d)[back].astype(q.dtype), lse.reshape(-1, h)[back]
+
+
+def gather_half(
+    segments: Sequence[jax.Array],  # each [NB_i, L, 2, BS, K, D]; block ids run base-then-extension
+    ids: jax.Array,  # [..., CB] int32 block ids
+    layer: jax.Array,  # [] int32
+    half: int,  # 0 keys, 1 values
+) -> jax.Array:  # [..., CB, BS, K, D]
+    """The keys (or values) of one layer of the given blocks: one row gather per segment on the flattened
+    [NB * L * 2] axis, so keys and values are never gathered together and then sliced apart (two more copies)."""
+    out, base = None, 0
+    for seg in segments:
+        nb, n_layers = seg.shape[:2]
+        local = ids - base
+        flat = seg.reshape(nb * n_layers * 2, *seg.shape[3:])
+        rows = flat[(jnp.clip(local, 0, nb - 1) * n_layers + layer) * 2 + half]
+        if out is None:
+            out = rows
+        else:
+            inside = (local >= 0) & (local < nb)
+            out = jnp.where(inside.reshape(*inside.shape, 1, 1, 1), rows, out)
+        base += nb
+    return out
