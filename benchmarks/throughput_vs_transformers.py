@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +45,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
+    sys.path.insert(0, str(ROOT))  # this checkout's kunjax, not whichever one the interpreter has installed
     import jax
 
     jax.config.update("jax_num_cpu_devices", max(args.instances, 1))

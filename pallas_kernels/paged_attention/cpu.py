@@ -15,8 +15,8 @@ speed. Here instead, per chunk of query rows:
   block gather into one loop (no materialized copy of the history, no batched matmul of [G, D] x [D, BS]).
 
 Same signature and results as `reference.paged_attention` (within float rounding: the softmax is accumulated
-block by block), except on padding rows (`valid` False), which attend nothing here (out 0, lse -inf) and whose
-results nobody reads. At the throughput benchmark's decode step (64 rows, 16-block tables, 4 layers on two cores)
+block by block). As there, `valid` masks this step's keys, not the rows: a row with `valid` False still attends its
+sequence's history (remote attention sends history-only rows that way). At the throughput benchmark's decode step (64 rows, 16-block tables, 4 layers on two cores)
 this is what made the attention a small part of the step instead of most of it (`docs/performance.md`).
 """
 
@@ -63,7 +63,7 @@ def paged_attention(
     pad = -t % chunk
     ctx = context_lens.astype(jnp.int32)
     # Rows in order of their cached history, so that each chunk's loop stops near its own rows' longest.
-    order = jnp.argsort(jnp.where(valid, ctx[seq_ids], 0)) if sort_rows else jnp.arange(t)  # [T]
+    order = jnp.argsort(ctx[seq_ids]) if sort_rows else jnp.arange(t)  # [T]
     qf = jnp.pad(q[order].astype(jnp.float32) * scale, ((0, pad), (0, 0), (0, 0)))
     rows = (qf.reshape(-1, chunk, kh, g, d),
             jnp.pad(seq_ids[order], (0, pad)).reshape(-1, chunk),
@@ -95,7 +95,7 @@ def paged_attention(
         den = jnp.sum(p_new, axis=-1)
         acc = jnp.einsum("rkgu,ukd->rkgd", p_new, vf)  # [R, K, G, D]
 
-        row_ctx = jnp.where(ok, ctx[sid], 0)  # [R] cached tokens each row reads
+        row_ctx = ctx[sid]  # [R] cached tokens each row reads
         lo = jnp.zeros_like(row_ctx) if starts is None else starts[sid]
         if sliding_window is not None:
             lo = jnp.maximum(lo, pos - sliding_window + 1)

@@ -73,3 +73,16 @@ def test_decode_rows_and_all_padding():
     assert_parity(ref, got)
     np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
     assert np.all(np.isneginf(np.asarray(got[1])))
+
+
+def test_rows_marked_invalid_still_attend_their_history():
+    """`valid` masks this step's keys, not the rows: remote attention sends history-only rows with `valid` all
+    False and new keys of zeros (`pallas_kernels.remote_attention`)."""
+    args, facts = make_batch(5, heads=4, kv_heads=2, head_dim=32, block_size=4, segment_blocks=(30, 18))
+    q, k_new, v_new, pool, layer, tables, ctx, _, _, _ = args
+    n = len(facts["ctx"])
+    rows = (q[:n], jnp.zeros_like(k_new[:n]), jnp.zeros_like(v_new[:n]), pool, layer, tables, ctx,
+            jnp.arange(n, dtype=jnp.int32), ctx, jnp.zeros(n, bool))
+    ref, got = run_both(rows, scale=0.2, blocks_per_step=2, row_chunk=2)
+    assert_parity(ref, got)
+    assert np.isfinite(np.asarray(got[1])).sum() == 4 * int((facts["ctx"] > 0).sum())  # every row with history
