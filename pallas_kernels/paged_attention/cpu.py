@@ -11,13 +11,17 @@ speed. Here instead, per chunk of query rows:
   longest *cached* history among the chunk's rows (a dynamic bound: no work past it, and no recompile per
   length); a row whose own history ended reads the null block 0 instead of its table (an entry that stays in
   the cache), masked;
-* scores and weighted sums as broadcast products reduced over the head dimension, which XLA CPU fuses with the
-  block gather into one loop (no materialized copy of the history, no batched matmul of [G, D] x [D, BS]).
+* scores and weighted sums as broadcast products reduced over the head dimension (XLA CPU runs them as loop
+  fusions; a batched matmul of [G, D] x [D, BS] per row was slower), over a gathered [R, CB * BS, K, D] slice of
+  keys and one of values per iteration, small enough to stay in cache.
 
 Same signature and results as `reference.paged_attention` (within float rounding: the softmax is accumulated
-block by block). As there, `valid` masks this step's keys, not the rows: a row with `valid` False still attends its
-sequence's history (remote attention sends history-only rows that way). At the throughput benchmark's decode step (64 rows, 16-block tables, 4 layers on two cores)
-this is what made the attention a small part of the step instead of most of it (`docs/performance.md`).
+block by block). As there, `valid` masks this step's keys, not the rows: a row with `valid` False still attends
+its sequence's history (remote attention sends history-only rows that way).
+
+Measured side by side in one process on the shared 2-core development machine (one layer, 4 heads over 2 KV
+heads of 64, 16-token blocks, 16-block tables, histories of 16-130 tokens): 64 decode rows 2.0 ms against the
+reference's 5.4 ms; a 256-row step of six 40-token prompts and 16 decodes 2.1 ms against 17.4 ms.
 """
 
 from __future__ import annotations
