@@ -16,7 +16,9 @@ N are decoding, then times `--steps` engine steps. A timer wraps each phase (for
 * apply — `ServingUnit.exit` and the engine's token append (stop checks, outputs), less detokenize;
 * detokenize — the incremental detokenizers (a model with a tokenizer only);
 * issue — memory operations handed to the executor;
-* other — the rest of `LLMEngine.step` (the router, the policy's step hooks, the loop itself).
+* other — the rest of `LLMEngine.step` (the router, the policy's step hooks, the loop itself);
+* read (not part of the step) — a streaming reader building every output of the step (`list(outputs)`): a
+  running request's delta is recorded by the step and built into its `RequestOutput` when read.
 
 Host time per step = the step less launch and collect on the arithmetic executor (its launch is the "device"),
 less collect on the JAX executor (the dispatch is host work; the wait is the device's). Nothing overlaps today:
@@ -122,10 +124,14 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
     try:
         if prof is not None:
             prof.enable()
-        t0 = time.perf_counter()
+        total = read = 0.0
         for _ in range(steps):
-            step()
-        total = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs = step()
+            t1 = time.perf_counter()
+            list(outs)
+            total += t1 - t0
+            read += time.perf_counter() - t1
         if prof is not None:
             prof.disable()
     finally:
@@ -136,6 +142,7 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
         profile.write_text(out.getvalue())
     per = {p: 1e3 * t.s[p] / steps for p in PHASES}
     per["step"] = 1e3 * total / steps
+    per["read"] = 1e3 * read / steps
     device = per["launch"] + per["collect"] if executor == "arith" else per["collect"]
     per["host"] = per["step"] - device
     return per
@@ -155,16 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor == "jax":
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={max(stages)}")
     sys.path.insert(0, str(ROOT))
-    head = f"| unit | seqs | step ms | host ms | {' | '.join(PHASES)} |"
+    head = f"| unit | seqs | step ms | host ms | {' | '.join(PHASES)} | read |"
     print(f"host time per decode step, {args.executor} executor, {args.steps} steps each (ms per step)\n")
-    print(head + "\n|" + "---|" * (4 + len(PHASES)))
+    print(head + "\n|" + "---|" * (5 + len(PHASES)))
     for k in stages:
         for n in seqs:
             prof = args.profile if args.profile is not None and k == 1 and n == max(seqs) else None
             r = measure(args.executor, k, n, args.steps, prof)
             unit = "replica" if k == 1 else f"{k}-stage group"
             print(f"| {unit} | {n} | {r['step']:.2f} | {r['host']:.2f} | "
-                  + " | ".join(f"{r[p]:.2f}" for p in PHASES) + " |", flush=True)
+                  + " | ".join(f"{r[p]:.2f}" for p in PHASES) + f" | {r['read']:.2f} |", flush=True)
     if args.profile is not None:
         print(f"\nprofile: {args.profile}")
     return 0

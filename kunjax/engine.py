@@ -46,7 +46,7 @@ from kunjax.plan import MAX_SUPPRESSED, CopyBlocks, Fuse, MemoryOp, Sampled, Spl
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
 from kunjax.policies.swap import host_blocks
 from kunjax.progress import say
-from kunjax.request import Request, RequestOutput, RequestStatus, delta_output
+from kunjax.request import Request, RequestOutput, RequestStatus, StepOutputs, delta_output
 from kunjax.routing import Router
 from kunjax.sampling_params import SamplingParams
 from kunjax.tokenizer import Tokenizer
@@ -91,6 +91,7 @@ def _jax_executor(model_path: Path, cfg: ModelConfig, ecfg: EngineConfig, device
 # queue goes elsewhere): 1 s, doubling with each further failure, at most 60 s; then it is tried again.
 QUARANTINE_AFTER = 2
 QUARANTINE_S = (1.0, 60.0)
+NO_LOGPROBS: list[dict[int, float]] = []  # shared by every delta without logprobs: never mutated
 MAX_CHARS_PER_TOKEN = 64  # a longer text prompt cannot fit the context: refused before tokenizing
 
 
@@ -443,9 +444,9 @@ class LLMEngine:
             unit.waiting.remove(req)
             self._route(req)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> StepOutputs:
         """One step of every unit with work; returns an output (a delta) for every request that advanced."""
-        outputs: list[RequestOutput] = []
+        outputs = StepOutputs()
         units = [u for u in self.units.values() if u.has_work]  # an idle unit has nothing to schedule or run
         pending: dict[int, tuple[MicroBatch | None, Any]] = {}
         arrays = self.executor.needs_arrays
@@ -506,7 +507,7 @@ class LLMEngine:
                     break  # no decode unit has room: the rest wait too
 
     def _finish_tick(self, unit: ServingUnit, leaving: MicroBatch | None, launched: Any,
-                     outputs: list[RequestOutput]) -> None:
+                     outputs: StepOutputs) -> None:
         try:
             result = self.executor.collect(launched, leaving is not None)
         except ExecutorLost:  # the whole executor is gone, not one unit: nothing to recover
@@ -520,21 +521,23 @@ class LLMEngine:
         if leaving is None:
             return
         s = result.sampled
-        finished = RequestStatus.FINISHED
         now = self.clock.now()  # the tick's tokens all arrived when it was collected
+        append, requests = self._append_token, self.requests
         for req, token, logprob, row in unit.exit(leaving, s.tokens, s.logprobs):
-            outputs.append(self._append_token(unit, req, token, logprob, s, row, now))
-            if req.status is finished:
-                self.requests.pop(req.request_id, None)
+            if append(unit, req, token, logprob, s, row, now, outputs):
+                requests.pop(req.request_id, None)
 
     def _append_token(self, unit: ServingUnit, req: Request, token: int, logprob: float, sampled: Sampled,
-                      row: int, now: float) -> RequestOutput:
+                      row: int, now: float, outputs: StepOutputs) -> bool:
+        """`token` joins `req`: logprobs, text, stop conditions; its output goes to `outputs` (the final output
+        built at once, a delta recorded to be built when read). True when `req` finished here."""
         if req.first_token_time is None:
             req.first_token_time = now
         req.token_ids.append(token)
         p = req.params
-        new_lps = []
+        new_lps = NO_LOGPROBS
         if req.logprobs is not None:
+            new_lps = []
             entry = {token: logprob}
             for tid, lp in zip(sampled.top_ids[row, :p.logprobs].tolist(),
                                sampled.top_logprobs[row, :p.logprobs].tolist(), strict=True):
@@ -563,7 +566,10 @@ class LLMEngine:
             req.finish_reason, req.stop_reason = reason
             req.finish_time = now
             unit.finish(req)
-        return delta_output(req, [token], text, new_lps)
+            outputs.append(delta_output(req, [token], text, [] if new_lps is NO_LOGPROBS else new_lps))
+            return True
+        outputs.add_delta(req, token, text, new_lps)
+        return False
 
     # ---- transitions --------------------------------------------------------------------------------
     def transition(self, tr: FuseUnits | SplitUnit) -> TransitionOutcome | None:

@@ -76,9 +76,8 @@ class LLM:
             if not self.engine.has_unfinished():
                 lost = [i for i in ids if i not in final]
                 raise RuntimeError(f"requests {lost} left the engine without finishing")
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+            for out in self.engine.step().finished():  # the deltas are never built
+                final[out.request_id] = out
         return [final[i] for i in ids]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],

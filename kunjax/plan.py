@@ -108,6 +108,7 @@ class StepInputs:
     min_p: np.ndarray  # [S] float32
     seeds: np.ndarray  # [S] uint32
     counters: np.ndarray  # [S] int32
+    top_n: np.ndarray  # [] int32 most top logprobs a leaving row asked for (0: the tick may skip the top-N)
 
     PER_STAGE = 11  # the first fields carry the [k] stage axis
 
@@ -126,7 +127,7 @@ class StepInputs:
             recv_pos=np.zeros((k, k, r), i32), tokens_in=np.zeros(tokens, i32),
             logits_indices=np.zeros(s, i32), suppress_ids=np.full((s, MAX_SUPPRESSED), -1, i32),
             temperature=np.zeros(s, f32), top_k=np.zeros(s, i32), top_p=np.ones(s, f32), min_p=np.zeros(s, f32),
-            seeds=np.zeros(s, np.uint32), counters=np.zeros(s, i32))
+            seeds=np.zeros(s, np.uint32), counters=np.zeros(s, i32), top_n=np.zeros((), i32))
 
     def as_tuple(self) -> tuple[np.ndarray, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))

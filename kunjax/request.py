@@ -8,14 +8,17 @@ generated tokens are kept, so a recomputed request continues exactly where it st
 
 Outputs are deltas: each engine step reports, per request that advanced, only what is new (ids, text,
 logprobs); the cumulative `text`, `token_ids` and `logprobs` of a `CompletionOutput` are filled once, on the
-request's final output. Nothing copies a request's whole output per token.
+request's final output. Nothing copies a request's whole output per token. A step's outputs are a `StepOutputs`:
+a running request's delta is kept as the few values it is made of and becomes a `RequestOutput` when read, so the
+step itself allocates no output object per running sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 from kunjax.sampling_params import SamplingParams, seed_to_uint32
 
@@ -166,3 +169,78 @@ def delta_output(req: Request, new_ids: list[int], new_text: str, new_logprobs: 
         prompt_ids = []
     return RequestOutput(req.request_id, req.prompt, prompt_ids, [completion], final, req.num_cached_tokens,
                          num_prompt, len(req.token_ids) - num_prompt, metrics, req.error if final else None)
+
+
+class StepOutputs(Sequence[RequestOutput]):
+    """One engine step's outputs, in the order they happened (a request's deltas in token order).
+
+    Final outputs (and any output appended whole) are `RequestOutput`s at once. A running request's delta — one
+    new token — is recorded as (request, token, text, logprobs) plus a snapshot of the counters that change later
+    (tokens generated, cumulative logprob, cached tokens), and built into the same `RequestOutput` that
+    `delta_output` gives when it is first read: the host work of a step does not grow by an output object per
+    running sequence, and a reader that only wants finished requests (`finished()`) never builds the deltas.
+    """
+
+    __slots__ = ("_items", "_finished")
+
+    def __init__(self, outputs: Iterable[RequestOutput] = ()):
+        self._items: list[RequestOutput | tuple] = []
+        self._finished: list[RequestOutput] = []
+        for out in outputs:
+            self.append(out)
+
+    def append(self, out: RequestOutput) -> None:
+        self._items.append(out)
+        if out.finished:
+            self._finished.append(out)
+
+    def __iadd__(self, outputs: Iterable[RequestOutput]) -> StepOutputs:
+        for out in outputs:
+            self.append(out)
+        return self
+
+    def add_delta(self, req: Request, token: int, text: str, logprobs: list[dict[int, float]]) -> None:
+        """`req` (still running) generated `token`; `text` and `logprobs` are what it adds."""
+        self._items.append((req, token, text, logprobs, len(req.token_ids) - req.num_prompt_tokens,
+                            req.cumulative_logprob if req.logprobs is not None else None, req.num_cached_tokens))
+
+    def finished(self) -> list[RequestOutput]:
+        """The final outputs of this step (no delta is built)."""
+        return self._finished
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, i: int) -> RequestOutput: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[RequestOutput]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self._items)))]
+        item = self._items[i]
+        if isinstance(item, tuple):
+            item = self._items[i] = _built_delta(*item)
+        return item
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        for i in range(len(self._items)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"StepOutputs({list(self)!r})"
+
+
+def _built_delta(req: Request, token: int, text: str, logprobs: list[dict[int, float]], num_output: int,
+                 cumulative: float | None, num_cached: int) -> RequestOutput:
+    """A running request's delta as `delta_output` builds it, from the values recorded at its step."""
+    metrics = {"arrival_time": req.arrival_time}
+    if req.first_scheduled_time is not None:
+        metrics["first_scheduled_time"] = req.first_scheduled_time
+    if req.first_token_time is not None:
+        metrics["first_token_time"] = req.first_token_time
+    completion = CompletionOutput(0, "", [], cumulative, None, None, None, text, [token], logprobs or [])
+    return RequestOutput(req.request_id, req.prompt, [], [completion], False, num_cached, req.num_prompt_tokens,
+                         num_output, metrics, None)

@@ -547,6 +547,7 @@ class ServingUnit:
             arr = last.arrays
             inp.logits_indices, inp.suppress_ids = arr.logits_indices, arr.suppress_ids
             (inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.seeds, inp.counters) = arr.sampling
+            inp.top_n = np.asarray(last.top_n, np.int32)
         return inp
 
     def _fill_group_tables(self, inp: StepInputs, stage: int, reqs: list[Request], tables: list[list[int]],

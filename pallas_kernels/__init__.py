@@ -1,12 +1,14 @@
 """Attention kernels over the paged KV pool, behind one API. Every backend has the signature and semantics of
 `paged_attention.reference.paged_attention`; `paged_attention` here picks one by name:
 
-* `reference` — pure JAX (gather the history, attend); the contract and the CPU backend.
+* `reference` — pure JAX (gather the history, attend); the contract.
+* `cpu` — pure JAX laid out for CPUs (`paged_attention/cpu.py`: an online softmax over the history a few blocks
+  at a time, as far as the longest cached history of the step goes).
 * `tpu` — the Pallas Mosaic kernel (`paged_attention/tpu.py`); `tpu-interpret` runs it in TPU interpret mode.
 * `gpu` — the Pallas Mosaic GPU (Hopper) kernel (`paged_attention/gpu.py`); `gpu-interpret` runs it in GPU
   interpret mode. Both interpret modes are how the kernels are tested on CPU.
 * `auto` — resolved once per process and platform by `resolve_backend`: `gpu` on GPUs, `tpu` on TPUs,
-  `reference` on CPUs. Neither kernel has run on hardware yet, so on GPU/TPU `auto` first runs a self-test of the
+  `cpu` on CPUs. Neither kernel has run on hardware yet, so on GPU/TPU `auto` first runs a self-test of the
   kernel on that device (a small random ragged batch with two pool segments, kernel against reference in float32
   and bfloat16, at the parity tests' tolerances) and falls back to `reference`, with a logged warning, when the
   kernel fails to compile or disagrees. A backend named explicitly is used as is, without the self-test.
@@ -26,8 +28,9 @@ import numpy as np
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.reference import gather_blocks, merge_attention_states
 
-BACKENDS = ("auto", "reference", "tpu", "tpu-interpret", "gpu", "gpu-interpret")
+BACKENDS = ("auto", "reference", "cpu", "tpu", "tpu-interpret", "gpu", "gpu-interpret")
 PLATFORM_KERNELS = {"gpu": "gpu", "tpu": "tpu"}  # the kernel `auto` validates and picks on each platform
+PLATFORM_PURE_JAX = {"cpu": "cpu"}  # what `auto` picks on other platforms: pure JAX, no self-test needed
 SELF_TEST_FP32_RTOL = 1e-5  # as tests/pallas_kernels/test_paged_attention.py
 SELF_TEST_BF16_ATOL = 2e-2
 
@@ -40,6 +43,10 @@ def paged_attention(*args, backend: str = "auto", **kwargs):
     The choice is made in Python at trace time, so it costs nothing in the compiled step."""
     if backend in ("auto", "reference"):
         return reference.paged_attention(*args, **kwargs)
+    if backend == "cpu":
+        from pallas_kernels.paged_attention import cpu
+
+        return cpu.paged_attention(*args, **kwargs)
     if backend in ("tpu", "tpu-interpret"):
         from jax.experimental.pallas import tpu as pltpu
 
@@ -57,8 +64,8 @@ def paged_attention(*args, backend: str = "auto", **kwargs):
 
 def resolve_backend(name: str, devices: Sequence[jax.Device] | np.ndarray) -> str:
     """The concrete backend for `name` on `devices` (one platform): `auto` becomes the platform's kernel if it
-    passes its self-test on the first device (run once per process and platform), else `reference`; any other
-    name is returned unchanged."""
+    passes its self-test on the first device (run once per process and platform), else `reference` (on CPU:
+    `cpu`, pure JAX like the reference); any other name is returned unchanged."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
@@ -70,7 +77,7 @@ def resolve_backend(name: str, devices: Sequence[jax.Device] | np.ndarray) -> st
     platform = platforms.pop()
     kernel = PLATFORM_KERNELS.get(platform)
     if kernel is None:
-        return "reference"
+        return PLATFORM_PURE_JAX.get(platform, "reference")
     key = (platform, kernel)
     if key not in _self_tests:
         _self_tests[key] = _self_test(kernel, flat[0])

@@ -9,7 +9,7 @@ bandwidth measured in the same run, for kunjax's backends and for JAX's shipped 
 Kernels (`--backends`, comma-separated; default by platform):
 
 * kunjax's own backends, by their `pallas_kernels.BACKENDS` name, read at run time: GPU `gpu,reference`,
-  TPU `tpu,reference`, CPU `reference` (`tpu-interpret`, `gpu-interpret` on request, with `--quick` only: tiny
+  TPU `tpu,reference`, CPU `cpu,reference` (`tpu-interpret`, `gpu-interpret` on request, with `--quick` only: tiny
   shapes). A name the installed `pallas_kernels` does not offer is skipped with a note.
 * `shipped-gpu` / `shipped-tpu`: JAX's `jax.experimental.pallas.ops.{gpu,tpu}.paged_attention` (decode only),
   fed the same pool converted to their `[K, pages, page_size, D]` layout outside the timed region, with q
@@ -81,7 +81,7 @@ def default_backends(platform: str, quick: bool) -> list[str]:
         return ["tpu", "reference", "shipped-tpu"]
     # kunjax's interpret-mode kernels take ~15 s a shape on CPU: opt in with --backends (their parity tests
     # live in tests/pallas_kernels); the shipped one in interpret mode is cheap and covers its layout path.
-    return ["reference", *(["shipped-gpu-interpret", "xla-sdpa"] if quick else [])]
+    return ["cpu", "reference", *(["shipped-gpu-interpret", "xla-sdpa"] if quick else [])]
 
 
 def usable_backends(requested: list[str], platform: str, quick: bool, ours: tuple[str, ...]) -> list[str]:

@@ -46,14 +46,15 @@ jax.tree_util.register_dataclass(StepInputs, data_fields=[f for f in StepInputs.
 def sample_rows(logits: jax.Array,  # [S, V] float32
                 suppress_ids: jax.Array,  # [S, MAX_SUPPRESSED] int32, -1 pad
                 temperature, top_k, top_p, min_p, seeds, counters,  # [S] each
-                num_logprobs: int):
+                num_logprobs: int, top_n: jax.Array | None = None):  # [] int32 top logprobs asked for
     """Mask each row's suppressed ids, then sample."""
     # Rows below their min_tokens cannot pick their EOS / stop ids (those ids then report logprob -inf).
     s, v = logits.shape
     rows = jnp.broadcast_to(jnp.arange(s)[:, None], suppress_ids.shape)
-    banned = jnp.zeros((s, v), bool).at[rows, jnp.where(suppress_ids >= 0, suppress_ids, v)].set(True, mode="drop")
-    logits = jnp.where(banned, -jnp.inf, logits)
-    return sample(logits, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs)
+    # A scatter of the few banned entries, not a [S, V] mask and a select over every logit (1-2 ms on CPU).
+    logits = logits.at[rows, jnp.where(suppress_ids >= 0, suppress_ids, v)].set(-jnp.inf, mode="drop")
+    return sample(logits, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs,
+                  None if top_n is None else top_n > 0)
 
 
 def _embed(embed: jax.Array, tokens: jax.Array, split: bool) -> jax.Array:  # -> [T, E]
@@ -121,7 +122,7 @@ def _tick_body(cfg: ModelConfig, shape: UnitShape, remote: bool, num_logprobs: i
         exit_rows = jax.lax.psum(jnp.where(jax.lax.axis_index(STAGE) == k - 1, exit_rows, 0), STAGE)
     logits = _logits(cfg, params, exit_rows, shape.split_vocab)
     sampled = sample_rows(logits, inp.suppress_ids, inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.seeds,
-                          inp.counters, num_logprobs)
+                          inp.counters, num_logprobs, inp.top_n)
     if k == 1:
         return segments[0], sampled
     acts = acts.at[:rows].set(jax.lax.ppermute(h, STAGE, [(i, (i + 1) % k) for i in range(k)]))

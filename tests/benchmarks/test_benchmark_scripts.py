@@ -95,7 +95,8 @@ def test_kernel_benchmark_quick_run_reports_checked_figures_per_kernel_and_shape
     assert positive(data["copy_bandwidth"]["bytes_per_s"])
     assert data["device"]["platform"] == "cpu" and data["quick"] is True
     kinds = {(r["kernel"], r["kind"]) for r in data["results"]}
-    assert {("reference", "decode"), ("reference", "prefill"), ("xla-sdpa", "decode"), ("xla-sdpa", "prefill"),
+    assert {("reference", "decode"), ("reference", "prefill"), ("cpu", "decode"), ("cpu", "prefill"),
+            ("xla-sdpa", "decode"), ("xla-sdpa", "prefill"),
             ("shipped-gpu-interpret", "decode")} <= kinds  # the shipped kernels are decode-only
     for r in data["results"]:
         assert r["check"] == "ok", r

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kunjax.sampling import sample
+from kunjax.sampling import first_argmax, sample
 from kunjax.sampling_params import SamplingArrays, SamplingParams, pack_sampling, seed_to_uint32
 
 N_LOGPROBS = 3
@@ -156,6 +156,18 @@ def test_greedy_is_argmax_with_lowest_index_on_ties():
     logits = np.array([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [0.0, -1.0, 2.0, 2.0]], np.float32)
     tokens, *_ = run(logits, [SamplingParams(temperature=0.0)] * 3, [1, 2, 3], [0, 0, 0])
     assert tokens.tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 128, 129, 1000, 32000])
+def test_first_argmax_is_argmax_with_ties_across_tiles(vocab):
+    rng = np.random.default_rng(vocab)
+    x = rng.integers(-3, 3, size=(12, vocab)).astype(np.float32)  # many ties, in and across 128-id tiles
+    x[0] = -np.inf  # nothing finite: id 0, as argmax
+    x[1, -1] = 10.0  # the maximum in the last, partial tile
+    x[2, :] = 1.0
+    got = jax.jit(first_argmax)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), x.argmax(-1))
+    assert got.dtype == jnp.int32
 
 
 def test_top_k_one_is_greedy():
@@ -317,3 +329,19 @@ def test_no_full_vocabulary_sort_is_compiled():
             jnp.zeros(s, jnp.uint32), jnp.zeros(s, jnp.int32))
     text = jax.jit(functools.partial(sample, num_logprobs=5)).lower(*args).compile().as_text()
     assert " sort(" not in text
+
+
+def test_top_logprobs_only_when_a_row_wants_them():
+    """`top_wanted` False skips the top-N (zeros, no sort); True gives exactly what the unconditional call gives."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(4, 300)), jnp.float32)
+    arrays = pack_sampling([SamplingParams(temperature=0.0)] * 4, [1, 2, 3, 4], [0] * 4, num_rows=4)
+    always = sample_jit(logits, *arrays, num_logprobs=N_LOGPROBS)
+    wanted = sample_jit(logits, *arrays, num_logprobs=N_LOGPROBS, top_wanted=jnp.bool_(True))
+    skipped = sample_jit(logits, *arrays, num_logprobs=N_LOGPROBS, top_wanted=jnp.bool_(False))
+    for a, b in zip(always, wanted, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(skipped[0]), np.asarray(always[0]))  # tokens and their logprobs
+    np.testing.assert_array_equal(np.asarray(skipped[1]), np.asarray(always[1]))
+    assert np.asarray(skipped[2]).shape == (4, N_LOGPROBS) and not np.asarray(skipped[2]).any()
+    assert not np.asarray(skipped[3]).any()

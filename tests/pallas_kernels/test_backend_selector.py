@@ -1,6 +1,6 @@
 """`resolve_backend`: `auto` picks the platform's kernel only after it passes a self-test on the device, falls back
 to the reference (with a warning) when the kernel is wrong or fails to compile, runs the self-test once per
-process and platform, and leaves explicitly named backends alone. On CPU `auto` is the reference.
+process and platform, and leaves explicitly named backends alone. On CPU `auto` is the `cpu` backend.
 
 The GPU/TPU path is exercised on CPU by pretending the devices are GPUs and substituting the kernel."""
 
@@ -35,13 +35,13 @@ def fake_gpu(monkeypatch):
     return state
 
 
-def test_auto_is_the_reference_on_cpu(monkeypatch):
+def test_auto_is_the_cpu_backend_on_cpu(monkeypatch):
     monkeypatch.setattr(pallas_kernels, "_self_tests", {})
-    assert pallas_kernels.resolve_backend("auto", jax.devices()) == "reference"
+    assert pallas_kernels.resolve_backend("auto", jax.devices()) == "cpu"
     assert pallas_kernels._self_tests == {}  # no self-test on CPU
 
 
-@pytest.mark.parametrize("name", ["reference", "gpu", "tpu", "gpu-interpret", "tpu-interpret"])
+@pytest.mark.parametrize("name", ["reference", "cpu", "gpu", "tpu", "gpu-interpret", "tpu-interpret"])
 def test_named_backends_are_used_as_is(name, fake_gpu):
     assert pallas_kernels.resolve_backend(name, jax.devices()[:1]) == name
     assert fake_gpu["calls"] == 0
