@@ -142,7 +142,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     srv.add_argument("--grace-s", type=float, default=10.0,
                      help="on shutdown, seconds in-flight requests get to finish before they are aborted")
     model_flags(srv)
-    add_cluster_flags(srv)
+    add_cluster_flags(srv, show_all)
     add_engine_flags(srv, show_all)
     srv.set_defaults(handler=cmd_serve, subparser=srv)
 
@@ -158,7 +158,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     add_bench_arguments(bench, show_all)
     _help_all(bench, "bench")
     model_flags(bench)
-    add_cluster_flags(bench)
+    add_cluster_flags(bench, show_all)
     time_flags(bench)
     add_engine_flags(bench, show_all)
     bench.set_defaults(handler=lambda p, a: cmd_bench(p, a, remote_target=_grpc_target), subparser=bench)

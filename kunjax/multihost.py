@@ -64,7 +64,9 @@ class ClusterSpec:
     peer_timeout_s: float = 10.0
 
 
-def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+def add_cluster_flags(p: argparse.ArgumentParser, show_all: bool = True) -> None:
+    """The launch flags of a multi-host group; without `show_all` they are accepted but listed only by
+    `--help-all`."""
     g = p.add_argument_group("multi-host (jax.distributed; docs/multihost.md)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="join a group of processes, one per host, through the coordinator at HOST:PORT (process 0 "
@@ -75,6 +77,9 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peer-timeout-s", type=float, default=10.0,
                    help="a process silent this long is lost: in-flight requests fail with UNAVAILABLE, health "
                         "turns NOT_SERVING and every process exits with status 75 (default: 10)")
+    if not show_all:
+        for action in g._group_actions:
+            action.help = argparse.SUPPRESS
 
 
 def spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClusterSpec | None:

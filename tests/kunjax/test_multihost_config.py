@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kunjax.cli import main
+from kunjax.cli import build_parser, main
 from kunjax.config import ConfigError
 from kunjax.engine import config_from_kwargs
 from kunjax.multihost import Units, check_config
@@ -34,6 +34,17 @@ def test_bad_launch_flags_exit_2_naming_the_flag(capsys, command, args, message)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def _subparser(command: str, show_all: bool = False):
+    return build_parser(show_all)._subparsers._group_actions[0].choices[command]
+
+
+def test_the_launch_flags_are_listed_by_help_all():
+    assert "--coordinator" not in _subparser("serve").format_help()
+    for command in ("serve", "bench"):
+        text = _subparser(command, show_all=True).format_help()
+        assert "--coordinator HOST:PORT" in text and "--peer-timeout-s" in text
 
 
 def test_the_cost_model_executor_does_not_join_a_group(capsys):
