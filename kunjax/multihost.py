@@ -149,6 +149,7 @@ class Cluster:
         self._sent = 0  # leader: batches sent
         self._received = 0  # follower: batches executed
         self._deleted = 0  # leader: batches deleted from the store (every follower has read them)
+        self._agreements = itertools.count()  # every process makes the same agree_min calls in the same order
         self._stop = threading.Event()
         self._beater = threading.Thread(target=self._heartbeat, name="kunjax-heartbeat", daemon=True)
         self._beater.start()
@@ -273,9 +274,11 @@ class Cluster:
         return pickle.loads(data)
 
     def agree_min(self, name: str, value: int) -> int:
-        """Every process offers `value`; all get the smallest (e.g. KV blocks per pool)."""
-        self.client.key_value_set(f"{KEY}agree/{name}/{self.pid}", str(int(value)), allow_overwrite=True)
-        got = [int(self._get(f"{KEY}agree/{name}/{p}", f"process {p}'s {name}").decode()) for p in range(self.n)]
+        """Every process offers `value`; all get the smallest (e.g. KV blocks per pool). Each call has its own keys
+        (an engine built after another, as the bench does per policy, never reads the previous one's values)."""
+        key = f"{KEY}agree/{next(self._agreements)}/{name}"
+        self.client.key_value_set(f"{key}/{self.pid}", str(int(value)))
+        got = [int(self._get(f"{key}/{p}", f"process {p}'s {name}").decode()) for p in range(self.n)]
         return min(got)
 
 
