@@ -296,6 +296,7 @@ def test_routing_modes_side_by_side_with_their_prefix_hit_rates(tmp_path):
     assert all(r["session_id"].startswith("prefix-") for r in rows)
 
 
+@pytest.mark.timeout(1800)  # two benches of the real model; beside the README test on 2 cores, over 10 minutes
 def test_the_real_model_on_a_simulated_clock_gives_identical_figures_twice(tmp_path):
     """--clock simulated: the demo model's real tokens on this CPU, timed as an H100 would run an 8B model;
     twice the same summary, per-request and timeline CSVs (kunserve's drops included)."""
@@ -305,7 +306,7 @@ def test_the_real_model_on_a_simulated_clock_gives_identical_figures_twice(tmp_p
              "--duration-s", "5", "--drain-timeout-s", "60", "--no-progress"]
     for out in (a, b):
         res = run_bench("--policies", "recompute,kunserve", "--out", str(out), "--clock", "simulated", "--profile",
-                        "h100-sxm", "--model-shape", "llama-3-8b", *burst)
+                        "h100-sxm", "--model-shape", "llama-3-8b", *burst, timeout=850)
         assert res.returncode == 0, res.stderr[-3000:]
     summary = check_outputs(a, ["recompute", "kunserve"])
     assert "drop" in {e["kind"] for e in summary["policies"]["kunserve"]["events"]}
