@@ -359,6 +359,11 @@ class PrefixIndex:
             self.listener(True, node)
         return node
 
+    def stale_cached(self) -> list[PrefixNode]:
+        """The stale nodes nobody references, parents first (read off the cached list: every stale node is on it,
+        so no walk of the whole tree, which holds every running request's prefix too)."""
+        return sorted((n for n in self._lru if n.stale is not None and not self.referenced(n)), key=lambda n: n.depth)
+
     def localize(self, node: PrefixNode, blocks: tuple[int, ...]) -> None:
         """A stale node's layers were copied to their stages (`blocks`, allocated by the caller with one
         reference each, which the index takes over): it is an ordinary cached node from now on."""
@@ -391,15 +396,17 @@ class PrefixIndex:
         return done
 
     def _evict_one(self) -> bool:
-        for node in list(self._lru):
+        for node in self._lru:  # (not copied: an eviction costs O(what it passes over), not O(the cache))
             leaf = self._evictable_leaf(node)
             if leaf is not None:
-                if not (leaf.stale is None and self.host is not None and self._spill(leaf)):
-                    for child in list(leaf.children.values()):  # host nodes: they cannot outlive their parent
-                        self._drop_subtree(child)
-                    self._remove(leaf)
-                return True
-        return False
+                break
+        else:
+            return False
+        if not (leaf.stale is None and self.host is not None and self._spill(leaf)):
+            for child in list(leaf.children.values()):  # host nodes: they cannot outlive their parent
+                self._drop_subtree(child)
+            self._remove(leaf)
+        return True
 
     def _evictable_leaf(self, node: PrefixNode) -> PrefixNode | None:
         """The first unreferenced device node without device children in `node`'s subtree (itself last)."""

@@ -22,7 +22,7 @@ groups, R remote rows per (stage, destination), X copies per (source, destinatio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -236,3 +236,51 @@ class Split:
 
 
 MemoryOp = CopyBlocks | Transfer | SwapOut | SwapIn | DropHost | SlotCopy | Fuse | Split
+
+
+# Up to this many rows, a micro-batch's tables are written row by row; above, in a few whole-array operations
+# (a fixed cost of some numpy calls, repaid once a row by row loop would make as many).
+SMALL_BATCH_ROWS = 4
+
+
+def flat_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """Rows' block tables end to end: [sum of lengths] int32."""
+    flat: list[int] = []
+    for t in tables:
+        flat += t
+    return np.array(flat, np.int32)
+
+
+def fill_tables(slot_mapping: np.ndarray,  # [T] int32, written: each token's KV slot
+                block_tables: np.ndarray,  # [S, MB] int32, written: row i's table, zero padded
+                tables: Sequence[Sequence[int]],  # [R] each row's block ids
+                counts: Sequence[int],  # [R] each row's tokens
+                positions: np.ndarray,  # [N] int32 each token's position (rows' tokens in row order)
+                seq_ids: np.ndarray,  # [N] int32 each token's row
+                block_size: int,
+                flat: np.ndarray | None = None) -> None:  # [sum of lengths] int32 `tables` end to end, if known
+    """A micro-batch's KV slots and block tables (R rows, N tokens) of one stage (and layer group)."""
+    bs = block_size
+    if len(tables) <= SMALL_BATCH_ROWS:
+        row = 0
+        for i, (t, n) in enumerate(zip(tables, counts, strict=True)):
+            if n == 1:  # a decode: its slot in plain ints
+                p = int(positions[row])
+                slot_mapping[row] = t[p // bs] * bs + p % bs
+            else:
+                pos = positions[row:row + n]
+                slot_mapping[row:row + n] = np.asarray(t, np.int32)[pos // bs] * bs + pos % bs
+            block_tables[i, :len(t)] = t
+            row += n
+        return
+    if flat is None:
+        flat = flat_tables(tables)
+    lens = np.array([len(t) for t in tables], np.int64)
+    logical = positions // bs
+    if (logical >= lens[seq_ids]).any():
+        raise IndexError("a token's position is past its block table")
+    n = len(positions)
+    slot_mapping[:n] = flat[(np.cumsum(lens) - lens)[seq_ids] + logical] * bs + positions % bs
+    mask = np.arange(block_tables.shape[-1]) < lens[:, None]  # [R, MB]
+    block_tables[:len(lens)][mask] = flat
+

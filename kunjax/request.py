@@ -208,6 +208,15 @@ class StepOutputs(Sequence[RequestOutput]):
         """The final outputs of this step (no delta is built)."""
         return self._finished
 
+    def tokens(self) -> Iterator[tuple[str, list[int], RequestOutput | None]]:
+        """`(request id, its new token ids, its output when it is final)` per entry, in order, building no running
+        request's delta: for a reader that wants the tokens and the final outputs only (a benchmark's records)."""
+        for item in self._items:
+            if isinstance(item, tuple):
+                yield item[0].request_id, [item[1]], None
+            else:
+                yield item.request_id, item.outputs[0].delta_token_ids, item if item.finished else None
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -28,15 +28,18 @@ tree applies them at the end of every `--routing-sync-steps`-th engine step, so 
 many steps old (bounded staleness: a placement may miss a prefix cached since, never count one that was
 evicted more than that long ago). A request routed to a unit counts there for its prompt's full blocks until it
 has computed them (`expect`): a burst of requests sharing a prefix meets where the first of them computes it,
-instead of spreading before anyone has cached it. A unit added by a fuse or split is read whole; a unit that
-goes away takes its holdings with it. Stale nodes (a replica's cache before its fuse, not matchable until the
-exchange moves it) are not in the tree until they become matchable, nor is a node whose parent is not.
+instead of spreading before anyone has cached it. A lookup ignores an expectation whose request has computed its
+prompt or left the unit; syncs forget such expectations a bounded number at a time (`sync`), so the tree's
+upkeep per step grows with the requests routed, not with those queued. A unit added by a fuse or split is read
+whole; a unit that goes away takes its holdings with it. Stale nodes (a replica's cache before its fuse, not
+matchable until the exchange moves it) are not in the tree until they become matchable, nor is a node whose
+parent is not.
 
 Owns routing decisions only: it never changes a unit's books.
 
 Invariant (`PromptTree.check`, after every step in tests with `--routing-sync-steps 1`): the tree's holders are
 exactly the nodes every unit's index would match (reachable from its root through matchable nodes), at their
-paths; a node with neither holders, children nor live expectations is pruned.
+paths; a node with neither holders, children nor expectations is pruned.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 
 ROUTING_MODES = ("prompt-tree", "least-load", "session")
 MAX_SESSIONS = 100_000
+EXPECTATIONS_PER_SYNC = 32  # expectations a sync checks besides twice those made since the last (`PromptTree.sync`)
 
 
 class TreeNode:
@@ -76,7 +80,9 @@ class PromptTree:
         self.placed: dict[int, dict[PrefixNode, TreeNode]] = {}  # uid -> its index's nodes -> where in the tree
         self.pending: list[tuple[bool, int, PrefixNode]] = []  # (insert?, uid, node), oldest first
         self.applied = 0  # events applied so far
-        self.expectations: list[tuple[TreeNode, int, Request]] = []  # routed, not computed yet
+        # (uid, request, the nodes it is expected at): routed, maybe not computed yet; oldest checked first
+        self.expectations: collections.deque[tuple[int, Request, list[TreeNode]]] = collections.deque()
+        self.routed = 0  # requests expected since the last sync
 
     def listener(self, uid: int) -> Callable[[bool, PrefixNode], None]:
         pending = self.pending
@@ -84,26 +90,33 @@ class PromptTree:
 
     # ---- events ---------------------------------------------------------------------------------------
     def sync(self) -> None:
-        """Apply every pending event, oldest first; forget the expectations that no longer hold."""
+        """Apply every pending event, oldest first; forget some of the expectations that no longer hold.
+
+        An expectation ends when its request has computed its prompt or left the unit. `match` checks each one it
+        meets, so forgetting them only frees the tree; a sync checks a bounded number, oldest first, turning the
+        ones still computing to the back — O(requests routed), not O(requests queued), per sync."""
         for insert, uid, node in self.pending:
             if uid in self.placed:
                 (self._insert if insert else self._evict)(uid, node)
         self.applied += len(self.pending)
         self.pending.clear()
-        if self.expectations:
-            keep = []
-            for t, uid, req in self.expectations:
-                if t.expected.get(uid) is req and _computing(req, uid):
-                    keep.append((t, uid, req))
-                elif t.expected.get(uid) is req:
+        budget = min(len(self.expectations), EXPECTATIONS_PER_SYNC + 2 * self.routed)
+        self.routed = 0
+        for _ in range(budget):
+            uid, req, nodes = self.expectations.popleft()
+            if _computing(req, uid):
+                self.expectations.append((uid, req, nodes))
+                continue
+            for t in nodes:
+                if t.expected.get(uid) is req:
                     del t.expected[uid]
                     self._prune(t)
-            self.expectations = keep
 
     def expect(self, uid: int, req: Request) -> None:
         """`req` was routed to unit `uid`: until it has computed its prompt there, count its prompt's full blocks
         as held by `uid` (so a burst of requests sharing a prefix meets where the first of them computes it)."""
         bs, t, tokens = self.block_size, self.root, req.token_ids
+        nodes = []
         for d in range((len(tokens) - 1) // bs):
             chunk = tuple(tokens[d * bs:(d + 1) * bs])
             nxt = t.children.get(chunk)
@@ -112,7 +125,10 @@ class PromptTree:
             t = nxt
             if uid not in t.holders:
                 t.expected[uid] = req
-                self.expectations.append((t, uid, req))
+                nodes.append(t)
+        if nodes:
+            self.expectations.append((uid, req, nodes))
+            self.routed += 1
 
     def _insert(self, uid: int, node: PrefixNode) -> None:
         placed = self.placed[uid]
@@ -266,8 +282,7 @@ class Router:
             rows = []
             for u in candidates:
                 hit, demand = hits.get(u.uid, 0), u.demand_blocks()
-                queued = sum(len(r.token_ids) - max(r.num_computed, r.expected_cached_tokens) for r in u.waiting)
-                steps = (queued + n - hit * bs) / max(u.shape.tokens - len(u.running), 1)
+                steps = (u.queued_tokens() + n - hit * bs) / max(u.shape.tokens - len(u.running), 1)
                 rows.append((demand + new - hit > u.total_blocks, steps, -hit, (demand + new - hit) / u.total_blocks,
                              len(u.waiting), u.uid, u))
             fits = [r for r in rows if not r[0]] or rows

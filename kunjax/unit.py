@@ -30,7 +30,6 @@ in-flight aborted requests until they leave the pipe, the policy's reservations)
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import functools
@@ -42,7 +41,17 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from kunjax.blocks import NULL_BLOCK, BlockAllocator, PrefixIndex
-from kunjax.plan import MAX_SUPPRESSED, StageLoad, StepInputs, TickWork, UnitShape
+from kunjax.plan import (
+    MAX_SUPPRESSED,
+    SMALL_BATCH_ROWS,
+    StageLoad,
+    StepInputs,
+    TickWork,
+    UnitShape,
+    fill_tables,
+    flat_tables,
+)
+from kunjax.queues import ArrivalQueue, insert_by_arrival
 from kunjax.request import Request, RequestStatus
 from kunjax.sampling_params import SamplingArrays, pack_sampling
 
@@ -206,9 +215,9 @@ class ServingUnit:
         self.enable_prefix_caching = enable_prefix_caching
         self._now = now
         self.max_running = self.k * shape.seqs
-        self.waiting: collections.deque[Request] = collections.deque()
+        self.waiting = ArrivalQueue(self._weigh_waiting, 2)  # arrival order; (blocks to start, tokens to compute)
         self.running: list[Request] = []  # admission order (the latest admitted is preempted first)
-        self.swapped: list[Request] = []  # KV on the host tier (swap policy), arrival order
+        self.swapped = ArrivalQueue(self._weigh_swapped, 1)  # KV on the host tier (swap policy); blocks to resume
         self.aborted_in_flight: list[Request] = []  # left the unit while in the pipe: their blocks go when it exits
         self.at_stage: list[MicroBatch | None] = [None] * self.k
         self.admitting = True  # False while draining for a restore
@@ -240,14 +249,26 @@ class ServingUnit:
     def num_used(self) -> int:
         return max(a.num_used for a in self.stages)
 
+    def _weigh_waiting(self, req: Request) -> tuple[int, int]:
+        """A waiting request's blocks to start (its known tokens plus the next one) and tokens to compute (past
+        what the router expected to find cached where it sent it)."""
+        n = len(req.token_ids)
+        return self.blocks_for(n + 1), n - max(req.num_computed, req.expected_cached_tokens)
+
+    def _weigh_swapped(self, req: Request) -> tuple[int]:
+        return (self.blocks_for(req.num_computed + 1),)
+
     def queued_blocks(self) -> int:
         """Blocks the waiting requests will need to start (their known tokens plus the next one)."""
-        return sum(self.blocks_for(len(r.token_ids) + 1) for r in self.waiting)
+        return self.waiting.total(0)
+
+    def queued_tokens(self) -> int:
+        """Tokens the waiting requests have to compute, past what the router expected to find cached."""
+        return self.waiting.total(1)
 
     def demand_blocks(self) -> int:
         """KV demand: blocks held by running requests plus what the queued and swapped requests need to start."""
-        swapped = sum(self.blocks_for(r.num_computed + 1) for r in self.swapped)
-        return self.num_used + self.queued_blocks() + swapped
+        return self.num_used + self.waiting.total(0) + self.swapped.total(0)
 
     def can_ever_fit(self, req: Request) -> bool:
         return self.blocks_for(req.max_total_len) <= self.total_blocks
@@ -276,7 +297,7 @@ class ServingUnit:
                              f"({req.max_total_len} tokens) but the unit holds {self.total_blocks}")
         req.status = RequestStatus.WAITING
         req.unit = self.uid
-        insert_by_arrival(self.waiting, req)
+        self.waiting.insert(req)
 
     def release(self, req: Request) -> None:
         """Give back every block `req` holds on every stage (its prefix blocks stay cached in the index)."""
@@ -680,9 +701,7 @@ class ServingUnit:
         parents first, within the pairs' remaining budget; each becomes an ordinary cached node."""
         k, bs = self.k, self.block_size
         copies = []
-        for node in self.index.nodes():
-            if node.stale is None or self.index.referenced(node):
-                continue
+        for node in self.index.stale_cached():
             home, old = node.stale
             others = [s for s in range(k) if s != home]
             if (any(per_pair[(home, s)] >= limit for s in others)
@@ -736,59 +755,9 @@ class ServingUnit:
                 assert alloc.refcount(b) == held[s][b], (
                     f"unit {self.uid} stage {s} block {b}: refcount {alloc.refcount(b)} but {held[s][b]} holders")
         self.index.check()
+        self.waiting.check()
+        self.swapped.check()
         for req in self.running:
             assert req.unit == self.uid and req.status is RequestStatus.RUNNING, f"{req.request_id} misfiled"
             assert all(len(t) == len(req.tables[0]) for t in req.tables), f"{req.request_id}: ragged tables"
 
-
-# Up to this many rows, a micro-batch's tables are written row by row; above, in a few whole-array operations
-# (a fixed cost of some numpy calls, repaid once a row by row loop would make as many).
-SMALL_BATCH_ROWS = 4
-
-
-def flat_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
-    """Rows' block tables end to end: [sum of lengths] int32."""
-    flat: list[int] = []
-    for t in tables:
-        flat += t
-    return np.array(flat, np.int32)
-
-
-def fill_tables(slot_mapping: np.ndarray,  # [T] int32, written: each token's KV slot
-                block_tables: np.ndarray,  # [S, MB] int32, written: row i's table, zero padded
-                tables: Sequence[Sequence[int]],  # [R] each row's block ids
-                counts: Sequence[int],  # [R] each row's tokens
-                positions: np.ndarray,  # [N] int32 each token's position (rows' tokens in row order)
-                seq_ids: np.ndarray,  # [N] int32 each token's row
-                block_size: int,
-                flat: np.ndarray | None = None) -> None:  # [sum of lengths] int32 `tables` end to end, if known
-    """A micro-batch's KV slots and block tables (R rows, N tokens) of one stage (and layer group)."""
-    bs = block_size
-    if len(tables) <= SMALL_BATCH_ROWS:
-        row = 0
-        for i, (t, n) in enumerate(zip(tables, counts, strict=True)):
-            if n == 1:  # a decode: its slot in plain ints
-                p = int(positions[row])
-                slot_mapping[row] = t[p // bs] * bs + p % bs
-            else:
-                pos = positions[row:row + n]
-                slot_mapping[row:row + n] = np.asarray(t, np.int32)[pos // bs] * bs + pos % bs
-            block_tables[i, :len(t)] = t
-            row += n
-        return
-    if flat is None:
-        flat = flat_tables(tables)
-    lens = np.array([len(t) for t in tables], np.int64)
-    logical = positions // bs
-    if (logical >= lens[seq_ids]).any():
-        raise IndexError("a token's position is past its block table")
-    n = len(positions)
-    slot_mapping[:n] = flat[(np.cumsum(lens) - lens)[seq_ids] + logical] * bs + positions % bs
-    mask = np.arange(block_tables.shape[-1]) < lens[:, None]  # [R, MB]
-    block_tables[:len(lens)][mask] = flat
-
-
-def insert_by_arrival(queue: collections.deque[Request] | list[Request], req: Request) -> None:
-    """Insert `req` into `queue` (ordered by arrival time) after every request that arrived no later."""
-    keys = [r.arrival_time for r in queue]
-    queue.insert(bisect.bisect_right(keys, req.arrival_time), req)

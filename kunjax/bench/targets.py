@@ -20,6 +20,7 @@ request waited in the engine before its first step; the record's `scheduled_s` i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from kunjax.bench.metrics import RequestRecord
@@ -145,39 +146,39 @@ class InProcessTarget:
     def advance(self, until: float) -> None:
         e, clock = self.engine, self.clock
         if e.has_requests():
-            self._record(e.step())
+            self._record(e.step().tokens())
         elif e.has_unfinished():  # only idle pipeline units: pace their steps (a restore window means idle time)
             e.step()
             clock.sleep_until(min(clock.now() + IDLE_STEP_S, until))
         else:
             clock.sleep_until(until)
 
-    def _record(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            entry = self._records.get(out.request_id)
+    def _record(self, outputs: Iterable[tuple[str, list[int], RequestOutput | None]]) -> None:
+        """Each `(request id, new token ids, final output or None)` of a step (`StepOutputs.tokens`)."""
+        for request_id, ids, out in outputs:
+            entry = self._records.get(request_id)
             if entry is None:
                 continue
             record, t0 = entry
             now = since(t0, self.clock)
-            n = len(out.outputs[0].delta_token_ids)
-            if n:
+            if ids:
                 if record.first_token_s is None:
                     record.first_token_s = now
-                record.output_tokens += n
+                record.output_tokens += len(ids)
                 if record.output_ids is not None:
-                    record.output_ids += out.outputs[0].delta_token_ids
-            if out.finished:
+                    record.output_ids += ids
+            if out is not None:
                 record.cached_tokens = out.num_cached_tokens
                 m = out.metrics
                 if "first_scheduled_time" in m:
                     scheduled_from_queue(record, max(0.0, m["first_scheduled_time"] - m["arrival_time"]))
                 finish_record(record, now, out.outputs[0].finish_reason or "error")
-                del self._records[out.request_id]
+                del self._records[request_id]
 
     def abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
         if out is not None:
-            self._record([out])
+            self._record([(out.request_id, out.outputs[0].delta_token_ids, out if out.finished else None)])
 
     def load(self) -> list[LoadRow]:
         return instance_loads(self.engine)

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from kunjax.config import ConfigError, Options
 from kunjax.policies.base import Capabilities, MemoryPolicy
+from kunjax.queues import insert_by_arrival
 from kunjax.request import Request, RequestStatus
-from kunjax.unit import Scheduled, ServingUnit, insert_by_arrival
+from kunjax.unit import Scheduled, ServingUnit
 
 if TYPE_CHECKING:
     from kunjax.config import EngineConfig, ModelConfig
@@ -90,7 +91,7 @@ class Swap(MemoryPolicy):
         victim.status = RequestStatus.SWAPPED
         victim.num_preemptions += 1
         unit.num_preemptions += 1
-        insert_by_arrival(unit.swapped, victim)
+        unit.swapped.insert(victim)
 
     def resume(self, unit: ServingUnit, items: list[Scheduled], budget: int) -> int:
         pool = self.view.mempool
@@ -106,7 +107,7 @@ class Swap(MemoryPolicy):
             req.tables = [pool.swap_in(unit, req.request_id)]
             self.volume[unit.uid] = self.volume.get(unit.uid, 0) + n
             self.swap_ins += 1
-            unit.swapped.pop(0)
+            unit.swapped.popleft()
             req.status = RequestStatus.RUNNING
             insert_by_arrival(unit.running, req)
             grown = unit.grow(req, tokens)
