@@ -61,3 +61,23 @@ def test_finished_lists_the_final_outputs_without_building_deltas():
     assert len(finals[0].outputs[0].token_ids) == 3
     outs = StepOutputs(finals)
     assert len(outs) == 1 and outs[0] is finals[0] and outs[:1] == finals and outs.finished() == finals
+
+
+
+def test_tokens_gives_each_entrys_new_ids_and_final_output_without_building_deltas():
+    def row(o: RequestOutput):
+        return o.request_id, o.outputs[0].delta_token_ids, o if o.finished else None
+
+    engine = LLMEngine(SPLIT, config_from_kwargs(**CONFIG), executor="arith")
+    engine.warmup()
+    for p in ([4, 5, 6], [7, 8], [9] * 10):
+        engine.add_request(p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    got, built = [], []
+    while engine.has_unfinished():
+        outs = engine.step()
+        got += list(outs.tokens())
+        assert all(isinstance(item, tuple) for item in outs._items if item not in outs.finished())  # unbuilt
+        built += list(outs)
+    assert got == [row(o) for o in built] and sum(final is not None for _, _, final in got) == 3
+    outs = StepOutputs(built)  # outputs given whole (as a failure's or an abort's are) read the same way
+    assert list(outs.tokens()) == [row(o) for o in built]

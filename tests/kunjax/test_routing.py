@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from kunjax import routing as routing_module
 from kunjax.config import ConfigError
 from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.policies.base import FuseUnits
@@ -129,6 +130,39 @@ def test_the_prompt_tree_is_at_most_routing_sync_steps_behind():
     assert engine.step_no % 4 == 0
     tree.check((u.uid, u.index) for u in engine.units.values())
     assert max(tree.match(prompt + [7]).values()) == 5
+
+
+
+def test_a_sync_checks_a_bounded_number_of_expectations_and_forgets_the_settled(monkeypatch):
+    """Each routed request is expected where it went until it computed its prompt; a sync looks at no more than
+    EXPECTATIONS_PER_SYNC of them beyond twice those made since the last, whatever the queue holds, and once the
+    requests are done the syncs forget every expectation and prune the nodes they alone kept."""
+    cfg = config_from_kwargs(**{**CONFIG, "num_instances": 2, "routing_sync_steps": 1})
+    engine = LLMEngine(MODEL, cfg, executor="arith")
+    tree = engine.router.tree
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for i in range(120):  # distinct 3-block prompts: three nodes each, only expected, nothing cached yet
+        engine.add_request([1 + i % 50, 2 + i // 50] * 12 + [5], params)
+    assert len(tree.expectations) == 120 and tree.routed == 120
+    checked = []
+    real = routing_module._computing
+    monkeypatch.setattr(routing_module, "_computing", lambda req, uid: checked.append(req) or real(req, uid))
+    tree.sync()
+    assert len(checked) == 120 and len(tree.expectations) == 120  # all still queued: all kept
+    checked.clear()
+    tree.sync()  # nothing routed since: a bounded look, not the whole queue
+    assert len(checked) == routing_module.EXPECTATIONS_PER_SYNC
+    while engine.has_requests():
+        engine.step()
+    for _ in range(10):
+        tree.sync()
+    assert not tree.expectations
+    tree.check((u.uid, u.index) for u in engine.units.values())
+    stack = list(tree.root.children.values())
+    while stack:
+        t = stack.pop()
+        assert not t.expected and t.holders, "a node kept by a settled expectation alone"
+        stack.extend(t.children.values())
 
 
 @pytest.mark.parametrize("options, message", [
