@@ -15,8 +15,11 @@ already admitted are aborted.
 
 Invariant: a stream that ends before its final events (client cancel or disconnect, deadline, server stop) aborts
 its unfinished requests when it is closed (`EventStream.close`, also on cancellation during admission), so the
-runtime frees their blocks within a step; each abort runs once, before a new request may reuse the id. Never
-generates tokens, tokenizes, or shuts the runtime down.
+runtime frees their blocks within a step; each abort runs once, before a new request may reuse the id. A client
+that cancels a stream and at once sends a new request with the same id races its own cancel on the server (the
+new call may be admitted before the old handler sees the cancel): a request whose id a stream here still holds
+waits up to `CANCEL_GRACE_S` for that stream to settle (end or close) before the runtime judges it a duplicate.
+Never generates tokens, tokenizes, or shuts the runtime down.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from kunjax.api import GenerateRequest, Runtime, TokenEvent
 from serving.metrics import ServingMetrics, StreamTimer
 
 T = TypeVar("T")
+CANCEL_GRACE_S = 1.0  # how long a request reusing the id of a stream still open here waits for that stream's cancel
 
 
 class StreamBridge:
@@ -47,6 +51,10 @@ class StreamBridge:
             max_workers=admission_threads, thread_name_prefix="kunjax-admit")
         self._cancelling: set[str] = set()  # ids of cancelled streams whose abort has not run yet
         self._cancel_lock = threading.Lock()  # one abort per cancel: by its task or by a new request's submit
+        # Ids of requests admitted here and not settled yet (final event delivered, or stream closed): the event is
+        # set when it settles.
+        self._open: dict[str, threading.Event] = {}
+        self._open_lock = threading.Lock()
         self.draining = False  # set when the server drains: front ends answer new work "unavailable"
 
     def close(self) -> None:
@@ -71,20 +79,60 @@ class StreamBridge:
                 self._cancelling.discard(request_id)
                 self.runtime.abort(request_id)
 
+    def _settle(self, request_id: str, gone: threading.Event) -> None:
+        """The request admitted with `gone` has settled: a new request may take its id without waiting."""
+        gone.set()
+        with self._open_lock:
+            if self._open.get(request_id) is gone:  # (not a newer request's under the same id)
+                del self._open[request_id]
+
+    def _settling(self, on_event: Callable[[TokenEvent], None], request_id: str, gone: threading.Event
+                  ) -> Callable[[TokenEvent], None]:
+        def deliver(ev: TokenEvent) -> None:
+            if ev.finished:
+                self._settle(request_id, gone)
+            on_event(ev)
+        return deliver
+
+    def _submit_one(self, request: GenerateRequest, on_event: Callable[[TokenEvent], None]) -> threading.Event:
+        """Admit one request; returns the event set when it settles (`_settle`)."""
+        rid = request.request_id
+        with self._open_lock:
+            prior = self._open.get(rid)
+        if prior is not None:  # a stream here holds the id: its client's cancel may be on its way (module docstring)
+            prior.wait(CANCEL_GRACE_S)
+        # Its id's last stream was cancelled: that abort goes first, so reusing the id is no "duplicate".
+        self._abort_cancelled(rid)
+        gone = threading.Event()
+        with self._open_lock:
+            self._open[rid] = gone
+        try:
+            self.runtime.submit(request, self._settling(on_event, rid, gone))
+        except BaseException:
+            with self._open_lock:
+                if self._open.get(rid) is gone:  # refused: the id stays with whoever held it
+                    if prior is not None and not prior.is_set():
+                        self._open[rid] = prior
+                    else:
+                        del self._open[rid]
+            raise
+        return gone
+
     def _submit_all(self, requests: Sequence[GenerateRequest],
-                    on_events: Sequence[Callable[[TokenEvent], None]]) -> None:
-        """Admit every request, or none: a refusal aborts the ones already admitted, then propagates."""
+                    on_events: Sequence[Callable[[TokenEvent], None]]) -> list[threading.Event]:
+        """Admit every request, or none: a refusal aborts the ones already admitted, then propagates. Returns each
+        request's settle event."""
         admitted: list[str] = []
+        gones: list[threading.Event] = []
         try:
             for request, on_event in zip(requests, on_events, strict=True):
-                # Its id's last stream was cancelled: that abort goes first, so reusing the id is no "duplicate".
-                self._abort_cancelled(request.request_id)
-                self.runtime.submit(request, on_event)
+                gones.append(self._submit_one(request, on_event))
                 admitted.append(request.request_id)
         except BaseException:
             for rid in admitted:
                 self.abort_in_background(rid)
             raise
+        return gones
 
     async def open(self, requests: Sequence[GenerateRequest], arrived: float) -> EventStream:
         """Admit `requests` (their ids distinct) on the admission pool and return their interleaved events.
@@ -108,14 +156,14 @@ class StreamBridge:
         submitted = loop.run_in_executor(self._admit_pool, self._submit_all, list(requests),
                                          [sink(i) for i in range(len(requests))])
         try:
-            await asyncio.shield(submitted)
+            gones = await asyncio.shield(submitted)
         except asyncio.CancelledError:
             # (Not on a failed submit: `_submit_all` aborted what it admitted, and a duplicate id names someone
             # else's request.)
             submitted.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
                                         or [self.abort_in_background(rid) for rid in ids])
             raise
-        return EventStream(self, ids, queue, [self.metrics.stream(arrived) for _ in ids])
+        return EventStream(self, ids, queue, [self.metrics.stream(arrived) for _ in ids], gones)
 
 
 class EventStream:
@@ -123,8 +171,9 @@ class EventStream:
     until every request's final event; `close` (call it in a `finally`) aborts the unfinished ones."""
 
     def __init__(self, bridge: StreamBridge, request_ids: list[str],
-                 queue: asyncio.Queue[tuple[int, TokenEvent]], timers: list[StreamTimer]):
+                 queue: asyncio.Queue[tuple[int, TokenEvent]], timers: list[StreamTimer], gones: list[threading.Event]):
         self._bridge = bridge
+        self._gones = gones
         self.request_ids = request_ids
         self._queue = queue
         self._timers = timers
@@ -154,7 +203,8 @@ class EventStream:
         if self._closed:
             return
         self._closed = True
-        for timer, rid, finished in zip(self._timers, self.request_ids, self._finished, strict=True):
+        for timer, rid, finished, gone in zip(self._timers, self.request_ids, self._finished, self._gones, strict=True):
             timer.close()
             if not finished:
                 self._bridge.abort_in_background(rid)
+                self._bridge._settle(rid, gone)  # (after: a request waiting for the id finds the abort queued)
