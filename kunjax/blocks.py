@@ -396,11 +396,20 @@ class PrefixIndex:
         return done
 
     def _evict_one(self) -> bool:
+        # Only stale nodes are listed while referenced; passed over, they go to the back (as a released node
+        # would), so evictions under a pipeline's many referenced stale nodes do not walk them again each time.
+        # An unreferenced node's subtree is unreferenced too (`insert`), so its walk finds a leaf at once.
+        busy, leaf = [], None
         for node in self._lru:  # (not copied: an eviction costs O(what it passes over), not O(the cache))
+            if self.referenced(node):
+                busy.append(node)
+                continue
             leaf = self._evictable_leaf(node)
             if leaf is not None:
                 break
-        else:
+        for node in busy:
+            self._lru.move_to_end(node)
+        if leaf is None:
             return False
         if not (leaf.stale is None and self.host is not None and self._spill(leaf)):
             for child in list(leaf.children.values()):  # host nodes: they cannot outlive their parent

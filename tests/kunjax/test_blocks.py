@@ -102,6 +102,30 @@ def test_a_block_held_by_a_request_is_never_evicted():
     assert index.evict(5) == 2 and index.allocators[0].num_free == 3
 
 
+
+def test_eviction_passes_over_referenced_stale_nodes_and_takes_them_once_released():
+    """A pipeline's index lists its stale nodes (cached before the fuse) even while requests still read them;
+    eviction passes over those to the cached nodes behind them (least recently used first, leaves first), and
+    takes the stale ones once nobody references them."""
+    index = _index(num_blocks=24, stages=2)
+    home = index.allocators[0]
+    stale, parent = [], None
+    for i, old in enumerate((3, 4, 5)):  # a chain of three stale nodes on stage 0's device, read by a request
+        parent = index.adopt_stale(parent, (50 + i, 50 + i), 0, old)
+        stale.append(parent)
+        home.ref([old * 2, old * 2 + 1])
+    chain = _hold(index, [1, 2, 3, 4, 5])  # two ordinary nodes, cached once released
+    _release(index, chain)
+    index.check()
+    assert index.evict(10) == 2 and len(index) == 3  # the ordinary leaf, then its parent; no stale node
+    assert index.longest([1, 2, 3]) == []
+    index.check()
+    for node in stale:  # the request that read them is gone
+        home.free([b for _, b in index.held(node)])
+    assert index.evict(10) == 3 and len(index) == 0 and home.num_free == home.num_blocks - 1
+    index.check()
+
+
 def test_every_stage_holds_its_part_of_a_node():
     index = _index(num_blocks=6, stages=3)
     holding = _hold(index, [7, 7, 8, 8, 9])
