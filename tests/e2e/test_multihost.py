@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import random
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -131,26 +134,22 @@ def test_a_burst_fuses_instances_of_two_processes_and_restores(tmp_path):
 
 
 def demo_text(ids: list[int]) -> str:
+    return demo_tokenizer().decode(ids)
+
+
+@functools.cache
+def demo_tokenizer():
     from kunjax import checkpoint
     from kunjax.engine import resolve_model_path
 
-    return checkpoint.load_tokenizer(resolve_model_path("demo")).decode(ids)
+    return checkpoint.load_tokenizer(resolve_model_path("demo"))
 
 
 @pytest.mark.slow
 def test_a_lost_follower_fails_streams_with_unavailable_and_the_leader_exits(tmp_path):
     from serving.client import KunjaxClient
 
-    coord = f"127.0.0.1:{free_port()}"
-    flags = ["--coordinator", coord, "--num-processes", "2", "--cpu-devices", "4", "--peer-timeout-s", "3",
-             "--num-instances", "2", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    follower_log = open(tmp_path / "follower.log", "w")  # noqa: SIM115 (closed below)
-    follower = subprocess.Popen([sys.executable, "-m", "kunjax", "serve", *flags, "--process-id", "1"],
-                                stdout=follower_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    leader = None
-    try:
-        leader, target, _ = start_serve([*flags, "--process-id", "0"])
+    with serve_pair(tmp_path) as (leader, target, follower):
         threading.Thread(target=lambda: [None for _ in iter(leader.stderr.readline, "")], daemon=True).start()
         results: dict[int, tuple[int, object, float]] = {}
         started = [threading.Event(), threading.Event()]
@@ -195,32 +194,35 @@ def test_a_lost_follower_fails_streams_with_unavailable_and_the_leader_exits(tmp
             assert n > 0 and status == grpc.StatusCode.UNAVAILABLE, results
             assert at - killed < 3 + 8
         assert saw_not_serving
-    finally:
-        for p in (leader, follower):
-            if p is not None and p.poll() is None:
-                p.kill()
-        follower_log.close()
 
 
 @pytest.mark.slow
 def test_a_lost_leader_makes_the_follower_exit(tmp_path):
-    coord = f"127.0.0.1:{free_port()}"
-    flags = ["--coordinator", coord, "--num-processes", "2", "--cpu-devices", "4", "--peer-timeout-s", "3",
-             "--num-instances", "2", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    follower_log = open(tmp_path / "follower.log", "w")  # noqa: SIM115 (closed below)
-    follower = subprocess.Popen([sys.executable, "-m", "kunjax", "serve", *flags, "--process-id", "1"],
-                                stdout=follower_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    leader = None
-    try:
-        leader, _, _ = start_serve([*flags, "--process-id", "0"])
+    with serve_pair(tmp_path) as (leader, _, follower):
         leader.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         code = follower.wait(timeout=60)
         assert code != 0, (tmp_path / "follower.log").read_text()[-2000:]
         assert time.monotonic() - killed < 3 + 8
-    finally:
-        for p in (leader, follower):
-            if p is not None and p.poll() is None:
-                p.kill()
+
+
+@contextlib.contextmanager
+def serve_pair(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str, subprocess.Popen]]:
+    """`(leader, its gRPC target, follower)`: a two-process `kunjax serve` on loopback (4 CPU devices and one
+    instance each, peer timeout 3 s), the follower's output in tmp_path/follower.log; both killed at the end."""
+    coord = f"127.0.0.1:{free_port()}"
+    flags = ["--coordinator", coord, "--num-processes", "2", "--cpu-devices", "4", "--peer-timeout-s", "3",
+             "--num-instances", "2", "--max-model-len", "512", "--max-num-batched-tokens", "64"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    with open(tmp_path / "follower.log", "w") as follower_log:
+        follower = subprocess.Popen([sys.executable, "-m", "kunjax", "serve", *flags, "--process-id", "1"],
+                                    stdout=follower_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        leader = None
+        try:
+            leader, target, _ = start_serve([*flags, "--process-id", "0"])
+            yield leader, target, follower
+        finally:
+            for p in (leader, follower):
+                if p is not None and p.poll() is None:
+                    p.kill()
         follower_log.close()
