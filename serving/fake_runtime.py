@@ -71,6 +71,7 @@ class FakeRuntime:
         self._ready_at = time.monotonic() + warmup_s
         self._lock = threading.Lock()
         self._admitting = True
+        self._fatal: str | None = None  # why the runtime cannot go on (`fatal`)
         # A request's queue lives from submit until its reader took the final event (or a new request reuses the
         # id of a finished one); `_inflight` holds the unfinished requests, which hold blocks, count against
         # capacity and are what duplicate ids are checked against.
@@ -161,7 +162,18 @@ class FakeRuntime:
                                                              remote_dependent=0),))
 
     def ready(self) -> bool:
-        return time.monotonic() >= self._ready_at
+        return time.monotonic() >= self._ready_at and self._fatal is None
+
+    def fatal(self, reason: str) -> None:
+        """The runtime cannot go on (as `EngineThread.fatal`, e.g. a lost process of a multi-host group): stop
+        admitting, turn not ready, and end every in-flight request with an "unavailable" error."""
+        with self._lock:
+            self._admitting, self._fatal = False, reason
+            for req in list(self._inflight.values()):
+                del self._inflight[req.request_id]
+                self._queues[req.request_id].put(dataclasses.replace(
+                    self._event(req, (), True, "error"), error=f"the runtime is unavailable: {reason}",
+                    error_code="unavailable"))
 
     def shutdown(self, grace_s: float, cut_short: threading.Event | None = None) -> None:
         """Stop admitting; let in-flight requests finish for `grace_s` (or until `cut_short` is set), then abort

@@ -11,7 +11,8 @@ before its final event (client cancel, deadline, server stop) aborts its request
 What JetStream clients see, following JetStream's own `LLMOrchestrator.Decode`: a text prompt streams text and
 ids; a token prompt streams ids only (the client detokenizes); the stream ends with status OK after the last
 token. JetStream's proto has no finish reason or error field, so a request that the runtime aborts ends with
-ABORTED and one that fails ends with INTERNAL. Fields kunjax cannot honour (`num_samples` > 1, a LoRA adapter)
+ABORTED and one that fails ends with INTERNAL (UNAVAILABLE when the server can no longer serve, e.g. it lost a
+process of its multi-host group). Fields kunjax cannot honour (`num_samples` > 1, a LoRA adapter)
 are INVALID_ARGUMENT rather than silently ignored; `metadata.start_time` and `has_bos` are ignored.
 
 Never generates tokens, tokenizes, or shuts the runtime down.
@@ -97,8 +98,9 @@ class JetStreamServicer(js_grpc.OrchestratorServicer):
                 if chunk.finish_reason == pb.FINISH_REASON_ABORT:
                     await context.abort(grpc.StatusCode.ABORTED, f"request {greq.request_id} was aborted")
                 if chunk.finish_reason == pb.FINISH_REASON_ERROR:
-                    await context.abort(grpc.StatusCode.INTERNAL,
-                                        f"request {greq.request_id} failed: {chunk.error or 'unknown error'}")
+                    code = (grpc.StatusCode.UNAVAILABLE if chunk.error_code == "unavailable"
+                            else grpc.StatusCode.INTERNAL)
+                    await context.abort(code, f"request {greq.request_id} failed: {chunk.error or 'unknown error'}")
         finally:
             # Ends Generate where it stands (a write cancelled under us, an abort above), so its own `finally`
             # aborts a request that has not finished.

@@ -113,6 +113,8 @@ def response_from_event(ev: TokenEvent, num_logprobs: int | None) -> pb.Generate
                                      cached_tokens=ev.cached_tokens, queue_time_s=ev.queue_s))
         if ev.error:
             resp.error = ev.error
+        if ev.error_code:
+            resp.error_code = ev.error_code
     return resp
 
 

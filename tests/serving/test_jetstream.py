@@ -215,3 +215,14 @@ def test_service_is_jetstreams_on_the_wire() -> None:
     assert {f.name: f.number for f in js.DecodeResponse.DESCRIPTOR.fields} == {"initial_content": 2,
                                                                                "stream_content": 3}
 
+
+
+def test_a_runtime_that_can_no_longer_serve_ends_decode_with_unavailable(served: Served):
+    """JetStream's proto has no error field: a runtime that lost part of itself (a multi-host peer) must say
+    UNAVAILABLE (retry elsewhere), not INTERNAL, as the kunjax API does."""
+    stream = served.jetstream.Decode(decode_request([1, 2], 10**6), timeout=RPC_TIMEOUT_S)
+    next(stream)
+    served.runtime.fatal("a peer process is gone")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "a peer process is gone" in err.value.details()

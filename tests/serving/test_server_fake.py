@@ -391,3 +391,15 @@ def test_streams_hold_no_thread_each(make_served: Callable[..., Served]) -> None
     for c in calls[1::2]:
         c.cancel()
     assert wait_until(lambda: idle(s), timeout_s=10.0)
+
+
+def test_a_runtime_that_can_no_longer_serve_ends_streams_with_unavailable_and_says_so(served: Served) -> None:
+    call = served.client.generate([1], request_id="doomed", **ENDLESS)
+    next(call)
+    served.runtime.fatal("a peer process is gone")
+    last = None
+    with pytest.raises(grpc.RpcError) as err:
+        for resp in call:
+            last = resp
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "a peer process is gone" in err.value.details()
+    assert last is not None and last.finish_reason == pb.FINISH_REASON_ERROR and last.error_code == "unavailable"
