@@ -156,15 +156,16 @@ class OverlapLoop:
         plan: dict[int, Ahead] = {}
         units = [u for u in eng.units.values() if u.has_work]
         for u in units:
-            plan[u.uid] = ahead = self._ahead(u, self.flights.pop(u.uid, None))
+            flight = self.flights.pop(u.uid, None)
+            if u.uid in lost:  # lost by another unit's memory operation: its requests are being recomputed
+                continue
+            plan[u.uid] = self._ahead(u, flight)
             eng._issue()  # what scheduling t+1 decided (host-tier swap-ins, spills): after t, before t+1
-            if u.uid in lost:
-                self._undo(ahead)
         applies: list[tuple[ServingUnit, Ahead, Any]] = []
         for u in units:
-            ahead = plan[u.uid]
             if u.uid in lost:
                 continue
+            ahead = plan[u.uid]
             sampled = None
             if ahead.flight is not None:
                 try:
@@ -199,6 +200,10 @@ class OverlapLoop:
         for u, ahead, sampled in applies:
             if u.uid not in lost:
                 self._apply(u, ahead, sampled, outputs)
+        for uid in lost:  # (a unit lost at any point above: its tick's tokens are recomputed, not applied)
+            self.flights.pop(uid, None)
+            if uid in plan:
+                self._undo(plan[uid])
 
     def _ahead(self, u: ServingUnit, flight: InFlight | None) -> Ahead:
         """Tick t (`flight`) leaves the books' pipe one tick early; t+1 is scheduled and packed."""
@@ -220,7 +225,10 @@ class OverlapLoop:
                         req.token_ids.append(PLACEHOLDER)
                         projected.append(req)
         ahead = Ahead(flight, samples, projected)
+        preemptions = u.num_preemptions
         _, active = u.advance()
+        # `serial_reason` made sure of it: a preempted request holding a placeholder would requeue an unknown token
+        assert u.num_preemptions == preemptions and not u.swapped, "an overlapped step preempted"
         if not active:
             return ahead
         ahead.work = u.tick_work()

@@ -14,8 +14,8 @@ from kunjax import LLM, SamplingParams
 from kunjax.demo import ensure_demo_model, recitation_prompts
 from kunjax.engine import LLMEngine, config_from_kwargs
 from kunjax.policies.base import FuseUnits
-from tests.helpers import TINY, load_single_device_params, naive_greedy
-from tests.kunjax.test_arith_executor import KUNSERVE, MODEL
+from tests.helpers import TINY, burst, load_single_device_params, naive_greedy, run_open_loop
+from tests.kunjax.test_arith_executor import CONFIG, KUNSERVE, MODEL
 from tests.kunjax.test_engine import random_prompts
 from tests.kunjax.test_policies import GREEDY, make_engine, run_checked, tiny_dir  # noqa: F401 (a fixture)
 
@@ -159,6 +159,26 @@ def test_a_transition_drains_the_ticks_in_flight():
         step()
     assert out == {i: engine.executor.expected_greedy(p, m) for i, (p, m) in prompts.items()}
     assert engine.overlap.reasons["a pipeline unit exists"] > 0
+
+
+def test_a_tick_failing_while_the_next_is_scheduled_is_recomputed():
+    """A collect that fails in an overlapped step (placeholders in place, t+1 packed): the placeholders come out,
+    the unit's requests are recomputed, and every output still equals the oracle (arithmetic executor)."""
+    engine = LLMEngine(MODEL, config_from_kwargs(**{**CONFIG, "num_instances": 2, "num_blocks": 400},
+                                                 async_scheduling=True), executor="arith")
+    collect, calls = engine.executor.collect, [0]
+
+    def failing(launched, leaving):
+        calls[0] += 1
+        if calls[0] in (6, 15):
+            raise RuntimeError("injected")
+        return collect(launched, leaving)
+
+    engine.executor.collect = failing
+    arrivals = burst(40, seed=9, vocab=MODEL.vocab_size)
+    got = run_open_loop(engine, arrivals)
+    assert list(got.values()) == [engine.executor.expected_greedy(p, n) for _, p, n in arrivals]
+    assert engine.failures["step"] == 2 and engine.overlap.overlapped > 0 and not engine.overlap.reasons
 
 
 def test_demo_model_eos_and_stop_strings_overlapped():
