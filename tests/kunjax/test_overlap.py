@@ -17,7 +17,7 @@ from kunjax.policies.base import FuseUnits
 from tests.helpers import TINY, burst, load_single_device_params, naive_greedy, run_open_loop
 from tests.kunjax.test_arith_executor import CONFIG, KUNSERVE, MODEL
 from tests.kunjax.test_engine import random_prompts
-from tests.kunjax.test_policies import GREEDY, make_engine, run_checked, tiny_dir  # noqa: F401 (a fixture)
+from tests.kunjax.test_policies import GREEDY, TIGHT, make_engine, run_checked, tiny_dir  # noqa: F401 (a fixture)
 
 ROOMY = dict(num_blocks=200, enable_prefix_caching=True)  # room for every request: no step needs to preempt
 
@@ -85,8 +85,6 @@ def test_overlapped_tokens_equal_the_serial_loop_and_the_oracle(tiny_dir, oracle
 
 @pytest.mark.parametrize("policy", ["recompute", "swap"])
 def test_preemption_and_swaps_fall_back_to_the_serial_step(tiny_dir, oracle, policy):  # noqa: F811
-    from tests.kunjax.test_policies import TIGHT
-
     rng = random.Random(7)
     prompts = [[rng.randrange(1, TINY.vocab_size) for _ in range(rng.randint(8, 40))] for _ in range(24)]
     engine = make_engine(tiny_dir, policy, jax.devices()[4:6], async_scheduling=True)
