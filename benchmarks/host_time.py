@@ -4,6 +4,7 @@ and 256 running sequences, for a replica and for a 4-stage pipeline group.
     python benchmarks/host_time.py                          # the arithmetic executor: no device, all host
     python benchmarks/host_time.py --executor jax           # the demo model on 4 CPU devices
     python benchmarks/host_time.py --profile top.txt        # and a cProfile of the 256-sequence replica steps
+    python benchmarks/host_time.py --executor jax --stages 1 --loop both   # serial vs overlapped, side by side
 
 Each configuration admits N requests (32-token prompts, outputs longer than the run, EOS ignored), runs until all
 N are decoding, then times `--steps` engine steps. A timer wraps each phase (for this measurement only):
@@ -21,9 +22,16 @@ N are decoding, then times `--steps` engine steps. A timer wraps each phase (for
   running request's delta is recorded by the step and built into its `RequestOutput` when read.
 
 Host time per step = the step less launch and collect on the arithmetic executor (its launch is the "device"),
-less collect on the JAX executor (the dispatch is host work; the wait is the device's). Nothing overlaps today:
-the device is idle while the host works, so host / step is the share of each step the device waits. Times are
-wall clock on a shared machine: compare the phases and the configurations of one run.
+less collect on the JAX executor (the dispatch is host work; the wait is the device's).
+
+`--loop serial` (default) runs the serial step, `overlap` the overlapped one (`--async-scheduling`,
+kunjax/overlap.py), `both` one after the other for each configuration, in one process. On the JAX executor
+`device idle` is the share of each cycle (a step plus the reader's `read`) the device waits for the host:
+serially, everything but the wait in `collect` (the device is idle while the host works); overlapped, the gap
+between collecting tick t and launching t+1 (patch and dispatch), plus the host work done while t+1 ran whenever
+the host then found t+1 already finished (its `collect` waited under 0.2 ms: how long the device had been idle is
+unknown, so all of that host work is counted as idle; `done first` counts those steps). Times are wall clock on a
+shared machine: compare the phases and the configurations of one run.
 """
 
 from __future__ import annotations
@@ -64,14 +72,15 @@ class Timers:
         return timed
 
 
-def build(executor: str, k: int, n: int, steps: int):
-    """An engine with `n` running decodes on one unit of `k` stages (a replica, or a group fused from k)."""
+def build(executor: str, k: int, n: int, steps: int, overlap: bool = False):
+    """An engine with `n` running decodes on one unit of `k` stages (a replica, or a group fused from k);
+    `overlap`: the overlapped step loop."""
     from kunjax.engine import LLMEngine, config_from_kwargs
     from kunjax.model_shapes import model_shape
 
     blocks = n * -(-(32 + 64 + steps) // 16) // k + 64  # per instance: the unit's share of every sequence's KV
     options = dict(num_instances=k, block_size=16, num_blocks=blocks, max_num_seqs=n, max_num_batched_tokens=max(
-        n, 512), max_model_len=512, min_token_bucket=16, enable_prefix_caching=False)
+        n, 512), max_model_len=512, min_token_bucket=16, enable_prefix_caching=False, async_scheduling=overlap)
     if k > 1:
         options.update(policy="kunserve", kunserve_max_group=k, restore_window_steps=10**9)
     if executor == "arith":
@@ -91,12 +100,13 @@ def build(executor: str, k: int, n: int, steps: int):
     return eng
 
 
-def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = None) -> dict[str, float]:
+def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = None,
+            overlap: bool = False) -> dict[str, float]:
     from kunjax.detokenizer import IncrementalDetokenizer
     from kunjax.engine import LLMEngine
     from kunjax.sampling_params import SamplingParams
 
-    eng = build(executor, k, n, steps)
+    eng = build(executor, k, n, steps, overlap)
     vocab = eng.model_config.vocab_size
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     for i in range(n):
@@ -113,8 +123,23 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
     unit.tick_inputs = t.wrap("pack", unit.tick_inputs)
     unit.exit = t.wrap("apply", unit.exit)
     ex = eng.executor
-    ex.launch = t.wrap("launch", ex.launch)
-    ex.collect = t.wrap("collect", ex.collect)
+    ov = eng.overlap
+    if ov is not None:  # its own part of `_ahead` commits tick t early, its `_apply` hands t's tokens out
+        ov._ahead = t.wrap("apply", ov._ahead)
+        ov._apply = t.wrap("apply", ov._apply)
+    events: list[tuple[str, float, float]] = []  # (collect | launch, start, end): the device's timeline, seen
+
+    def traced(kind: str, fn: Callable) -> Callable:
+        def call(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                events.append((kind, start, time.perf_counter()))
+        return call
+
+    ex.launch = t.wrap("launch", traced("launch", ex.launch))
+    ex.collect = t.wrap("collect", traced("collect", ex.collect))
     eng._append_token = t.wrap("apply", eng._append_token)
     eng._issue = t.wrap("issue", eng._issue)
     add = IncrementalDetokenizer.add
@@ -125,13 +150,16 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
         if prof is not None:
             prof.enable()
         total = read = 0.0
-        for _ in range(steps):
+        cycles: list[tuple[float, float]] = []  # per step: (start, end of its reading)
+        for _ in range(steps + 1):  # (one more: its collect says whether the device was still busy)
             t0 = time.perf_counter()
             outs = step()
             t1 = time.perf_counter()
             list(outs)
-            total += t1 - t0
-            read += time.perf_counter() - t1
+            if len(cycles) < steps:
+                total += t1 - t0
+                read += time.perf_counter() - t1
+            cycles.append((t0, time.perf_counter()))
         if prof is not None:
             prof.disable()
     finally:
@@ -145,7 +173,41 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
     per["read"] = 1e3 * read / steps
     device = per["launch"] + per["collect"] if executor == "arith" else per["collect"]
     per["host"] = per["step"] - device
+    per["idle"], per["done_first"] = device_idle(events, cycles, steps)
+    per["overlapped"] = ov.overlapped if ov is not None else 0
     return per
+
+
+BUSY_WAIT_S = 2e-4  # a collect that waited less found its tick already finished
+
+
+def device_idle(events: list[tuple[str, float, float]], cycles: list[tuple[float, float]], steps: int
+                ) -> tuple[float, int]:
+    """The share of the first `steps` cycles the device sat idle waiting for the host (module docstring), and in
+    how many the host found the device done first. One unit: at most one tick in flight."""
+    idle = total = 0.0
+    done_first = 0
+    for i in range(steps):
+        start, end = cycles[i]
+        nxt_start, nxt_end = cycles[i + 1]
+        mine = [e for e in events if start <= e[1] < end]
+        waits = [e for e in mine if e[0] == "collect"]
+        wait = sum(e[2] - e[1] for e in waits)
+        launches = [e for e in mine if e[0] == "launch"]
+        cycle = end - start
+        total += cycle
+        if not launches or not waits or launches[-1][1] < waits[-1][2]:  # serial (or nothing in flight after)
+            idle += cycle - wait
+            continue
+        gap = launches[-1][2] - waits[-1][2]  # collect t .. t+1 dispatched
+        hidden = cycle - wait - gap  # host work while t+1 ran
+        later = [e for e in events if e[0] == "collect" and nxt_start <= e[1] < nxt_end]
+        if later and later[0][2] - later[0][1] >= BUSY_WAIT_S:
+            idle += gap
+        else:
+            idle += gap + hidden
+            done_first += 1
+    return (idle / total if total else 0.0), done_first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqs", default="8,64,256", help="running sequences per configuration")
     ap.add_argument("--stages", default="1,4", help="1: a replica; 4: a 4-stage pipeline group")
     ap.add_argument("--steps", type=int, default=50, help="decode steps timed per configuration (at most 300)")
+    ap.add_argument("--loop", choices=("serial", "overlap", "both"), default="serial",
+                    help="the serial step loop, the overlapped one (--async-scheduling), or both side by side")
     ap.add_argument("--profile", type=Path, default=None,
                     help="write a cProfile (top 25 by own time) of the largest replica configuration here")
     args = ap.parse_args(argv)
@@ -162,16 +226,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor == "jax":
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={max(stages)}")
     sys.path.insert(0, str(ROOT))
-    head = f"| unit | seqs | step ms | host ms | {' | '.join(PHASES)} | read |"
-    print(f"host time per decode step, {args.executor} executor, {args.steps} steps each (ms per step)\n")
-    print(head + "\n|" + "---|" * (5 + len(PHASES)))
+    loops = ("serial", "overlap") if args.loop == "both" else (args.loop,)
+    head = (f"| unit | seqs | loop | step ms | host ms | {' | '.join(PHASES)} | read | device idle | done first "
+            f"| overlapped steps |")
+    print(f"host time per decode step, {args.executor} executor, {args.steps} steps each (ms per step); load "
+          f"average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(head + "\n|" + "---|" * (9 + len(PHASES)))
+    idle: dict[tuple[str, int, int], float] = {}
     for k in stages:
         for n in seqs:
-            prof = args.profile if args.profile is not None and k == 1 and n == max(seqs) else None
-            r = measure(args.executor, k, n, args.steps, prof)
-            unit = "replica" if k == 1 else f"{k}-stage group"
-            print(f"| {unit} | {n} | {r['step']:.2f} | {r['host']:.2f} | "
-                  + " | ".join(f"{r[p]:.2f}" for p in PHASES) + f" | {r['read']:.2f} |", flush=True)
+            for loop in loops:
+                prof = args.profile if args.profile is not None and k == 1 and n == max(seqs) else None
+                r = measure(args.executor, k, n, args.steps, prof, overlap=loop == "overlap")
+                idle[loop, k, n] = r["idle"]
+                unit = "replica" if k == 1 else f"{k}-stage group"
+                shown = f"{100 * r['idle']:.0f}%" if args.executor == "jax" else "-"
+                print(f"| {unit} | {n} | {loop} | {r['step']:.2f} | {r['host']:.2f} | "
+                      + " | ".join(f"{r[p]:.2f}" for p in PHASES)
+                      + f" | {r['read']:.2f} | {shown} | {r['done_first']} | {r['overlapped']} |", flush=True)
+    print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.profile is not None:
         print(f"\nprofile: {args.profile}")
     return 0

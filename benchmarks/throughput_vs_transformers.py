@@ -2,12 +2,15 @@
 
     python benchmarks/throughput_vs_transformers.py                 # one instance stepping 64 sequences
     python benchmarks/throughput_vs_transformers.py --instances 8 --max-num-seqs 8   # the demo's 8 CPU devices
+    python benchmarks/throughput_vs_transformers.py --async-scheduling both   # serial and overlapped loops too
 
 A random Llama checkpoint is written with `transformers` (`save_pretrained`, safetensors) and loaded by both
 sides. Both generate greedily, exactly `--max-tokens` new tokens for each of the `--prompts` prompts (EOS is
 ignored on both sides so they do the same work); transformers runs the prompts as one left-padded batch with
 its KV cache. Warm-up (kunjax's ahead-of-time compile, one small transformers call) is excluded on both sides.
-The ratio is printed last; this machine is shared, so compare ratios, not absolute figures.
+The ratio is printed last; this machine is shared, so compare ratios, not absolute figures. `--async-scheduling
+on` runs kunjax with the overlapped step loop (kunjax/overlap.py); `both` runs it serially, then overlapped (two
+engines, one after the other, in this process), and prints overlapped / serial too.
 
 On a CPU the default is one instance: every simulated device is a replica with its own copy of the weights, and
 each one's step reads the whole LM head (here 32 MB) for its few rows, with the devices' computations contending
@@ -42,6 +45,8 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=64, help="kunjax sequences per instance step")
     ap.add_argument("--max-num-batched-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    ap.add_argument("--async-scheduling", choices=("off", "on", "both"), default="off",
+                    help="kunjax's step loop: serial, overlapped, or both one after the other")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -71,13 +76,18 @@ def main() -> int:
         n_params = sum(p.numel() for p in model.parameters())
 
         # ---- kunjax ------------------------------------------------------------------------------------
-        llm = LLM(tmp, num_instances=args.instances, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=256,
-                  kv_cache_bytes=256 * 2**20)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        kj_s = time.perf_counter() - t0
+        loops = {"off": (False,), "on": (True,), "both": (False, True)}[args.async_scheduling]
+        runs = {}
+        for overlap in loops:
+            llm = LLM(tmp, num_instances=args.instances, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=256,
+                      kv_cache_bytes=256 * 2**20, async_scheduling=overlap)
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            runs[overlap] = (time.perf_counter() - t0, outs, load)
+        kj_s, outs, _ = runs[loops[-1]]
         kj_tokens = sum(len(o.token_ids) for o in outs)
 
         # ---- transformers ------------------------------------------------------------------------------
@@ -107,13 +117,31 @@ def main() -> int:
         "kunjax_s": kj_s, "transformers_s": hf_s, "greedy_outputs_identical_fraction": agree,
     }
     figures["ratio_kunjax_over_transformers"] = figures["kunjax_tok_s"] / figures["transformers_tok_s"]
+    figures["async_scheduling"] = args.async_scheduling
+    for overlap, (s, o, load) in runs.items():
+        name = "overlapped" if overlap else "serial"
+        figures[f"kunjax_{name}_tok_s"] = sum(len(x.token_ids) for x in o) / s
+        figures[f"kunjax_{name}_load_average"] = load
+    if len(runs) == 2:
+        figures["overlapped_outputs_equal_serial"] = [x.token_ids for x in runs[True][1]] == [
+            x.token_ids for x in runs[False][1]]
+        figures["ratio_overlapped_over_serial"] = figures["kunjax_overlapped_tok_s"] / figures["kunjax_serial_tok_s"]
     print(f"model: {figures['model']}; {args.prompts} prompts x {args.max_tokens} new tokens; "
           f"{jax.devices()[0].platform}, {args.instances} kunjax instance(s) x {args.max_num_seqs} sequences, "
           f"attention {figures['kunjax_attention_backend']}, torch threads {args.threads}")
-    print(f"kunjax        {kj_tokens:6d} tokens in {kj_s:7.2f}s = {figures['kunjax_tok_s']:8.1f} tok/s")
+    for overlap, (s, o, load) in runs.items():
+        n = sum(len(x.token_ids) for x in o)
+        print(f"kunjax {'overlapped' if overlap else 'serial    '}  {n:6d} tokens in {s:7.2f}s = {n / s:8.1f} tok/s "
+              f"(load average {load:.2f} at its start)")
+    if len(runs) == 2:
+        print(f"overlapped / serial: {figures['ratio_overlapped_over_serial']:.2f}x, outputs "
+              f"{'identical' if figures['overlapped_outputs_equal_serial'] else 'DIFFERENT'}")
     print(f"transformers  {hf_tokens:6d} tokens in {hf_s:7.2f}s = {figures['transformers_tok_s']:8.1f} tok/s")
     print(f"identical greedy outputs: {agree:.0%}")
-    print(f"ratio kunjax / transformers: {figures['ratio_kunjax_over_transformers']:.2f}x")
+    for overlap in runs:
+        name = "overlapped" if overlap else "serial"
+        print(f"ratio kunjax ({name}) / transformers: "
+              f"{figures[f'kunjax_{name}_tok_s'] / figures['transformers_tok_s']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

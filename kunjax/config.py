@@ -273,6 +273,11 @@ class SchedulerConfig(Options):
     prefix_cache_host: bool = _opt(True, "with prefix caching: cached blocks a replica evicts spill to its host "
                                          "tier (--host-kv-bytes, default 4x the device pool) and come back on a "
                                          "hit when that is cheaper than recomputing them (kunjax/hostcache.py)")
+    async_scheduling: bool = _opt(False, "overlap the host with the device: schedule and pack a replica's next "
+                                         "tick while its current one runs, its decode tokens patched in from the "
+                                         "device's sampled ids just before launch, tokens applied one tick late; "
+                                         "a step falls back to the serial loop when a policy may act, a pipeline "
+                                         "or --roles is involved (kunjax/overlap.py, docs/performance.md)")
 
     def __post_init__(self) -> None:
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "min_token_bucket", "routing_sync_steps")

@@ -35,13 +35,15 @@ from kunjax.clock import WALL, Clock, VirtualClock
 from kunjax.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig, parse_roles
 from kunjax.detokenizer import IncrementalDetokenizer
 from kunjax.disagg import Handoff
+from kunjax.engine_view import EngineView
 from kunjax.executor import Executor, ExecutorLost
 from kunjax.executor.faulty import wrap as wrap_faults
 from kunjax.fusion import fuse_books, install_prefix, move_home_copies, plan_move_home, plan_prefix_home, split_books
 from kunjax.hardware import HardwareProfile
 from kunjax.hostcache import HostCache
-from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab, weight_bytes_per_device
+from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab
 from kunjax.mempool import MemoryPool
+from kunjax.overlap import OverlapLoop
 from kunjax.plan import MAX_SUPPRESSED, CopyBlocks, Fuse, MemoryOp, Sampled, Split, Transfer, UnitShape
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
 from kunjax.policies.swap import host_blocks
@@ -116,6 +118,7 @@ class LLMEngine:
         self.max_model_len = ecfg.resolved_max_model_len(cfg)
         modelled = executor in ("arith", "sim") or (executor == "jax" and profile is not None)
         self.clock: Clock = clock or (VirtualClock() if modelled else WALL)
+        multihost = False
         if executor == "arith":
             from kunjax.executor.arith import ArithmeticExecutor
 
@@ -130,6 +133,9 @@ class LLMEngine:
             if self.model_path is None:
                 raise ConfigError("the JAX executor needs a checkpoint directory or 'demo', not a ModelConfig")
             executor = _jax_executor(self.model_path, cfg, ecfg, devices)
+            from kunjax import multihost as mh
+
+            multihost = mh.current() is not None
             if profile is not None:
                 from kunjax.cost_model import CostModel
                 from kunjax.executor.sim import ModelledTimeExecutor
@@ -201,9 +207,17 @@ class LLMEngine:
         self.failures: collections.Counter[str] = collections.Counter()  # executor failures recovered, by kind
         self._lost: set[int] = set()  # units whose device state a failure made suspect in this step
         self._failed: list[RequestOutput] = []  # requests a failure ended, not yet returned by `step`
+        self._held: list[RequestOutput] = []  # outputs of ticks drained outside a step, first out of the next one
         self._health: dict[int, list[float]] = {}  # uid -> [failures in a row, quarantined until (clock)]
         self.view = EngineView(self)
         self.policy.attach(self.view)
+        self.overlap: OverlapLoop | None = None  # `--async-scheduling` (kunjax/overlap.py)
+        if sched.async_scheduling:
+            self.overlap = OverlapLoop(self, multihost=multihost, faulty=bool(injected),
+                                       prefix_transfers=self.puller is not None, handoff=self.handoff is not None,
+                                       block_size=ecfg.block_size)
+            if self.overlap.never is not None:
+                log.warning("--async-scheduling: every step runs serially (%s)", self.overlap.never)
 
     # ---- units --------------------------------------------------------------------------------------
     def _replica(self, i: int) -> ServingUnit:
@@ -445,14 +459,45 @@ class LLMEngine:
             self._route(req)
 
     def step(self) -> StepOutputs:
-        """One step of every unit with work; returns an output (a delta) for every request that advanced."""
-        outputs = StepOutputs()
+        """One step of every unit with work; returns an output (a delta) for every request that advanced (with
+        `--async-scheduling`, overlapped steps return a tick's tokens one step after it was launched)."""
+        outputs = StepOutputs(self._held)
+        self._held = []
+        self._lost.clear()
+        ov = self.overlap
+        why = ov.serial_reason() if ov is not None else "off"
+        if why is None:
+            ov.step(outputs)
+        else:
+            if ov is not None:
+                ov.note_serial(why)
+                ov.drain(outputs)
+            self._serial_ticks(outputs)
+        if self.handoff is not None:
+            self._hand_off()
+        for u in self.groups:
+            self.view.exchange_round(u)
+        self._issue()
+        self.step_no += 1
+        for tr in self.policy.after_step(self.view):
+            if ov is not None:
+                ov.drain(outputs)  # a transition needs every tick collected (in this step's outputs)
+            self.transition(tr)
+        self._issue()
+        self.router.end_step(self.step_no)
+        self.executor.end_step()
+        if self._failed:
+            outputs += self._failed
+            self._failed = []
+        return outputs
+
+    def _serial_ticks(self, outputs: StepOutputs) -> None:
+        """Every unit's k ticks, each tick's tokens applied before the unit's next one is scheduled."""
         units = [u for u in self.units.values() if u.has_work]  # an idle unit has nothing to schedule or run
         pending: dict[int, tuple[MicroBatch | None, Any]] = {}
         arrays = self.executor.needs_arrays
         launch, after_launch, issue = self.executor.launch, self.policy.after_launch, self._issue
         lost = self._lost
-        lost.clear()
         for t in range(max((u.k for u in units), default=0)):
             for u in units:
                 if t >= u.k or u.uid in lost:
@@ -482,21 +527,6 @@ class LLMEngine:
         for u in units:
             if u.uid in pending and u.uid not in lost:
                 self._finish_tick(u, *pending.pop(u.uid), outputs)
-        if self.handoff is not None:
-            self._hand_off()
-        for u in self.groups:
-            self.view.exchange_round(u)
-        self._issue()
-        self.step_no += 1
-        for tr in self.policy.after_step(self.view):
-            self.transition(tr)
-        self._issue()
-        self.router.end_step(self.step_no)
-        self.executor.end_step()
-        if self._failed:
-            outputs += self._failed
-            self._failed = []
-        return outputs
 
     def _hand_off(self) -> None:
         """Requests whose prompt a prefill unit computed move to a decode unit (`kunjax.disagg`)."""
@@ -565,7 +595,11 @@ class LLMEngine:
                 text += detok.finish()  # flush text held back as a possible stop-string start
             req.finish_reason, req.stop_reason = reason
             req.finish_time = now
-            unit.finish(req)
+            if req.in_flight:  # (overlapped loop) its row in the next tick is wasted: it leaves as an abort does
+                unit.abort(req)
+                req.status = RequestStatus.FINISHED
+            else:
+                unit.finish(req)
             outputs.append(delta_output(req, [token], text, [] if new_lps is NO_LOGPROBS else new_lps))
             return True
         outputs.add_delta(req, token, text, new_lps)
@@ -576,6 +610,7 @@ class LLMEngine:
         """Apply a policy's transition at this step boundary and tell the policy; None when a split could not
         happen yet (its requests' KV does not fit the members' own pools) or when it failed at the executor and
         was rolled back (the policy was told)."""
+        self._drain()
         if isinstance(tr, FuseUnits):
             outcome = self.fuse(tr.members, tr.reason)
         else:
@@ -584,9 +619,18 @@ class LLMEngine:
             self.policy.transition_done(outcome)
         return outcome
 
+    def _drain(self) -> None:
+        """Collect and apply the overlapped loop's ticks in flight (a transition needs them); their outputs come
+        first out of the next step."""
+        if self.overlap is not None and self.overlap.flights:
+            held = StepOutputs()
+            self.overlap.drain(held)
+            self._held += list(held)
+
     def fuse(self, members: tuple[int, ...], reason: str = "") -> TransitionOutcome | None:
         """Drop the replicated weights of replicas `members` into one pipeline unit (DESIGN.md §6.3); None when the
         executor failed and rolled back (the replicas serve on, untouched)."""
+        self._drain()
         shape = self.group_shape(members)
         if shape is None:
             raise ValueError(f"instances {members} cannot fuse (no pipeline policy, or nothing would be freed)")
@@ -623,6 +667,7 @@ class LLMEngine:
     def split(self, unit: ServingUnit, reason: str = "") -> TransitionOutcome | None:
         """Restore a drained pipeline unit into its members' replicas; None (nothing changed) when its requests'
         KV does not fit the members' own pools yet."""
+        self._drain()
         assert not unit.in_flight and not unit.num_remote_dependent, f"unit {unit.uid} is not drained"
         plan = self.plan_home(unit)
         if plan is None:
@@ -686,67 +731,6 @@ class LLMEngine:
         tree = self.router.tree
         if tree is not None and not tree.pending:
             tree.check((u.uid, u.index) for u in self.units.values() if u.enable_prefix_caching)
-
-
-class EngineView:
-    """What a policy sees of the engine (`kunjax.policies.base.PolicyView`)."""
-
-    def __init__(self, engine: LLMEngine):
-        self._engine = engine
-        self.config = engine.config
-        self.model = engine.model_config
-        self.mempool = engine.mempool
-        self.clock = engine.clock
-        self.instances_per_host: int | None = getattr(engine.executor, "instances_per_host", None)
-
-    @property
-    def step_no(self) -> int:
-        return self._engine.step_no
-
-    @property
-    def num_instances(self) -> int:
-        return self._engine.num_instances
-
-    @property
-    def units(self) -> list[ServingUnit]:
-        return list(self._engine.units.values())
-
-    @property
-    def replica_total_blocks(self) -> int:
-        """Usable blocks of one replica's own pool (what a restore must fit into, per member)."""
-        return self._engine.replica_blocks - 1
-
-    def freed_bytes(self, members: tuple[int, ...]) -> int:
-        """Weight bytes per device a fuse of `members` releases (from the shapes)."""
-        cfg, ecfg = self.model, self.config
-        return (weight_bytes_per_device(cfg, ecfg.dtype, ecfg.tp)
-                - weight_bytes_per_device(cfg, ecfg.dtype, ecfg.tp, len(members)))
-
-    def replica(self, instance: int) -> ServingUnit | None:
-        u = self._engine.units.get(instance)
-        return u if u is not None and u.k == 1 else None
-
-    def group_shape(self, members: tuple[int, ...]) -> UnitShape | None:
-        return self._engine.group_shape(members)
-
-    def can_split(self, unit: ServingUnit) -> bool:
-        return self._engine.plan_home(unit) is not None
-
-    def exchange_round(self, unit: ServingUnit) -> int:
-        """One bounded batch of a pipeline unit's live KV exchange (its copies queued); returns blocks moved."""
-        copies = unit.plan_exchange(unit.shape.copy_blocks)
-        self.mempool.copy_blocks(unit, copies)
-        unit.commit_exchange()
-        return len(copies)
-
-    def move_running(self, req: Request, src: ServingUnit, dst: ServingUnit, tables: list[list[int]]) -> None:
-        """`req` leaves `src` (its blocks there freed) and runs on `dst` with `tables` (already filled with all
-        of its computed KV, which it keeps: nothing is recomputed)."""
-        computed = req.num_computed
-        src.running.remove(req)
-        src.release(req)  # (which forgets what was computed: that was on src's blocks)
-        req.tables, req.num_computed = tables, computed
-        dst.take_running(req)
 
 
 def config_from_kwargs(**kwargs) -> EngineConfig:

@@ -49,6 +49,10 @@ class Capabilities:
     layer_groups: int = 1  # G: replica steps read per-layer-group tables (layerkv)
     staging_blocks: int = 0  # blocks at the top of every pool the allocator never hands out (layerkv's staging)
     pipeline: PipelineOptions | None = None  # replicas may fuse into pipeline units (compiled ahead)
+    # A replica's next tick may be scheduled while its current one runs (`--async-scheduling`, kunjax/overlap.py):
+    # the policy's hooks do nothing to a replica with nothing swapped out and no preemption, and `after_step`
+    # touches no running request except through a transition (the engine drains the ticks in flight first).
+    overlap: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +144,7 @@ class MemoryPolicy:
         self.view: PolicyView | None = None
 
     def capabilities(self) -> Capabilities:
-        return Capabilities()
+        return Capabilities(overlap=True)
 
     def attach(self, view: PolicyView) -> None:
         """Called once the engine's units and memory pool exist."""

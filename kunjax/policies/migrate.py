@@ -51,7 +51,7 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kunjax.config import ConfigError, Options
-from kunjax.policies.base import MemoryPolicy, PolicyView, Transition
+from kunjax.policies.base import Capabilities, MemoryPolicy, PolicyView, Transition
 from kunjax.request import Request, RequestStatus
 from kunjax.unit import ServingUnit
 
@@ -116,6 +116,9 @@ class Migrate(MemoryPolicy):
         self._last_preempt_step = [-PRESSURE_WINDOW - 1] * num_instances
 
     # ---- scheduling hooks ---------------------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        return Capabilities()  # not `overlap`: `after_step` moves running requests, which may be in flight
+
     def preempt(self, unit: ServingUnit, victim: Request) -> None:
         self.cancel(victim, "preempted")
         unit.requeue(victim)

@@ -66,7 +66,7 @@ class Swap(MemoryPolicy):
         self.swap_ins = 0
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(host_blocks=self.host)
+        return Capabilities(host_blocks=self.host, overlap=True)
 
     def begin_step(self, unit: ServingUnit) -> set[Request]:
         self.volume[unit.uid] = 0

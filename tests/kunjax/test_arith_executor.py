@@ -29,11 +29,14 @@ KUNSERVE = dict(CONFIG, policy="kunserve", restore_window_steps=8, min_group_ste
                 exchange_blocks_per_step=4)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["serial", "overlapped"])
 @pytest.mark.parametrize("policy", ["recompute", "swap", "migrate", "layerkv", "kunserve"])
-def test_a_thousand_request_burst_under_every_policy(policy):
-    """Also: every tick's counts (`TickWork`, what the cost model charges) are what its arrays imply."""
+def test_a_thousand_request_burst_under_every_policy(policy, async_scheduling):
+    """Also: every tick's counts (`TickWork`, what the cost model charges) are what its arrays imply. Overlapped
+    (`--async-scheduling`): the same tokens, the steps where a policy acts (preemption, swaps, a pipeline) run
+    serially, the others overlapped."""
     options = KUNSERVE if policy == "kunserve" else dict(CONFIG, policy=policy)
-    engine = LLMEngine(MODEL, config_from_kwargs(**options), executor="arith")
+    engine = LLMEngine(MODEL, config_from_kwargs(**options, async_scheduling=async_scheduling), executor="arith")
     engine.warmup()
     launch = engine.executor.launch
 
@@ -64,6 +67,14 @@ def test_a_thousand_request_burst_under_every_policy(policy):
         assert stats["drops"] >= 1 and engine.policy.stats()["restores"] == engine.policy.stats()["drops"], kinds
         assert engine.policy.stats()["blocks_exchanged"] > 0 and "exchange_done" in kinds
     assert engine.clock.now() > 1.0  # the virtual clock moved with the modelled steps
+    if async_scheduling:
+        ov = engine.overlap
+        if policy in ("migrate", "layerkv"):  # never overlapped: the policy does not declare it safe
+            assert ov.overlapped == 0 and ov.never is not None
+        else:
+            assert ov.overlapped > 0 and ov.reasons["a unit may have to preempt"] > 0, (ov.overlapped, ov.reasons)
+            if policy == "kunserve":
+                assert ov.reasons["a pipeline unit exists"] > 0
     assert all(a.num_used == 0 for u in engine.units.values() for a in u.stages)
 
 

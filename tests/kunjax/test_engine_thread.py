@@ -20,11 +20,13 @@ from tests.kunjax.test_engine import random_prompts
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["serial", "overlapped"])
+def runtime(tmp_path_factory, request):
+    """Every test runs on the serial step loop and on the overlapped one (`--async-scheduling`)."""
     path = write_tiny_model(tmp_path_factory.mktemp("tiny"))
     engine = LLMEngine(path, config_from_kwargs(num_instances=2, block_size=4, num_blocks=40, max_num_seqs=4,
-                                                max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16),
+                                                max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16,
+                                                async_scheduling=request.param),
                        devices=jax.devices()[4:6])
     rt = started(engine, max_queued=8)
     yield rt
@@ -70,6 +72,8 @@ def test_concurrent_streams_match_offline_generation(runtime):
     expected = naive_greedy(TINY, params, prompts, 10)
     assert [results[f"c{i}"] for i in range(6)] == expected
     wait_idle(runtime)
+    overlap = runtime.engine.overlap
+    assert overlap is None or overlap.overlapped > 0, "the overlapped runtime never overlapped a step"
 
 
 def test_abort_mid_stream_frees_blocks(runtime, monkeypatch):

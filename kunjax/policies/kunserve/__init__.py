@@ -138,7 +138,7 @@ class KunServe(MemoryPolicy):
             self.cost_model = dataclasses.replace(self.cost_model, instances_per_host=hosts)
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(pipeline=self.pipeline)
+        return Capabilities(pipeline=self.pipeline, overlap=True)
 
     def candidates(self) -> list[tuple[int, ...]]:
         view = self.view
