@@ -102,7 +102,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
                      help="with --server: file holding the server's bearer token")
     gen.add_argument("--tls-ca", type=Path, default=None, metavar="FILE",
                      help="with --server: PEM CA (or self-signed certificate) to verify a TLS server with")
-    model_flags(gen)
+    model_flags(gen, cpu_devices=None)
     _sampling_flags(gen)
     add_engine_flags(gen, show_all)
     gen.set_defaults(handler=cmd_generate, subparser=gen)
@@ -174,7 +174,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
                     "`kunjax bench --profile FILE` simulates time with.")
     _help_all(cal, "calibrate")
     add_calibrate_arguments(cal)
-    model_flags(cal)
+    model_flags(cal, fuse_note=False)
     cal.set_defaults(handler=cmd_calibrate, subparser=cal)
     return parser
 

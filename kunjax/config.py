@@ -62,6 +62,11 @@ def parse_roles(spec: str, num_instances: int) -> list[str]:
     return roles
 
 
+def roles_count(spec: str) -> int:
+    """The instances `spec` gives roles to (0 for "": every instance mixed)."""
+    return len(_expand_roles(spec)) if spec else 0
+
+
 def check_roles_spec(spec: str) -> None:
     """The names and counts of `spec` (the number of instances is checked when the engine knows it)."""
     if spec:

@@ -131,11 +131,22 @@ def engine_config_from_args(args: argparse.Namespace, policy: str | None = None,
     return config_from_kwargs(**flat)
 
 
-def model_flags(p: argparse.ArgumentParser) -> None:
+def model_flags(p: argparse.ArgumentParser, cpu_devices: int | None = 8, fuse_note: bool = True) -> None:
+    """`cpu_devices` None: as many simulated CPU devices as the instances need (`--num-instances` x `--tp`, one
+    instance unless told), for `generate`, where several replicas on one CPU's cores only cost time (each reads
+    all the weights for its few rows, and they contend for the same cores: `docs/performance.md`); the elastic
+    demo (`serve`, `bench`) keeps 8, so that replicas can fuse (`fuse_note`: say so in the help)."""
     p.add_argument("--model", default="demo", metavar="DIR",
                    help="Hugging Face model directory, kunjax checkpoint directory, or 'demo' (default)")
-    p.add_argument("--cpu-devices", type=int, default=8, metavar="N",
-                   help="simulated CPU devices when running on CPU (default: 8)")
+    if cpu_devices is None:
+        p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                       help="simulated CPU devices when running on CPU (default: what --num-instances x --tp "
+                            "need, so one instance; several replicas on one CPU are slower, not faster)")
+    else:
+        note = (", so that instances can fuse; --cpu-devices 1 --max-num-seqs 64 is faster when they need not"
+                if fuse_note else "")
+        p.add_argument("--cpu-devices", type=int, default=cpu_devices, metavar="N",
+                       help=f"simulated CPU devices when running on CPU (default: {cpu_devices}{note})")
     p.add_argument("--compile-cache-dir", default=str(Path("~/.cache/kunjax/jax-compile-cache").expanduser()),
                    metavar="DIR",
                    help="persistent XLA compilation cache, so later runs skip most of the warm-up compile "
@@ -195,6 +206,11 @@ def time_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def configure_jax(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Simulated CPU devices and the compile cache, set before JAX initialises; returns the `jax` module."""
+    if args.cpu_devices is None:  # generate's default: the devices the instances need (one, unless told)
+        from kunjax.config import roles_count
+
+        instances = getattr(args, "num_instances", None) or roles_count(getattr(args, "roles", "") or "") or 1
+        args.cpu_devices = instances * max(getattr(args, "tp", 1) or 1, 1)
     if args.cpu_devices < 1:
         parser.error(f"--cpu-devices must be positive, got {args.cpu_devices}")
     from kunjax import multihost
