@@ -19,15 +19,26 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from kunjax.plan import MAX_SUPPRESSED, SMALL_BATCH_ROWS, StepInputs, flat_tables
 from kunjax.sampling_params import SamplingArrays, fill_sampling
 
-if TYPE_CHECKING:
-    from kunjax.unit import MicroBatch
+
+class MicroBatch(Protocol):
+    """What packing reads of a `kunjax.unit.MicroBatch` (one row per item)."""
+
+    items: list  # [R] `kunjax.unit.Scheduled`: request, start, num_tokens
+    reqs: list  # [R] each item's `Request`
+    starts: list[int]  # [R] each item's first position
+    num_tokens: int  # N
+    seqs: int  # S
+    seeds: tuple[int, ...]  # [R] device seeds
+    counters: tuple[int, ...]  # [R] tokens generated so far
+    suppress: tuple[tuple[int, ...], ...]  # [R] ids not to sample yet
+    top_n: int
 
 
 class MicroBatchArrays(NamedTuple):
