@@ -101,12 +101,12 @@ class DecodeInputs:
     """A replica's (k = 1, whole-block tables) previous tick inputs, and the next decode tick built from them
     (module docstring)."""
 
-    __slots__ = ("block_size", "_tick", "_ids", "_lens", "_suppress", "_inputs")
+    __slots__ = ("block_size", "_tick", "_reqs", "_lens", "_suppress", "_inputs")
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self._tick = -1  # the unit's tick number the inputs below are of
-        self._ids: list[int] = []  # [R] id() of each row's request
+        self._reqs: list = []  # [R] each row's request
         self._lens: np.ndarray = np.zeros(0, np.int64)  # [R] each row's block-table length
         self._suppress: tuple[tuple[int, ...], ...] = ()  # the micro-batch's `suppress`
         self._inputs: StepInputs | None = None  # the previous tick's inputs (a private copy)
@@ -117,25 +117,25 @@ class DecodeInputs:
     def build(self, tick: int, mb: MicroBatch, fresh: Callable[[], StepInputs]) -> StepInputs:
         """The inputs of the unit's tick number `tick` running `mb` alone; `fresh()` builds them from `mb`."""
         reqs = mb.reqs
-        ids = list(map(id, reqs))
         tables = [r.tables[0] for r in reqs]
         lens = np.array(list(map(len, tables)), np.int64)  # [R]
         prev = self._inputs
         inp = None
-        if prev is not None and tick == self._tick + 1 and mb.num_tokens == len(reqs) and ids == self._ids:
+        # (`==` on two lists of requests compares identities: `Request` has no `__eq__`)
+        if prev is not None and tick == self._tick + 1 and mb.num_tokens == len(reqs) and reqs == self._reqs:
             inp = self._next(prev, mb, tables, lens)
         if inp is None:
             inp = fresh()
         # Kept as handed out, never written: the next tick replaces the arrays that change (the overlapped loop
         # patches `tokens_in`, which the next tick rewrites) and shares the others.
-        self._tick, self._ids, self._lens, self._suppress, self._inputs = tick, ids, lens, mb.suppress, inp
+        self._tick, self._reqs, self._lens, self._suppress, self._inputs = tick, reqs, lens, mb.suppress, inp
         return inp
 
     def _next(self, prev: StepInputs, mb: MicroBatch, tables: list[list[int]], lens: np.ndarray
               ) -> StepInputs | None:
         num, bs = len(tables), self.block_size
         starts = np.array(mb.starts, np.int32)  # [R] each row's position
-        if not np.array_equal(starts, prev.positions[0, :num] + 1):
+        if (starts != prev.positions[0, :num] + 1).any():
             return None
         inp = object.__new__(StepInputs)  # a shallow copy: the arrays that do not change are shared (never written)
         inp.__dict__.update(prev.__dict__)
@@ -164,11 +164,11 @@ class DecodeInputs:
                 fresh = np.zeros((len(picked), rows.shape[1]), np.int32)  # [C, MB]
                 fresh[np.arange(rows.shape[1]) < lens[changed][:, None]] = flat_tables(picked)
                 rows[changed] = fresh
-        logical = starts // bs
+        logical, offset = np.divmod(starts, bs)  # [R] each row's block index and offset in it
         if (logical >= lens).any():
             raise IndexError("a token's position is past its block table")
         inp.slot_mapping = slot_mapping = prev.slot_mapping.copy()
-        slot_mapping[0, :num] = inp.block_tables[0, np.arange(num), logical] * bs + starts % bs
+        slot_mapping[0, :num] = inp.block_tables[0, np.arange(num), logical] * bs + offset
         return inp
 
 
