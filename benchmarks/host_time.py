@@ -200,7 +200,11 @@ def _timed(eng, executor: str, k: int, n: int, steps: int, profile: Path | None,
             prof.enable()
         total = read = 0.0
         cycles: list[tuple[float, float]] = []  # per step: (start, end of its reading)
+        timed: collections.Counter[str] = collections.Counter()
+        gcs_timed = [0, 0.0]
         for _ in range(steps + 1):  # (one more: its collect says whether the device was still busy)
+            if len(cycles) == steps:  # the phases and collections of the timed steps only
+                timed, gcs_timed = collections.Counter(t.s), list(gcs)
             t0 = time.perf_counter()
             outs = step()
             t1 = time.perf_counter()
@@ -218,9 +222,9 @@ def _timed(eng, executor: str, k: int, n: int, steps: int, profile: Path | None,
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
         profile.write_text(out.getvalue())
-    per = {p: 1e3 * t.s[p] / steps for p in PHASES}
+    per = {p: 1e3 * timed[p] / steps for p in PHASES}
     per["step"] = 1e3 * total / steps
-    per["gc"], per["gc_ms"] = gcs[0] / steps, 1e3 * gcs[1] / steps
+    per["gc"], per["gc_ms"] = gcs_timed[0] / steps, 1e3 * gcs_timed[1] / steps
     per["read"] = 1e3 * read / steps
     device = per["launch"] + per["collect"] if executor == "arith" else per["collect"]
     per["host"] = per["step"] - device
