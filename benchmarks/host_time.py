@@ -5,6 +5,7 @@ and 256 running sequences, for a replica and for a 4-stage pipeline group.
     python benchmarks/host_time.py --executor jax           # the demo model on 4 CPU devices
     python benchmarks/host_time.py --profile top.txt        # and a cProfile of the 256-sequence replica steps
     python benchmarks/host_time.py --executor jax --stages 1 --loop both   # serial vs overlapped, side by side
+    python benchmarks/host_time.py --stages 1 --seqs 256 --repeat 3        # the issue's check, three times
 
 Each configuration admits N requests (32-token prompts, outputs longer than the run, EOS ignored), runs until all
 N are decoding, then times `--steps` engine steps. A timer wraps each phase (for this measurement only):
@@ -24,6 +25,20 @@ N are decoding, then times `--steps` engine steps. A timer wraps each phase (for
 Host time per step = the step less launch and collect on the arithmetic executor (its launch is the "device"),
 less collect on the JAX executor (the dispatch is host work; the wait is the device's).
 
+The phase timers cost about 1 µs per wrapped call (a few hundred calls a step at 256 sequences: `_append_token`
+is one call per sequence), which the phases then report as host time. `--timers device` wraps only `launch` and
+`collect` (two calls a step), so its `host` carries almost no timer overhead: the honest total. `--timers both`
+(the default) measures each configuration twice, phases first, then device only (a fresh engine each): the
+phases say where the time goes, the `device`-timed row how much there is.
+
+`--gc serve` (the default) tunes the collector once the requests run as `kunjax serve` does after its warm-up
+(`kunjax.engine_thread.quiet_gc`: `gc.freeze()`, so a full collection does not walk the imported modules, the
+engine and its books, and a first-generation threshold a step's short-lived objects do not reach); `--gc freeze`
+only freezes (what `serve` did before `quiet_gc`: use it for code older than that); `--gc default` leaves the
+collector as it is.
+The `gc` columns count the collections during the timed steps and the time in them (JAX's own callback, which
+runs on every collection, included).
+
 `--loop serial` (default) runs the serial step, `overlap` the overlapped one (`--async-scheduling`,
 kunjax/overlap.py), `both` one after the other for each configuration, in one process. On the JAX executor
 `device idle` is the share of each cycle (a step plus the reader's `read`) the device waits for the host:
@@ -39,7 +54,9 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import gc
 import io
+import itertools
 import os
 import pstats
 import sys
@@ -101,9 +118,9 @@ def build(executor: str, k: int, n: int, steps: int, overlap: bool = False):
 
 
 def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = None,
-            overlap: bool = False) -> dict[str, float]:
-    from kunjax.detokenizer import IncrementalDetokenizer
-    from kunjax.engine import LLMEngine
+            overlap: bool = False, phases: bool = True, gc_mode: str = "serve") -> dict[str, float]:
+    """Per-step milliseconds of one configuration; `phases` False: only `launch` and `collect` are timed;
+    `gc_mode`: how the collector is set once every request runs (module docstring)."""
     from kunjax.sampling_params import SamplingParams
 
     eng = build(executor, k, n, steps, overlap)
@@ -115,18 +132,48 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
         eng.step()
         if all(len(r.token_ids) > r.num_prompt_tokens for r in eng.requests.values()):
             break
+    threshold = gc.get_threshold()
+    if gc_mode == "serve":
+        from kunjax.engine_thread import quiet_gc
+
+        quiet_gc()
+    elif gc_mode == "freeze":
+        gc.collect()
+        gc.freeze()
+    try:
+        return _timed(eng, executor, k, n, steps, profile, phases)
+    finally:  # the next configuration's engine starts from a clean heap
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+def _timed(eng, executor: str, k: int, n: int, steps: int, profile: Path | None, phases: bool
+           ) -> dict[str, float]:
+    from kunjax.detokenizer import IncrementalDetokenizer
+    from kunjax.engine import LLMEngine
+
     unit = next(iter(eng.units.values()))
     assert unit.k == k and len(unit.running) == n, f"{len(unit.running)} of {n} running on a {unit.k}-stage unit"
     t = Timers()
-    unit.advance = t.wrap("schedule", unit.advance)
-    unit.tick_work = t.wrap("pack", unit.tick_work)
-    unit.tick_inputs = t.wrap("pack", unit.tick_inputs)
-    unit.exit = t.wrap("apply", unit.exit)
     ex = eng.executor
     ov = eng.overlap
-    if ov is not None:  # its own part of `_ahead` commits tick t early, its `_apply` hands t's tokens out
-        ov._ahead = t.wrap("apply", ov._ahead)
-        ov._apply = t.wrap("apply", ov._apply)
+    gcs = [0, 0.0]  # cyclic garbage collections during the timed steps, seconds in them (JAX's callback included)
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gcs[1] -= time.perf_counter()
+        else:
+            gcs[0] += 1
+            gcs[1] += time.perf_counter()
+    gc.callbacks.insert(0, on_gc)
+    if phases:
+        unit.advance = t.wrap("schedule", unit.advance)
+        unit.tick_work = t.wrap("pack", unit.tick_work)
+        unit.tick_inputs = t.wrap("pack", unit.tick_inputs)
+        unit.exit = t.wrap("apply", unit.exit)
+        if ov is not None:  # its own part of `_ahead` commits tick t early, its `_apply` hands t's tokens out
+            ov._ahead = t.wrap("apply", ov._ahead)
+            ov._apply = t.wrap("apply", ov._apply)
     events: list[tuple[str, float, float]] = []  # (collect | launch, start, end): the device's timeline, seen
 
     def traced(kind: str, fn: Callable) -> Callable:
@@ -140,18 +187,24 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
 
     ex.launch = t.wrap("launch", traced("launch", ex.launch))
     ex.collect = t.wrap("collect", traced("collect", ex.collect))
-    eng._append_token = t.wrap("apply", eng._append_token)
-    eng._issue = t.wrap("issue", eng._issue)
     add = IncrementalDetokenizer.add
-    IncrementalDetokenizer.add = t.wrap("detokenize", add)
-    step = t.wrap("other", LLMEngine.step.__get__(eng))
+    step = LLMEngine.step.__get__(eng)
+    if phases:
+        eng._append_token = t.wrap("apply", eng._append_token)
+        eng._issue = t.wrap("issue", eng._issue)
+        IncrementalDetokenizer.add = t.wrap("detokenize", add)
+        step = t.wrap("other", step)
     prof = cProfile.Profile() if profile is not None else None
     try:
         if prof is not None:
             prof.enable()
         total = read = 0.0
         cycles: list[tuple[float, float]] = []  # per step: (start, end of its reading)
+        timed: collections.Counter[str] = collections.Counter()
+        gcs_timed = [0, 0.0]
         for _ in range(steps + 1):  # (one more: its collect says whether the device was still busy)
+            if len(cycles) == steps:  # the phases and collections of the timed steps only
+                timed, gcs_timed = collections.Counter(t.s), list(gcs)
             t0 = time.perf_counter()
             outs = step()
             t1 = time.perf_counter()
@@ -164,15 +217,21 @@ def measure(executor: str, k: int, n: int, steps: int, profile: Path | None = No
             prof.disable()
     finally:
         IncrementalDetokenizer.add = add
+        gc.callbacks.remove(on_gc)
     if prof is not None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
         profile.write_text(out.getvalue())
-    per = {p: 1e3 * t.s[p] / steps for p in PHASES}
+    per = {p: 1e3 * timed[p] / steps for p in PHASES}
     per["step"] = 1e3 * total / steps
+    per["gc"], per["gc_ms"] = gcs_timed[0] / steps, 1e3 * gcs_timed[1] / steps
     per["read"] = 1e3 * read / steps
     device = per["launch"] + per["collect"] if executor == "arith" else per["collect"]
     per["host"] = per["step"] - device
+    if not phases:  # untimed phases: only the total is known
+        for p in PHASES:
+            if p not in ("launch", "collect"):
+                per[p] = float("nan")
     per["idle"], per["done_first"] = device_idle(events, cycles, steps)
     per["overlapped"] = ov.overlapped if ov is not None else 0
     return per
@@ -218,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50, help="decode steps timed per configuration (at most 300)")
     ap.add_argument("--loop", choices=("serial", "overlap", "both"), default="serial",
                     help="the serial step loop, the overlapped one (--async-scheduling), or both side by side")
+    ap.add_argument("--timers", choices=("phases", "device", "both"), default="both",
+                    help="time every phase, only launch and collect (no timer overhead in the host total), or "
+                         "both, one after the other")
+    ap.add_argument("--repeat", type=int, default=1, help="measure each configuration this many times")
+    ap.add_argument("--gc", choices=("serve", "freeze", "default"), default="serve",
+                    help="serve: the collector tuned as `kunjax serve` tunes it after warm-up (quiet_gc); freeze: "
+                         "gc.freeze() only; default: Python's collector as it is")
     ap.add_argument("--profile", type=Path, default=None,
                     help="write a cProfile (top 25 by own time) of the largest replica configuration here")
     args = ap.parse_args(argv)
@@ -227,23 +293,28 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={max(stages)}")
     sys.path.insert(0, str(ROOT))
     loops = ("serial", "overlap") if args.loop == "both" else (args.loop,)
-    head = (f"| unit | seqs | loop | step ms | host ms | {' | '.join(PHASES)} | read | device idle | done first "
-            f"| overlapped steps |")
-    print(f"host time per decode step, {args.executor} executor, {args.steps} steps each (ms per step); load "
+    timers = ("phases", "device") if args.timers == "both" else (args.timers,)
+    head = (f"| unit | seqs | loop | timers | step ms | host ms | {' | '.join(PHASES)} | read | device idle "
+            f"| done first | overlapped steps | gc per step | gc ms | load |")
+    print(f"host time per decode step, {args.executor} executor, {args.steps} steps each (ms per step), gc "
+          f"{args.gc}; load "
           f"average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print(head + "\n|" + "---|" * (9 + len(PHASES)))
+    print(head + "\n|" + "---|" * (13 + len(PHASES)))
     idle: dict[tuple[str, int, int], float] = {}
     for k in stages:
         for n in seqs:
-            for loop in loops:
-                prof = args.profile if args.profile is not None and k == 1 and n == max(seqs) else None
-                r = measure(args.executor, k, n, args.steps, prof, overlap=loop == "overlap")
+            for loop, how, _ in itertools.product(loops, timers, range(args.repeat)):
+                prof = (args.profile if args.profile is not None and k == 1 and n == max(seqs) and how == "phases"
+                        else None)
+                r = measure(args.executor, k, n, args.steps, prof, overlap=loop == "overlap", phases=how == "phases",
+                            gc_mode=args.gc)
                 idle[loop, k, n] = r["idle"]
                 unit = "replica" if k == 1 else f"{k}-stage group"
                 shown = f"{100 * r['idle']:.0f}%" if args.executor == "jax" else "-"
-                print(f"| {unit} | {n} | {loop} | {r['step']:.2f} | {r['host']:.2f} | "
-                      + " | ".join(f"{r[p]:.2f}" for p in PHASES)
-                      + f" | {r['read']:.2f} | {shown} | {r['done_first']} | {r['overlapped']} |", flush=True)
+                print(f"| {unit} | {n} | {loop} | {how} | {r['step']:.2f} | {r['host']:.2f} | "
+                      + " | ".join("-" if r[p] != r[p] else f"{r[p]:.2f}" for p in PHASES)
+                      + f" | {r['read']:.2f} | {shown} | {r['done_first']} | {r['overlapped']} "
+                      f"| {r['gc']:.2f} | {r['gc_ms']:.2f} | {os.getloadavg()[0]:.2f} |", flush=True)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.profile is not None:
         print(f"\nprofile: {args.profile}")

@@ -20,7 +20,7 @@ import enum
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
-from kunjax.sampling_params import SamplingParams, seed_to_uint32
+from kunjax.sampling_params import SamplingParams, sampling_row, seed_to_uint32
 
 if TYPE_CHECKING:
     from kunjax.blocks import PrefixNode
@@ -81,9 +81,11 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     seed32: int = dataclasses.field(init=False)  # the device seed of `seed` (`seed_to_uint32`)
+    sampling_row: tuple[float, int, float, float] = dataclasses.field(init=False)  # `sampling_row(params)`
 
     def __post_init__(self) -> None:
         self.seed32 = seed_to_uint32(self.seed)
+        self.sampling_row = sampling_row(self.params)
 
     @property
     def blocks(self) -> list[int]:

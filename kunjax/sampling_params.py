@@ -155,10 +155,23 @@ def pack_sampling(params: Sequence[SamplingParams], seeds: Sequence[int], counte
         counters=np.zeros(num_rows, np.int32),
     )
     if n:  # one conversion per array (a row at a time costs a numpy call per value)
-        out.temperature[:n] = [0.0 if p.greedy else p.temperature for p in params]
-        out.top_k[:n] = [max(p.top_k, 0) for p in params]
-        out.top_p[:n] = [p.top_p for p in params]
-        out.min_p[:n] = [p.min_p for p in params]
-        out.seeds[:n] = [seed_to_uint32(seed) for seed in seeds]
-        out.counters[:n] = counters
+        fill_sampling(out, [sampling_row(p) for p in params], [seed_to_uint32(seed) for seed in seeds], counters)
     return out
+
+
+def sampling_row(p: SamplingParams) -> tuple[float, int, float, float]:
+    """`(temperature, top_k, top_p, min_p)` of one request as the step reads them (a request caches it)."""
+    return (0.0 if p.greedy else p.temperature, max(p.top_k, 0), p.top_p, p.min_p)
+
+
+def fill_sampling(out: SamplingArrays, rows: Sequence[tuple[float, int, float, float]], seeds32: Sequence[int],
+                  counters: Sequence[int]) -> None:
+    """Write the first `len(rows)` rows of `out`: each row's `sampling_row`, device seed and counter."""
+    n = len(rows)
+    table = np.array(rows, np.float64)  # [n, 4]: one conversion for four arrays
+    out.temperature[:n] = table[:, 0]
+    out.top_k[:n] = table[:, 1]
+    out.top_p[:n] = table[:, 2]
+    out.min_p[:n] = table[:, 3]
+    out.seeds[:n] = seeds32
+    out.counters[:n] = counters

@@ -34,15 +34,16 @@ import collections
 import dataclasses
 import functools
 import math
+import operator
 import statistics
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from kunjax.blocks import NULL_BLOCK, BlockAllocator, PrefixIndex
+from kunjax.packing import DecodeInputs, MicroBatchArrays, pack_microbatch
 from kunjax.plan import (
-    MAX_SUPPRESSED,
     SMALL_BATCH_ROWS,
     StageLoad,
     StepInputs,
@@ -53,7 +54,6 @@ from kunjax.plan import (
 )
 from kunjax.queues import ArrivalQueue, insert_by_arrival
 from kunjax.request import Request, RequestStatus
-from kunjax.sampling_params import SamplingArrays, pack_sampling
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,95 +64,63 @@ class Scheduled:
     sample: bool  # the chunk reaches the end of the known tokens: a token is sampled
 
 
-class MicroBatchArrays(NamedTuple):
-    """The stage-independent part of a micro-batch's tick inputs. The token arrays hold its N tokens only (a tick
-    pads them to its bucket); the row arrays are padded to S."""
-
-    tokens: np.ndarray  # [N] int32
-    positions: np.ndarray  # [N] int32
-    seq_ids: np.ndarray  # [N] int32
-    context_lens: np.ndarray  # [S] int32
-    logits_indices: np.ndarray  # [S] int32
-    suppress_ids: np.ndarray  # [S, MAX_SUPPRESSED] int32
-    sampling: SamplingArrays  # [S] each
-
-
 class MicroBatch:
     """What one micro-batch carries through the pipe: its scheduled items, its attention work counted as if every
     row's history were local (a stage adjusts for the stale rows it reads remotely), what sampling needs of each
-    item, and, built on first use (only for an executor that reads arrays), its `MicroBatchArrays`. Requests do
-    not change while in the pipe (they are in flight), so the arrays are the same whenever they are built."""
+    item, and, built on first use (only for an executor that reads arrays), its `MicroBatchArrays`
+    (`kunjax.packing`). Requests do not change while in the pipe (they are in flight), so the arrays are the same
+    whenever they are built."""
 
     __slots__ = ("items", "num_tokens", "seqs", "kv_tokens", "attn_pairs", "prefill_tokens", "stale", "seeds",
-                 "counters", "suppress", "top_n", "__dict__")
+                 "counters", "suppress", "top_n", "reqs", "starts", "__dict__")
 
     def __init__(self, items: list[Scheduled], seqs: int):
         self.items = items
         self.seqs = seqs  # S
-        total = kv = pairs = prefill = top_n = 0
-        stale, seeds, counters, suppress = [], [], [], []
-        for i, it in enumerate(items):
-            req, n, start = it.req, it.num_tokens, it.start
-            total += n
-            kv += start + n
-            pairs += n * start + n * (n + 1) // 2
-            if n > 1:
-                prefill += n
-            if req.stale is not None:
-                stale.append(i)
-            seeds.append(req.seed32)
-            generated = len(req.token_ids) - req.num_prompt_tokens
-            counters.append(generated)
-            suppress.append(tuple(suppressed_ids(req)) if generated < req.params.min_tokens else ())
-            if req.logprobs is not None and req.params.logprobs > top_n:
-                top_n = req.params.logprobs
+        # (C-level passes over the items, `map` and `attrgetter`: this runs for every tick at every batch size)
+        reqs = self.reqs = list(map(_REQ, items))  # per item: its request
+        starts = self.starts = list(map(_START, items))  # per item: its first position
+        total = sum(map(_NUM_TOKENS, items))
+        if total == len(items):  # decodes only: n = 1 each
+            kv = pairs = sum(starts) + total
+            prefill = 0
+        else:
+            kv = pairs = prefill = 0
+            for it in items:
+                n, start = it.num_tokens, it.start
+                kv += start + n
+                pairs += n * start + n * (n + 1) // 2
+                if n > 1:
+                    prefill += n
         self.num_tokens = total  # N
         self.kv_tokens, self.attn_pairs, self.prefill_tokens = kv, pairs, prefill  # see `StageLoad`
-        self.stale = tuple(stale)  # items whose pre-drop history may be read remotely
-        self.seeds = tuple(seeds)  # per item: its request's device seed
-        self.counters = tuple(counters)  # per item: tokens its request has generated so far
-        self.suppress = tuple(suppress)  # per item: ids it may not sample yet (below `min_tokens`)
-        self.top_n = top_n  # most logprobs an item asked for
+        # items whose pre-drop history may be read remotely
+        self.stale = (tuple(i for i, r in enumerate(reqs) if r.stale is not None) if any(map(_STALE, reqs))
+                      else ())
+        self.seeds = tuple(map(_SEED, reqs))  # per item: its request's device seed
+        # per item: tokens its request has generated so far
+        counters = self.counters = tuple(map(operator.sub, map(len, map(_TOKEN_IDS, reqs)),
+                                             map(_PROMPT_LEN, reqs)))
+        params = list(map(_PARAMS, reqs))
+        # per item: ids it may not sample yet (below `min_tokens`)
+        if any(map(_MIN_TOKENS, params)):
+            self.suppress = tuple(() if g >= p.min_tokens else tuple(suppressed_ids(r))
+                                  for r, g, p in zip(reqs, counters, params, strict=True))
+        else:
+            self.suppress = ((),) * len(reqs)
+        # the most top logprobs an item asked for
+        self.top_n = max((r.params.logprobs for r in reqs if r.logprobs is not None), default=0)
 
     @functools.cached_property
     def arrays(self) -> MicroBatchArrays:
-        items, s = self.items, self.seqs
-        suppress = np.full((s, MAX_SUPPRESSED), -1, np.int32)
-        tokens: list[int] = []
-        starts, counts = [], []
-        for i, it in enumerate(items):
-            req, n, start = it.req, it.num_tokens, it.start
-            if n == 1:
-                tokens.append(req.token_ids[start])
-            else:
-                tokens += req.token_ids[start:start + n]
-            starts.append(start)
-            counts.append(n)
-            if self.suppress[i]:
-                suppress[i, :len(self.suppress[i])] = self.suppress[i]
-        num, total = len(items), len(tokens)
-        start_a = np.array(starts, np.int32)
-        if total == num:  # one token each (decodes): row i is item i
-            positions, seq_ids = start_a, np.arange(num, dtype=np.int32)
-            last = seq_ids
-        else:
-            count_a = np.array(counts, np.int64)
-            ends = np.cumsum(count_a)
-            seq_ids = np.repeat(np.arange(num, dtype=np.int32), count_a)
-            # token j of item i sits at row ends[i] - counts[i] + j and position starts[i] + j
-            positions = (np.arange(total) + np.repeat(start_a - (ends - count_a), count_a)).astype(np.int32)
-            last = ends - 1
-        context_lens = np.zeros(s, np.int32)
-        context_lens[:num] = start_a
-        logits_indices = np.zeros(s, np.int32)
-        logits_indices[:num] = last
-        reqs = [it.req for it in items]
-        sampling = pack_sampling([r.params for r in reqs], [r.seed for r in reqs], self.counters, s)
-        return MicroBatchArrays(np.array(tokens, np.int32), positions, seq_ids, context_lens, logits_indices,
-                                suppress, sampling)
+        return pack_microbatch(self)
 
 
 EMPTY_STAGE = StageLoad()
+_REQ, _START, _NUM_TOKENS = (operator.attrgetter(a) for a in ("req", "start", "num_tokens"))
+_STALE, _SEED, _TOKEN_IDS, _PROMPT_LEN, _PARAMS = (operator.attrgetter(a) for a in (
+    "stale", "seed32", "token_ids", "num_prompt_tokens", "params"))
+_MIN_TOKENS = operator.attrgetter("min_tokens")
 
 
 def suppressed_ids(req: Request) -> list[int]:
@@ -230,6 +198,7 @@ class ServingUnit:
         # More of a fresh request's prefix past its device match, in order: `HostCache.swap_in`, `PrefixPuller.pull`
         self.prefix_sources: list[Callable[[ServingUnit, Request, list], list]] = []
         self.role = "mixed"  # prefill / decode / mixed (`kunjax.disagg`)
+        self._decode_inputs = DecodeInputs(block_size)  # a replica's previous tick inputs (`tick_inputs`)
 
     # ---- counts -------------------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -420,16 +389,19 @@ class ServingUnit:
         cap = self.chunk_cap()
         remote_rows: collections.Counter[int] | None = None
         running = RequestStatus.RUNNING
-        for req in list(self.running):
+        hooks_grow, bs, append = self.hooks.grow, self.block_size, items.append
+        for req in list(self.running):  # (the hot loop: one pass per running request, `grow` inlined)
             if budget <= 0 or len(items) >= seqs:
                 break
             if req.in_flight or req.status is not running or (parked and req in parked):
                 continue
-            n = len(req.token_ids) - req.num_computed
-            if n > 1:
+            computed = req.num_computed
+            known = len(req.token_ids)
+            n = known - computed
+            if n != 1:
+                if n <= 0:
+                    continue
                 n = min(n, budget, cap)
-            if n <= 0:
-                continue
             st = req.stale
             if st is not None and st.pending:
                 if remote_rows is None:
@@ -437,7 +409,10 @@ class ServingUnit:
                 n = min(n, shape.remote_rows - remote_rows[st.home])  # its rows travel to the home device
                 if n <= 0:
                     continue
-            grown = self.grow(req, n)
+            grown = hooks_grow(self, req, n)  # `grow`: the policy's way, or None for the unit's
+            if grown is None:
+                need = -(-(computed + n) // bs) - len(req.tables[0])
+                grown = need <= 0 or self.extend(req, need)
             while not grown:
                 victim = self._victim(req)
                 if victim is None:
@@ -454,7 +429,8 @@ class ServingUnit:
                 continue
             if st is not None and st.pending:
                 remote_rows[st.home] += n
-            items.append(Scheduled(req, req.num_computed, n, req.num_computed + n == len(req.token_ids)))
+            computed = req.num_computed  # (unchanged unless it was preempted and grown again)
+            append(Scheduled(req, computed, n, computed + n == known))
             budget -= n
         if not preempted:
             budget = self.hooks.resume(self, items, budget)
@@ -538,7 +514,14 @@ class ServingUnit:
                         last.suppress, last.top_n)
 
     def tick_inputs(self) -> StepInputs:
-        """Host arrays of the tick about to run (after `advance`): what a compiled step reads."""
+        """Host arrays of the tick about to run (after `advance`): what a compiled step reads. A replica's decode
+        tick is built from its previous tick's when it can be (`kunjax.packing.DecodeInputs`)."""
+        if self.k == 1 and self.shape.layer_groups == 1 and self.at_stage[0] is not None:
+            return self._decode_inputs.build(self.ticks, self.at_stage[0], self._fresh_inputs)
+        return self._fresh_inputs()
+
+    def _fresh_inputs(self) -> StepInputs:
+        """`tick_inputs` built from the micro-batches in the pipe."""
         shape, k, bs = self.shape, self.k, self.block_size
         in_pipe = [mb for mb in self.at_stage if mb is not None]
         rows = shape.bucket(max((mb.num_tokens for mb in in_pipe), default=0))
@@ -621,7 +604,8 @@ class ServingUnit:
         in micro-batch order (`row` indexes the tick's sampled arrays, e.g. its top logprobs)."""
         self.at_stage[-1] = None
         out = []
-        token_list, logprob_list = tokens.tolist(), logprobs.tolist()
+        append, hooks_commit, caching, index = out.append, self.hooks.commit, self.enable_prefix_caching, self._index
+        token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # Python ints and floats
         for i, it in enumerate(mb.items):
             req = it.req
             req.in_flight = False
@@ -629,9 +613,11 @@ class ServingUnit:
                 self.aborted_in_flight.remove(req)
                 self.release(req)
                 continue
-            self.commit(req, it.start + it.num_tokens)
+            computed = req.num_computed = it.start + it.num_tokens  # `commit`, inlined
+            if not hooks_commit(self, req) and caching and req.stale is None:
+                index(req, computed)
             if it.sample:
-                out.append((req, int(token_list[i]), float(logprob_list[i]), i))
+                append((req, token_list[i], logprob_list[i], i))
         return out
 
     def commit(self, req: Request, computed: int) -> None:
@@ -639,6 +625,10 @@ class ServingUnit:
         req.num_computed = computed
         if self.hooks.commit(self, req) or not self.enable_prefix_caching or req.stale is not None:
             return
+        self._index(req, computed)
+
+    def _index(self, req: Request, computed: int) -> None:
+        """`commit`'s indexing of `req`'s blocks that `computed` tokens filled."""
         bs = self.block_size
         while len(req.index_path) < computed // bs:
             j = len(req.index_path)

@@ -155,10 +155,16 @@ def test_host_time_times_every_phase_of_a_replica_and_a_group_and_writes_a_profi
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [[c.strip() for c in x.strip("|").split("|")] for x in res.stdout.splitlines()
             if x.startswith("| replica") or x.startswith("| 2-stage group")]
-    assert [(r[0], r[1]) for r in rows] == [("replica", "4"), ("replica", "8"), ("2-stage group", "4"),
-                                            ("2-stage group", "8")]
+    # each configuration twice (--timers both): every phase timed, then only launch and collect
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        (unit, n, "serial", timers) for unit in ("replica", "2-stage group") for n in ("4", "8")
+        for timers in ("phases", "device")]
     for r in rows:
-        step, host, *phases = map(float, r[2:])
-        assert step > 0 and 0 < host <= step and phases[2] > 0  # launch: the arithmetic "device"
-        assert sum(phases) == pytest.approx(step, rel=0.05, abs=0.05)  # the phases account for the whole step
+        step, host = float(r[4]), float(r[5])
+        phases = r[6:14]
+        assert step > 0 and 0 < host <= step and float(phases[2]) > 0  # launch: the arithmetic "device"
+        if r[3] == "phases":  # the phases account for the whole step
+            assert sum(map(float, phases)) == pytest.approx(step, rel=0.05, abs=0.05)
+        else:  # only launch and collect were timed
+            assert [x for i, x in enumerate(phases) if i not in (2, 3)] == ["-"] * 6
     assert "function calls" in prof.read_text() and "ncalls" in prof.read_text()

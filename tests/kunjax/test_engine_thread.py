@@ -226,3 +226,18 @@ def test_a_reader_polling_faster_than_the_freshness_window_still_sees_the_engine
         while any(x.kv_used or x.running for x in runtime.load()):
             assert time.monotonic() < deadline, f"a stale snapshot kept being handed out: {runtime.load()}"
             time.sleep(0.002)
+
+
+def test_quiet_gc_freezes_the_heap_and_raises_the_first_threshold():
+    import gc
+
+    from kunjax.engine_thread import GC_GEN0_THRESHOLD, quiet_gc
+
+    threshold = gc.get_threshold()
+    try:
+        quiet_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (max(threshold[0], GC_GEN0_THRESHOLD), *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
