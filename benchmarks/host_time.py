@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in stages:
         for n in seqs:
             for loop, how, _ in itertools.product(loops, timers, range(args.repeat)):
-                prof = (args.profile if args.profile is not None and k == 1 and n == max(seqs) and how == "phases"
-                        else None)
+                prof = (args.profile if args.profile is not None and k == 1 and n == max(seqs) and how == timers[0]
+                        else None)  # (the phase-timed run when there is one, else the device-timed one)
                 r = measure(args.executor, k, n, args.steps, prof, overlap=loop == "overlap", phases=how == "phases",
                             gc_mode=args.gc)
                 idle[loop, k, n] = r["idle"]
