@@ -18,7 +18,8 @@ its unfinished requests when it is closed (`EventStream.close`, also on cancella
 runtime frees their blocks within a step; each abort runs once, before a new request may reuse the id. A client
 that cancels a stream and at once sends a new request with the same id races its own cancel on the server (the
 new call may be admitted before the old handler sees the cancel): a request whose id a stream here still holds
-waits up to `CANCEL_GRACE_S` for that stream to settle (end or close) before the runtime judges it a duplicate.
+waits up to `CANCEL_GRACE_S` for that stream to settle (end or close), on the event loop (holding no admission
+thread), before the runtime judges it a duplicate.
 Never generates tokens, tokenizes, or shuts the runtime down.
 """
 
@@ -28,6 +29,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -36,6 +38,7 @@ from serving.metrics import ServingMetrics, StreamTimer
 
 T = TypeVar("T")
 CANCEL_GRACE_S = 1.0  # how long a request reusing the id of a stream still open here waits for that stream's cancel
+SETTLE_POLL_S = 0.005
 
 
 class StreamBridge:
@@ -79,6 +82,18 @@ class StreamBridge:
                 self._cancelling.discard(request_id)
                 self.runtime.abort(request_id)
 
+    async def _await_settled(self, request_ids: Sequence[str]) -> None:
+        """Wait (up to `CANCEL_GRACE_S`, on the loop: no admission thread is held, so a client reusing a live id
+        stalls nobody else) until no stream here holds any of `request_ids`: a client's cancel of the stream that
+        had the id may still be on its way (module docstring)."""
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        while time.monotonic() < deadline:
+            with self._open_lock:
+                held = [self._open.get(rid) for rid in request_ids]
+            if all(g is None or g.is_set() for g in held):
+                return
+            await asyncio.sleep(SETTLE_POLL_S)
+
     def _settle(self, request_id: str, gone: threading.Event) -> None:
         """The request admitted with `gone` has settled: a new request may take its id without waiting."""
         gone.set()
@@ -98,9 +113,7 @@ class StreamBridge:
         """Admit one request; returns the event set when it settles (`_settle`)."""
         rid = request.request_id
         with self._open_lock:
-            prior = self._open.get(rid)
-        if prior is not None:  # a stream here holds the id: its client's cancel may be on its way (module docstring)
-            prior.wait(CANCEL_GRACE_S)
+            prior = self._open.get(rid)  # (`open` waited for it to settle, up to the grace)
         # Its id's last stream was cancelled: that abort goes first, so reusing the id is no "duplicate".
         self._abort_cancelled(rid)
         gone = threading.Event()
@@ -153,6 +166,7 @@ class StreamBridge:
             return on_event
 
         ids = [r.request_id for r in requests]
+        await self._await_settled(ids)
         submitted = loop.run_in_executor(self._admit_pool, self._submit_all, list(requests),
                                          [sink(i) for i in range(len(requests))])
         try:

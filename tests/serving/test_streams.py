@@ -77,3 +77,29 @@ def test_a_true_duplicate_is_refused_after_the_grace(bridge, monkeypatch):
         assert "twin" not in bridge._open  # a finished request's id is free at once: the next one does not wait
 
     asyncio.run(main())
+
+
+def test_a_request_waiting_for_its_id_holds_no_admission_thread(monkeypatch):
+    """The wait runs on the event loop: with a single admission thread, a client reusing a live id (a duplicate
+    waiting out the grace) does not hold up anyone else's admission."""
+    monkeypatch.setattr(streams, "CANCEL_GRACE_S", 30.0)
+    runtime = FakeRuntime(max_model_len=10**9, step_interval_s=0.005)
+    bridge = StreamBridge(runtime, ServingMetrics(runtime), admission_threads=1)
+
+    async def main() -> None:
+        old = await bridge.open([request("twin", (1,))], time.monotonic())
+        await old.__anext__()
+        twin = asyncio.ensure_future(bridge.open([request("twin", (2,))], time.monotonic()))
+        await asyncio.sleep(0.1)
+        other = await asyncio.wait_for(
+            bridge.open([request("other", (3,), SamplingParams(max_tokens=1))], time.monotonic()), timeout=10)
+        assert [ev.finish_reason async for _, ev in other][-1] == "length" and not twin.done()
+        other.close()
+        old.close()  # the twin gets the id now
+        (await twin).close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        bridge.close()
+        runtime.shutdown(0.0)
