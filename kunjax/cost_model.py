@@ -13,8 +13,9 @@ step computes:
   `attention_efficiency` of HBM, or the query-key FLOPs of prefill chunks, whichever is longer. With a profile
   whose `attention_reads` is "table" (the pure-JAX reference backend, what runs on CPU) every query token of the
   padded bucket gathers its row's whole block table instead, whatever the row's history.
-* **The LM head** over the S sampled rows (the compiled step samples S rows; split over the stages when the
-  group splits the vocabulary), on the last stage.
+* **The LM head** over the rows the compiled step runs it on (`kunjax.plan.head_rows`: the smallest compiled
+  size that holds the leaving micro-batch's sequences; split over the stages when the group splits the
+  vocabulary), on the last stage.
 * **Tensor parallelism**: each device holds 1/tp of every layer; two all-reduces of T·E activations per layer
   (ring: `2(tp-1)/tp` of the bytes over the link, plus the link latency).
 * **Pipelines**: a tick runs every stage at once on its own micro-batch and lasts as long as the slowest stage;
@@ -38,7 +39,19 @@ from typing import NamedTuple
 from kunjax.config import ModelConfig
 from kunjax.hardware import HardwareProfile
 from kunjax.memory import dtype_bytes, split_vocab, weight_bytes_per_device
-from kunjax.plan import CopyBlocks, DropHost, Fuse, MemoryOp, SlotCopy, Split, SwapIn, SwapOut, TickWork, Transfer
+from kunjax.plan import (
+    CopyBlocks,
+    DropHost,
+    Fuse,
+    MemoryOp,
+    SlotCopy,
+    Split,
+    SwapIn,
+    SwapOut,
+    TickWork,
+    Transfer,
+    head_rows,
+)
 
 
 class StageWork(NamedTuple):
@@ -152,8 +165,8 @@ class CostModel:
         """`StageWork`'s fields per stage (plain tuples: `device_seconds` runs every tick)."""
         layers = self.cfg.num_layers // k
         table = work.max_blocks * self.block_size
-        head = work.seqs if leaving else 0
         vocab_split = split_vocab(self.cfg, k)
+        head = head_rows(work.seqs, work.rows, len(work.leaving_seeds), vocab_split) if leaving else 0
         share = 1 / k if vocab_split else 1.0
         return [(layers, work.rows, w.valid_tokens, head if vocab_split or s == k - 1 else 0, share, w.kv_tokens,
                  w.attn_pairs, w.prefill_tokens, w.remote_rows_out, table) for s, w in enumerate(work.stages)]

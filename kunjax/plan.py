@@ -74,7 +74,7 @@ class TickWork(NamedTuple):
     """One tick of one unit in counts (module docstring). The leaving rows are in micro-batch order."""
 
     rows: int  # T: the bucket every stage's tokens are padded to
-    seqs: int  # S: the rows a micro-batch is padded to (the LM head samples them all)
+    seqs: int  # S: the rows a micro-batch is padded to (the LM head runs over `head_rows` of them)
     max_blocks: int  # MB: the block-table width
     stages: tuple[StageLoad, ...]  # [k]
     remote: bool  # some row needs remote attention (the step with the remote path runs)
@@ -241,6 +241,23 @@ MemoryOp = CopyBlocks | Transfer | SwapOut | SwapIn | DropHost | SlotCopy | Fuse
 # Up to this many rows, a micro-batch's tables are written row by row; above, in a few whole-array operations
 # (a fixed cost of some numpy calls, repaid once a row by row loop would make as many).
 SMALL_BATCH_ROWS = 4
+
+
+def leaving_row_sizes(seqs: int, tokens: int) -> tuple[int, ...]:
+    """Row counts the LM head and sampling are compiled for in a tick of `tokens` rows and `seqs` sequences
+    (ascending; the last is the most rows that can leave: at most one per sequence and one per token)."""
+    cap = min(seqs, tokens)
+    return tuple(sorted({cap} | {n for n in (cap // 4, cap // 2) if n >= 8}))
+
+
+def head_rows(seqs: int, tokens: int, leaving: int, split_vocab: bool) -> int:
+    """Rows the compiled step runs the LM head and sampling over when `leaving` sequences leave a tick of `tokens`
+    rows (`kunjax.executor.step.head_and_sample`): the smallest of `leaving_row_sizes` that holds them, or the
+    largest when the vocabulary is split over stages (one size, no collective inside a branch)."""
+    sizes = leaving_row_sizes(seqs, tokens)
+    if split_vocab:
+        return sizes[-1]
+    return next((n for n in sizes if n >= leaving), sizes[-1])
 
 
 def flat_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from kunjax.config import ModelConfig
 from kunjax.model import Params, rms_norm, run_layers, slot_view, write_kv
-from kunjax.plan import StepInputs, UnitShape
+from kunjax.plan import StepInputs, UnitShape, leaving_row_sizes
 from kunjax.sampling import sample
 from pallas_kernels import gather_blocks, merge_attention_states, paged_attention
 from pallas_kernels.remote_attention import remote_paged_attention
@@ -57,13 +57,6 @@ def sample_rows(logits: jax.Array,  # [S, V] float32
     logits = logits.at[rows, jnp.where(suppress_ids >= 0, suppress_ids, v)].set(-jnp.inf, mode="drop")
     return sample(logits, temperature, top_k, top_p, min_p, seeds, counters, num_logprobs,
                   None if top_n is None else top_n > 0)
-
-
-def leaving_row_sizes(seqs: int, tokens: int) -> tuple[int, ...]:
-    """Row counts the LM head and sampling are compiled for in a tick of `tokens` rows and `seqs` sequences
-    (ascending; the last is the most rows that can leave: at most one per sequence and one per token)."""
-    cap = min(seqs, tokens)
-    return tuple(sorted({cap} | {n for n in (cap // 4, cap // 2) if n >= 8}))
 
 
 def head_and_sample(cfg: ModelConfig, params: Params,

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax.executor.step import head_and_sample, leaving_row_sizes
+from kunjax.executor.step import head_and_sample
 from kunjax.model import init_params
-from kunjax.plan import StepInputs
+from kunjax.plan import StepInputs, leaving_row_sizes
 from kunjax.sampling_params import SamplingParams, pack_sampling
 from tests.helpers import TINY
 
