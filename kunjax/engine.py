@@ -43,6 +43,7 @@ from kunjax.hardware import HardwareProfile
 from kunjax.hostcache import HostCache
 from kunjax.memory import extension_blocks, kv_block_bytes, split_vocab
 from kunjax.mempool import MemoryPool
+from kunjax.microbatch import MicroBatch
 from kunjax.overlap import OverlapLoop
 from kunjax.plan import MAX_SUPPRESSED, CopyBlocks, Fuse, MemoryOp, Sampled, Split, Transfer, UnitShape
 from kunjax.policies.base import FuseUnits, SplitUnit, TransitionOutcome
@@ -53,7 +54,7 @@ from kunjax.routing import Router
 from kunjax.sampling_params import SamplingParams
 from kunjax.tokenizer import Tokenizer
 from kunjax.transfers import PrefixPuller
-from kunjax.unit import MicroBatch, ServingUnit
+from kunjax.unit import ServingUnit
 
 log = logging.getLogger("kunjax")
 

@@ -42,10 +42,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from kunjax.executor import Executor, ExecutorLost
+from kunjax.microbatch import MicroBatch
 from kunjax.plan import StepInputs, TickWork
 from kunjax.policies.base import Capabilities, MemoryPolicy
 from kunjax.request import Request, StepOutputs
-from kunjax.unit import MicroBatch, ServingUnit
+from kunjax.unit import ServingUnit
 
 PLACEHOLDER = -1  # a token id no vocabulary has: a request's next token while the tick sampling it runs
 

@@ -28,9 +28,9 @@ from kunjax.sampling_params import SamplingArrays, fill_sampling
 
 
 class MicroBatch(Protocol):
-    """What packing reads of a `kunjax.unit.MicroBatch` (one row per item)."""
+    """What packing reads of a `kunjax.microbatch.MicroBatch` (one row per item)."""
 
-    items: list  # [R] `kunjax.unit.Scheduled`: request, start, num_tokens
+    items: list  # [R] `kunjax.microbatch.Scheduled`: request, start, num_tokens
     reqs: list  # [R] each item's `Request`
     starts: list[int]  # [R] each item's first position
     num_tokens: int  # N

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from kunjax.clock import Clock
     from kunjax.config import EngineConfig, ModelConfig
     from kunjax.mempool import MemoryPool
+    from kunjax.microbatch import MicroBatch, Scheduled
     from kunjax.plan import UnitShape
-    from kunjax.unit import MicroBatch, Scheduled, ServingUnit
+    from kunjax.unit import ServingUnit
 
 
 @dataclasses.dataclass(frozen=True)

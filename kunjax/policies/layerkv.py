@@ -47,11 +47,12 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from kunjax.config import ConfigError, Options
+from kunjax.microbatch import MicroBatch
 from kunjax.policies.base import Capabilities, MemoryPolicy, PolicyView
 from kunjax.policies.layer_slots import SlotBook
 from kunjax.policies.swap import host_blocks
 from kunjax.request import Request, RequestStatus
-from kunjax.unit import MicroBatch, ServingUnit
+from kunjax.unit import ServingUnit
 
 if TYPE_CHECKING:
     from kunjax.config import EngineConfig, ModelConfig

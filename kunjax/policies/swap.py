@@ -21,10 +21,11 @@ import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 from kunjax.config import ConfigError, Options
+from kunjax.microbatch import Scheduled
 from kunjax.policies.base import Capabilities, MemoryPolicy
 from kunjax.queues import insert_by_arrival
 from kunjax.request import Request, RequestStatus
-from kunjax.unit import Scheduled, ServingUnit
+from kunjax.unit import ServingUnit
 
 if TYPE_CHECKING:
     from kunjax.config import EngineConfig, ModelConfig
