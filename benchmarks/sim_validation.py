@@ -5,6 +5,7 @@ once on the simulated clock with a measured profile (default: the bundled `cpu` 
     python benchmarks/sim_validation.py --repeats 3 -- --trace azure-conv   # three measured runs: median, range
     python benchmarks/sim_validation.py --profile my-cpu.json -- --target-peak-ratio 3
     python benchmarks/sim_validation.py --repeats 0 --with-measured run1 run2 -- --trace azure-conv  # pool runs
+    python benchmarks/sim_validation.py --repeats 0 --with-measured run1 --simulated run1/simulated   # no run
 
 Both runs use identical inputs (the bench fits the workload to the KV capacity, which does not depend on the
 clock), the real JAX engine and its real tokens; only the clock differs. The table compares, per policy, P50
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,15 @@ def bench(out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"kunjax bench failed ({res.returncode}):\n{res.stderr[-3000:]}")
     print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "", flush=True)
     return json.loads((out / "summary.json").read_text())
+
+
+def workload(summary: dict) -> dict:
+    """A bench summary's workload, its trace file named without its directory (runs from another checkout of the
+    same trace replay the same workload)."""
+    w = dict(summary["workload"])
+    if isinstance(w.get("source"), str):
+        w["source"] = re.sub(r"\S*/", "", w["source"])
+    return w
 
 
 def split_policies(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -105,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("sim-validation"))
     p.add_argument("--profile", default="cpu")
+    p.add_argument("--simulated", type=Path, default=None, metavar="DIR",
+                   help="take the simulated run from this earlier bench OUT directory (DIR/summary.json) instead of "
+                        "running it")
     p.add_argument("--repeats", type=int, default=1, help="measured (wall-clock) runs; the error is against their "
                                                           "median")
     p.add_argument("--with-measured", type=Path, nargs="+", default=[], metavar="DIR",
@@ -118,12 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     walls = [bench(args.out / ("wall" if args.repeats == 1 else f"wall{i + 1}"),
                    [*rest, "--policies", ",".join(policies[i % len(policies):] + policies[:i % len(policies)])])
              for i in range(args.repeats)]
-    sim = bench(args.out / "simulated", ["--clock", "simulated", "--profile", args.profile, *extra])
-    if any(w["workload"] != sim["workload"] for w in walls):
+    if args.simulated is not None:
+        sim = json.loads((args.simulated / "summary.json").read_text())
+    else:
+        sim = bench(args.out / "simulated", ["--clock", "simulated", "--profile", args.profile, *extra])
+    if any(workload(w) != workload(sim) for w in walls):
         raise SystemExit("the runs replayed different workloads")
     for d in args.with_measured:
         found = sorted(d.glob("wall*/summary.json"))
-        same = [w for w in map(lambda f: json.loads(f.read_text()), found) if w["workload"] == sim["workload"]]
+        same = [w for w in map(lambda f: json.loads(f.read_text()), found) if workload(w) == workload(sim)]
         print(f"{d}: {len(same)} of {len(found)} measured runs replayed this workload")
         walls.extend(same)
     if not walls:

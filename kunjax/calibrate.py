@@ -263,40 +263,62 @@ def measure_memory_ops(model: str, *, dtype: str, devices, repeats: int = 20, lo
     return {"memory_op_overhead_s": float(np.median([k["fixed_s"] for k in kinds.values()])), "memory_ops": kinds}
 
 
-def measure_parallelism(model: str, *, dtype: str, devices, rows: int = 8, steps: int = 30,
-                        log=print) -> dict[str, Any]:
-    """How many devices' steps run at once, when `devices` share one host (JAX CPU devices): the same decode
-    steps (`rows` sequences per replica) on one replica and on one replica per device, `n · t1 / tn`
-    (median step times), between 1 and n. Devices that do not share a host compute at once (0: not measured)."""
+def measure_parallelism(model: str, *, dtype: str, devices, profile: HardwareProfile, rows: int = 16,
+                        max_prompt: int = 384, max_tokens: int = 64, log=print) -> dict[str, Any]:
+    """How many devices' ticks run at once when `devices` share one host (JAX CPU devices), fitted on the engine's
+    own steps: one replica per device, each given `rows` requests of mixed prompt (16 to `max_prompt` tokens) and
+    output (8 to `max_tokens`) lengths at once, run to the end; each step's wall time is compared with what the
+    simulator charges for it, `max(longest tick, sum of ticks / c)` with every tick from `profile`'s cost model,
+    and `c` in [1, n] is the value with the smallest median |log(modelled / measured)|. A decode tick of a few
+    rows leaves a core to another device's tick, a prefill tick's matmuls take both, and the engine's one host
+    thread serves every unit in turn: one job of equal decode steps alone measured 1.5-1.7 on 2 cores, where the
+    steps of a whole bench ran at about 1. Devices that do not share a host compute at once (0: not measured)."""
     if devices[0].platform != "cpu" or len(devices) < 2:
         return {}
     from kunjax.engine import LLMEngine, config_from_kwargs
     from kunjax.sampling_params import SamplingParams
 
     n = len(devices)
-    per_step = {}
-    for m in (1, n):
-        ecfg = config_from_kwargs(num_instances=m, dtype=dtype, policy="recompute", max_num_seqs=rows,
-                                  max_num_batched_tokens=64)
-        engine = LLMEngine(model, ecfg, devices=devices[:m])
-        engine.warmup()
-        params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
-        for i in range(m * rows):
-            engine.add_request([1 + (i + j) % 100 for j in range(16)], params)
-        while any(u.waiting or any(len(r.token_ids) - r.num_computed > 1 for r in u.running)
-                  for u in engine.units.values()):
-            engine.step()  # the prefills
-        for _ in range(3):
-            engine.step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t0)
-        per_step[m] = float(np.median(times))
-    parallel = min(max(n * per_step[1] / per_step[n], 1.0), float(n))
-    log(f"calibrate: {n} devices on one host run {parallel:.2f} steps' work at once")
-    return {"concurrent_devices": parallel, "parallel_steps": {str(m): t for m, t in per_step.items()}}
+    engine = LLMEngine(model, config_from_kwargs(num_instances=n, dtype=dtype, policy="recompute"),
+                       devices=devices)
+    engine.warmup()
+    cost = CostModel(engine.model_config, profile, dtype=dtype, tp=1, block_size=engine.config.block_size)
+    ex, ticks = engine.executor, []
+    launch = ex.launch
+
+    def timed_launch(uid, work, inputs):
+        ticks.append(cost.tick_seconds(1, work))
+        return launch(uid, work, inputs)
+
+    ex.launch = timed_launch
+    rng, vocab = np.random.default_rng(0), min(100, engine.model_config.vocab_size)
+    steps: list[tuple[float, float, float]] = []  # per step: (measured, longest tick, sum of ticks)
+    try:
+        for job in range(2):  # the first warms the caches; the second is measured
+            for _ in range(n * rows):
+                prompt = rng.integers(1, vocab, size=int(rng.integers(16, max_prompt + 1))).tolist()
+                engine.add_request(prompt, SamplingParams(max_tokens=int(rng.integers(8, max_tokens + 1)),
+                                                          temperature=0.0, ignore_eos=True))
+            while engine.has_requests():
+                ticks.clear()
+                t0 = time.perf_counter()
+                engine.step()
+                if job and ticks:
+                    steps.append((time.perf_counter() - t0, max(ticks), sum(ticks)))
+    finally:
+        ex.launch = launch
+    measured, longest, total = (np.array(col) for col in zip(*steps, strict=True))
+
+    def error(c: float) -> float:
+        return float(np.median(np.abs(np.log(np.maximum(longest, total / c) / measured))))
+
+    grid = np.round(np.arange(1.0, n + 1e-9, 0.01), 2)
+    parallel = float(grid[int(np.argmin([error(c) for c in grid]))])
+    log(f"calibrate: {n} devices on one host run {parallel:.2f} ticks at once ({len(steps)} steps of {n} replicas, "
+        f"median error {100 * error(parallel):.1f}%; at 1: {100 * error(1.0):.1f}%)")
+    return {"concurrent_devices": parallel, "parallel_fit": {"steps": len(steps), "devices": n,
+                                                             "median_error": error(parallel),
+                                                             "median_error_at_1": error(1.0)}}
 
 
 # ---- fitting --------------------------------------------------------------------------------------------------
@@ -402,11 +424,12 @@ def fit_profile(cfg: ModelConfig, records: Sequence[StepRecord], *, dtype: str, 
     sources["attention_reads"] = f"the attention backend that ran here: {reads!r}"
     if "concurrent_devices" in rates:
         changes["concurrent_devices"] = rates["concurrent_devices"]
-        steps = rates.get("parallel_steps", {})
-        per = " and ".join(f"{1e3 * t:.1f} ms" for t in steps.values())
+        pf = rates.get("parallel_fit")
         sources["concurrent_devices"] = (
-            f"{measured}: JAX CPU devices share this host's cores; the same decode steps on 1 replica and on "
-            f"{max(map(int, steps), default=0)} at once ({per} a step): n * t1 / tn" if steps else
+            f"{measured}: JAX CPU devices share this host's cores; fitted on {pf['steps']} engine steps of "
+            f"{pf['devices']} replicas at once (mixed prefills and decodes), each step's time against max(longest "
+            f"tick, sum of ticks / c) with this profile's ticks: median error {100 * pf['median_error']:.1f}% "
+            f"({100 * pf['median_error_at_1']:.1f}% at c = 1)" if pf else
             "JAX CPU devices share this host's cores and a tick already uses them all (intra-op threads): their "
             "ticks take turns")
     prof = dataclasses.replace(base, **changes, sources=sources)
@@ -518,10 +541,15 @@ def cmd_calibrate(parser, args) -> int:
         print(f"calibrate: microbenchmarks on {device}")
         rates = microbench(devices, sorted({"float32", dtype}))
         rates |= measure_memory_ops(args.model, dtype=dtype, devices=devices)
-        rates |= measure_parallelism(args.model, dtype=dtype, devices=devices)
         base = base_profile(devices[0], name)
     profile, report = fit_profile(cfg, records, dtype=dtype, block_size=block_size, reads=reads, rates=rates,
                                   base=base, name=name, device=device)
+    if args.from_records is None:  # how the devices share the host, with the fitted ticks (then the same fit)
+        parallel = measure_parallelism(args.model, dtype=dtype, devices=devices, profile=profile)
+        if parallel:
+            rates |= parallel
+            profile, report = fit_profile(cfg, records, dtype=dtype, block_size=block_size, reads=reads,
+                                          rates=rates, base=base, name=name, device=device)
     out = args.out or Path(f"kunjax-profile-{name}.json")
     profile.save(out)
     if args.records is not None:
