@@ -430,6 +430,8 @@ def fit_profile(cfg: ModelConfig, records: Sequence[StepRecord], *, dtype: str, 
             f"{pf['devices']} replicas at once (mixed prefills and decodes), each step's time against max(longest "
             f"tick, sum of ticks / c) with this profile's ticks: median error {100 * pf['median_error']:.1f}% "
             f"({100 * pf['median_error_at_1']:.1f}% at c = 1)" if pf else
+            f"{measured}: the same decode steps on 1 replica and on n at once, n * t1 / tn (a recording made before "
+            f"this fit existed)" if "parallel_steps" in rates else
             "JAX CPU devices share this host's cores and a tick already uses them all (intra-op threads): their "
             "ticks take turns")
     prof = dataclasses.replace(base, **changes, sources=sources)
@@ -559,7 +561,7 @@ def cmd_calibrate(parser, args) -> int:
     print(f"{'coefficient':24} value")
     for key in ("peak_flops", "matmul_efficiency", "matmul_half_tokens", "hbm_bytes_per_s", "memory_efficiency",
                 "attention_efficiency", "attention_reads", "step_overhead_s", "link_bytes_per_s",
-                "host_bytes_per_s", "memory_op_overhead_s"):
+                "host_bytes_per_s", "memory_op_overhead_s", "concurrent_devices"):
         v = getattr(profile, key)
         print(f"{key:24} {json.dumps(v) if isinstance(v, dict | str) else f'{v:.4g}'}")
     print(f"fit on {report['fit_steps']} steps (median error {100 * report['fit_median_error']:.1f}%); held out "

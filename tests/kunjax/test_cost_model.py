@@ -15,7 +15,18 @@ from kunjax.cost_model import CostModel
 from kunjax.hardware import HardwareProfile, bundled_profiles, load_profile
 from kunjax.memory import kv_block_bytes, weight_bytes_per_device
 from kunjax.model_shapes import SHAPES, model_shape
-from kunjax.plan import CopyBlocks, Fuse, Split, StepInputs, SwapOut, TickWork, Transfer, UnitShape
+from kunjax.plan import (
+    CopyBlocks,
+    Fuse,
+    Split,
+    StageLoad,
+    StepInputs,
+    SwapOut,
+    TickWork,
+    Transfer,
+    UnitShape,
+    head_rows,
+)
 from tests.helpers import tick_work_of
 
 H100 = load_profile("h100-sxm")
@@ -152,3 +163,21 @@ def test_memory_operations_move_the_bytes_the_books_count():
     assert cm.transition_seconds(Fuse(7, (4, 5), shape(2)), 2) < split
     slow = CostModel(L8B, H100.scaled(link_bytes_per_s=0.5), dtype="bfloat16", tp=1, block_size=16)
     assert slow.transition_seconds(Split(7, (4, 5)), 2) > split
+
+
+def test_the_lm_head_is_charged_over_the_rows_the_compiled_step_runs_it_on():
+    """`head_rows` is the smallest compiled head size holding the leaving sequences (one size when the vocabulary
+    is split): a prefill tick of a few prompts pays a quarter of S rows of head, not S."""
+    assert head_rows(64, 256, 6, False) == 16 and head_rows(64, 256, 20, False) == 32
+    assert head_rows(64, 256, 64, False) == 64 and head_rows(64, 256, 6, True) == 64
+    assert head_rows(8, 256, 3, False) == 8 and head_rows(64, 16, 16, False) == 16
+    few = TickWork(256, 64, 512, (StageLoad(256, 256, 256 * 257 // 2, 256),), False, (1,) * 6, (0,) * 6,
+                   ((),) * 6, 0)
+    many = few._replace(leaving_seeds=(1,) * 64, leaving_counters=(0,) * 64, leaving_suppress=((),) * 64)
+    for profile, dtype in ((H100, "bfloat16"), (load_profile("cpu"), "float32")):
+        cost = CostModel(L8B, profile, dtype=dtype, tp=1, block_size=16)
+        (w_few,), (w_many,) = cost.stage_work(1, few), cost.stage_work(1, many)
+        assert (w_few.sample_rows, w_many.sample_rows) == (16, 64)
+        head = cost.head_seconds(64, 1.0) - cost.head_seconds(16, 1.0)
+        assert cost.tick_seconds(1, many) - cost.tick_seconds(1, few) == pytest.approx(head)
+    assert head > 0  # on the CPU the head's FLOPs bound it; on the H100 (above) reading its weights does
