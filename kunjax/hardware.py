@@ -23,8 +23,8 @@ Coefficients (seconds, bytes, FLOP):
   their dispatch and index uploads), on top of its bytes over the link it uses; charged once, to the device
   that issues it;
 * `concurrent_devices` — how many devices' work runs at once: 0 (every one: GPUs, TPUs), or, when the "devices"
-  are JAX CPU devices sharing one host's cores, the effective number `kunjax calibrate` measures (1: their
-  ticks take turns).
+  are JAX CPU devices sharing one host's cores, the effective number `kunjax calibrate` fits on the engine's
+  steps of one replica per device (1: their ticks take turns).
 """
 
 from __future__ import annotations
