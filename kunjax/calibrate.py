@@ -281,32 +281,23 @@ def measure_parallelism(model: str, *, dtype: str, devices, profile: HardwarePro
     n = len(devices)
     engine = LLMEngine(model, config_from_kwargs(num_instances=n, dtype=dtype, policy="recompute"),
                        devices=devices)
-    engine.warmup()
     cost = CostModel(engine.model_config, profile, dtype=dtype, tp=1, block_size=engine.config.block_size)
-    ex, ticks = engine.executor, []
-    launch = ex.launch
-
-    def timed_launch(uid, work, inputs):
-        ticks.append(cost.tick_seconds(1, work))
-        return launch(uid, work, inputs)
-
-    ex.launch = timed_launch
+    rec = engine.executor = RecordingExecutor(engine.executor, cost)
+    engine.warmup()
     rng, vocab = np.random.default_rng(0), min(100, engine.model_config.vocab_size)
     steps: list[tuple[float, float, float]] = []  # per step: (measured, longest tick, sum of ticks)
-    try:
-        for job in range(2):  # the first warms the caches; the second is measured
-            for _ in range(n * rows):
-                prompt = rng.integers(1, vocab, size=int(rng.integers(16, max_prompt + 1))).tolist()
-                engine.add_request(prompt, SamplingParams(max_tokens=int(rng.integers(8, max_tokens + 1)),
-                                                          temperature=0.0, ignore_eos=True))
-            while engine.has_requests():
-                ticks.clear()
-                t0 = time.perf_counter()
-                engine.step()
-                if job and ticks:
-                    steps.append((time.perf_counter() - t0, max(ticks), sum(ticks)))
-    finally:
-        ex.launch = launch
+    for job in range(2):  # the first warms the caches; the second is measured
+        for _ in range(n * rows):
+            prompt = rng.integers(1, vocab, size=int(rng.integers(16, max_prompt + 1))).tolist()
+            engine.add_request(prompt, SamplingParams(max_tokens=int(rng.integers(8, max_tokens + 1)),
+                                                      temperature=0.0, ignore_eos=True))
+        while engine.has_requests():
+            rec.works.clear()
+            t0 = time.perf_counter()
+            engine.step()
+            if job and rec.works:
+                ticks = [profile.step_overhead_s + cost.stage_seconds(*w) for w in rec.works]
+                steps.append((time.perf_counter() - t0, max(ticks), sum(ticks)))
     measured, longest, total = (np.array(col) for col in zip(*steps, strict=True))
 
     def error(c: float) -> float:

@@ -611,7 +611,6 @@ class LLMEngine:
         """Apply a policy's transition at this step boundary and tell the policy; None when a split could not
         happen yet (its requests' KV does not fit the members' own pools) or when it failed at the executor and
         was rolled back (the policy was told)."""
-        self._drain()
         if isinstance(tr, FuseUnits):
             outcome = self.fuse(tr.members, tr.reason)
         else:
